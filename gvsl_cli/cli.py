@@ -1,0 +1,103 @@
+"""The ``gvsl`` command line: parse, call the engine, render; the only layer that prints or exits.
+
+Each subcommand lives in ``gvsl_cli/commands/<name>.py`` and registers itself on ``app``;
+heavy imports (torch, SimpleITK) happen inside the command functions so that
+``gvsl --help`` and ``gvsl --version`` stay instant. Errors raised by the engine
+(``gvsl_cli.errors.GvslError``) become one line on stderr and an exit code; a traceback is
+shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from gvsl_cli import __version__
+from gvsl_cli.commands import COMMAND_MODULES
+from gvsl_cli.errors import DeviceError, GvslError
+
+
+app = typer.Typer(
+    name="gvsl",
+    help="GVSL for 3D medical images: pre-train, register, embed (CT and MR; NIfTI, NRRD, MHA, DICOM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gvsl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """GVSL (Geometric Visual Similarity Learning, CVPR 2023) for CT and MR volumes."""
+    # --debug is read in run() (it must still be known when an exception escapes).
+
+
+for _module in COMMAND_MODULES:
+    _module.register(app)
+
+
+def _error(message: str) -> None:
+    # soft_wrap keeps the message on one line; markup off so paths with [brackets] survive.
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True, highlight=False).print(message, markup=False)
+
+
+def _as_gvsl_error(exc: BaseException) -> GvslError | None:
+    """Map known foreign exceptions (GPU out of memory) to a GvslError."""
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return DeviceError(
+            "the device ran out of memory",
+            hint="use a smaller --patch or --batch, --precision bf16, or --device cpu",
+        )
+    return None
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: sys.argv[1:]); returns the exit code.
+
+    Typer runs in standalone mode, so help, usage errors and ``--version`` end in
+    SystemExit with the right code; errors of the engine propagate here.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("GVSL_DEBUG") == "1"
+    try:
+        app(args=args, prog_name="gvsl")
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        _error("aborted")
+        return 130
+    except GvslError as exc:
+        if debug:
+            raise
+        _error(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""))
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a message
+        if debug:
+            raise
+        mapped = _as_gvsl_error(exc)
+        if mapped is not None:
+            _error(f"error: {mapped} (hint: {mapped.hint})")
+            return mapped.exit_code
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        _error(f"internal error: {type(exc).__name__}: {first_line} (rerun with --debug for the traceback and report it)")
+        return 1
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

@@ -1,0 +1,52 @@
+"""The error tree of gvsl.
+
+The engine raises these; only ``cli.py`` turns them into a one-line message, a hint and an
+exit code. Messages say what was expected and what came, and name the file involved.
+"""
+
+from __future__ import annotations
+
+
+class GvslError(Exception):
+    """Base of every error gvsl reports to a user.
+
+    Attributes:
+        hint: one sentence telling the user what to do, shown after the message.
+        exit_code: the process exit code the CLI uses for this error.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class InputError(GvslError):
+    """A file or argument given by the user cannot be used (unreadable, wrong shape, NaN...)."""
+
+    exit_code = 2
+
+
+class ConfigError(GvslError):
+    """Options that contradict each other or are out of range."""
+
+    exit_code = 2
+
+
+class CheckpointError(GvslError):
+    """A weights file that cannot be loaded into the model it claims to fit."""
+
+    exit_code = 3
+
+
+class WeightsError(GvslError):
+    """Unknown weights name, download failure, checksum mismatch, offline and not cached."""
+
+    exit_code = 4
+
+
+class DeviceError(GvslError):
+    """The requested device is unavailable or ran out of memory."""
+
+    exit_code = 5

@@ -1,0 +1,192 @@
+"""Reading and writing volumes, displacement fields and transforms with SimpleITK.
+
+Everything read is checked (3D, scalar, non-empty, finite) and everything written keeps its
+spacing, origin and direction. Writes go to a temporary name in the destination folder and
+are renamed into place, so an interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from gvsl_cli.errors import InputError
+
+#: File name endings gvsl reads as volumes (a folder is read as a DICOM series).
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Formats whose header names a separate data file (.raw/.zraw): written as a pair.
+DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
+
+
+def volume_suffix(path: str | os.PathLike) -> str | None:
+    """The recognised volume ending of ``path`` (".nii.gz", ".mha", ...), or None."""
+    name = Path(path).name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def is_volume_path(path: str | os.PathLike) -> bool:
+    """True for a file with a volume ending or a folder holding a DICOM series."""
+    path = Path(path)
+    if path.is_dir():
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return path.is_file() and volume_suffix(path) is not None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(f"{folder}: folder holds no DICOM series", hint="give a volume file or a folder of DICOM slices")
+    if len(series_ids) > 1:
+        raise InputError(
+            f"{folder}: folder holds {len(series_ids)} DICOM series ({', '.join(series_ids[:3])}...); expected one",
+            hint="put each series in its own folder",
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
+    """Read a 3D volume (NIfTI, NRRD, MHA/MHD, or a DICOM series folder).
+
+    Args:
+        path: a file or a folder holding one DICOM series.
+        vector: accept a 3-component vector image (a displacement field) instead of a
+            scalar one.
+
+    Returns:
+        The SimpleITK image with its spacing, origin and direction as stored.
+
+    Raises:
+        InputError: missing or unreadable file; 2D or 4D image; multi-component image where a
+            scalar one is expected; no voxels; any NaN or infinite voxel. The message names
+            the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            if path.stat().st_size == 0:
+                raise InputError(f"{path}: file is empty (0 bytes)")
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()
+        detail = next((line for line in reason if "ERROR" in line or "Exception" in line), reason[-1] if reason else "")
+        raise InputError(
+            f"{path}: cannot read as a volume ({detail.strip()[:160]})",
+            hint="gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders",
+        ) from None
+    check_volume(image, name=str(path), vector=vector)
+    return image
+
+
+def check_volume(image: sitk.Image, *, name: str, vector: bool = False) -> None:
+    """Raise InputError unless ``image`` is a usable 3D volume (see ``read_volume``)."""
+    dim = image.GetDimension()
+    if dim != 3:
+        what = "2D image" if dim == 2 else f"{dim}D image"
+        raise InputError(f"{name}: expected a 3D volume, got a {what} of size {image.GetSize()}")
+    components = image.GetNumberOfComponentsPerPixel()
+    if vector and components != 3:
+        raise InputError(f"{name}: expected a 3-component vector field, got {components} component(s)")
+    if not vector and components != 1:
+        raise InputError(f"{name}: expected a scalar volume, got {components} components per voxel")
+    if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
+        raise InputError(f"{name}: volume has no voxels (size {image.GetSize()})")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"{name}: {bad} of {array.size} voxels are NaN or infinite",
+                hint="fix or mask those voxels before using the volume",
+            )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same endings); rename it to ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = volume_suffix(path) or "".join(path.suffixes[-1:])
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write ``image`` (scalar or vector) atomically with its geometry; returns ``path``."""
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise InputError(f"{path}: unknown output format; use one of {', '.join(VOLUME_SUFFIXES)}")
+    compress = compress and suffix != ".nii"
+    if suffix in DETACHED_HEADER_SUFFIXES:
+        _write_detached(image, path, compress)
+        return path
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return path
+
+
+def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
+    """Write a header + data pair under their final names in a staging folder, then move.
+
+    The header names its data file, so both must carry their final names; the data file is
+    moved first and the header last, so a reader never finds a header without its data.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(staging / path.name), compress)
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
+    """Write an ITK transform file (.tfm, .txt or .mat) atomically; returns ``path``."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
+        raise InputError(f"{path}: transform files must end in .tfm, .txt, .mat or .h5")
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(transform, str(tmp))
+    return path
+
+
+def image_from_array(array: np.ndarray, reference: sitk.Image | None = None, *, geometry=None) -> sitk.Image:
+    """A SimpleITK image from a (z, y, x) array (or (z, y, x, 3) vectors) with a grid.
+
+    The grid is taken from ``reference`` or from a ``geometry.Geometry``.
+    """
+    vector = array.ndim == 4
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if reference is not None:
+        image.CopyInformation(reference)
+    elif geometry is not None:
+        geometry.apply_to(image)
+    return image

@@ -1,0 +1,274 @@
+"""The GVSL network: a 3D U-Net, the Z-matching head and the restoration head.
+
+Module and parameter names follow the official GVSL code exactly, so an official
+checkpoint (``../shared/official_gvsl_state_dict.txt``) loads with ``strict=True`` into
+``GVSL(ModelConfig(width=32))``. Shapes: images (B, C, D, H, W) with D = z; see
+``gvsl_cli.spatial`` for the displacement and affine conventions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gvsl_cli.config import ModelConfig
+from gvsl_cli import spatial
+
+#: The U-Net halves the grid four times; inputs are padded to a multiple of this.
+UNET_MULTIPLE = 16
+#: Ranges of the affine head (DESIGN §1): ±20° rotation, ±25 % scale, ±10° shear.
+MAX_ROTATION = math.pi / 9
+MAX_SCALE_CHANGE = 0.25
+MAX_SHEAR = math.pi / 18
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with the statistics computed by a parallel reduction on CUDA.
+
+    Same parameters and state_dict keys as ``nn.GroupNorm``. PyTorch's native CUDA kernel
+    reduces each of the only N·G rows on one block, which made it about half of the
+    official training step at 128³ (DESIGN §5); ``var_mean`` over an (N, G, -1) view
+    spreads the reduction over the whole GPU. Statistics are always in float32 so bf16
+    autocast does not lose precision. On the CPU the native kernel is already parallel and
+    is used as is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        n, c = x.shape[:2]
+        grouped = x.reshape(n, self.num_groups, -1)
+        var, mean = torch.var_mean(grouped.float(), dim=-1, unbiased=False, keepdim=True)
+        scale = torch.rsqrt(var + self.eps)
+        # Fold normalisation and affine into one multiply-add per channel.
+        weight = self.weight.float().view(1, self.num_groups, c // self.num_groups, 1)
+        bias = self.bias.float().view(1, self.num_groups, c // self.num_groups, 1)
+        channel_scale = scale.unsqueeze(-1) * weight  # (n, G, C/G, 1)
+        channel_shift = bias - mean.unsqueeze(-1) * channel_scale
+        out = grouped.view(n, self.num_groups, c // self.num_groups, -1) * channel_scale.to(x.dtype) + channel_shift.to(x.dtype)
+        return out.view_as(x)
+
+
+class DoubleConv(nn.Module):
+    """(Conv3d 3³ → GroupNorm(C/8) → LeakyReLU(0.2)) × 2; keys double_conv.{0,1,3,4}."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
+            GroupNorm(out_channels // 8, out_channels),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1),
+            GroupNorm(out_channels // 8, out_channels),
+            nn.LeakyReLU(0.2, inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """Max-pool ×2 then DoubleConv; keys maxpool_conv.1.*."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Trilinear ×2 upsampling, concatenation with the skip feature, DoubleConv; keys conv.*."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True)
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+@dataclass
+class UNetFeatures:
+    """Features of one image.
+
+    Attributes:
+        global_: bottleneck feature f_g, (B, 16·width, D/16, H/16, W/16) of the padded input.
+        local: last decoder feature f_l, (B, width, D, H, W) on the input's own grid.
+    """
+
+    global_: torch.Tensor
+    local: torch.Tensor
+
+
+class UNet3D(nn.Module):
+    """The shared 3D U-Net N of GVSL (widths w·(1, 2, 4, 8, 16) down, w·(8, 4, 2, 1) up)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = config.level_channels
+        self.inc = DoubleConv(config.in_channels, c1)
+        self.down1 = Down(c1, c2)
+        self.down2 = Down(c2, c3)
+        self.down3 = Down(c3, c4)
+        self.down4 = Down(c4, c5)
+        self.up1 = Up(c5 + c4, c4)
+        self.up2 = Up(c4 + c3, c3)
+        self.up3 = Up(c3 + c2, c2)
+        self.up4 = Up(c2 + c1, c1)
+
+    def forward(self, x: torch.Tensor) -> UNetFeatures:
+        """Features of ``x`` (B, C, D, H, W); any size, padded internally to a multiple of 16."""
+        if x.dim() != 5:
+            raise ValueError(f"input must be (B, C, D, H, W), got shape {tuple(x.shape)}")
+        shape = x.shape[2:]
+        pads = [(-n) % UNET_MULTIPLE for n in shape]
+        if any(pads):
+            # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
+            x = F.pad(x, [p for n in reversed(pads) for p in (0, n)])
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        y = self.up1(x5, x4)
+        y = self.up2(y, x3)
+        y = self.up3(y, x2)
+        y = self.up4(y, x1)
+        if any(pads):
+            y = y[:, :, : shape[0], : shape[1], : shape[2]]
+        return UNetFeatures(global_=x5, local=y)
+
+
+@dataclass
+class ZMatch:
+    """Output of the Z-matching head for a (fixed A, moving B) pair.
+
+    Attributes:
+        theta: (B, 3, 4) normalised affine Aff (see ``spatial``).
+        displacement: (B, 3, D, H, W) voxel displacement u on A's grid.
+        parameters: rotation (B, 3) rad, scale (B, 3), translation (B, 3), shear (B, 6) rad.
+    """
+
+    theta: torch.Tensor
+    displacement: torch.Tensor
+    parameters: dict[str, torch.Tensor]
+
+    def grid(self) -> torch.Tensor:
+        """Sampling grid of φ(p) = Aff(p + u(p)) into B, (B, D, H, W, 3)."""
+        return spatial.compose_grid(self.theta, self.displacement)
+
+
+@dataclass
+class GVSLOutput:
+    """Output of one GVSL forward pass: the Z-matching of (A, B) and the restoration of A."""
+
+    match: ZMatch
+    restored: torch.Tensor
+
+
+class GVSL(nn.Module):
+    """The whole pre-training model: U-Net, Z-matching head and restoration head.
+
+    Attribute names are the official ones (``unet``, ``f_conv``, ``fc_rot``, ``fc_scl``,
+    ``fc_trans``, ``fc_shear``, ``sp_conv``, ``out_flow``, ``res_conv``).
+    """
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w, h = config.width, config.head_channels
+        bottleneck = config.level_channels[-1]
+        affine_channels = 8 * w  # 256 at the default width
+        self.unet = UNet3D(config)
+        # Affine (global) head.
+        self.f_conv = DoubleConv(2 * bottleneck, affine_channels)
+        self.fc_rot = nn.Linear(affine_channels, 3)
+        self.fc_scl = nn.Linear(affine_channels, 3)
+        self.fc_trans = nn.Linear(affine_channels, 3)
+        self.fc_shear = nn.Linear(affine_channels, 6)
+        # Deformable (local) head.
+        self.sp_conv = DoubleConv(2 * w, h)
+        self.out_flow = nn.Conv3d(h, 3, kernel_size=3, padding=1)
+        # Restoration head.
+        self.res_conv = nn.Sequential(
+            nn.Conv3d(w, h, kernel_size=3, padding=1),
+            GroupNorm(h // 4, h),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv3d(h, 1, kernel_size=1),
+        )
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        # Start close to the identity mapping: small affine outputs (yet non-zero weights, so
+        # gradients still reach f_conv) and a near-zero flow, as VoxelMorph does.
+        for fc in (self.fc_rot, self.fc_scl, self.fc_trans, self.fc_shear):
+            with torch.no_grad():
+                fc.weight.mul_(0.1)
+                fc.bias.zero_()
+        nn.init.normal_(self.out_flow.weight, std=1e-5)
+        nn.init.zeros_(self.out_flow.bias)
+
+    def affine(self, fixed_global: torch.Tensor, moving_global: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Affine head: (B, 3, 4) theta and its parameters from two bottleneck features."""
+        x = self.f_conv(torch.cat([moving_global, fixed_global], dim=1))
+        x = x.mean(dim=(2, 3, 4)).float()
+        params = {
+            "rotation": torch.clamp(self.fc_rot(x), -1, 1) * MAX_ROTATION,
+            "scale": 1.0 + MAX_SCALE_CHANGE * torch.clamp(self.fc_scl(x), -1, 1),
+            "translation": self.fc_trans(x),
+            "shear": torch.clamp(self.fc_shear(x), -1, 1) * MAX_SHEAR,
+        }
+        theta = spatial.affine_matrix(params["rotation"], params["scale"], params["translation"], params["shear"])
+        return theta, params
+
+    def deformable(self, fixed_local: torch.Tensor, moving_local: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+        """Deformable head: voxel displacement (B, 3, D, H, W) on the fixed grid.
+
+        ``moving_local`` is first warped by ``theta`` (unless None) onto the fixed grid.
+        """
+        if theta is not None:
+            moving_local = spatial.sample(moving_local, spatial.affine_grid(theta, tuple(fixed_local.shape[2:])))
+        x = self.sp_conv(torch.cat([moving_local, fixed_local], dim=1))
+        return self.out_flow(x)
+
+    def match(self, fixed: UNetFeatures, moving: UNetFeatures, *, use_affine: bool = True) -> ZMatch:
+        """Z-matching of two feature sets; ``use_affine=False`` fixes Aff to the identity."""
+        if use_affine:
+            theta, params = self.affine(fixed.global_, moving.global_)
+        else:
+            batch = fixed.local.shape[0]
+            theta = spatial.identity_theta(batch, device=fixed.local.device)
+            params = {}
+        displacement = self.deformable(fixed.local, moving.local, theta if use_affine else None)
+        return ZMatch(theta=theta, displacement=displacement, parameters=params)
+
+    def restore(self, local: torch.Tensor) -> torch.Tensor:
+        """Restoration head: (B, width, D, H, W) -> (B, 1, D, H, W) image."""
+        return self.res_conv(local)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> GVSLOutput:
+        """One GVSL pass on a fixed image A (the damaged copy A' in training) and a moving B.
+
+        Args:
+            fixed, moving: (B, 1, D, H, W) images on grids of the same size.
+        """
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed and moving must have the same shape, got {tuple(fixed.shape)} and {tuple(moving.shape)}")
+        batch = fixed.shape[0]
+        # One U-Net pass over both images: same weights, better GPU occupancy.
+        features = self.unet(torch.cat([fixed, moving], dim=0))
+        fixed_features = UNetFeatures(features.global_[:batch], features.local[:batch])
+        moving_features = UNetFeatures(features.global_[batch:], features.local[batch:])
+        return GVSLOutput(match=self.match(fixed_features, moving_features), restored=self.restore(fixed_features.local))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())

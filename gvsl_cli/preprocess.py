@@ -1,0 +1,174 @@
+"""The preprocessing contract: canonical grid, target spacing, intensity mapping, padding.
+
+Before the network sees a volume it is resampled onto a *canonical grid*: identity
+direction (index axes along ITK's L, P, S), isotropic ``spacing`` mm, covering the
+volume's physical bounding box, each side a multiple of 16. Every patient then faces the
+same way (the affine head learns ±20° rotations, not flips). Intensities are then mapped to
+about [0, 1]. Results computed on the canonical grid go back onto the input's own grid by
+``to_original_grid`` (a resampling in physical space, so nothing is lost but resolution).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.geometry import Geometry
+
+#: Below this minimum intensity a volume is taken for CT in Hounsfield units (air is -1000).
+CT_MINIMUM_HU = -500.0
+
+
+def detect_modality(array: np.ndarray) -> str:
+    """"ct" when intensities look like Hounsfield units (minimum below -500), else "mr".
+
+    A CT rescaled to 0..1 is not in HU, so it is treated as "mr" (percentile mapping), which
+    is the right mapping for it.
+    """
+    return "ct" if float(np.min(array)) < CT_MINIMUM_HU else "mr"
+
+
+def map_intensities(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Map raw intensities to about [0, 1] (float32, same shape).
+
+    CT: clip(HU + 1024, 0, 2048) / 2048, the paper's mapping. MR: the ``percentiles`` of the
+    non-background voxels (above the minimum) are mapped to 0 and 1, then clipped.
+    """
+    array = np.asarray(array, dtype=np.float32)
+    if modality == "ct":
+        return np.clip(array + 1024.0, 0.0, 2048.0) / 2048.0
+    if modality != "mr":
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    foreground = array[array > array.min()]
+    if foreground.size == 0:  # constant volume: nothing to scale
+        return np.zeros_like(array)
+    low, high = np.percentile(foreground, percentiles)
+    if high <= low:
+        high = low + 1.0
+    return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def canonical_geometry(geometry: Geometry, spacing: float, multiple: int = 16) -> Geometry:
+    """The canonical grid covering ``geometry``'s physical extent.
+
+    Identity direction, isotropic ``spacing`` mm, each side rounded up to a multiple of
+    ``multiple`` voxels with the extra split evenly on both sides (so the volume stays
+    centred).
+    """
+    corners = geometry.physical_corners()
+    # Extend by half a voxel of the source on each side so edge voxels are fully covered.
+    half_voxel = 0.5 * np.abs(geometry.direction_matrix @ np.diag(geometry.spacing)).sum(axis=1)
+    low = corners.min(axis=0) - half_voxel
+    high = corners.max(axis=0) + half_voxel
+    extent = high - low
+    size = [max(multiple, int(math.ceil(e / spacing / multiple - 1e-6)) * multiple) for e in extent]
+    centre = 0.5 * (low + high)
+    origin = centre - 0.5 * (np.array(size) - 1) * spacing
+    return Geometry(
+        size=tuple(size),
+        spacing=(spacing, spacing, spacing),
+        origin=tuple(float(o) for o in origin),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    )
+
+
+def reference_image(geometry: Geometry, pixel_type=sitk.sitkFloat32) -> sitk.Image:
+    """An empty SimpleITK image on ``geometry`` (a target grid for ``sitk.Resample``)."""
+    image = sitk.Image([int(s) for s in geometry.size], pixel_type)
+    geometry.apply_to(image)
+    return image
+
+
+def resample(
+    image: sitk.Image,
+    target: Geometry,
+    *,
+    interpolator=sitk.sitkLinear,
+    default_value: float | None = None,
+    antialias: bool = True,
+    transform: sitk.Transform | None = None,
+) -> sitk.Image:
+    """Resample ``image`` onto ``target`` in physical space.
+
+    Args:
+        interpolator: sitkLinear for images, sitkNearestNeighbor for label maps.
+        default_value: value outside the input; the input's minimum by default (air for CT,
+            background for MR).
+        antialias: when the target is coarser than the input, blur first with a Gaussian
+            whose FWHM makes up the difference (ignored for nearest-neighbour).
+        transform: maps target points to input points; identity by default.
+    """
+    if default_value is None:
+        default_value = float(np.min(sitk.GetArrayViewFromImage(image))) if interpolator != sitk.sitkNearestNeighbor else 0.0
+    source = image
+    if antialias and interpolator != sitk.sitkNearestNeighbor:
+        target_mm = min(target.spacing)
+        sigmas = [math.sqrt(max(target_mm**2 - s**2, 0.0)) / 2.355 for s in image.GetSpacing()]
+        if any(s > 0.25 * sp for s, sp in zip(sigmas, image.GetSpacing())):
+            source = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigmas)
+    pixel_type = sitk.sitkFloat32 if interpolator != sitk.sitkNearestNeighbor else image.GetPixelID()
+    return sitk.Resample(
+        source,
+        reference_image(target, pixel_type),
+        transform or sitk.Transform(),
+        interpolator,
+        default_value,
+        pixel_type,
+    )
+
+
+@dataclass(frozen=True)
+class PreparedVolume:
+    """A volume ready for the network, and how to get back to where it came from.
+
+    Attributes:
+        array: (D, H, W) float32 intensities in about [0, 1] on ``grid``; D = z.
+        grid: the canonical grid (identity direction, isotropic spacing, sides % 16 == 0).
+        original: the grid of the volume as read.
+        modality: "ct" or "mr", the mapping actually used.
+    """
+
+    array: np.ndarray
+    grid: Geometry
+    original: Geometry
+    modality: str
+
+    def to_image(self) -> sitk.Image:
+        """The prepared intensities as a SimpleITK image on the canonical grid."""
+        image = sitk.GetImageFromArray(self.array)
+        self.grid.apply_to(image)
+        return image
+
+
+def prepare(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume:
+    """Bring a 3D scalar image onto the canonical grid and map its intensities."""
+    raw = sitk.GetArrayViewFromImage(image)
+    modality = detect_modality(raw) if config.modality == "auto" else config.modality
+    original = Geometry.of(image)
+    grid = canonical_geometry(original, config.spacing, config.multiple)
+    default = -1024.0 if modality == "ct" else float(np.min(raw))
+    resampled = resample(sitk.Cast(image, sitk.sitkFloat32), grid, default_value=default)
+    array = map_intensities(sitk.GetArrayFromImage(resampled), modality, config.mr_percentiles)
+    return PreparedVolume(array=array, grid=grid, original=original, modality=modality)
+
+
+def to_original_grid(image_on_grid: sitk.Image, original: Geometry, *, labels: bool = False) -> sitk.Image:
+    """Map an image computed on the canonical grid back onto the input's own grid.
+
+    ``labels=True`` uses nearest neighbour so label values are kept.
+    """
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return resample(image_on_grid, original, interpolator=interpolator, default_value=0.0, antialias=not labels)
+
+
+def pad_to_multiple(shape: tuple[int, ...], multiple: int = 16) -> tuple[tuple[int, int], ...]:
+    """(before, after) padding per axis that rounds each of ``shape`` up to ``multiple``."""
+    pads = []
+    for n in shape:
+        extra = (-n) % multiple
+        pads.append((extra // 2, extra - extra // 2))
+    return tuple(pads)

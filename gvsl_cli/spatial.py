@@ -1,0 +1,252 @@
+"""Grids, warping and transforms on tensors: geometry without weights.
+
+One convention everywhere (tested in tests/test_spatial.py):
+
+- Images and features are (B, C, D, H, W), D = z, H = y, W = x.
+- A *displacement* ``u`` is (B, 3, D, H, W) in **voxels**, channels ordered (z, y, x) like
+  the spatial axes: the voxel at index p is mapped to p + u(p).
+- An *affine* ``theta`` is (B, 3, 4) acting on **normalised** coordinates ordered (x, y, z)
+  in [-1, 1], exactly like ``torch.nn.functional.affine_grid``.
+- Normalised coordinates use ``align_corners=True``: -1 and +1 are the centres of the first
+  and last voxels, so voxel i of n sits at 2·i/(n−1) − 1. Every ``grid_sample`` here is
+  called with ``align_corners=True`` as well (the official code mixed the two: a half-voxel
+  shift).
+- A *sampling grid* is (B, D, H, W, 3) in normalised (x, y, z) coordinates of the image
+  being sampled, as ``grid_sample`` takes it.
+
+The GVSL mapping from the fixed grid into the moving image is φ(p) = Aff(p + u(p)); the
+moved image is B∘φ (``compose_grid`` then ``sample``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gvsl_cli.geometry import Geometry
+
+
+def _check_5d(name: str, tensor: torch.Tensor, channels: int | None = None) -> None:
+    if tensor.dim() != 5 or (channels is not None and tensor.shape[1] != channels):
+        expected = f"(B, {channels}, D, H, W)" if channels else "(B, C, D, H, W)"
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
+
+
+def voxel_grid(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Voxel coordinates of every voxel: (1, 3, D, H, W), channels (z, y, x)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def voxel_to_normalized(coords: torch.Tensor) -> torch.Tensor:
+    """Voxel coordinates (B, 3, D, H, W) of the same grid, channels (z, y, x), to a sampling grid.
+
+    Returns (B, D, H, W, 3) normalised coordinates ordered (x, y, z) (align_corners=True).
+    """
+    _check_5d("coords", coords, 3)
+    sizes = torch.tensor(coords.shape[2:], device=coords.device, dtype=coords.dtype).view(1, 3, 1, 1, 1)
+    normalized = 2.0 * coords / (sizes - 1).clamp(min=1) - 1.0
+    return normalized.flip(1).permute(0, 2, 3, 4, 1)
+
+
+def normalized_to_voxel(grid: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A sampling grid (B, D, H, W, 3) into an image of ``shape`` (D, H, W) to voxel coordinates.
+
+    Returns (B, 3, D, H, W) voxel coordinates of the sampled image, channels (z, y, x).
+    """
+    if grid.dim() != 5 or grid.shape[-1] != 3:
+        raise ValueError(f"grid must be (B, D, H, W, 3), got shape {tuple(grid.shape)}")
+    zyx = grid.flip(-1).permute(0, 4, 1, 2, 3)
+    sizes = torch.tensor(shape, device=grid.device, dtype=grid.dtype).view(1, 3, 1, 1, 1)
+    return (zyx + 1.0) * 0.5 * (sizes - 1)
+
+
+def identity_theta(batch: int = 1, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(B, 3, 4) identity affine."""
+    return torch.eye(3, 4, device=device, dtype=dtype).unsqueeze(0).expand(batch, 3, 4).clone()
+
+
+def affine_grid(theta: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Sampling grid (B, D, H, W, 3) of the affine ``theta`` (B, 3, 4) over a grid of ``shape``."""
+    if theta.dim() != 3 or theta.shape[1:] != (3, 4):
+        raise ValueError(f"theta must be (B, 3, 4), got shape {tuple(theta.shape)}")
+    return F.affine_grid(theta, [theta.shape[0], 1, *shape], align_corners=True)
+
+
+def apply_affine_to_grid(theta: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Apply ``theta`` (B, 3, 4) to normalised points ``grid`` (B, D, H, W, 3) -> same shape."""
+    linear, translation = theta[:, :, :3], theta[:, :, 3]
+    return torch.einsum("bij,bdhwj->bdhwi", linear, grid) + translation.view(-1, 1, 1, 1, 3)
+
+
+def compose_grid(theta: torch.Tensor | None, displacement: torch.Tensor | None, shape=None) -> torch.Tensor:
+    """Sampling grid of φ(p) = Aff(p + u(p)) over the fixed grid.
+
+    Args:
+        theta: (B, 3, 4) normalised affine, or None for the identity.
+        displacement: (B, 3, D, H, W) voxel displacement u on the fixed grid, or None.
+        shape: (D, H, W) of the fixed grid; needed only when ``displacement`` is None.
+
+    Returns:
+        (B, D, H, W, 3) sampling grid in normalised coordinates of the moving image.
+    """
+    if displacement is not None:
+        _check_5d("displacement", displacement, 3)
+        coords = voxel_grid(displacement.shape[2:], device=displacement.device, dtype=displacement.dtype) + displacement
+        grid = voxel_to_normalized(coords)
+        return grid if theta is None else apply_affine_to_grid(theta.to(grid.dtype), grid)
+    if theta is None:
+        raise ValueError("compose_grid needs theta, displacement or both")
+    if shape is None:
+        raise ValueError("compose_grid needs shape when displacement is None")
+    return affine_grid(theta, tuple(shape))
+
+
+def sample(image: torch.Tensor, grid: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample ``image`` (B, C, D', H', W') at ``grid`` (B, D, H, W, 3) -> (B, C, D, H, W).
+
+    ``mode`` is "bilinear" (trilinear in 3D) or "nearest" (for labels).
+    """
+    _check_5d("image", image)
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Warp ``image`` (B, C, D, H, W) by a voxel displacement (B, 3, D, H, W): out(p) = image(p + u(p))."""
+    return sample(image, compose_grid(None, displacement), mode=mode, padding_mode=padding_mode)
+
+
+def warp_affine(image: torch.Tensor, theta: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
+    """Warp ``image`` (B, C, D, H, W) by a normalised affine (B, 3, 4) onto the same grid size."""
+    return sample(image, affine_grid(theta.to(image.dtype), tuple(image.shape[2:])), mode=mode, padding_mode=padding_mode)
+
+
+def affine_matrix(rotation: torch.Tensor, scale: torch.Tensor, translation: torch.Tensor, shear: torch.Tensor) -> torch.Tensor:
+    """Batched, differentiable affine: (B, 3, 4) = [Shear · Scale · Rz · Ry · Rx | translation].
+
+    Args:
+        rotation: (B, 3) angles in radians about x, y, z.
+        scale: (B, 3) factors along x, y, z (1 = no scaling).
+        translation: (B, 3) in normalised units (x, y, z); 1.0 is half the field of view.
+        shear: (B, 6) shear angles in radians; the off-diagonal entries of the shear matrix
+            are their tangents, in row-major order (xy, xz, yx, yz, zx, zy).
+
+    Built only with ``torch.stack`` of tensor entries, so gradients reach every input and
+    any batch size works (the official code rebuilt it from Python floats, which cut the
+    graph and crashed above batch 1).
+    """
+    for name, tensor, n in (("rotation", rotation, 3), ("scale", scale, 3), ("translation", translation, 3), ("shear", shear, 6)):
+        if tensor.dim() != 2 or tensor.shape[1] != n:
+            raise ValueError(f"{name} must be (B, {n}), got shape {tuple(tensor.shape)}")
+    one = torch.ones_like(rotation[:, 0])
+    zero = torch.zeros_like(one)
+
+    def matrix(rows) -> torch.Tensor:
+        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+    cx, cy, cz = torch.cos(rotation).unbind(1)
+    sx, sy, sz = torch.sin(rotation).unbind(1)
+    rx = matrix([(one, zero, zero), (zero, cx, -sx), (zero, sx, cx)])
+    ry = matrix([(cy, zero, sy), (zero, one, zero), (-sy, zero, cy)])
+    rz = matrix([(cz, -sz, zero), (sz, cz, zero), (zero, zero, one)])
+    scaling = torch.diag_embed(scale)
+    t = torch.tan(shear).unbind(1)
+    shearing = matrix([(one, t[0], t[1]), (t[2], one, t[3]), (t[4], t[5], one)])
+    linear = shearing @ scaling @ rz @ ry @ rx
+    return torch.cat([linear, translation.unsqueeze(-1)], dim=-1)
+
+
+def resize_displacement(displacement: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resample a voxel displacement (B, 3, D, H, W) to ``shape``, rescaling its voxel units.
+
+    Uses align_corners=True, consistent with the rest of this module: the corner voxels of
+    both grids coincide, so a displacement of k voxels over n becomes k·(m−1)/(n−1) over m.
+    """
+    _check_5d("displacement", displacement, 3)
+    old = displacement.shape[2:]
+    resized = F.interpolate(displacement, size=tuple(shape), mode="trilinear", align_corners=True)
+    factors = torch.tensor([(m - 1) / max(n - 1, 1) for m, n in zip(shape, old)], device=resized.device, dtype=resized.dtype)
+    return resized * factors.view(1, 3, 1, 1, 1)
+
+
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """det(∇(p + u(p))) of a voxel displacement (B, 3, D, H, W) -> (B, D-2, H-2, W-2).
+
+    Central differences on interior voxels; values ≤ 0 mark folding.
+    """
+    _check_5d("displacement", displacement, 3)
+    u = displacement
+    # Derivative of each component along each axis, central differences, interior only.
+    grads = []
+    for axis in range(3):
+        sl_plus = [slice(1, -1)] * 3
+        sl_minus = [slice(1, -1)] * 3
+        sl_plus[axis] = slice(2, None)
+        sl_minus[axis] = slice(None, -2)
+        grads.append((u[(slice(None), slice(None), *sl_plus)] - u[(slice(None), slice(None), *sl_minus)]) / 2.0)
+    # jac[b, i, j] = d(p_i + u_i)/d p_j
+    jac = torch.stack(grads, dim=2)  # (B, 3 components, 3 axes, D-2, H-2, W-2)
+    jac = jac + torch.eye(3, device=u.device, dtype=u.dtype).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2))
+
+
+def theta_to_voxel_matrix(theta: torch.Tensor, fixed_shape, moving_shape) -> torch.Tensor:
+    """A normalised affine (B, 3, 4) as a (B, 4, 4) map from fixed voxel (z, y, x, 1) to moving voxel.
+
+    Fixed and moving grids may differ in size; normalised coordinates span each grid.
+    """
+
+    def to_normalized(shape) -> torch.Tensor:
+        # voxel (z, y, x) -> normalised (x, y, z)
+        matrix = torch.zeros(4, 4, dtype=theta.dtype, device=theta.device)
+        for axis, n in enumerate(shape):
+            matrix[2 - axis, axis] = 2.0 / max(n - 1, 1)
+            matrix[2 - axis, 3] = -1.0
+        matrix[3, 3] = 1.0
+        return matrix
+
+    homogeneous = torch.cat([theta, torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=theta.dtype, device=theta.device).expand(theta.shape[0], 1, 4)], dim=1)
+    return torch.linalg.inv(to_normalized(moving_shape)) @ homogeneous @ to_normalized(fixed_shape)
+
+
+def _zyx_voxel_to_physical(geometry: Geometry) -> np.ndarray:
+    """(4, 4) map from a voxel coordinate ordered (z, y, x, 1) to a physical point (mm)."""
+    permute = np.zeros((4, 4))
+    permute[0, 2] = permute[1, 1] = permute[2, 0] = permute[3, 3] = 1.0  # (z, y, x) -> (x, y, z)
+    return geometry.index_to_physical() @ permute
+
+
+def voxel_map_to_physical_displacement(moving_coords: torch.Tensor, fixed: Geometry, moving: Geometry) -> np.ndarray:
+    """Turn a voxel map into an ITK displacement field in mm on the fixed grid.
+
+    Args:
+        moving_coords: (1, 3, D, H, W) moving-image voxel coordinates (z, y, x) for every
+            voxel of the fixed grid (D, H, W) = ``fixed.shape_zyx``.
+        fixed, moving: the two grids.
+
+    Returns:
+        (D, H, W, 3) float64 array of physical displacements (x, y, z) in mm:
+        d(p) = P_moving(φ(p)) − P_fixed(p), the convention of ITK's
+        ``DisplacementFieldTransform`` (fixed point + d = moving point) and of ANTs.
+    """
+    if moving_coords.dim() != 5 or moving_coords.shape[:2] != (1, 3) or tuple(moving_coords.shape[2:]) != fixed.shape_zyx:
+        raise ValueError(f"moving_coords must be (1, 3, {fixed.shape_zyx}), got {tuple(moving_coords.shape)}")
+    coords = moving_coords[0].detach().double().cpu().numpy().reshape(3, -1)
+    coords = np.vstack([coords, np.ones((1, coords.shape[1]))])
+    moving_points = (_zyx_voxel_to_physical(moving) @ coords)[:3]
+    fixed_coords = voxel_grid(fixed.shape_zyx, dtype=torch.float64)[0].numpy().reshape(3, -1)
+    fixed_coords = np.vstack([fixed_coords, np.ones((1, fixed_coords.shape[1]))])
+    fixed_points = (_zyx_voxel_to_physical(fixed) @ fixed_coords)[:3]
+    return (moving_points - fixed_points).T.reshape(*fixed.shape_zyx, 3)
+
+
+def rotation_angle_degrees(linear: np.ndarray) -> float:
+    """Rotation angle (degrees) of the orthogonal part of a 3x3 matrix (for reports)."""
+    u, _, vt = np.linalg.svd(linear)
+    rotation = u @ vt
+    return math.degrees(math.acos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)))

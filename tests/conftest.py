@@ -1,0 +1,44 @@
+"""Shared fixtures: small real volumes shipped with the package, seeded generators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "gvsl_cli" / "examples"
+
+
+@pytest.fixture
+def colin_t1() -> Path:
+    return EXAMPLES / "colin27_t1_2mm.nii.gz"
+
+
+@pytest.fixture
+def colin_labels() -> Path:
+    return EXAMPLES / "colin27_tissue_2mm.nii.gz"
+
+
+@pytest.fixture
+def icbm_t1() -> Path:
+    return EXAMPLES / "icbm152_t1_2mm.nii.gz"
+
+
+@pytest.fixture
+def icbm_labels() -> Path:
+    return EXAMPLES / "icbm152_tissue_2mm.nii.gz"
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    import torch
+
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture
+def generator():
+    import torch
+
+    return torch.Generator().manual_seed(0)

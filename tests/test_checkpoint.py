@@ -1,0 +1,65 @@
+"""Checkpoints: official state_dicts load strictly, gvsl checkpoints round-trip, bad files refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gvsl_cli.checkpoint import load_weights, save_checkpoint
+from gvsl_cli.config import ModelConfig, PreprocessConfig
+from gvsl_cli.errors import CheckpointError
+from gvsl_cli.model import GVSL
+
+from test_model import official_shapes
+
+
+def test_official_state_dict_file_loads_and_affine_is_untrusted(tmp_path, generator):
+    state = {name: torch.randn(shape, generator=generator) for name, shape in official_shapes().items()}
+    path = tmp_path / "GVSL_epoch_1000.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # DataParallel prefixes
+    loaded = load_weights(path)
+    assert loaded.kind == "official" and loaded.model_config.width == 32
+    assert loaded.affine_trained is False
+    assert loaded.preprocess.modality == "ct"
+    model = loaded.build_model()
+    assert torch.equal(model.state_dict()["fc_rot.weight"], state["fc_rot.weight"])
+
+
+def test_gvsl_checkpoint_round_trip(tmp_path):
+    model = GVSL(ModelConfig(width=8))
+    path = save_checkpoint(tmp_path / "run" / "model.pt", model, PreprocessConfig(spacing=1.5, modality="mr"), extra={"iteration": 7})
+    loaded = load_weights(path)
+    assert loaded.kind == "gvsl" and loaded.model_config == ModelConfig(width=8)
+    assert loaded.preprocess.spacing == 1.5 and loaded.extra["iteration"] == 7
+    rebuilt = loaded.build_model()
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value)
+
+
+def test_unsafe_pickle_refused(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pt"
+    torch.save({"object": argparse.Namespace(x=1)}, path)  # any class: needs full unpickling
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_weights(path)
+
+
+def test_wrong_shapes_named(tmp_path):
+    state = GVSL(ModelConfig(width=8)).state_dict()
+    state["out_flow.weight"] = torch.zeros(3, 16, 1, 1, 1)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    loaded = load_weights(path)
+    with pytest.raises(CheckpointError, match=r"out_flow\.weight"):
+        loaded.build_model()
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "random.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="neither a gvsl checkpoint nor an official"):
+        load_weights(path)
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
+        load_weights(tmp_path / "text.pt")

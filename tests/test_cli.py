@@ -1,0 +1,52 @@
+"""The command line: instant help without torch, version, one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from gvsl_cli import __version__
+from gvsl_cli.cli import run
+
+
+def test_help_does_not_import_torch():
+    code = "import sys\nfrom gvsl_cli.cli import run\ntry:\n    run(['--help'])\nfinally:\n    print('torch' in sys.modules, 'SimpleITK' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_version(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"gvsl {__version__}"
+
+
+def test_info_json_on_real_volume(capsys, colin_t1):
+    assert run(["info", "--json", str(colin_t1)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["size"] == [90, 108, 90] and row["spacing"] == [2.0, 2.0, 2.0]
+    assert row["modality"] == "mr"
+
+
+def test_bad_input_is_one_line_error_with_exit_code(capsys, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    code = run(["info", str(broken)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "broken.nii.gz" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_exception(tmp_path):
+    import pytest
+
+    from gvsl_cli.errors import InputError
+
+    with pytest.raises(InputError):
+        run(["--debug", "info", str(tmp_path / "missing.nii.gz")])
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "gvsl_cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"gvsl {__version__}"

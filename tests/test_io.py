@@ -1,0 +1,136 @@
+"""Geometry survives read/write for every format; bad files raise errors that name them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from gvsl_cli.errors import InputError
+from gvsl_cli.geometry import Geometry
+from gvsl_cli.io import is_volume_path, read_volume, write_transform, write_volume
+
+
+def oblique_volume(pixel_type=sitk.sitkInt16) -> sitk.Image:
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1000, 1000, size=(7, 8, 9)).astype(np.int16)
+    image = sitk.Cast(sitk.GetImageFromArray(array), pixel_type)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-12.5, 30.25, 4.0))
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    image.SetDirection(rotation.flatten().tolist())
+    return image
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.nrrd", "v.mha", "v.mhd"])
+def test_geometry_and_values_survive_round_trip(tmp_path, name):
+    image = oblique_volume()
+    path = write_volume(image, tmp_path / name)
+    back = read_volume(path)
+    assert Geometry.of(back).is_close(Geometry.of(image), atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary left
+
+
+def test_dicom_series_round_trip(tmp_path):
+    image = oblique_volume()
+    # Keep a plain axial orientation: DICOM slices are written along the normal.
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.12345"
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in (
+            ("0020|000e", series_uid),
+            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0020|0037", "1\\0\\0\\0\\1\\0"),
+            ("0020|0013", str(k + 1)),
+            ("0028|0030", "0.8\\0.7"),
+            ("0018|0050", "2.5"),
+            ("0008|0060", "CT"),
+        ):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+    assert is_volume_path(folder)
+    back = read_volume(folder)
+    assert back.GetSize() == image.GetSize()
+    assert np.allclose(back.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    assert np.allclose(back.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    assert np.allclose(back.GetDirection(), image.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_vector_field_round_trip(tmp_path):
+    field = np.random.default_rng(1).normal(size=(5, 6, 7, 3))
+    image = sitk.GetImageFromArray(field, isVector=True)
+    image.SetSpacing((1.5, 1.5, 2.0))
+    path = write_volume(image, tmp_path / "field.nii.gz")
+    back = read_volume(path, vector=True)
+    assert np.allclose(sitk.GetArrayFromImage(back), field)
+    with pytest.raises(InputError, match="expected a scalar volume"):
+        read_volume(path)
+
+
+def test_transform_written_atomically(tmp_path):
+    transform = sitk.AffineTransform(3)
+    transform.SetTranslation((1.0, 2.0, 3.0))
+    path = write_transform(transform, tmp_path / "affine.tfm")
+    assert np.allclose(sitk.ReadTransform(str(path)).GetParameters()[-3:], (1, 2, 3))
+
+
+def test_2d_image_refused(tmp_path):
+    path = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image(5, 5, sitk.sitkFloat32), str(path))
+    with pytest.raises(InputError, match=r"flat\.nii\.gz: expected a 3D volume, got a 2D image"):
+        read_volume(path)
+
+
+def test_4d_image_refused(tmp_path):
+    path = tmp_path / "time.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 4, 4, 3], sitk.sitkFloat32), str(path))
+    with pytest.raises(InputError, match=r"time\.nii\.gz: expected a 3D volume, got a 4D image"):
+        read_volume(path)
+
+
+def test_multicomponent_image_refused(tmp_path):
+    path = tmp_path / "rgb.mha"
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), str(path))
+    with pytest.raises(InputError, match=r"rgb\.mha: expected a scalar volume, got 3 components"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["nan.mha", "nan.nrrd"])
+def test_nan_volume_refused(tmp_path, name):
+    # (ITK's NIfTI reader itself turns NaN into 0, so NIfTI never shows NaN to gvsl.)
+    array = np.zeros((4, 4, 4), np.float32)
+    array[1, 2, 3] = np.nan
+    path = tmp_path / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(InputError, match=name.replace(".", r"\.") + ": 1 of 64 voxels are NaN"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image"])
+def test_unreadable_and_empty_files_refused(tmp_path, content):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=r"broken\.nii\.gz"):
+        read_volume(path)
+
+
+def test_missing_file_and_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_volume(tmp_path)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(InputError, match="unknown output format"):
+        write_volume(oblique_volume(), tmp_path / "out.xyz")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,62 @@
+"""NCC by box sums equals the five-convolution definition; known values of every loss."""
+
+from __future__ import annotations
+
+import torch
+
+from gvsl_cli import losses
+
+
+def test_box_ncc_equals_dense_definition_float64(generator):
+    fixed = torch.rand(2, 1, 20, 18, 22, generator=generator, dtype=torch.float64)
+    moving = 0.5 * fixed + 0.5 * torch.rand(2, 1, 20, 18, 22, generator=generator, dtype=torch.float64)
+    fast = losses.local_ncc_loss(fixed, moving)
+    dense = losses.local_ncc_loss_dense(fixed, moving)
+    assert fast.dtype == torch.float64
+    assert abs(fast.item() - dense.item()) < 1e-5
+    assert abs(fast.item() - dense.item()) < 1e-10  # in fact to rounding
+
+
+def test_ncc_of_image_with_itself_is_zero(generator):
+    image = torch.rand(1, 1, 16, 16, 16, generator=generator)
+    assert abs(losses.local_ncc_loss(image, image).item()) < 1e-3
+
+
+def test_ncc_with_independent_noise_is_near_one(generator):
+    # Zero-mean noise, so the zero padding at the borders does not correlate the two.
+    a = torch.randn(1, 1, 32, 32, 32, generator=generator)
+    b = torch.randn(1, 1, 32, 32, 32, generator=generator)
+    # The squared correlation of independent noise over 729 samples is about 1/729.
+    assert losses.local_ncc_loss(a, b).item() > 0.97
+
+
+def test_ncc_is_invariant_to_intensity_scaling(generator):
+    a = torch.rand(1, 1, 16, 16, 16, generator=generator, dtype=torch.float64)
+    b = torch.rand(1, 1, 16, 16, 16, generator=generator, dtype=torch.float64)
+    assert abs(losses.local_ncc_loss(a, b).item() - losses.local_ncc_loss(a, 3 * b).item()) < 1e-3
+
+
+def test_ncc_gradient_flows(generator):
+    a = torch.rand(1, 1, 12, 12, 12, generator=generator)
+    b = torch.rand(1, 1, 12, 12, 12, generator=generator, requires_grad=True)
+    losses.local_ncc_loss(a, b).backward()
+    assert b.grad is not None and torch.count_nonzero(b.grad) > 0
+
+
+def test_mse_known_value():
+    assert losses.mse_loss(torch.zeros(1, 1, 2, 2, 2), torch.full((1, 1, 2, 2, 2), 3.0)).item() == 9.0
+
+
+def test_smoothness_of_constant_and_linear_fields():
+    assert losses.smoothness_loss(torch.full((1, 3, 5, 5, 5), 7.0)).item() == 0.0
+    u = torch.zeros(1, 3, 5, 5, 5)
+    u[:, 0] = torch.arange(5.0).view(5, 1, 1)  # forward differences of 1 along z only
+    # mean over z-differences: component 0 has 1, components 1-2 have 0 -> 1/3; divided by 3.
+    assert abs(losses.smoothness_loss(u).item() - (1 / 3) / 3) < 1e-7
+
+
+def test_box_ncc_float32_stays_close_to_float64_reference(generator):
+    fixed = torch.rand(1, 1, 40, 40, 40, generator=generator, dtype=torch.float64)
+    moving = 0.7 * fixed + 0.3 * torch.rand(1, 1, 40, 40, 40, generator=generator, dtype=torch.float64)
+    reference = losses.local_ncc_loss_dense(fixed, moving).item()
+    assert abs(losses.local_ncc_loss(fixed.float(), moving.float()).item() - reference) < 1e-4

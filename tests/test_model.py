@@ -1,0 +1,80 @@
+"""The network: official-compatible names and shapes, gradients into the affine head, batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gvsl_cli.config import ModelConfig
+from gvsl_cli.errors import ConfigError
+from gvsl_cli.model import GVSL, count_parameters
+
+OFFICIAL_KEYS = Path(__file__).resolve().parent / "data" / "official_gvsl_state_dict.txt"
+
+
+def official_shapes() -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for line in OFFICIAL_KEYS.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape = line.split()
+        shapes[name] = tuple(int(s) for s in shape.split("x"))
+    return shapes
+
+
+def test_default_width_matches_official_keys_and_shapes():
+    model = GVSL(ModelConfig())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official_shapes()
+    assert count_parameters(model) == 32_440_739  # as stated in the official key list
+
+
+def test_official_format_state_dict_loads_strictly_and_runs_at_batch_2(generator):
+    state = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in official_shapes().items()}
+    model = GVSL(ModelConfig())
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        fixed = torch.rand(2, 1, 16, 16, 16, generator=generator)
+        out = model(fixed, torch.rand(2, 1, 16, 16, 16, generator=generator))
+    assert out.match.theta.shape == (2, 3, 4)
+    assert out.match.displacement.shape == (2, 3, 16, 16, 16)
+    assert out.restored.shape == (2, 1, 16, 16, 16)
+
+
+def test_gradients_reach_every_part_of_the_affine_head(generator):
+    model = GVSL(ModelConfig(width=8))
+    fixed = torch.rand(2, 1, 32, 32, 32, generator=generator)
+    moving = torch.rand(2, 1, 32, 32, 32, generator=generator)
+    out = model(fixed, moving)
+    moved = torch.nn.functional.grid_sample(moving, out.match.grid(), align_corners=True)
+    loss = (moved - fixed).square().mean() + (out.restored - fixed).square().mean()
+    loss.backward()
+    for name in ("fc_rot", "fc_scl", "fc_trans", "fc_shear", "f_conv", "sp_conv", "out_flow", "res_conv", "unet"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(name)]
+        assert grads and all(g is not None for g in grads), name
+        assert any(torch.count_nonzero(g) > 0 for g in grads), name
+
+
+def test_any_input_size_is_padded_internally(generator):
+    model = GVSL(ModelConfig(width=8)).eval()
+    with torch.no_grad():
+        feats = model.unet(torch.rand(1, 1, 20, 23, 17, generator=generator))
+    assert feats.local.shape == (1, 8, 20, 23, 17)
+    assert feats.global_.shape == (1, 128, 2, 2, 2)
+
+
+def test_new_model_starts_near_identity(generator):
+    model = GVSL(ModelConfig(width=8)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 16, 16, 16, generator=generator), torch.rand(1, 1, 16, 16, 16, generator=generator))
+    assert out.match.displacement.abs().max() < 0.05
+    assert (out.match.theta - torch.eye(3, 4)).abs().max() < 0.3
+
+
+@pytest.mark.parametrize("width", [0, 12, -8])
+def test_bad_width_is_refused(width):
+    with pytest.raises(ConfigError, match="width"):
+        ModelConfig(width=width)
