@@ -1,0 +1,43 @@
+"""Checks that need a CUDA GPU (skipped without one): GPU paths compute the CPU's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gvsl_cli import losses
+from gvsl_cli.config import ModelConfig
+from gvsl_cli.model import GVSL, GroupNorm
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_groupnorm_matches_native(dtype):
+    norm = GroupNorm(8, 64).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 64, 24, 24, 24, device="cuda").to(dtype) * 3 + 1
+    ours = norm(x).float()
+    native = torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+    relative = (ours - native).norm() / native.norm()
+    assert relative < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_model_on_gpu_matches_cpu():
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=8)).eval()
+    fixed = torch.rand(1, 1, 32, 32, 32)
+    moving = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        cpu = model(fixed, moving)
+        gpu = model.cuda()(fixed.cuda(), moving.cuda())
+    assert torch.allclose(gpu.restored.cpu(), cpu.restored, atol=1e-3)
+    assert torch.allclose(gpu.match.theta.cpu(), cpu.match.theta, atol=1e-4)
+
+
+def test_box_ncc_matches_dense_on_gpu():
+    a = torch.rand(1, 1, 48, 48, 48, device="cuda")
+    b = 0.5 * a + 0.5 * torch.rand(1, 1, 48, 48, 48, device="cuda")
+    assert abs(losses.local_ncc_loss(a, b).item() - losses.local_ncc_loss_dense(a.double(), b.double()).item()) < 1e-4
