@@ -105,8 +105,8 @@ def _fail(path: Path, where: str, message: str) -> WeightsError:
 def _check_type(path: Path, where: str, key: str, value: Any, kind: type | tuple[type, ...]) -> None:
     # bool is an int in Python; a manifest saying `width = true` is a mistake, not 1.
     if isinstance(value, bool) or not isinstance(value, kind):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise _fail(path, where, f"{key!r} must be a {names}, got {value!r}")
+        words = {str: "a string", int: "an integer", (int, float): "a number", list: "a list"}
+        raise _fail(path, where, f"{key!r} must be {words[kind]}, got {value!r}")
 
 
 def parse_entry(raw: Any, *, path: Path, index: int) -> WeightsEntry:

@@ -246,6 +246,8 @@ def fetch(
                 return Fetched(target.path, digest, size, source, downloaded=False)
             target.path.unlink()
             reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it")
+        if offline and force and target.path.is_file():
+            raise WeightsError(f"{target.label}: {OFFLINE_ENV}=1 forbids downloading it again (--force)", hint=f"unset {OFFLINE_ENV}, or leave out --force to use the cached file")
         if offline:
             raise WeightsError(
                 f"{target.label} is not in the cache ({target.path}) and {OFFLINE_ENV}=1 forbids downloading",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -327,7 +328,8 @@ def test_two_processes_download_once_and_both_succeed(tmp_path, server, cache_ho
     body = checkpoint_bytes["gvsl"]
     manifest = add_entry(tmp_path, server, body, route=Route(seconds=2.0))  # slow: the runs overlap
     command = [sys.executable, "-m", "gvsl_cli", "fetch-weights", "--manifest", str(manifest), "tiny"]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # rich draws the progress bar with box characters
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, encoding="utf-8", errors="replace") for _ in range(2)]
     outputs = [run.communicate(timeout=120) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert len(server.requests_to("/tiny.pt")) == 1  # one download

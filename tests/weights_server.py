@@ -213,6 +213,8 @@ def manifest_toml(entries: list[dict]) -> str:
     import json
 
     def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
         if isinstance(v, str):
             return json.dumps(v)  # a JSON string of ASCII is a TOML basic string
         if isinstance(v, (list, tuple)):
