@@ -326,7 +326,7 @@ def test_cache_root_follows_gvsl_home(cache_home, monkeypatch):
 
 def test_two_processes_download_once_and_both_succeed(tmp_path, server, cache_home, checkpoint_bytes):
     body = checkpoint_bytes["gvsl"]
-    manifest = add_entry(tmp_path, server, body, route=Route(seconds=2.0))  # slow: the runs overlap
+    manifest = add_entry(tmp_path, server, body, route=Route(seconds=3.0))  # slow: the runs overlap
     command = [sys.executable, "-m", "gvsl_cli", "fetch-weights", "--manifest", str(manifest), "tiny"]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # rich draws the progress bar with box characters
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, encoding="utf-8", errors="replace") for _ in range(2)]
@@ -337,3 +337,19 @@ def test_two_processes_download_once_and_both_succeed(tmp_path, server, cache_ho
     assert states == ["cached", "downloaded"]
     assert any("another process is downloading it" in err for _, err in outputs)
     assert (cache_home / "weights" / "tiny.pt").read_bytes() == body
+
+
+def test_read_only_cache_is_verified_without_locking(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):
+    import gvsl_cli.weights as weights
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    (cache_home / "weights" / "tiny.pt.lock").unlink()
+    monkeypatch.setattr(weights.os, "access", lambda path, mode: False)  # as if a shared, read-only cache
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).kind == "gvsl"
+    assert not (cache_home / "weights" / "tiny.pt.lock").exists()
+    (cache_home / "weights" / "tiny.pt").write_bytes(body[:-1] + b"!")
+    with pytest.raises(WeightsError, match="does not match its sha256 .* and the cache is read-only"):
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert len(server.seen) == 1
