@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 
 from gvsl_cli.cli import run
-from weights_server import Route, cache_home, checkpoint_bytes, manifest_toml, server  # noqa: F401 - fixtures
+from weights_server import Route, manifest_toml
+from weights_server import cache_home, checkpoint_bytes, server  # noqa: F401, F811 - pytest fixtures used by name
 
 
 def write_manifest(tmp_path, server, bodies: dict[str, bytes], *, unhashed: tuple[str, ...] = ()):

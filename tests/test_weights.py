@@ -19,7 +19,8 @@ import pytest
 from gvsl_cli.download import DownloadOptions, Reporter, drive_confirmation_url
 from gvsl_cli.errors import CheckpointError, WeightsError
 from gvsl_cli.weights import cache_root, load_weights_spec, url_target
-from weights_server import Route, cache_home, checkpoint_bytes, manifest_toml, server  # noqa: F401 - fixtures
+from weights_server import Route, manifest_toml
+from weights_server import cache_home, checkpoint_bytes, server  # noqa: F401, F811 - pytest fixtures used by name
 
 FAST = DownloadOptions(connect_timeout=2.0, read_timeout=2.0, retries=2, backoff=0.01, lock_timeout=60.0)
 
