@@ -89,6 +89,14 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch reports every failure of the weights-only unpickler this way; only a
+        # forbidden global means "a real pickle that needs code". Other failures (random
+        # bytes, a saved HTML page) are files that are not PyTorch files at all.
+        if "global" not in str(exc).lower():
+            with open(path, "rb") as handle:
+                head = handle.read(64).lstrip().lower()
+            what = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not a readable PyTorch file"
+            raise CheckpointError(f"{path}: {what}, not a checkpoint (the weights-only unpickler stopped at an unknown opcode)") from None
         raise CheckpointError(
             f"{path}: refused to load: the file needs arbitrary code to unpickle ({str(exc).splitlines()[0][:120]})",
             hint="gvsl only loads plain tensors and dicts (torch.load weights_only=True); re-save the state_dict alone",

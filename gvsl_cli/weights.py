@@ -1,25 +1,429 @@
 """Resolving a ``--weights`` argument (manifest name, file path or URL) to loaded weights.
 
 Every command that takes ``--weights`` calls ``load_weights_spec``; this module owns the
-manifest, the cache and downloads.
+weights cache. Cache layout (root: ``$GVSL_HOME``, else the platform's user cache folder
+for "gvsl", e.g. ``~/.cache/gvsl`` on Linux)::
+
+    weights/<name>.pt          a manifest entry, verified
+    weights/<name>.pt.json     its record: sha256, size, URL, time, where the hash came from
+    weights/<name>.pt.lock     lock file (held while a process checks or downloads it)
+    weights/.<name>.pt.part    an unfinished download (resumed by the next attempt)
+    urls/<key>/<file>          a ``--weights URL`` download (key: sha256 of the URL), same files
+
+Hash policy: a file is only ever used after its sha256 matched a known value: the
+manifest's, a ``#sha256=`` fragment of a URL, or a hash pinned by the user. When no hash is
+known (e.g. the official GVSL weights, published without one), gvsl refuses to download
+unless the user opts in (``trust_unverified``; ``--trust-unverified`` or
+``GVSL_TRUST_UNVERIFIED=1``); it then reports the sha256 it received and pins it in the
+record, and every later load is verified against that pin. Every load re-hashes the cached
+file (about 2 GB/s with SHA extensions), so a file damaged in the cache is caught.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import urlsplit, urlunsplit
 
-from gvsl_cli.checkpoint import LoadedWeights, load_weights
-from gvsl_cli.errors import WeightsError
+from gvsl_cli.download import (
+    ConsoleReporter,
+    DownloadOptions,
+    Reporter,
+    download,
+    env_flag,
+    file_lock,
+    new_session,
+    sha256_file,
+)
+from gvsl_cli.errors import CheckpointError, WeightsError
+from gvsl_cli.manifest import SHA256_PATTERN, Manifest, WeightsEntry, load_manifest
+
+if TYPE_CHECKING:
+    from gvsl_cli.checkpoint import LoadedWeights
+
+HOME_ENV = "GVSL_HOME"
+OFFLINE_ENV = "GVSL_OFFLINE"
+TRUST_ENV = "GVSL_TRUST_UNVERIFIED"
+#: Where a record says its hash came from.
+HASH_FROM_MANIFEST, HASH_FROM_URL, HASH_PINNED = "manifest", "url", "pinned"
 
 
-def load_weights_spec(spec: str) -> LoadedWeights:
-    """Load the weights named by ``spec``: a path to a gvsl checkpoint or official state_dict.
+def cache_root() -> Path:
+    """``$GVSL_HOME`` if set, else the user cache folder for "gvsl" (platformdirs)."""
+    home = os.environ.get(HOME_ENV, "").strip()
+    if home:
+        return Path(home).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gvsl", appauthor=False))
+
+
+def is_url(spec: str) -> bool:
+    return spec.lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file the cache can hold: where it lives and how to get and check it.
+
+    Attributes:
+        label: how messages name it ("weights 'name'" or the URL).
+        urls: mirrors, tried in order.
+        sha256: the hash known in advance ("" = none; a pinned one may exist in the record).
+        hash_source: where ``sha256`` comes from (manifest or url).
+        size: expected bytes, 0 = unknown.
+        path: the verified file in the cache.
+    """
+
+    label: str
+    urls: tuple[str, ...]
+    sha256: str
+    hash_source: str
+    size: int
+    path: Path
+
+    @property
+    def record_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    def read_record(self) -> dict | None:
+        """The record written when the file was fetched, or None."""
+        try:
+            record = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def expected_hash(self) -> tuple[str | None, str | None]:
+        """(sha256, where it comes from); (None, None) when nothing vouches for the file."""
+        if self.sha256:
+            return self.sha256, self.hash_source
+        record = self.read_record() or {}
+        pinned = record.get("sha256", "")
+        if record.get("hash_source") == HASH_PINNED and isinstance(pinned, str) and SHA256_PATTERN.match(pinned):
+            return pinned, HASH_PINNED
+        return None, None
+
+
+def entry_target(entry: WeightsEntry, root: Path | None = None) -> Target:
+    """The cache slot of a manifest entry."""
+    root = cache_root() if root is None else root
+    return Target(
+        label=f"weights {entry.name!r}",
+        urls=entry.urls,
+        sha256=entry.sha256,
+        hash_source=HASH_FROM_MANIFEST,
+        size=entry.size,
+        path=root / "weights" / f"{entry.name}.pt",
+    )
+
+
+def url_target(url: str, root: Path | None = None) -> Target:
+    """The cache slot of a URL; a ``#sha256=<hex>`` fragment gives its known hash."""
+    root = cache_root() if root is None else root
+    parts = urlsplit(url)
+    sha256 = ""
+    if parts.fragment:
+        key, _, value = parts.fragment.partition("=")
+        if key != "sha256" or not SHA256_PATTERN.match(value.lower()):
+            raise WeightsError(f"{url}: the only URL fragment gvsl understands is #sha256=<64 hex digits>")
+        sha256 = value.lower()
+    bare = urlunsplit(parts._replace(fragment=""))
+    filename = re.sub(r"[^A-Za-z0-9._-]", "_", parts.path.rstrip("/").rsplit("/", 1)[-1])[:100].lstrip(".") or "weights.pt"
+    key = hashlib.sha256(bare.encode("utf-8")).hexdigest()[:16]
+    return Target(label=bare, urls=(bare,), sha256=sha256, hash_source=HASH_FROM_URL, size=0, path=root / "urls" / key / filename)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A verified file in the cache.
+
+    Attributes:
+        path: the file.
+        sha256: its hash (checked against ``hash_source``: manifest, url or pinned).
+        size: bytes.
+        downloaded: False when it was already cached.
+        pinned_now: True when this call trusted an unverified file and pinned its hash.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+    hash_source: str
+    downloaded: bool
+    pinned_now: bool = False
+
+
+def _refuse_unverified(target: Target) -> WeightsError:
+    fragment_hint = " or append #sha256=<hex> to the URL" if target.hash_source == HASH_FROM_URL else ""
+    return WeightsError(
+        f"{target.label}: no sha256 is known for this file, so gvsl cannot check what it would download; refused",
+        hint=f"if you trust {target.urls[0]}, rerun with --trust-unverified (or GVSL_TRUST_UNVERIFIED=1){fragment_hint}: "
+        "gvsl prints the sha256 it receives and pins it, and checks every later load against it",
+    )
+
+
+def _write_record(target: Target, *, sha256: str, size: int, url: str, hash_source: str) -> None:
+    record = {"sha256": sha256, "size": size, "url": url, "hash_source": hash_source, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = target.record_path.with_name(f".{target.record_path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, target.record_path)
+
+
+def _pin_notice(target: Target, sha256: str, size: int) -> str:
+    return f"{target.label}: no published sha256; trusted on your request and pinned sha256 {sha256} ({size} bytes) in {target.record_path}"
+
+
+def _use_read_only(target: Target) -> Fetched:
+    """Verify a file in a cache this process cannot write (a shared site cache): no lock needed,
+    since nobody can be writing it through us, and nothing can be pinned or deleted."""
+    expected, source = target.expected_hash()
+    if expected is None:
+        raise WeightsError(
+            f"{target.label}: {target.path} is in a read-only cache without a known or pinned sha256",
+            hint="ask whoever maintains the cache to pin it (gvsl fetch-weights --trust-unverified), or set GVSL_HOME to a writable folder",
+        )
+    digest = sha256_file(target.path)
+    size = target.path.stat().st_size
+    if digest != expected or (target.size and size != target.size):
+        raise WeightsError(
+            f"{target.label}: {target.path} does not match its sha256 (expected {expected}, got {digest}) and the cache is read-only",
+            hint="ask whoever maintains the cache to run gvsl fetch-weights --verify, or set GVSL_HOME to a writable folder",
+        )
+    return Fetched(target.path, digest, size, source, downloaded=False)
+
+
+def fetch(
+    target: Target,
+    *,
+    force: bool = False,
+    trust_unverified: bool = False,
+    offline: bool = False,
+    reporter: Reporter = Reporter(),
+    options: DownloadOptions = DownloadOptions(),
+    session_factory: Callable[[], object] = new_session,
+) -> Fetched:
+    """Make ``target`` present and verified in the cache; download it only if needed.
+
+    Holds the target's lock throughout, so concurrent processes download once and the
+    others wait, then find the verified file. A cached file that no longer matches its hash
+    is deleted (and said so) and downloaded again. ``force`` downloads again even when the
+    cached file is good (the old file stays until the new one is verified); with
+    ``trust_unverified`` it also replaces a pinned hash by the one received.
 
     Raises:
-        WeightsError: ``spec`` names no existing file.
-        CheckpointError: the file is not a loadable checkpoint.
+        WeightsError: offline and not cached, no known hash and not trusted, download failed
+            or the file failed its checks (nothing is left at ``target.path`` then).
     """
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return load_weights(path)
-    raise WeightsError(f"weights {spec!r}: no such file", hint="give the path of a gvsl checkpoint or an official GVSL .pth file")
+    if not force and target.path.is_file() and not os.access(target.path.parent, os.W_OK):
+        return _use_read_only(target)
+
+    def waiting() -> None:
+        reporter.notice(f"{target.label}: another process is downloading it; waiting")
+
+    with file_lock(target.lock_path, timeout=options.lock_timeout, on_wait=waiting):
+        expected, source = target.expected_hash()
+        if target.path.is_file() and not force:
+            digest = sha256_file(target.path)
+            size = target.path.stat().st_size
+            if expected is None:
+                if not trust_unverified:
+                    raise _refuse_unverified(target)
+                _write_record(target, sha256=digest, size=size, url="(already in the cache)", hash_source=HASH_PINNED)
+                reporter.notice(_pin_notice(target, digest, size))
+                return Fetched(target.path, digest, size, HASH_PINNED, downloaded=False, pinned_now=True)
+            if digest == expected and (not target.size or size == target.size):
+                return Fetched(target.path, digest, size, source, downloaded=False)
+            target.path.unlink()
+            reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it")
+        if offline and force and target.path.is_file():
+            raise WeightsError(f"{target.label}: {OFFLINE_ENV}=1 forbids downloading it again (--force)", hint=f"unset {OFFLINE_ENV}, or leave out --force to use the cached file")
+        if offline:
+            raise WeightsError(
+                f"{target.label} is not in the cache ({target.path}) and {OFFLINE_ENV}=1 forbids downloading",
+                hint=f"fetch it where there is network (gvsl fetch-weights) and copy the cache folder {target.path.parent.parent}, or unset {OFFLINE_ENV}",
+            )
+        if force and trust_unverified and source == HASH_PINNED:
+            expected, source = None, None  # the user asked to trust what the server gives now
+        if expected is None and not trust_unverified:
+            raise _refuse_unverified(target)
+        got = download(
+            target.urls,
+            target.path,
+            sha256=expected,
+            size=target.size,
+            label=target.label,
+            session=session_factory(),
+            options=options,
+            reporter=reporter,
+        )
+        hash_source = source or HASH_PINNED
+        _write_record(target, sha256=got.sha256, size=got.size, url=got.url, hash_source=hash_source)
+        if source is None:
+            reporter.notice(_pin_notice(target, got.sha256, got.size))
+        return Fetched(got.path, got.sha256, got.size, hash_source, downloaded=True, pinned_now=source is None)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """Outcome of re-hashing a cached file: status is ok, missing, unpinned or deleted."""
+
+    status: str
+    path: Path
+    sha256: str = ""
+    expected: str = ""
+
+
+def verify(target: Target, *, options: DownloadOptions = DownloadOptions()) -> Verified:
+    """Re-hash the cached file of ``target``; a file that does not match is deleted."""
+    with file_lock(target.lock_path, timeout=options.lock_timeout):
+        if not target.path.is_file():
+            return Verified("missing", target.path)
+        expected, _ = target.expected_hash()
+        digest = sha256_file(target.path)
+        if expected is None:
+            return Verified("unpinned", target.path, digest)
+        size_ok = not target.size or target.path.stat().st_size == target.size
+        if digest == expected and size_ok:
+            return Verified("ok", target.path, digest, expected)
+        target.path.unlink()
+        return Verified("deleted", target.path, digest, expected)
+
+
+def cached_url_targets(root: Path | None = None) -> list[Target]:
+    """Targets of the URL downloads present in the cache (from their records)."""
+    root = cache_root() if root is None else root
+    targets = []
+    for record_path in sorted((root / "urls").glob("*/*.json")):
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            url = record["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        target = url_target(url, root)
+        if target.record_path == record_path:
+            known = record.get("sha256", "") if record.get("hash_source") == HASH_FROM_URL else ""
+            targets.append(Target(target.label, target.urls, known, HASH_FROM_URL, 0, target.path))
+    return targets
+
+
+def _flag(value: bool | None, env: str) -> bool:
+    return env_flag(env) if value is None else value
+
+
+def _check_against_entry(loaded: "LoadedWeights", entry: WeightsEntry, path: Path) -> None:
+    """The file must be what the manifest says it is (format and network width)."""
+    if loaded.kind != entry.format:
+        raise CheckpointError(
+            f"{path}: manifest {entry.manifest} says weights {entry.name!r} are a {entry.format!r} file, but it is a {loaded.kind!r} one",
+            hint="fix the entry's format in the manifest",
+        )
+    if loaded.model_config.width != entry.width:
+        raise CheckpointError(
+            f"{path}: manifest {entry.manifest} says weights {entry.name!r} have width {entry.width}, but the file has width {loaded.model_config.width}",
+            hint="fix the entry's width in the manifest",
+        )
+
+
+def open_entry(entry: WeightsEntry, *, root: Path | None = None, **fetch_options) -> tuple[Fetched, "LoadedWeights"]:
+    """Fetch a manifest entry (see ``fetch``), load it and check it is what the entry says.
+
+    A hash only proves the file is the one published (or pinned); the manifest also states
+    its format and width, checked here so a wrong entry fails at fetch time, not in a job.
+    When the file was pinned by this very call and fails the check, file and pin are
+    removed: what the server gave is not the weights the entry describes.
+
+    Raises:
+        WeightsError: see ``fetch``.
+        CheckpointError: unloadable file, or format/width other than the entry's.
+    """
+    from gvsl_cli.checkpoint import load_weights
+
+    target = entry_target(entry, root)
+    fetched = fetch(target, **fetch_options)
+    try:
+        loaded = load_weights(fetched.path)
+        _check_against_entry(loaded, entry, fetched.path)
+    except CheckpointError:
+        if fetched.pinned_now:
+            with file_lock(target.lock_path, timeout=DownloadOptions().lock_timeout):
+                target.path.unlink(missing_ok=True)
+                target.record_path.unlink(missing_ok=True)
+        raise
+    loaded.extra["weights_name"] = entry.name
+    loaded.extra["weights_sha256"] = fetched.sha256
+    return fetched, loaded
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or spec.lower().endswith((".pt", ".pth", ".ckpt", ".tar"))
+
+
+def load_weights_spec(
+    spec: str,
+    *,
+    manifest: Manifest | str | os.PathLike | None = None,
+    trust_unverified: bool | None = None,
+    offline: bool | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    options: DownloadOptions = DownloadOptions(),
+) -> "LoadedWeights":
+    """Load the weights named by ``spec``: an http(s) URL, a file path, or a manifest name.
+
+    A URL or name is fetched into the cache when needed (``fetch``: verified, locked,
+    resumable) and its cached copy is re-hashed before loading. A manifest entry's file must
+    also have the entry's format and width. ``extra`` of the result gains ``weights_spec``
+    and, for cached files, ``weights_sha256`` (and ``weights_name`` for manifest entries).
+    Order: a URL, then an existing file, then a manifest name.
+
+    Args:
+        spec: what the user gave to ``--weights``.
+        manifest: a loaded Manifest, or the path of a user manifest (default:
+            ``$GVSL_MANIFEST``); the built-in manifest is always included.
+        trust_unverified: accept and pin a file with no known sha256 (default:
+            ``$GVSL_TRUST_UNVERIFIED``).
+        offline: never open a connection (default: ``$GVSL_OFFLINE``).
+        force: download again even if cached.
+        reporter: progress and notices (default: a progress bar and messages on stderr).
+        options: timeouts and retries.
+
+    Raises:
+        WeightsError: unknown name, no such file, offline and not cached, untrusted file
+            without a hash, download or verification failure.
+        CheckpointError: the file is not a loadable checkpoint, or not what the manifest says.
+    """
+    from gvsl_cli.checkpoint import load_weights
+
+    fetch_options = dict(
+        force=force,
+        trust_unverified=_flag(trust_unverified, TRUST_ENV),
+        offline=_flag(offline, OFFLINE_ENV),
+        reporter=ConsoleReporter() if reporter is None else reporter,
+        options=options,
+    )
+    if is_url(spec):
+        fetched = fetch(url_target(spec), **fetch_options)
+        loaded = load_weights(fetched.path)
+        loaded.extra["weights_sha256"] = fetched.sha256
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            loaded = load_weights(path)
+        elif _looks_like_path(spec):
+            raise WeightsError(f"weights {spec!r}: no such file", hint="give the path of a gvsl checkpoint or an official GVSL .pth file, a manifest name or a URL")
+        else:
+            known = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+            _, loaded = open_entry(known.get(spec), **fetch_options)
+    loaded.extra["weights_spec"] = spec
+    return loaded

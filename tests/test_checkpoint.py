@@ -63,3 +63,9 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
         load_weights(tmp_path / "text.pt")
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Google Drive can't scan this file</body></html>")
+    with pytest.raises(CheckpointError, match="page.pth: an HTML page, not a checkpoint"):
+        load_weights(tmp_path / "page.pth")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match="noise.pt: not a readable PyTorch file"):
+        load_weights(tmp_path / "noise.pt")

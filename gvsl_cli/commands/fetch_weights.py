@@ -1,0 +1,136 @@
+"""``gvsl fetch-weights``: list, download and verify the pretrained weights of the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fetch-weights")(fetch_weights)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size else "?"
+
+
+def _list(manifest, names: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gvsl_cli.weights import HASH_PINNED, entry_target
+
+    entries = [manifest.get(name) for name in names] if names else list(manifest.entries.values())
+    table = Table(title="weights in " + ", ".join(str(p) for p in manifest.paths))
+    table.add_column("name", no_wrap=True)
+    for column in ("size", "format", "modality", "cached", "hash"):
+        table.add_column(column)
+    table.add_column("licence", overflow="fold")
+    for entry in entries:
+        target = entry_target(entry)
+        record = target.read_record() or {}
+        cached = target.path.is_file()
+        size = entry.size or (target.path.stat().st_size if cached else 0)
+        if entry.has_hash:
+            hash_state = "manifest"
+        elif record.get("hash_source") == HASH_PINNED:
+            hash_state = "pinned"
+        else:
+            hash_state = "none"
+        table.add_row(entry.name, _megabytes(size), f"{entry.format} w{entry.width}", entry.modality, "yes" if cached else "no", hash_state, entry.licence)
+    Console().print(table)
+
+
+def _verify(manifest, names: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gvsl_cli.errors import WeightsError
+    from gvsl_cli.weights import cached_url_targets, entry_target, url_target, verify
+
+    if names:
+        targets = [(name, url_target(name) if name.lower().startswith(("http://", "https://")) else entry_target(manifest.get(name))) for name in names]
+    else:  # everything in the cache
+        targets = [(e.name, entry_target(e)) for e in manifest.entries.values() if entry_target(e).path.is_file()]
+        targets += [(t.label, t) for t in cached_url_targets()]
+    table = Table("weights", "status", "sha256", "file")
+    bad = []
+    words = {"ok": "ok", "missing": "not cached", "unpinned": "no known hash", "deleted": "MISMATCH: deleted"}
+    for label, target in targets:
+        result = verify(target)
+        table.add_row(label, words[result.status], result.sha256 or "-", str(result.path))
+        if result.status == "deleted":
+            bad.append(f"{label} (expected {result.expected}, got {result.sha256})")
+    Console().print(table if targets else "nothing in the cache to verify")
+    if bad:
+        raise WeightsError(
+            "sha256 mismatch, the damaged cached files were deleted: " + "; ".join(bad),
+            hint="run gvsl fetch-weights NAME to download them again",
+        )
+
+
+def fetch_weights(
+    names: Optional[List[str]] = typer.Argument(None, help="Manifest names (or http(s) URLs) to fetch or verify.", show_default=False),
+    all_entries: bool = typer.Option(False, "--all", help="Fetch every entry of the manifest."),
+    list_entries: bool = typer.Option(False, "--list", help="Show the manifest's entries and whether each is cached."),
+    force: bool = typer.Option(False, "--force", help="Download again even if the cached file is good."),
+    verify_cache: bool = typer.Option(False, "--verify", help="Re-hash cached files (the named ones, or all); delete those that do not match."),
+    manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="A user manifest added to the built-in one (default: $GVSL_MANIFEST).", show_default=False),
+    trust_unverified: bool = typer.Option(
+        False, "--trust-unverified", help="Download entries without a known sha256 anyway, print the hash received and pin it (also: GVSL_TRUST_UNVERIFIED=1)."
+    ),
+) -> None:
+    """Download pretrained weights into the cache, verified by sha256 (GVSL_HOME, GVSL_OFFLINE: see docs/weights.md)."""
+    from rich.console import Console
+
+    from gvsl_cli.download import ConsoleReporter, env_flag
+    from gvsl_cli.errors import ConfigError, GvslError, WeightsError
+    from gvsl_cli.manifest import load_manifest
+    from gvsl_cli.weights import OFFLINE_ENV, TRUST_ENV, fetch, is_url, open_entry, url_target
+
+    names = list(names or [])
+    modes = [flag for flag, on in (("--list", list_entries), ("--verify", verify_cache), ("--all", all_entries)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined")
+    if all_entries and names:
+        raise ConfigError("give weights names or --all, not both")
+    if force and (list_entries or verify_cache):
+        raise ConfigError("--force applies to downloads, not to --list or --verify")
+    if not (names or modes):
+        raise ConfigError("nothing to do", hint="give weights names, --all, --list or --verify (see gvsl fetch-weights --help)")
+
+    manifest = load_manifest(manifest_file)
+    if list_entries:
+        _list(manifest, names)
+        return
+    if verify_cache:
+        _verify(manifest, names)
+        return
+
+    options = dict(
+        force=force,
+        trust_unverified=trust_unverified or env_flag(TRUST_ENV),
+        offline=env_flag(OFFLINE_ENV),
+        reporter=ConsoleReporter(),
+    )
+    targets = list(manifest.entries) if all_entries else names
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
+    failed = []
+    for name in targets:
+        try:
+            if is_url(name):
+                fetched = fetch(url_target(name), **options)
+            else:
+                fetched, _ = open_entry(manifest.get(name), **options)
+        except GvslError as exc:
+            if len(targets) == 1:
+                raise
+            errors.print(f"error: {name}: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
+            failed.append(name)
+            continue
+        state = "downloaded" if fetched.downloaded else "cached"
+        typer.echo(f"{name}\t{fetched.path}\tsha256={fetched.sha256}\t{fetched.size} bytes\t{state} ({fetched.hash_source} hash)")
+    if failed:
+        raise WeightsError(f"{len(failed)} of {len(targets)} weights could not be fetched: {', '.join(failed)}")

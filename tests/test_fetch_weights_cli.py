@@ -1,0 +1,106 @@
+"""``gvsl fetch-weights`` through the CLI: --list, fetching, --verify, --force, trust, usage errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+from gvsl_cli.cli import run
+from weights_server import Route, manifest_toml
+from weights_server import cache_home, checkpoint_bytes, server  # noqa: F401, F811 - pytest fixtures used by name
+
+
+def write_manifest(tmp_path, server, bodies: dict[str, bytes], *, unhashed: tuple[str, ...] = ()):
+    entries = []
+    for name, body in bodies.items():
+        server.routes[f"/{name}.pt"] = Route(body=body)
+        entries.append({
+            "name": name,
+            "urls": [server.url(f"/{name}.pt")],
+            "sha256": "" if name in unhashed else hashlib.sha256(body).hexdigest(),
+            "size": 0 if name in unhashed else len(body),
+            "format": "gvsl",
+            "width": 8,
+            "modality": "mr",
+            "licence": "CC0-1.0",
+        })
+    path = tmp_path / "manifest.toml"
+    path.write_text(manifest_toml(entries))
+    return path
+
+
+def table_row(output: str, name: str) -> list[str]:
+    line = next(line for line in output.splitlines() if f" {name} " in line)
+    return [cell.strip() for cell in line.strip("│ ").split("│")]
+
+
+def test_list_fetch_verify_force(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"tiny": body})
+    assert run(["fetch-weights", "--list", "--manifest", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert table_row(out, "tiny") == ["tiny", "8.2 MB", "gvsl w8", "mr", "no", "manifest", "CC0-1.0"]
+    assert table_row(out, "gvsl-official-cardiac-ct")[4:6] == ["no", "none"]
+
+    assert run(["fetch-weights", "--manifest", str(manifest), "tiny"]) == 0
+    name, path, digest, size, state = capsys.readouterr().out.strip().split("\t")
+    assert (name, digest, size) == ("tiny", f"sha256={hashlib.sha256(body).hexdigest()}", f"{len(body)} bytes")
+    assert path == str(cache_home / "weights" / "tiny.pt") and state.startswith("downloaded")
+
+    assert run(["fetch-weights", "--list", "--manifest", str(manifest)]) == 0
+    assert table_row(capsys.readouterr().out, "tiny")[4] == "yes"
+
+    assert run(["fetch-weights", "--manifest", str(manifest), "tiny"]) == 0  # cached: no request
+    assert "\tcached" in capsys.readouterr().out and len(server.seen) == 1
+    assert run(["fetch-weights", "--manifest", str(manifest), "--force", "tiny"]) == 0
+    assert "\tdownloaded" in capsys.readouterr().out and len(server.seen) == 2
+
+    assert run(["fetch-weights", "--verify", "--manifest", str(manifest)]) == 0
+    assert table_row(capsys.readouterr().out, "tiny")[1] == "ok"
+    cached = cache_home / "weights" / "tiny.pt"
+    cached.write_bytes(b"x" + body[1:])
+    assert run(["fetch-weights", "--verify", "--manifest", str(manifest), "tiny"]) == 4
+    captured = capsys.readouterr()
+    assert table_row(captured.out, "tiny")[1] == "MISMATCH: deleted"
+    assert captured.err.startswith("error: sha256 mismatch") and not cached.exists()
+
+
+def test_unverified_entry_needs_trust_then_pins(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"nohash": body}, unhashed=("nohash",))
+    assert run(["fetch-weights", "--manifest", str(manifest), "nohash"]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: weights 'nohash': no sha256 is known") and "--trust-unverified" in err
+    assert len(err.strip().splitlines()) == 1 and server.seen == []
+    assert run(["fetch-weights", "--manifest", str(manifest), "--trust-unverified", "nohash"]) == 0
+    captured = capsys.readouterr()
+    assert f"pinned sha256 {hashlib.sha256(body).hexdigest()}" in captured.err
+    assert "(pinned hash)" in captured.out
+    assert run(["fetch-weights", "--list", "--manifest", str(manifest)]) == 0
+    assert table_row(capsys.readouterr().out, "nohash")[4:6] == ["yes", "pinned"]
+
+
+def test_all_goes_on_after_a_failure(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
+    manifest = write_manifest(tmp_path, server, {"one": checkpoint_bytes["gvsl"]})
+    monkeypatch.setenv("GVSL_MANIFEST", str(manifest))
+    assert run(["fetch-weights", "--all"]) == 4  # the official entry has no hash: refused
+    captured = capsys.readouterr()
+    assert captured.out.startswith("one\t")
+    assert "error: gvsl-official-cardiac-ct: " in captured.err
+    assert "1 of 2 weights could not be fetched: gvsl-official-cardiac-ct" in captured.err
+
+
+def test_offline_cli_names_the_missing_entry(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
+    manifest = write_manifest(tmp_path, server, {"tiny": checkpoint_bytes["gvsl"]})
+    monkeypatch.setenv("GVSL_OFFLINE", "1")
+    assert run(["fetch-weights", "--manifest", str(manifest), "tiny"]) == 4
+    assert "weights 'tiny' is not in the cache" in capsys.readouterr().err and server.seen == []
+
+
+def test_usage_errors(capsys, cache_home):
+    assert run(["fetch-weights"]) == 2
+    assert "nothing to do" in capsys.readouterr().err
+    assert run(["fetch-weights", "--list", "--verify"]) == 2
+    assert run(["fetch-weights", "--all", "x"]) == 2
+    assert run(["fetch-weights", "--force", "--list"]) == 2
+    assert run(["fetch-weights", "unknown-weights"]) == 4
+    assert "no weights named 'unknown-weights'" in capsys.readouterr().err
