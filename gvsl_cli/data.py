@@ -417,31 +417,32 @@ class PairSampler:
         self.seed = seed
         self.rank = rank
 
-    def pairs(self, iteration: int, batch: int) -> list[tuple[int, int]]:
-        """Indices (a, b), a ≠ b, of the ``batch`` pairs of ``iteration``."""
-        rng = np.random.Generator(np.random.PCG64(iteration_seed(self.seed, self.rank, iteration, STREAM_DATA)))
+    def _rng(self, iteration: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(iteration_seed(self.seed, self.rank, iteration, STREAM_DATA)))
+
+    def _draw_pairs(self, rng: np.random.Generator, batch: int) -> list[tuple[int, int]]:
         n = len(self.volumes)
         result = []
         for _ in range(batch):
             a = int(rng.integers(n))
-            b = int(rng.integers(n - 1))
+            b = int(rng.integers(n - 1))  # one of the n - 1 others: never A itself
             result.append((a, b + (b >= a)))
         return result
+
+    def pairs(self, iteration: int, batch: int) -> list[tuple[int, int]]:
+        """Indices (a, b), a ≠ b, of the ``batch`` pairs of ``iteration``."""
+        return self._draw_pairs(self._rng(iteration), batch)
 
     def sample(self, iteration: int, batch: int, out_a: np.ndarray | None = None, out_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Crops of A and B, each (batch, 1, *region) float32, for ``iteration``.
 
         ``out_a``/``out_b`` (e.g. views of pinned tensors) are filled in place when given.
         """
-        rng = np.random.Generator(np.random.PCG64(iteration_seed(self.seed, self.rank, iteration, STREAM_DATA)))
-        n = len(self.volumes)
+        rng = self._rng(iteration)
         shape = (batch, 1, *self.region)
         out_a = np.empty(shape, np.float32) if out_a is None else out_a
         out_b = np.empty(shape, np.float32) if out_b is None else out_b
-        for item in range(batch):
-            a = int(rng.integers(n))
-            b = int(rng.integers(n - 1))
-            b += b >= a
+        for item, (a, b) in enumerate(self._draw_pairs(rng, batch)):
             crop_with_padding(self.volumes[a].array, self.region, rng, out_a[item, 0])
             crop_with_padding(self.volumes[b].array, self.region, rng, out_b[item, 0])
         return out_a, out_b
