@@ -46,6 +46,12 @@ class WeightsError(GvslError):
     exit_code = 4
 
 
+class TrainingError(GvslError):
+    """Training cannot go on (loss became NaN, run folder in an inconsistent state...)."""
+
+    exit_code = 6
+
+
 class DeviceError(GvslError):
     """The requested device is unavailable or ran out of memory."""
 

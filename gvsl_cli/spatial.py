@@ -95,25 +95,35 @@ def compose_grid(theta: torch.Tensor | None, displacement: torch.Tensor | None, 
     """
     if displacement is not None:
         _check_5d("displacement", displacement, 3)
-        coords = voxel_grid(displacement.shape[2:], device=displacement.device, dtype=displacement.dtype) + displacement
-        grid = voxel_to_normalized(coords)
-        return grid if theta is None else apply_affine_to_grid(theta.to(grid.dtype), grid)
-    if theta is None:
+    elif theta is None:
         raise ValueError("compose_grid needs theta, displacement or both")
-    if shape is None:
+    elif shape is None:
         raise ValueError("compose_grid needs shape when displacement is None")
-    return affine_grid(theta, tuple(shape))
+    reference = displacement if displacement is not None else theta
+    # Coordinates in bf16 would be off by up to half a voxel at 128 voxels (8-bit mantissa),
+    # so the grid is always built in float32 or better, also under autocast.
+    dtype = torch.promote_types(reference.dtype, torch.float32)
+    with torch.autocast(device_type=reference.device.type, enabled=False):
+        if displacement is None:
+            return affine_grid(theta.to(dtype), tuple(shape))
+        displacement = displacement.to(dtype)
+        coords = voxel_grid(displacement.shape[2:], device=displacement.device, dtype=dtype) + displacement
+        grid = voxel_to_normalized(coords)
+        return grid if theta is None else apply_affine_to_grid(theta.to(dtype), grid)
 
 
 def sample(image: torch.Tensor, grid: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """Sample ``image`` (B, C, D', H', W') at ``grid`` (B, D, H, W, 3) -> (B, C, D, H, W).
 
-    ``mode`` is "bilinear" (trilinear in 3D) or "nearest" (for labels).
+    ``mode`` is "bilinear" (trilinear in 3D) or "nearest" (for labels). The result has the
+    wider of the two dtypes (float32 for a bf16 image and a float32 grid).
     """
     _check_5d("image", image)
     if grid.shape[0] != image.shape[0]:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+    # Never round a float32 grid down to a bf16/fp16 image's precision: sample in the wider type.
+    dtype = torch.promote_types(image.dtype, grid.dtype)
+    return F.grid_sample(image.to(dtype), grid.to(dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:

@@ -143,3 +143,16 @@ def test_physical_displacement_of_identity_is_zero_across_different_grids():
 def test_shape_errors_name_the_expected_shape():
     with pytest.raises(ValueError, match=r"\(B, 3, D, H, W\)"):
         spatial.warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4))
+
+
+def test_grid_stays_float32_under_bf16_autocast():
+    # A bf16 grid is off by up to half a voxel at 128 voxels; compose_grid must not round.
+    displacement = torch.zeros(1, 3, 8, 8, 128, dtype=torch.bfloat16)
+    theta = torch.eye(3, 4).unsqueeze(0)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        grid = spatial.compose_grid(theta, displacement)
+    assert grid.dtype == torch.float32
+    x = torch.arange(128, dtype=torch.float32) * 2 / 127 - 1
+    assert torch.allclose(grid[0, 0, 0, :, 0], x, atol=1e-6)
+    image = torch.rand(1, 2, 8, 8, 128).to(torch.bfloat16)
+    assert spatial.sample(image, grid).dtype == torch.float32

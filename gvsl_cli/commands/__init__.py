@@ -4,6 +4,6 @@ To add a command: write ``gvsl_cli/commands/<name>.py`` with a ``register(app)``
 and append the module to ``COMMAND_MODULES`` (order = order in ``gvsl --help``).
 """
 
-from gvsl_cli.commands import fetch_weights, info
+from gvsl_cli.commands import fetch_weights, info, pretrain
 
-COMMAND_MODULES = [info, fetch_weights]
+COMMAND_MODULES = [pretrain, fetch_weights, info]

@@ -1,0 +1,163 @@
+"""GVSL pre-training speed: the full iteration and the model step alone.
+
+    python benchmarks/bench_pretrain.py --device cuda --quick            # < 3 min on one GPU
+    python benchmarks/bench_pretrain.py --device cuda --quick --compile  # + torch.compile rows
+    python benchmarks/bench_pretrain.py --device cpu                     # 64³, widths 32 and 8
+
+*Model step*: forward of GVSL on (A', B), moved image, NCC + MSE + smoothness, backward,
+Adam step — on patches already on the device. *Full iteration*: the same plus everything
+`gvsl pretrain` does per step: patches from the preprocessed-volume cache (memory-mapped,
+prefetched by threads, pinned), copy to the device, the GPU-side augmentation (affine +
+elastic warp of A, A', B; pixel shuffling, Bézier mapping, in-painting). Data are the real
+example volumes resampled to 1 mm. Each cell is the median over ``--repeats`` timed
+iterations after ``--warmup``; TFLOP/s counts 7.57 TFLOP per step at 128³, batch 1, width 32
+(scaled by voxels × batch; for other widths only indicative). Peak memory is
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, median_ms, print_table, synchronize  # noqa: E402
+
+from gvsl_cli import data  # noqa: E402
+from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
+from gvsl_cli.device import resolve_precision  # noqa: E402
+from gvsl_cli.model import GVSL  # noqa: E402
+from gvsl_cli.pretraining import PretrainTask  # noqa: E402
+from gvsl_cli.resources import example_path  # noqa: E402
+
+TFLOP_128_B1 = 7.57
+
+
+def make_step(model, optimizer, task, autocast_dtype, device):
+    """One training step on a ready batch, exactly as ``training.run_training`` does it."""
+
+    def step(batch):
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = task.losses(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_gib(device) -> str:
+    if device.type != "cuda":
+        return "–"
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cached_volumes(cache_dir: Path, spacing: float):
+    sources = [example_path("colin27_t1_2mm.nii.gz"), example_path("icbm152_t1_2mm.nii.gz")]
+    dataset = data.prepare_dataset(sources, PreprocessConfig(spacing=spacing, modality="mr"), data.VolumeCache(cache_dir), workers=2)
+    return dataset.volumes
+
+
+def bench_case(args, device, volumes, size, batch, width, compile_model) -> list:
+    autocast_dtype = resolve_precision(args.precision, device)
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=width)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    net = torch.compile(model) if compile_model else model
+    patch = (size,) * 3
+    region = tuple(p + 2 * (p // 8) for p in patch)
+    sampler = data.PairSampler(volumes, region, seed=0)
+    loader = data.PrefetchLoader(sampler, batch, start=1, workers=args.workers, pin=device.type == "cuda")
+    task = PretrainTask(loader, patch, seed=0, rank=0, device=device)
+    step = make_step(net, optimizer, task, autocast_dtype, device)
+    iteration = [0]
+
+    def full():
+        iteration[0] += 1
+        step(task.batch(iteration[0]))
+
+    try:
+        reset_peak(device)
+        compile_s = 0.0
+        if compile_model:
+            start = time.perf_counter()
+            full()
+            synchronize(device)
+            compile_s = time.perf_counter() - start
+        full_ms = median_ms(full, device, repeats=args.repeats, warmup=args.warmup)
+        fixed_batch = task.batch(iteration[0] + 1)
+        iteration[0] += 1
+        model_ms = median_ms(lambda: step(fixed_batch), device, repeats=args.repeats, warmup=1)
+        peak = peak_gib(device)
+    finally:
+        loader.close()
+    tflop = TFLOP_128_B1 * (size / 128) ** 3 * batch
+    variant = "compile" if compile_model else "eager"
+    precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
+    row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{tflop / (model_ms / 1000):.1f}", peak]
+    if compile_model:
+        row[3] += f" ({compile_s:.0f} s compile)"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", help="patch sides (default: 96 128 on CUDA, 64 on CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 1 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--widths", type=int, nargs="+", help="U-Net widths (default: 32 on CUDA, 32 8 on CPU)")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the loader")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
+    parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    sizes = args.sizes or ([96, 128] if cuda else [64])
+    batches = args.batches or ([1, 2] if cuda else [1])
+    widths = args.widths or ([32] if cuda else [32, 8])
+    if args.quick:
+        args.repeats, args.warmup = min(args.repeats, 5), min(args.warmup, 2)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gvsl-bench-cache-") as cache_dir:
+        start = time.perf_counter()
+        volumes = cached_volumes(Path(cache_dir), args.spacing)
+        print(f"cached {len(volumes)} volumes ({', '.join('×'.join(map(str, v.shape)) for v in volumes)}) in {time.perf_counter() - start:.1f} s", flush=True)
+        for width in widths:
+            for size in sizes:
+                for batch in batches:
+                    rows.append(bench_case(args, device, volumes, size, batch, width, False))
+                    print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+        if args.compile:
+            cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
+            for size, batch in cases:
+                rows.append(bench_case(args, device, volumes, size, batch, widths[0], True))
+                print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+    print_table(
+        f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
+        ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "TFLOP/s (model step)", "peak GiB"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""``gvsl pretrain``: GVSL self-supervised pre-training on folders of unlabeled volumes."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from gvsl_cli.errors import ConfigError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "3600", "90s", "45m", "2h", "1.5h", "1:30:00" or SLURM's "2-00:00:00"."""
+    value = text.strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", value)
+    if match:
+        return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value)
+    if match:
+        days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+        return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    raise ConfigError(f"--time-limit {text!r} is not a duration", hint="use seconds, 90m, 2h, H:MM:SS or D-HH:MM:SS")
+
+
+class RichReporter:
+    """Progress bar (iteration, it/s, ETA, loss terms) and notes on stderr, via rich."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.progress = None
+        self.task = None
+
+    def note(self, text: str) -> None:
+        if self.quiet and not text.startswith("skipped"):
+            return
+        target = self.progress.console if self.progress is not None else self.console
+        target.print(text, markup=False)
+
+    def start(self, first_iteration: int, total: int) -> None:
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("pretrain"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("pretrain", total=total, completed=first_iteration, rate="", losses="")
+
+    def update(self, iteration: int, row: dict) -> None:
+        if self.progress is None:
+            return
+        losses = f"loss {row['loss']:.4f}  ncc {row['ncc']:.4f}  mse {row['mse']:.4f}  smooth {row['smooth']:.2e}"
+        self.progress.update(self.task, completed=iteration, rate=f"{row.get('it_per_s', 0):.2f} it/s", losses=losses)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _summary_table(summary):
+    from rich.table import Table
+
+    table = Table(title="gvsl pretrain", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    status = "finished" if summary.stopped is None else f"stopped ({summary.stopped}); continue with --resume"
+    table.add_row("iterations", f"{summary.start_iteration} → {summary.iteration}  ({status})")
+    table.add_row("time", f"{summary.seconds:.1f} s, {summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}, {summary.world_size} process(es))")
+    table.add_row("volumes", f"{summary.volumes} used, {summary.skipped} skipped; " + ", ".join(f"{n} {m.upper()}" for m, n in sorted(summary.modalities.items())))
+    table.add_row("patch", "×".join(map(str, summary.patch)))
+    for name in ("loss", "ncc", "mse", "smooth"):
+        if name in summary.last:
+            table.add_row(name, f"{summary.last[name]:.5g} (last), {summary.mean_last.get(name, float('nan')):.5g} (mean of last log block)")
+    table.add_row("checkpoint", summary.checkpoint)
+    if summary.model:
+        table.add_row("weights", summary.model)
+    return table
+
+
+def pretrain(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders or .txt lists of paths. Optional with --resume."),
+    output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", help="Run folder: checkpoints, metrics.jsonl, summary."),
+    iters: int = typer.Option(10000, "--iters", help="Train up to this iteration."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Pairs per step and per process [default: 1]."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16 [default: 128]."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Resample volumes to this isotropic spacing in mm [default: 1.0, or --init's]."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Intensity mapping: ct, mr or auto (decided per volume, and said) [default: auto, or --init's]."),
+    width: Optional[int] = typer.Option(None, "--width", help="U-Net width: 32 is the paper's network, 8 or 16 for small runs [default: 32, or --init's]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [default: 1e-4]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    workers: int = typer.Option(2, "--workers", help="Threads that preprocess volumes and prefetch patches (0 = none)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw; the same seed gives the same run [default: 0]."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from weights: a gvsl checkpoint or an official GVSL .pth."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
+    save_every: int = typer.Option(500, "--save-every", help="Write a checkpoint every this many iterations (and at the end)."),
+    log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly with a checkpoint after this long (3600, 90m, 2h, 1:30:00)."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (faster steps on GPUs after a compile of about a minute)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of preprocessed volumes (default: $GVSL_HOME/preprocessed or the user cache)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (skipped inputs are still reported)."),
+) -> None:
+    """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
+    from rich.console import Console
+
+    from gvsl_cli.pretraining import PretrainConfig, pretrain as run_pretrain
+
+    # Options left unset may come from --init or, on --resume, from the checkpoint.
+    given = {"batch": batch, "patch": patch, "spacing": spacing, "modality": modality.lower() if modality else None, "width": width, "lr": lr, "seed": seed, "init": init}
+    explicit = frozenset(name for name, value in given.items() if value is not None)
+    config = PretrainConfig(
+        inputs=tuple(inputs or ()),
+        run_dir=str(output),
+        iters=iters,
+        **{name: value for name, value in given.items() if value is not None},
+        device=device,
+        precision=precision,
+        workers=workers,
+        resume=resume,
+        save_every=save_every,
+        log_every=log_every,
+        time_limit_s=parse_duration(time_limit) if time_limit else None,
+        compile=compile_model,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        explicit=explicit,
+    )
+    from gvsl_cli.config import PreprocessConfig
+
+    PreprocessConfig(spacing=config.spacing, modality=config.modality)  # validate early, one-line errors
+
+    # SIGTERM (SLURM's warning before the time limit, or `kill`): checkpoint and stop.
+    stop_requested = {"flag": False}
+
+    def request_stop(signum, frame) -> None:
+        stop_requested["flag"] = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    reporter = RichReporter(quiet)
+    try:
+        summary = run_pretrain(config, reporter=reporter, should_stop=lambda: stop_requested["flag"])
+    finally:
+        reporter.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if summary is not None and not quiet and summary.rank_weight_checksums and _is_main_process():
+        Console().print(_summary_table(summary))
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0

@@ -1,0 +1,498 @@
+"""Training data: finding volumes, caching them preprocessed, sampling pairs of patches.
+
+Three steps, each its own part of this module:
+
+1. ``discover`` turns what a user typed (folders searched recursively, volume files, DICOM
+   series folders, text files listing paths) into a list of volume sources, and lists what
+   it had to skip with the reason.
+2. ``prepare_dataset`` brings every source through ``preprocess.prepare`` once and keeps the
+   result in an on-disk cache (``VolumeCache``) keyed by the file's content and the
+   preprocessing settings, so later epochs and later runs read no NIfTI/DICOM at all.
+   Cached volumes are opened memory-mapped: a patch reads only its own bytes.
+3. ``PairSampler`` draws, for training iteration ``i`` on rank ``r``, pairs (A, B) of two
+   *different* volumes and a random patch of each. Its random numbers come from a
+   generator seeded by (seed, rank, iteration) alone, so any iteration can be reproduced
+   on its own (prefetching threads, resuming after a kill) and every rank sees other pairs.
+   ``PrefetchLoader`` runs it in background threads.
+
+Arrays are (z, y, x) = (D, H, W) like SimpleITK's; patches are float32 in about [0, 1].
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.errors import GvslError, InputError
+from gvsl_cli.io import atomic_path, read_volume, volume_suffix
+
+#: A given file with one of these endings is read as a list of paths, one a line.
+PATH_LIST_SUFFIXES = (".txt", ".lst", ".list")
+#: Files that never hold DICOM slices; a folder of only these is not probed for a series.
+NOT_DICOM_SUFFIXES = (".raw", ".zraw", ".txt", ".json", ".jsonl", ".md", ".csv", ".py", ".pt", ".pth", ".npy", ".png", ".jpg", ".gz", ".zip")
+#: Bump when the cached array layout or preprocessing code changes meaning.
+CACHE_FORMAT = "gvsl-volume-cache-1"
+#: Independent random streams drawn from one (seed, rank, iteration).
+STREAM_DATA = 1
+STREAM_AUGMENT = 2
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that cannot be used, and why (one line)."""
+
+    path: str
+    reason: str
+
+
+def _looks_like_dicom_folder(folder: Path, files: list[str]) -> bool:
+    candidates = [f for f in files if volume_suffix(f) is None and not f.lower().endswith(NOT_DICOM_SUFFIXES) and not f.startswith(".")]
+    if not candidates:
+        return False
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def _walk_folder(folder: Path) -> list[Path]:
+    """Volume files and DICOM series folders under ``folder`` (recursive, sorted)."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        root_path = Path(root)
+        files = sorted(files)
+        found.extend(root_path / f for f in files if volume_suffix(f) is not None and not f.startswith("."))
+        if _looks_like_dicom_folder(root_path, files):
+            found.append(root_path)
+    return found
+
+
+def _read_path_list(list_file: Path) -> tuple[list[Path], list[Skipped]]:
+    entries: list[Path] = []
+    skipped: list[Skipped] = []
+    for number, line in enumerate(list_file.read_text(errors="replace").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line).expanduser()
+        if not path.is_absolute():
+            path = list_file.parent / path  # relative to the list, not to the working folder
+        if not path.exists():
+            skipped.append(Skipped(str(path), f"listed in {list_file.name} line {number} but does not exist"))
+        elif path.is_dir():
+            entries.extend(_walk_folder(path))
+        else:
+            entries.append(path)
+    return entries, skipped
+
+
+def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skipped]]:
+    """Volume sources named by ``inputs``, in a stable order, and the inputs skipped.
+
+    Each input may be a folder (searched recursively for NIfTI, NRRD, MHA/MHD files and
+    DICOM series folders), a volume file, a DICOM series folder, or a text file
+    (``.txt``/``.lst``) listing such paths one a line (relative paths are relative to the
+    list; ``#`` starts a comment). Duplicates are dropped.
+    """
+    sources: list[Path] = []
+    skipped: list[Skipped] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.exists():
+            skipped.append(Skipped(str(path), "no such file or folder"))
+        elif path.is_dir():
+            found = _walk_folder(path)
+            if not found:
+                skipped.append(Skipped(str(path), "folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"))
+            sources.extend(found)
+        elif path.name.lower().endswith(PATH_LIST_SUFFIXES):
+            found, bad = _read_path_list(path)
+            sources.extend(found)
+            skipped.extend(bad)
+        elif volume_suffix(path) is None:
+            skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .txt list)"))
+        else:
+            sources.append(path)
+    unique: dict[Path, None] = {}
+    for source in sources:
+        unique.setdefault(source.resolve(), None)
+    return list(unique), skipped
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$GVSL_HOME/preprocessed`` if GVSL_HOME is set, else the user cache dir of gvsl."""
+    home = os.environ.get("GVSL_HOME")
+    if home:
+        return Path(home).expanduser() / "preprocessed"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gvsl")) / "preprocessed"
+
+
+def _source_files(source: Path) -> list[Path]:
+    """Every file whose bytes make up the volume ``source`` (header + data, DICOM slices)."""
+    if source.is_dir():
+        import SimpleITK as sitk
+
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(source))
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), ids[0]) if len(ids) == 1 else []
+        return sorted(Path(n) for n in names) or sorted(p for p in source.iterdir() if p.is_file())
+    files = [source]
+    suffix = volume_suffix(source)
+    if suffix in (".mhd", ".nhdr"):
+        # The header names its data file; a change of the data must change the key too.
+        pattern = r"^\s*ElementDataFile\s*=\s*(.+)$" if suffix == ".mhd" else r"^\s*data file\s*:\s*(.+)$"
+        try:
+            header = source.read_text(errors="replace")
+        except OSError:
+            return files
+        match = re.search(pattern, header, flags=re.MULTILINE | re.IGNORECASE)
+        if match and match.group(1).strip() not in ("LOCAL", "LIST"):
+            data = source.parent / match.group(1).strip()
+            if data.is_file():
+                files.append(data)
+    return files
+
+
+class VolumeCache:
+    """Preprocessed volumes on disk, keyed by source content and preprocessing settings.
+
+    Layout: ``<root>/<key[:2]>/<key>.npy`` (the (D, H, W) float32 array) and ``<key>.json``
+    (what it came from: source, modality, canonical grid). The array is written first and
+    the JSON last, each atomically, so an entry exists only once complete; concurrent
+    writers (ranks, runs) of the same key write the same bytes and the last rename wins.
+    Hashing a large file on every run would be slow, so ``<root>/stat/`` remembers the
+    content digest of a file by (path, size, modification time).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def _digest(self, source: Path) -> str:
+        files = _source_files(source)
+        signature = []
+        for f in files:
+            st = f.stat()
+            signature.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        stat_key = hashlib.sha256(json.dumps(signature).encode()).hexdigest()
+        stat_file = self.root / "stat" / f"{stat_key}.txt"
+        if stat_file.is_file():
+            digest = stat_file.read_text().strip()
+            if len(digest) == 64:
+                return digest
+        hasher = hashlib.sha256()
+        for f in files:
+            hasher.update(f.name.encode() if source.is_dir() else b"")
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    hasher.update(block)
+        digest = hasher.hexdigest()
+        with atomic_path(stat_file) as tmp:
+            tmp.write_text(digest)
+        return digest
+
+    def key(self, source: Path, config: PreprocessConfig) -> str:
+        """Cache key of ``source`` prepared with ``config`` (hex sha256)."""
+        settings = json.dumps({"format": CACHE_FORMAT, "preprocess": config.to_dict()}, sort_keys=True)
+        return hashlib.sha256((settings + self._digest(source)).encode()).hexdigest()
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        folder = self.root / key[:2]
+        return folder / f"{key}.npy", folder / f"{key}.json"
+
+    def get(self, key: str) -> "CachedVolume | None":
+        """The cached entry ``key``, or None when absent or incomplete."""
+        array_path, meta_path = self._paths(key)
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]))
+
+    def put(self, key: str, source: Path, array: np.ndarray, modality: str, grid: dict) -> "CachedVolume":
+        """Store a prepared (D, H, W) array under ``key``; returns the entry."""
+        array_path, meta_path = self._paths(key)
+        with atomic_path(array_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+        meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "grid": grid, "format": CACHE_FORMAT}
+        with atomic_path(meta_path) as tmp:
+            tmp.write_text(json.dumps(meta))
+        return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape))
+
+
+@dataclass
+class CachedVolume:
+    """One preprocessed volume in the cache.
+
+    Attributes:
+        key: cache key (content + settings).
+        array_path: the .npy file of the (D, H, W) float32 intensities on the canonical grid.
+        source: where it was read from (for messages).
+        modality: "ct" or "mr", the intensity mapping used.
+        shape: (D, H, W).
+    """
+
+    key: str
+    array_path: Path
+    source: str
+    modality: str
+    shape: tuple[int, int, int]
+    _array: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The (D, H, W) float32 array, memory-mapped read-only (opened once)."""
+        if self._array is None:
+            self._array = np.load(self.array_path, mmap_mode="r")
+        return self._array
+
+
+def read_and_prepare(source: Path, config: PreprocessConfig):
+    """Read ``source`` and run ``preprocess.prepare``; the one place training data is decoded."""
+    from gvsl_cli.preprocess import prepare
+
+    return prepare(read_volume(source), config)
+
+
+def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> CachedVolume:
+    key = cache.key(source, config)
+    entry = cache.get(key)
+    if entry is not None:
+        return entry
+    prepared = read_and_prepare(source, config)
+    grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
+    return cache.put(key, source, prepared.array, prepared.modality, grid)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+@dataclass
+class Dataset:
+    """The usable, preprocessed volumes of a run and the inputs skipped."""
+
+    volumes: list[CachedVolume]
+    skipped: list[Skipped]
+
+    def modality_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for volume in self.volumes:
+            counts[volume.modality] = counts.get(volume.modality, 0) + 1
+        return counts
+
+
+def prepare_dataset(
+    sources: Sequence[Path],
+    config: PreprocessConfig,
+    cache: VolumeCache,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Dataset:
+    """Preprocess (or find in ``cache``) every source; unreadable ones are skipped with reasons.
+
+    Under distributed training each rank first prepares its ``shard`` = (rank, world) of
+    the sources, then waits at ``barrier``, then takes the rest from the cache (preparing
+    whatever it still misses itself, e.g. with a cache folder local to each node).
+
+    Args:
+        workers: threads used to read and resample (SimpleITK releases the GIL).
+        on_progress: called with (done, total) after each source.
+    """
+    rank, world = shard
+    if world > 1:
+        mine = [s for i, s in enumerate(sources) if i % world == rank]
+        _prepare_many(mine, config, cache, workers, None)
+        if barrier is not None:
+            barrier()
+    results = _prepare_many(list(sources), config, cache, workers, on_progress)
+    volumes = [r for r in results if isinstance(r, CachedVolume)]
+    skipped = [r for r in results if isinstance(r, Skipped)]
+    return Dataset(volumes=volumes, skipped=skipped)
+
+
+def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedVolume | Skipped"]:
+    def job(source: Path) -> "CachedVolume | Skipped":
+        try:
+            return _prepare_one(source, config, cache)
+        except GvslError as exc:
+            return Skipped(str(source), _reason(exc))
+        except (RuntimeError, OSError, ValueError, MemoryError) as exc:
+            return Skipped(str(source), f"{source}: {type(exc).__name__}: {_reason(exc)}")
+
+    results: list = []
+    if workers <= 1 or len(sources) <= 1:
+        for done, source in enumerate(sources, start=1):
+            results.append(job(source))
+            if on_progress:
+                on_progress(done, len(sources))
+        return results
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, result in enumerate(pool.map(job, sources), start=1):
+            results.append(result)
+            if on_progress:
+                on_progress(done, len(sources))
+    return results
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def iteration_seed(seed: int, rank: int, iteration: int, stream: int) -> int:
+    """A 63-bit seed for one (run seed, rank, iteration, stream): counter-based randomness.
+
+    Every random draw of an iteration derives from this alone, never from what ran before,
+    which is what makes a resumed run repeat an uninterrupted one exactly.
+    """
+    state = np.random.SeedSequence([int(seed), int(rank), int(iteration), int(stream)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def effective_patch(volumes: Sequence[CachedVolume], patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The patch actually used: ``patch`` shrunk on any axis where every volume is smaller.
+
+    Canonical volumes have sides that are multiples of 16, so the result is too when
+    ``patch`` is. Volumes still smaller than the patch on some axis are padded (see
+    ``crop_with_padding``).
+    """
+    largest = [max(v.shape[axis] for v in volumes) for axis in range(3)]
+    return tuple(min(p, n) for p, n in zip(patch, largest))
+
+
+def crop_with_padding(array: np.ndarray, size: tuple[int, int, int], rng: np.random.Generator, out: np.ndarray) -> None:
+    """Copy a random ``size`` box of ``array`` (D, H, W) into ``out`` (zeros where it overhangs).
+
+    Along an axis longer than the box, the box start is uniform over all positions inside;
+    along a shorter axis, the volume is placed at a uniform offset inside the box and the
+    rest stays 0 (air for CT, background for MR after the intensity mapping).
+    """
+    src, dst = [], []
+    for n, p in zip(array.shape, size):
+        start = int(rng.integers(0, n - p + 1)) if n >= p else -int(rng.integers(0, p - n + 1))
+        lo = max(start, 0)
+        hi = min(start + p, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out.fill(0.0)
+    out[tuple(dst)] = array[tuple(src)]
+
+
+class PairSampler:
+    """Pairs of patches of two different volumes for one training iteration.
+
+    Args:
+        volumes: at least two cached volumes.
+        region: (D, H, W) of the crops returned (the patch plus the augmentation margin).
+        seed, rank: with the iteration, they alone decide the draws.
+    """
+
+    def __init__(self, volumes: Sequence[CachedVolume], region: tuple[int, int, int], *, seed: int, rank: int = 0) -> None:
+        if len(volumes) < 2:
+            raise InputError(f"pre-training pairs two different volumes; only {len(volumes)} usable volume found", hint="give at least two volumes")
+        self.volumes = list(volumes)
+        self.region = tuple(int(r) for r in region)
+        self.seed = seed
+        self.rank = rank
+
+    def _rng(self, iteration: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(iteration_seed(self.seed, self.rank, iteration, STREAM_DATA)))
+
+    def _draw_pairs(self, rng: np.random.Generator, batch: int) -> list[tuple[int, int]]:
+        n = len(self.volumes)
+        result = []
+        for _ in range(batch):
+            a = int(rng.integers(n))
+            b = int(rng.integers(n - 1))  # one of the n - 1 others: never A itself
+            result.append((a, b + (b >= a)))
+        return result
+
+    def pairs(self, iteration: int, batch: int) -> list[tuple[int, int]]:
+        """Indices (a, b), a ≠ b, of the ``batch`` pairs of ``iteration``."""
+        return self._draw_pairs(self._rng(iteration), batch)
+
+    def sample(self, iteration: int, batch: int, out_a: np.ndarray | None = None, out_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Crops of A and B, each (batch, 1, *region) float32, for ``iteration``.
+
+        ``out_a``/``out_b`` (e.g. views of pinned tensors) are filled in place when given.
+        """
+        rng = self._rng(iteration)
+        shape = (batch, 1, *self.region)
+        out_a = np.empty(shape, np.float32) if out_a is None else out_a
+        out_b = np.empty(shape, np.float32) if out_b is None else out_b
+        for item, (a, b) in enumerate(self._draw_pairs(rng, batch)):
+            crop_with_padding(self.volumes[a].array, self.region, rng, out_a[item, 0])
+            crop_with_padding(self.volumes[b].array, self.region, rng, out_b[item, 0])
+        return out_a, out_b
+
+
+class PrefetchLoader:
+    """Batches of ``PairSampler`` for iterations start, start+1, ... made ahead in threads.
+
+    Each batch is two CPU tensors (batch, 1, *region), in pinned memory when ``pin`` (so the
+    copy to the GPU can overlap compute). Batches depend only on their iteration number, so
+    the order threads finish in does not matter. ``workers=0`` samples in the caller's
+    thread.
+    """
+
+    def __init__(self, sampler: PairSampler, batch: int, *, start: int, workers: int = 2, pin: bool = False, depth: int | None = None) -> None:
+        self.sampler = sampler
+        self.batch = batch
+        self.next_iteration = start
+        self.workers = max(0, workers)
+        self.pin = pin
+        self.depth = depth or max(2, 2 * self.workers)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) if self.workers else None
+        self._pending: deque = deque()
+
+    def _make(self, iteration: int):
+        import torch
+
+        shape = (self.batch, 1, *self.sampler.region)
+        a = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
+        b = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
+        self.sampler.sample(iteration, self.batch, a.numpy(), b.numpy())
+        return a, b
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        """(A, B) CPU tensors of the next iteration."""
+        iteration = self.next_iteration
+        self.next_iteration += 1
+        if self._pool is None:
+            return self._make(iteration)
+        while len(self._pending) < self.depth:
+            queued = iteration + len(self._pending)
+            self._pending.append(self._pool.submit(self._make, queued))
+        return self._pending.popleft().result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,122 @@
+"""Running one training on several processes: torchrun, SLURM, or a single device.
+
+``torchrun --nproc_per_node=N`` (one or many nodes) sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT. Under ``srun`` without torchrun, SLURM_PROCID, SLURM_NTASKS
+and SLURM_LOCALID are used instead (MASTER_ADDR must then be exported by the job script,
+see docs/pretraining.md). Without either, training runs as one plain process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gvsl_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        rank, world_size, local_rank: as torch.distributed names them.
+        device: the device this process trains on.
+        enabled: True when a process group is initialised (world_size > 1).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            if self.device.type == "cuda":
+                torch.distributed.barrier(device_ids=[self.device.index or 0])
+            else:
+                torch.distributed.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of ``tensor`` over ranks (in place; returned for chaining)."""
+        if self.enabled:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank (a stop request, say)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast_object(self, obj):
+        """``obj`` of rank 0 on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launch_environment() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun's or SLURM's variables; None when alone."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        world = int(env["WORLD_SIZE"])
+        return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0))) if world > 1 else None
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        if "MASTER_ADDR" not in env:
+            raise ConfigError(
+                "running as one of several SLURM tasks but MASTER_ADDR is not set",
+                hint="export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) in the job script, or launch with torchrun",
+            )
+        env.setdefault("MASTER_PORT", "29500")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def setup(device: torch.device) -> DistContext:
+    """Join the process group when launched as several processes; otherwise a plain context.
+
+    ``device`` is the device asked for; with CUDA each process takes GPU ``local_rank`` and
+    the NCCL backend, on the CPU the gloo backend.
+    """
+    launch = launch_environment()
+    if launch is None:
+        return DistContext(device=device)
+    rank, world, local_rank = launch
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {rank} has local rank {local_rank} but this node has {torch.cuda.device_count()} GPU(s)", hint="start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        init_kwargs = {"backend": backend, "rank": rank, "world_size": world}
+        if device.type == "cuda":
+            init_kwargs["device_id"] = device
+        torch.distributed.init_process_group(**init_kwargs)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, enabled=True)
+
+
+def teardown(context: DistContext) -> None:
+    if context.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,414 @@
+"""GVSL self-supervised pre-training (DESIGN §1) on top of ``training.run_training``.
+
+``pretrain(config)`` does the whole job behind ``gvsl pretrain``: joins the process group
+when launched by torchrun/SLURM, finds and caches the volumes, builds (or resumes, or
+initialises from weights) the model, and runs the loop with ``PretrainTask``:
+
+    crops A, B  --(device)-->  A' = damage(A);  A, A', B warped by one random transform
+    out = GVSL(A', B);  moved = B ∘ φ
+    loss = NCC(moved, A) + MSE(restored, A) + smooth(u)
+
+Run folder (``-o``): ``last.pt`` (resumable checkpoint: model, optimizer, scaler, RNG,
+iteration, run settings), ``model.pt`` (the weights alone, for ``--weights`` elsewhere),
+``metrics.jsonl`` (one row per iteration), ``run.json`` (settings), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gvsl_cli import data as data_mod
+from gvsl_cli import distributed, spatial
+from gvsl_cli.augment import PretrainAugmentation
+from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
+from gvsl_cli.config import ModelConfig, PreprocessConfig
+from gvsl_cli.device import resolve_device, resolve_precision
+from gvsl_cli.errors import ConfigError, InputError, TrainingError
+from gvsl_cli.io import atomic_path
+from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
+from gvsl_cli.model import GVSL
+from gvsl_cli.training import (
+    METRICS_FILE,
+    LoopOptions,
+    LoopResult,
+    Reporter,
+    SilentReporter,
+    restore_training_state,
+    run_training,
+    training_state,
+    truncate_metrics,
+)
+
+CHECKPOINT_FILE = "last.pt"
+MODEL_FILE = "model.pt"
+#: A model initialised from weights whose affine head was never trained (the official
+#: checkpoint) is trusted for its affine output after this many iterations of gvsl training.
+AFFINE_TRUST_ITERATIONS = 1000
+#: Settings that define a run; on --resume they come from the checkpoint and may not change.
+RUN_DEFINING = ("batch", "patch", "spacing", "modality", "width", "lr", "seed", "init")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Options of one pre-training run (``gvsl pretrain``); defaults are the paper's.
+
+    Attributes:
+        inputs: folders, files or path lists (see ``data.discover``); may be empty on resume.
+        run_dir: run folder.
+        iters: last iteration of the run (a resumed run continues up to it).
+        batch: pairs per step and per process.
+        patch: side of the cubic training patch in voxels (shrunk for small data).
+        spacing, modality: the preprocessing contract.
+        width: U-Net width (32 = the paper's network).
+        lr: Adam learning rate.
+        device, precision: see ``gvsl_cli.device``.
+        workers: threads preparing volumes and sampling patches.
+        seed: decides every random draw of the run.
+        init: weights to start from (manifest name, file, official checkpoint).
+        resume: continue the run in ``run_dir`` from its last checkpoint.
+        save_every: checkpoint period in iterations.
+        log_every: iterations between metric flushes (one host sync each).
+        time_limit_s: stop cleanly after this many seconds of training.
+        compile: wrap the model in ``torch.compile``.
+        cache_dir: preprocessed-volume cache (default ``data.default_cache_dir()``).
+        explicit: names of the options the user set (the rest may come from a checkpoint).
+    """
+
+    inputs: tuple[str, ...] = ()
+    run_dir: str = "gvsl-pretrain"
+    iters: int = 10000
+    batch: int = 1
+    patch: int = 128
+    spacing: float = 1.0
+    modality: str = "auto"
+    width: int = 32
+    lr: float = 1e-4
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    init: str | None = None
+    resume: bool = False
+    save_every: int = 500
+    log_every: int = 10
+    time_limit_s: float | None = None
+    compile: bool = False
+    cache_dir: str | None = None
+    explicit: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+        if self.patch < 16 or self.patch % 16:
+            raise ConfigError(f"--patch must be a multiple of 16 and >= 16 (the U-Net halves it four times), got {self.patch}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
+
+    def run_settings(self) -> dict[str, Any]:
+        """The run-defining settings, stored in the checkpoint and run.json."""
+        return {name: getattr(self, name) for name in RUN_DEFINING}
+
+
+@dataclass
+class PretrainSummary:
+    """What a run did (rank 0's view; also written to summary.json)."""
+
+    run_dir: str
+    iteration: int
+    start_iteration: int
+    stopped: str | None
+    seconds: float
+    iterations_per_second: float
+    last: dict[str, float]
+    mean_last: dict[str, float]
+    volumes: int
+    skipped: int
+    modalities: dict[str, int]
+    patch: tuple[int, int, int]
+    device: str
+    precision: str
+    world_size: int
+    rank_weight_checksums: list[str] = field(default_factory=list)
+    checkpoint: str = ""
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PretrainTask:
+    """One GVSL iteration: device-side augmentation of prefetched crops, then the three losses."""
+
+    loss_names = ("loss", "ncc", "mse", "smooth")
+
+    def __init__(self, loader: data_mod.PrefetchLoader, patch: tuple[int, int, int], *, seed: int, rank: int, device: torch.device, augmentation: PretrainAugmentation = PretrainAugmentation()) -> None:
+        self.loader = loader
+        self.patch = patch
+        self.seed = seed
+        self.rank = rank
+        self.device = device
+        self.augmentation = augmentation
+        self.generator = torch.Generator(device=device)
+
+    def batch(self, iteration: int):
+        """(A, A', B), each (batch, 1, *patch) on the device, for ``iteration``."""
+        if self.loader.next_iteration != iteration:
+            raise RuntimeError(f"loader is at iteration {self.loader.next_iteration}, training asks for {iteration}")
+        a, b = next(self.loader)
+        a = a.to(self.device, non_blocking=True)
+        b = b.to(self.device, non_blocking=True)
+        self.generator.manual_seed(data_mod.iteration_seed(self.seed, self.rank, iteration, data_mod.STREAM_AUGMENT))
+        return self.augmentation(a, b, self.patch, self.generator)
+
+    def losses(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+        a, damaged, b = batch
+        out = model(damaged, b)
+        # φ and the moved image in float32 (NCC's variances cancel badly in bf16).
+        moved = spatial.sample(b, out.match.grid())
+        ncc = local_ncc_loss(moved, a)
+        mse = mse_loss(out.restored, a)
+        smooth = smoothness_loss(out.match.displacement)
+        return {"loss": ncc + mse + smooth, "ncc": ncc, "mse": mse, "smooth": smooth}
+
+
+def _checksum(model: torch.nn.Module) -> str:
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def _resolve_settings(config: PretrainConfig, stored: dict[str, Any]) -> PretrainConfig:
+    """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused."""
+    changes = {}
+    for name in RUN_DEFINING:
+        if name not in stored:
+            continue
+        value = stored[name]
+        if name in config.explicit and getattr(config, name) != value:
+            raise ConfigError(
+                f"--{name} {getattr(config, name)} differs from the run being resumed ({value})",
+                hint=f"drop --{name}, or start a new run in another folder",
+            )
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
+
+
+def _model_and_contract(config: PretrainConfig, reporter: Reporter):
+    """(model config, preprocess config, initial state_dict or None, init affine trusted?)."""
+    preprocess_kwargs = {"spacing": config.spacing, "modality": config.modality}
+    if config.init is None:
+        return ModelConfig(width=config.width), PreprocessConfig(**preprocess_kwargs), None, True
+    from gvsl_cli.weights import load_weights_spec
+
+    loaded = load_weights_spec(config.init)
+    if "width" in config.explicit and config.width != loaded.model_config.width:
+        raise ConfigError(f"--width {config.width} does not fit --init {config.init} (width {loaded.model_config.width})", hint="drop --width")
+    # The contract the weights were trained with, unless the user set it.
+    if "spacing" not in config.explicit:
+        preprocess_kwargs["spacing"] = loaded.preprocess.spacing
+    if "modality" not in config.explicit:
+        preprocess_kwargs["modality"] = loaded.preprocess.modality
+    if not loaded.affine_trained:
+        reporter.note(
+            f"--init {config.init}: its affine head was never trained (official GVSL code); it is trained from here "
+            f"and trusted after {AFFINE_TRUST_ITERATIONS} iterations"
+        )
+    return loaded.model_config, PreprocessConfig(**preprocess_kwargs), loaded.state_dict, loaded.affine_trained
+
+
+def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context: distributed.DistContext, reporter: Reporter) -> data_mod.Dataset:
+    sources, skipped = data_mod.discover(config.inputs)
+    cache = data_mod.VolumeCache(config.cache_dir or data_mod.default_cache_dir())
+    dataset = data_mod.prepare_dataset(
+        sources, preprocess, cache, workers=max(1, config.workers), shard=(context.rank, context.world_size), barrier=context.barrier
+    )
+    dataset.skipped = skipped + dataset.skipped
+    for item in dataset.skipped:
+        reporter.note(f"skipped {item.path}: {item.reason}")
+    given = len(sources) + len(skipped)
+    if not dataset.volumes:
+        raise InputError(
+            f"no usable volume among {given} input(s) ({len(dataset.skipped)} skipped)",
+            hint="give folders or files of NIfTI, NRRD, MHA/MHD or DICOM series",
+        )
+    if preprocess.modality == "auto":
+        counts = dataset.modality_counts()
+        decided = ", ".join(f"{n} {m.upper()}" for m, n in sorted(counts.items()))
+        reporter.note(f"--modality auto: {decided} (CT when the minimum is below -500, i.e. Hounsfield units; MR otherwise)")
+    return dataset
+
+
+def _contract_for_checkpoint(preprocess: PreprocessConfig, dataset: data_mod.Dataset) -> PreprocessConfig:
+    """The contract stored with the weights: auto resolved when all volumes agreed."""
+    counts = dataset.modality_counts()
+    if preprocess.modality == "auto" and len(counts) == 1:
+        return dataclasses.replace(preprocess, modality=next(iter(counts)))
+    return preprocess
+
+
+def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False) -> PretrainSummary:
+    """Run (or resume) GVSL pre-training as ``config`` says; returns rank 0's summary.
+
+    Raises:
+        InputError: no usable volume, fewer than two, unreadable list file.
+        ConfigError: contradictory options; a checkpoint in the run folder without --resume.
+        TrainingError: the loss became NaN.
+    """
+    device = resolve_device(config.device)
+    context = distributed.setup(device)
+    try:
+        return _pretrain(config, context, reporter if (reporter is not None and context.is_main) else SilentReporter(), should_stop)
+    finally:
+        distributed.teardown(context)
+
+
+def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter: Reporter, should_stop) -> PretrainSummary:
+    device = context.device
+    run_dir = Path(config.run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    resumed = None
+    if config.resume:
+        if not checkpoint_path.is_file():
+            raise ConfigError(f"--resume: {checkpoint_path} does not exist", hint="start without --resume, or point -o at the run folder")
+        resumed = load_weights(checkpoint_path)
+        if "training" not in resumed.extra or "run" not in resumed.extra:
+            raise ConfigError(f"--resume: {checkpoint_path} holds no training state")
+        config = _resolve_settings(config, resumed.extra["run"])
+        if not config.inputs:
+            config = dataclasses.replace(config, inputs=tuple(resumed.extra.get("inputs", ())))
+    elif checkpoint_path.is_file():
+        raise ConfigError(f"{run_dir} already holds a run ({CHECKPOINT_FILE})", hint="add --resume to continue it, or choose another -o")
+    if not config.inputs:
+        raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
+    autocast_dtype = resolve_precision(config.precision, device)
+
+    if resumed is not None:
+        model_config = resumed.model_config
+        preprocess = PreprocessConfig(spacing=config.spacing, modality=config.modality)
+        init_state, init_affine_trained = None, bool(resumed.extra.get("init_affine_trained", True))
+    else:
+        model_config, preprocess, init_state, init_affine_trained = _model_and_contract(config, reporter)
+    dataset = _load_dataset(config, preprocess, context, reporter)
+    sampler_patch = data_mod.effective_patch(dataset.volumes, (config.patch,) * 3)
+    if sampler_patch != (config.patch,) * 3:
+        reporter.note(f"--patch {config.patch}: the volumes are smaller, using {'×'.join(map(str, sampler_patch))} (smaller volumes are padded)")
+    # Crop a margin around the patch so rotated/scaled patches show anatomy, not zeros.
+    region = tuple(p + 2 * (p // 8) for p in sampler_patch)
+    keys = [v.key for v in dataset.volumes]
+    if resumed is not None and resumed.extra.get("dataset") and resumed.extra["dataset"] != keys:
+        reporter.note("the data differ from the checkpoint's; the continuation will not repeat an uninterrupted run exactly")
+
+    torch.manual_seed(config.seed)  # initial weights follow --seed (and agree across ranks)
+    model = GVSL(model_config)
+    if resumed is not None:
+        load_state_strict(model, resumed.state_dict, source=str(checkpoint_path))
+    elif init_state is not None:
+        load_state_strict(model, init_state, source=str(config.init))
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
+    start_iteration = 0
+    if resumed is not None:
+        start_iteration = restore_training_state(resumed.extra["training"], optimizer, scaler, device)
+        truncate_metrics(run_dir / METRICS_FILE, start_iteration)
+        reporter.note(f"resuming {run_dir} after iteration {start_iteration}")
+    if start_iteration >= config.iters:
+        raise ConfigError(f"the run already reached iteration {start_iteration}; --iters {config.iters} leaves nothing to do", hint="raise --iters")
+
+    net: torch.nn.Module = model
+    if context.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    if config.compile:
+        net = torch.compile(net)
+
+    contract = _contract_for_checkpoint(preprocess, dataset)
+    run_record = {
+        "run": config.run_settings(),
+        "inputs": list(config.inputs),
+        "dataset": keys,
+        "patch": list(sampler_patch),
+        "init_affine_trained": init_affine_trained,
+    }
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2))
+
+    def save(iteration: int, final: bool) -> None:
+        if not context.is_main:
+            return
+        affine_trained = init_affine_trained or iteration >= AFFINE_TRUST_ITERATIONS
+        extra = {**run_record, "training": training_state(optimizer, scaler, iteration, device)}
+        save_checkpoint(checkpoint_path, model, contract, affine_trained=affine_trained, extra=extra)
+        if final:
+            save_checkpoint(run_dir / MODEL_FILE, model, contract, affine_trained=affine_trained, extra={"patch": list(sampler_patch), "iteration": iteration})
+
+    sampler = data_mod.PairSampler(dataset.volumes, region, seed=config.seed, rank=context.rank)
+    loader = data_mod.PrefetchLoader(sampler, config.batch, start=start_iteration + 1, workers=config.workers, pin=device.type == "cuda")
+    task = PretrainTask(loader, sampler_patch, seed=config.seed, rank=context.rank, device=device)
+    options = LoopOptions(
+        iters=config.iters,
+        save_every=config.save_every,
+        log_every=config.log_every,
+        time_limit_s=config.time_limit_s,
+        autocast_dtype=autocast_dtype,
+    )
+    try:
+        result: LoopResult = run_training(
+            net,
+            optimizer,
+            task,
+            options=options,
+            context=context,
+            start_iteration=start_iteration,
+            scaler=scaler,
+            save=save,
+            metrics_path=run_dir / METRICS_FILE if context.is_main else None,
+            reporter=reporter,
+            should_stop=should_stop,
+        )
+    finally:
+        loader.close()
+
+    checksums = context.all_gather_object(_checksum(model))
+    if len(set(checksums)) > 1:
+        raise TrainingError(f"ranks ended with different weights ({', '.join(checksums)})", hint="report this with the launch command")
+    done = result.iteration - start_iteration
+    summary = PretrainSummary(
+        run_dir=str(run_dir),
+        iteration=result.iteration,
+        start_iteration=start_iteration,
+        stopped=result.stopped,
+        seconds=round(result.seconds, 3),
+        iterations_per_second=round(done / result.seconds, 4) if result.seconds > 0 else 0.0,
+        last=result.last_row,
+        mean_last=result.mean_rows,
+        volumes=len(dataset.volumes),
+        skipped=len(dataset.skipped),
+        modalities=dataset.modality_counts(),
+        patch=sampler_patch,
+        device=str(device),
+        precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        world_size=context.world_size,
+        rank_weight_checksums=checksums,
+        checkpoint=str(checkpoint_path),
+        model=str(run_dir / MODEL_FILE),
+    )
+    if context.is_main:
+        with atomic_path(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps({**summary.to_dict(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    return summary

@@ -1,0 +1,288 @@
+"""The one training loop of gvsl (pre-training now; fine-tuning can plug in the same way).
+
+A *task* says what one iteration computes (``TrainingTask.losses``: a dict of scalar
+tensors, "loss" being the one minimised) and where batches come from
+(``TrainingTask.batch(iteration)``); ``run_training`` does the rest, the same for every
+task: mixed precision, optimizer and gradient-scaler steps, loss logging without
+per-step host synchronisation, metrics as JSON lines, periodic checkpoints through a
+callback, a time limit, stop requests, and agreement between ranks under
+DistributedDataParallel.
+
+Why losses are buffered: reading a loss with ``.item()`` makes the host wait for the GPU
+every step, which stalls the pipeline (data copies, kernel launches). The loop keeps each
+step's detached losses on the device and reads them every ``log_every`` steps in one copy;
+the metrics file still holds one row per iteration.
+
+Resuming exactly: everything random in an iteration derives from (seed, rank, iteration)
+(see ``data.iteration_seed``), and a checkpoint holds model, optimizer, scaler and RNG
+states; so a run resumed from iteration k repeats an uninterrupted run from k + 1 on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from gvsl_cli.distributed import DistContext
+from gvsl_cli.errors import TrainingError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingTask(Protocol):
+    """What a training run computes; see ``gvsl_cli.pretraining.PretrainTask``."""
+
+    #: Names of the logged loss terms; the first is the total that is minimised.
+    loss_names: tuple[str, ...]
+
+    def batch(self, iteration: int) -> Any:
+        """The inputs of ``iteration`` (1-based), already on the training device."""
+
+    def losses(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Scalar loss tensors keyed by ``loss_names`` for one batch (called under autocast)."""
+
+
+class Reporter(Protocol):
+    """Where progress goes (the CLI renders it; the engine prints nothing)."""
+
+    def start(self, first_iteration: int, total: int) -> None: ...
+
+    def update(self, iteration: int, row: dict[str, float]) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that drops everything (library use, --quiet, ranks other than 0)."""
+
+    def start(self, first_iteration: int, total: int) -> None:
+        pass
+
+    def update(self, iteration: int, row: dict[str, float]) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs.
+
+    Attributes:
+        iters: last iteration (1-based, inclusive) of the whole run.
+        save_every: write a checkpoint every this many iterations (and at the end).
+        log_every: read losses from the device and write metrics every this many steps.
+        time_limit_s: stop cleanly (checkpoint, then return) once this much wall time has
+            passed since the loop started; None for no limit.
+        autocast_dtype: torch.bfloat16/float16 for mixed precision, None for float32.
+        grad_clip: clip the global gradient norm to this value; None to leave gradients.
+    """
+
+    iters: int
+    save_every: int = 1000
+    log_every: int = 10
+    time_limit_s: float | None = None
+    autocast_dtype: torch.dtype | None = None
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise TrainingError(f"--iters must be >= 1, got {self.iters}")
+        if self.save_every < 1:
+            raise TrainingError(f"--save-every must be >= 1, got {self.save_every}")
+        if self.log_every < 1:
+            raise TrainingError(f"log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class LoopResult:
+    """How a run ended.
+
+    Attributes:
+        iteration: last completed iteration.
+        stopped: None when ``iters`` was reached, else why it stopped early
+            ("time limit", "stop requested").
+        seconds: wall time of the loop.
+        last_row: the metrics of the last iteration (mean over ranks).
+        mean_rows: mean of each loss over the last ``log_every`` iterations.
+    """
+
+    iteration: int
+    stopped: str | None
+    seconds: float
+    last_row: dict[str, float] = field(default_factory=dict)
+    mean_rows: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Global RNG states (CPU, and the CUDA device's) as tensors: loadable with weights_only."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    if "torch_cpu" in state:
+        torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def training_state(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler", iteration: int, device: torch.device) -> dict[str, Any]:
+    """The resumable state besides the model: optimizer, scaler, RNG, iteration."""
+    return {
+        "iteration": int(iteration),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(device),
+    }
+
+
+def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler", device: torch.device) -> int:
+    """Load what ``training_state`` saved; returns the iteration to continue after."""
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state.get("rng", {}), device)
+    return int(state["iteration"])
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric rows after ``iteration`` (written after the last checkpoint of a killed run).
+
+    Rewritten atomically; a last line cut off by the kill is dropped too.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("iteration", math.inf) <= iteration:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_training(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: TrainingTask,
+    *,
+    options: LoopOptions,
+    context: DistContext,
+    start_iteration: int,
+    scaler: "torch.amp.GradScaler",
+    save: Callable[[int, bool], None],
+    metrics_path: Path | None,
+    reporter: Reporter | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> LoopResult:
+    """Train ``model`` from ``start_iteration`` + 1 to ``options.iters``.
+
+    Args:
+        model: the module the task calls (DDP-wrapped and/or compiled as wanted).
+        save: ``save(iteration, final)`` writes a checkpoint; called on every rank (it should
+            write on rank 0 only), every ``save_every`` iterations and when the loop ends.
+        metrics_path: JSON-lines file rank 0 appends one row per iteration to.
+        should_stop: polled every ``log_every`` steps (e.g. set by SIGTERM); any rank asking
+            stops all ranks at the same iteration.
+
+    Raises:
+        TrainingError: a loss became NaN or infinite (nothing is saved after that point).
+    """
+    reporter = reporter or SilentReporter()
+    names = task.loss_names
+    device = context.device
+    model.train()
+    started = time.perf_counter()
+    reporter.start(start_iteration, options.iters)
+    buffer: list[torch.Tensor] = []
+    buffer_start = start_iteration + 1
+    result = LoopResult(iteration=start_iteration, stopped=None, seconds=0.0)
+    metrics = open(metrics_path, "a") if (metrics_path is not None and context.is_main) else None
+    last_flush_time = started
+    try:
+        for iteration in range(start_iteration + 1, options.iters + 1):
+            batch = task.batch(iteration)
+            with torch.autocast(device_type=device.type, dtype=options.autocast_dtype or torch.float32, enabled=options.autocast_dtype is not None):
+                losses = task.losses(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses[names[0]]).backward()
+            if options.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            buffer.append(torch.stack([losses[name].detach().float() for name in names]))
+
+            last = iteration == options.iters
+            save_now = iteration % options.save_every == 0 or last
+            if not (iteration % options.log_every == 0 or save_now):
+                continue
+            # One host synchronisation per log_every steps: losses of all buffered steps.
+            values = context.all_reduce_mean(torch.stack(buffer)).cpu()
+            now = time.perf_counter()
+            rate = len(buffer) / max(now - last_flush_time, 1e-9)
+            last_flush_time = now
+            if not torch.isfinite(values).all():
+                bad = buffer_start + int((~torch.isfinite(values)).any(dim=1).nonzero()[0, 0])
+                raise TrainingError(
+                    f"the loss became {values[bad - buffer_start, 0].item()} at iteration {bad}",
+                    hint="lower --lr, use --precision fp32, or --resume from the last checkpoint",
+                )
+            rows = []
+            for offset, row_values in enumerate(values.tolist()):
+                row = {"iteration": buffer_start + offset, **{n: v for n, v in zip(names, row_values)}}
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                rows.append(row)
+            rows[-1]["seconds"] = round(now - started, 3)
+            rows[-1]["it_per_s"] = round(rate, 4)
+            if metrics is not None:
+                metrics.write("".join(json.dumps(r) + "\n" for r in rows))
+                metrics.flush()
+            result.last_row = rows[-1]
+            result.mean_rows = {n: sum(r[n] for r in rows) / len(rows) for n in names}
+            reporter.update(iteration, rows[-1])
+            buffer.clear()
+            buffer_start = iteration + 1
+            result.iteration = iteration
+
+            out_of_time = options.time_limit_s is not None and now - started >= options.time_limit_s
+            stop_asked = should_stop()
+            stop = context.any(out_of_time or stop_asked) if not last else False
+            if stop:
+                # Both flags are decided on this rank; "stop requested" wins if any rank asked.
+                result.stopped = "time limit" if out_of_time else "stop requested"
+            if save_now or stop:
+                save(iteration, last or stop)
+            if stop:
+                break
+    finally:
+        if metrics is not None:
+            metrics.close()
+    result.seconds = time.perf_counter() - started
+    return result
