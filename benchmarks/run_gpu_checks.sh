@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything gvsl checks on a lent GPU, in one call (the device time is short):
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|all]
+# Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
+# tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+what=${1:-all}
+out=${OUT:-/tmp/gvsl-gpu}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]}"
+}
+
+if [ "$what" = pretrain ] || [ "$what" = all ]; then
+  step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step ncc 40 python3 benchmarks/bench_ncc.py --device cuda --sizes 128 --repeats 10
+  step pretrain-bench 240 python3 benchmarks/bench_pretrain.py --device cuda --quick --compile
+  step pretrain-cli 60 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 40 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
+fi
+if [ "$what" = register ] || [ "$what" = all ]; then
+  if [ -f benchmarks/bench_register.py ]; then
+    step register-bench 240 python3 benchmarks/bench_register.py --device cuda --data shared-data
+  fi
+fi
