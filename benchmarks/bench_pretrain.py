@@ -31,7 +31,7 @@ from common import device_name, median_ms, print_table, synchronize  # noqa: E40
 from gvsl_cli import data  # noqa: E402
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
 from gvsl_cli.device import resolve_precision  # noqa: E402
-from gvsl_cli.model import GVSL  # noqa: E402
+from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, set_groupnorm_impl  # noqa: E402
 from gvsl_cli.pretraining import PretrainTask  # noqa: E402
 from gvsl_cli.resources import example_path  # noqa: E402
 
@@ -69,10 +69,11 @@ def cached_volumes(cache_dir: Path, spacing: float):
     return dataset.volumes
 
 
-def bench_case(args, device, volumes, size, batch, width, compile_model) -> list:
+def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto") -> list:
     autocast_dtype = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=width)).to(device)
+    set_groupnorm_impl(model, groupnorm)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     net = torch.compile(model) if compile_model else model
     patch = (size,) * 3
@@ -103,7 +104,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model) -> list
     finally:
         loader.close()
     tflop = TFLOP_128_B1 * (size / 128) ** 3 * batch
-    variant = "compile" if compile_model else "eager"
+    variant = ("compile" if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{tflop / (model_ms / 1000):.1f}", peak]
     if compile_model:
@@ -122,6 +123,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the loader")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
+    parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
+    parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
     parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -145,12 +148,16 @@ def main() -> None:
         for width in widths:
             for size in sizes:
                 for batch in batches:
-                    rows.append(bench_case(args, device, volumes, size, batch, width, False))
-                    print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                    for groupnorm in args.groupnorm:
+                        rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm))
+                        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
         if args.compile:
-            cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
+            if args.compile_batches:
+                cases = [(max(sizes), b) for b in args.compile_batches]
+            else:
+                cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
             for size, batch in cases:
-                rows.append(bench_case(args, device, volumes, size, batch, widths[0], True))
+                rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0]))
                 print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",

@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...
 if [ "$what" = pretrain ] || [ "$what" = all ]; then
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step ncc 40 python3 benchmarks/bench_ncc.py --device cuda --sizes 128 --repeats 10
-  step pretrain-bench 240 python3 benchmarks/bench_pretrain.py --device cuda --quick --compile
+  step pretrain-bench 240 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 2 --groupnorm auto native --compile --compile-batches 1
   step pretrain-cli 60 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 40 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
 fi
 if [ "$what" = register ] || [ "$what" = all ]; then

@@ -26,31 +26,63 @@ MAX_SCALE_CHANGE = 0.25
 MAX_SHEAR = math.pi / 18
 
 
+#: GroupNorm implementations: "native" (PyTorch's kernel), "reduction" (statistics by a
+#: parallel reduction), "auto" (reduction on CUDA, native elsewhere).
+GROUPNORM_IMPLEMENTATIONS = ("auto", "native", "reduction")
+
+
 class GroupNorm(nn.GroupNorm):
     """GroupNorm with the statistics computed by a parallel reduction on CUDA.
 
     Same parameters and state_dict keys as ``nn.GroupNorm``. PyTorch's native CUDA kernel
     reduces each of the only N·G rows on one block, which made it about half of the
-    official training step at 128³ (DESIGN §5); ``var_mean`` over an (N, G, -1) view
-    spreads the reduction over the whole GPU. Statistics are always in float32 so bf16
-    autocast does not lose precision. On the CPU the native kernel is already parallel and
-    is used as is.
+    official training step at 128³ (DESIGN §5); reducing over an (N, G, -1) view spreads the
+    work over the whole GPU. Statistics are always accumulated in float32, so bf16 autocast
+    does not lose precision, but without a float32 copy of the activation: a bf16 input is
+    reduced with float32 accumulators (``sum``/``vector_norm`` with ``dtype``), which saves
+    a full read+write pass and keeps the autograd graph from storing a 4-byte copy of every
+    activation. On the CPU the native kernel is already parallel and is used as is.
+
+    Attributes:
+        impl: one of ``GROUPNORM_IMPLEMENTATIONS`` (see ``set_groupnorm_impl``).
     """
 
+    impl: str = "auto"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
+        impl = self.impl
+        if impl == "auto":
+            impl = "reduction" if x.device.type == "cuda" else "native"
+        if impl == "native":
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         n, c = x.shape[:2]
-        grouped = x.reshape(n, self.num_groups, -1)
-        var, mean = torch.var_mean(grouped.float(), dim=-1, unbiased=False, keepdim=True)
+        groups = self.num_groups
+        grouped = x.reshape(n, groups, -1)
+        if x.dtype == torch.float64 or x.dtype == torch.float32:
+            var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+        else:
+            count = grouped.shape[-1]
+            mean = grouped.sum(-1, keepdim=True, dtype=torch.float32) / count
+            norm = torch.linalg.vector_norm(grouped, 2, dim=-1, keepdim=True, dtype=torch.float32)
+            var = (norm * norm / count - mean * mean).clamp(min=0.0)
         scale = torch.rsqrt(var + self.eps)
         # Fold normalisation and affine into one multiply-add per channel.
-        weight = self.weight.float().view(1, self.num_groups, c // self.num_groups, 1)
-        bias = self.bias.float().view(1, self.num_groups, c // self.num_groups, 1)
+        stats_dtype = mean.dtype
+        weight = self.weight.to(stats_dtype).view(1, groups, c // groups, 1)
+        bias = self.bias.to(stats_dtype).view(1, groups, c // groups, 1)
         channel_scale = scale.unsqueeze(-1) * weight  # (n, G, C/G, 1)
         channel_shift = bias - mean.unsqueeze(-1) * channel_scale
-        out = grouped.view(n, self.num_groups, c // self.num_groups, -1) * channel_scale.to(x.dtype) + channel_shift.to(x.dtype)
+        out = grouped.view(n, groups, c // groups, -1) * channel_scale.to(x.dtype) + channel_shift.to(x.dtype)
         return out.view_as(x)
+
+
+def set_groupnorm_impl(model: nn.Module, impl: str) -> None:
+    """Choose the GroupNorm implementation of every GroupNorm in ``model`` (for benchmarks)."""
+    if impl not in GROUPNORM_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {GROUPNORM_IMPLEMENTATIONS}, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, GroupNorm):
+            module.impl = impl
 
 
 class DoubleConv(nn.Module):

@@ -295,6 +295,10 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
     autocast_dtype = resolve_precision(config.precision, device)
+    if device.type == "cuda":
+        # Every step has the same shapes (fixed patch and batch), so cuDNN's one-time search
+        # for the fastest convolution algorithms pays off from the first few iterations.
+        torch.backends.cudnn.benchmark = True
 
     if resumed is not None:
         model_config = resumed.model_config

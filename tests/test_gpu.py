@@ -25,7 +25,10 @@ def test_fast_groupnorm_matches_native(dtype):
     assert relative < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_model_on_gpu_matches_cpu():
+def test_model_on_gpu_matches_cpu(monkeypatch):
+    # TF32 convolutions (PyTorch's default on CUDA) differ from float32 by ~1e-3; compare
+    # the same arithmetic.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=8)).eval()
     fixed = torch.rand(1, 1, 32, 32, 32)

@@ -78,3 +78,28 @@ def test_new_model_starts_near_identity(generator):
 def test_bad_width_is_refused(width):
     with pytest.raises(ConfigError, match="width"):
         ModelConfig(width=width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduction_groupnorm_matches_native_values_and_gradients(dtype, generator):
+    from gvsl_cli.model import GroupNorm
+
+    native, ours = GroupNorm(4, 32), GroupNorm(4, 32)
+    ours.impl = "reduction"
+    native.impl = "native"
+    with torch.no_grad():
+        native.weight.normal_(generator=generator)
+        native.bias.normal_(generator=generator)
+    ours.load_state_dict(native.state_dict())
+    x = (torch.randn(2, 32, 6, 7, 8, generator=generator) * 3 + 2).to(dtype)
+    x_native = x.float().detach().clone().requires_grad_(True)
+    x_ours = x.detach().clone().requires_grad_(True)
+    y_native = native(x_native)
+    y_ours = ours(x_ours)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((y_ours.float() - y_native).norm() / y_native.norm()) < tolerance
+    upstream = torch.randn(y_native.shape, generator=generator)
+    y_native.backward(upstream)
+    y_ours.backward(upstream.to(dtype))
+    assert ((x_ours.grad.float() - x_native.grad).norm() / x_native.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
+    assert ((ours.weight.grad - native.weight.grad).norm() / native.weight.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
