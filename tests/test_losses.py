@@ -77,3 +77,17 @@ def test_ncc_stays_in_range_for_faint_voxels_after_bright_ones():
     value32 = losses.local_ncc_loss(fixed, moving, 5).item()
     value64 = losses.local_ncc_loss_dense(fixed.double(), moving.double(), 5).item()
     assert abs(value32 - value64) < 1e-3
+
+
+def test_box_sum_gradient_is_the_box_sum_of_the_gradient(generator):
+    volume = torch.rand(1, 1, 7, 8, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: losses._box_sum(v, 3), (volume,))
+
+
+def test_ncc_analytic_gradient_matches_autograd_of_the_definition(generator):
+    fixed = torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    moving = (0.6 * fixed.detach() + 0.4 * torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    fast_fixed, fast_moving = torch.autograd.grad(losses.local_ncc_loss(fixed, moving, 5), (fixed, moving))
+    dense_fixed, dense_moving = torch.autograd.grad(losses.local_ncc_loss_dense(fixed, moving, 5), (fixed, moving))
+    assert torch.allclose(fast_moving, dense_moving, atol=1e-10)
+    assert torch.allclose(fast_fixed, dense_fixed, atol=1e-10)
