@@ -197,3 +197,71 @@ def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int,
         b = moved_labels == label
         scores[int(label)] = float(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
     return scores
+
+
+# --------------------------------------------------------------------------- saved transforms
+
+#: The file a ``gvsl register`` output folder holds the complete transform in.
+REGISTRATION_FIELD_NAME = "displacement.nii.gz"
+
+
+def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
+    """Read transforms given like ``antsApplyTransforms -t``: the last one is applied first.
+
+    Each path is a ``gvsl register`` output folder (its ``displacement.nii.gz``), a
+    displacement field image (3-vector, mm; ITK convention), or an ITK transform file
+    (.tfm, .txt, .mat, .h5).
+
+    Returns:
+        The composite transform (output point -> input point) and the grid of the first
+        displacement field met (the natural output grid), or None when there is none.
+
+    Raises:
+        InputError: a path that is missing or is neither of those.
+    """
+    from pathlib import Path
+
+    from gvsl_cli.errors import InputError
+    from gvsl_cli.io import read_volume, volume_suffix
+
+    if not paths:
+        raise InputError("no transform given", hint="pass -t with a gvsl register output folder, a displacement field or an ITK transform file")
+    composite = sitk.CompositeTransform(3)
+    reference = None
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            field_path = path / REGISTRATION_FIELD_NAME
+            if not field_path.is_file():
+                raise InputError(f"{path}: folder holds no {REGISTRATION_FIELD_NAME}", hint="give the output folder of gvsl register, or the transform files themselves")
+            path = field_path
+        if not path.exists():
+            raise InputError(f"{path}: no such transform file or folder")
+        if volume_suffix(path) is not None:
+            field = read_volume(path, vector=True)
+            reference = reference or Geometry.of(field)
+            composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
+            continue
+        if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
+            raise InputError(f"{path}: not a transform: expected a displacement field image or an ITK transform file (.tfm, .txt, .mat, .h5)")
+        try:
+            composite.AddTransform(sitk.ReadTransform(str(path)))
+        except RuntimeError as exc:
+            detail = (str(exc).strip().splitlines() or [""])[-1][:160]
+            raise InputError(f"{path}: cannot read as an ITK transform ({detail})") from None
+    return composite, reference
+
+
+def apply_transform(image: sitk.Image, transform: sitk.Transform, reference: Geometry, *, labels: bool) -> sitk.Image:
+    """Resample ``image`` on ``reference`` through ``transform`` (reference point -> image point).
+
+    Label maps by nearest neighbour in their own pixel type (values kept, 0 outside); images
+    linearly into float32 with the image's minimum outside, exactly as ``gvsl register``
+    writes ``moved.nii.gz``.
+    """
+    grid = sitk.Image([int(s) for s in reference.size], sitk.sitkUInt8)
+    reference.apply_to(grid)
+    if labels:
+        return sitk.Resample(image, grid, transform, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    background = float(np.min(sitk.GetArrayViewFromImage(image)))
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, background, sitk.sitkFloat32)

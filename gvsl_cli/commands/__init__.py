@@ -4,6 +4,6 @@ To add a command: write ``gvsl_cli/commands/<name>.py`` with a ``register(app)``
 and append the module to ``COMMAND_MODULES`` (order = order in ``gvsl --help``).
 """
 
-from gvsl_cli.commands import info
+from gvsl_cli.commands import apply, demo, info, register
 
-COMMAND_MODULES = [info]
+COMMAND_MODULES = [info, register, apply, demo]
