@@ -72,6 +72,7 @@ class RegistrationConfig:
         affine_learning_rate: Adam step of the affine parameters (matrix entries; translation
             in units of ``translation_unit`` mm).
         step: largest displacement update of one deformable step, in voxels of the level.
+        final_step: fraction of ``step`` reached, linearly, at the last step of a level.
         fluid_sigma: Gaussian sigma (voxels) applied to each update.
         elastic_sigma: Gaussian sigma (voxels) applied to the field after each update.
         max_working_voxels: size budget of the finest working grid when ``spacing`` is None.
@@ -89,6 +90,7 @@ class RegistrationConfig:
     ncc_window: int = 3
     affine_learning_rate: float = 0.01
     step: float = 1.0
+    final_step: float = 0.5
     fluid_sigma: float = 2.0
     elastic_sigma: float = 0.5
     max_working_voxels: int = 1_600_000
@@ -169,10 +171,10 @@ class Level:
         from_fixed = torch.as_tensor(normalized_to_physical(self.fixed_grid), dtype=affine.dtype, device=affine.device)
         return (to_moving @ affine @ from_fixed)[:3].unsqueeze(0).float()
 
-    def moved(self, affine: torch.Tensor, displacement: torch.Tensor | None) -> torch.Tensor:
+    def moved(self, affine: torch.Tensor, displacement: torch.Tensor | None, padding_mode: str = "zeros") -> torch.Tensor:
         """Moving features resampled onto the fixed level grid through φ."""
         grid = spatial.compose_grid(self.theta(affine), displacement, self.shape)
-        return spatial.sample(self.moving, grid)
+        return spatial.sample(self.moving, grid, padding_mode=padding_mode)
 
 
 @dataclass
@@ -313,12 +315,16 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity, c
     linear = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
     shift = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([linear, shift], lr=config.affine_learning_rate)
+    # Adam's steps are about the learning rate whatever the gradient, so decay it (to a
+    # tenth) or the matrix keeps wandering by ~lr around the optimum.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.9 * i / max(iters - 1, 1))
     for _ in range(iters):
         optimizer.zero_grad(set_to_none=True)
         affine = _corrected_affine(initial_t, linear, shift, centre, config.translation_unit)
-        loss = similarity.loss(level.fixed, level.moved(affine, None))
+        loss = similarity.loss(level.fixed, level.moved(affine, None, similarity.padding_mode))
         loss.backward()
         optimizer.step()
+        schedule.step()
     with torch.no_grad():
         return _corrected_affine(initial_t, linear, shift, centre, config.translation_unit).cpu().numpy()
 
@@ -359,8 +365,9 @@ def optimise_deformable(level: Level, affine: np.ndarray, initial: torch.Tensor 
     """Refine a voxel displacement (1, 3, D, H, W) of ``level``'s fixed grid (zeros if None).
 
     Demons-style compositive steps (see the module docstring): the similarity gradient is
-    smoothed (``fluid_sigma``) and scaled to at most ``step`` voxels, composed with the
-    field, and the field smoothed (``elastic_sigma``). Max-normalised steps behave the same
+    smoothed (``fluid_sigma``) and scaled to at most ``step`` voxels (decreasing linearly to
+    a tenth of it over the level), composed with the field, and the field smoothed
+    (``elastic_sigma``). Max-normalised steps behave the same
     for every metric whatever its scale, and no per-voxel step normalisation (as Adam's)
     amplifies noise in flat regions into folds.
     """
@@ -369,14 +376,17 @@ def optimise_deformable(level: Level, affine: np.ndarray, initial: torch.Tensor 
     base = spatial.affine_grid(theta, level.shape)
     offset = displacement_to_grid_offset(theta, level.shape)
     displacement = initial.clone() if initial is not None else torch.zeros(1, 3, *level.shape, device=device)
-    for _ in range(iters):
+    for iteration in range(iters):
         displacement.requires_grad_(True)
         grid = base + torch.einsum("ij,bjdhw->bdhwi", offset, displacement)
-        loss = similarity.loss(level.fixed, spatial.sample(level.moving, grid))
+        loss = similarity.loss(level.fixed, spatial.sample(level.moving, grid, padding_mode=similarity.padding_mode))
         (gradient,) = torch.autograd.grad(loss, displacement)
         with torch.no_grad():
             update = gaussian_smooth(gradient, config.fluid_sigma)
-            update *= -config.step / update.norm(dim=1).max().clamp(min=1e-12)
+            # The step shrinks linearly to ``final_step`` of itself over the level: a constant
+            # max-normalised step keeps jittering by ``step`` voxels around the optimum.
+            step = config.step * (1.0 - (1.0 - config.final_step) * iteration / max(iters - 1, 1))
+            update *= -step / update.norm(dim=1).max().clamp(min=1e-12)
             # φ ← φ∘(id + δ): u_new(p) = δ(p) + u(p + δ(p)).
             displacement = update + spatial.warp(displacement.detach(), update, padding_mode="border")
             displacement = gaussian_smooth(displacement, config.elastic_sigma)
@@ -539,7 +549,7 @@ def register(
     finest, coarsest = levels[0], levels[-1]
     log(f"working grids: {' -> '.join(f'{lv.fixed_grid.spacing[0]:.2f} mm' for lv in reversed(levels))} (fixed {'x'.join(map(str, finest.fixed_grid.size))} voxels)")
     identity = torch.eye(4, dtype=torch.float64, device=device)
-    scores = {"before": similarity.score(finest.fixed, finest.moved(identity, None))}
+    scores = {"before": similarity.score(finest.fixed, finest.moved(identity, None, similarity.padding_mode))}
     stages: list[str] = []
 
     network = None
@@ -563,7 +573,7 @@ def register(
         affine = optimise_affine(coarsest, affine, affine_similarity, config, config.iters)
         stages.append(f"affine optimisation @ {coarsest.fixed_grid.spacing[0]:.2f} mm")
     affine_t = torch.as_tensor(affine, dtype=torch.float64, device=device)
-    scores["after_affine"] = similarity.score(finest.fixed, finest.moved(affine_t, None))
+    scores["after_affine"] = similarity.score(finest.fixed, finest.moved(affine_t, None, similarity.padding_mode))
 
     displacement, grid = None, None
     if network is not None:
@@ -583,7 +593,7 @@ def register(
             stages.append(f"deformable optimisation @ {grid.spacing[0]:.2f} mm")
     if displacement is not None and grid != finest.fixed_grid:
         displacement, grid = resample_displacement(displacement, grid, finest.fixed_grid), finest.fixed_grid
-    scores["after"] = similarity.score(finest.fixed, finest.moved(affine_t, displacement))
+    scores["after"] = similarity.score(finest.fixed, finest.moved(affine_t, displacement, similarity.padding_mode))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return RegistrationResult(

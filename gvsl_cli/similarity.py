@@ -107,5 +107,16 @@ class Similarity:
         return 1.0 - value if self.metric == "ncc" else value
 
     @property
+    def padding_mode(self) -> str:
+        """How moving features are extended outside their grid when warped.
+
+        Intensities are mapped so that background is 0, so "zeros" is the background. MIND
+        descriptors of a flat background are 1, not 0: zero padding would put a false edge
+        at the border of the moving image and bias the optimum (measured: a 6 mm shift was
+        found as 4 mm), so they are extended by their border values.
+        """
+        return "border" if self.metric == "mind" else "zeros"
+
+    @property
     def higher_is_better(self) -> bool:
         return self.metric == "ncc"
