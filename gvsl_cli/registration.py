@@ -40,7 +40,7 @@ from gvsl_cli import spatial
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import ConfigError, DeviceError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.preprocess import prepare
+from gvsl_cli.preprocess import detect_modality, map_intensities, prepare, resample
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import grid_points
 
@@ -450,7 +450,10 @@ def _fit_spacing(spacing: float, fixed: Geometry, budget: int | None, bytes_at: 
 
 @dataclass
 class NetworkFeatures:
-    """U-Net features of both images on their canonical grids at the network's spacing."""
+    """U-Net features of both images on the fixed image's canonical grid at the network's spacing.
+
+    ``moving_grid`` is that same grid (the moving image is resampled onto it).
+    """
 
     model: "torch.nn.Module"
     fixed: object
@@ -501,13 +504,20 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
         notes.append(note)
     preprocess = PreprocessConfig(spacing=spacing, modality=contract.modality, mr_percentiles=contract.mr_percentiles, multiple=contract.multiple)
     fixed = prepare(fixed_image, preprocess)
-    moving = prepare(moving_image, preprocess)
+    # The Z-matching head compares the two images voxel by voxel (its affine head
+    # concatenates their bottleneck features), so both go onto the fixed canonical grid, as
+    # the pairs of pre-training were; the moving image is resampled there in physical space.
+    moving_raw = sitk.GetArrayViewFromImage(moving_image)
+    modality = detect_modality(moving_raw) if contract.modality == "auto" else contract.modality
+    background = -1024.0 if modality == "ct" else float(np.min(moving_raw))
+    moving_on_grid = resample(sitk.Cast(moving_image, sitk.sitkFloat32), fixed.grid, default_value=background)
+    moving_array = map_intensities(sitk.GetArrayFromImage(moving_on_grid), modality, contract.mr_percentiles)
     model = weights.build_model(device)
     autocast = resolve_precision("auto", device)
     with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
         fixed_features = model.unet(torch.from_numpy(fixed.array)[None, None].to(device))
-        moving_features = model.unet(torch.from_numpy(moving.array)[None, None].to(device))
-    return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, moving.grid, autocast), notes
+        moving_features = model.unet(torch.from_numpy(moving_array)[None, None].to(device))
+    return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, fixed.grid, autocast), notes
 
 
 # --------------------------------------------------------------------------- driver
