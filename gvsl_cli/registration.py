@@ -401,12 +401,14 @@ def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike the "free" pages
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def optimisation_bytes(voxels: int, channels: int) -> int:
@@ -468,7 +470,7 @@ class NetworkFeatures:
 
     def affine(self) -> np.ndarray:
         """The affine head's prediction as a (4, 4) physical affine (fixed -> moving, mm)."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(self.fixed.local.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             theta, _ = self.model.affine(self.fixed.global_, self.moving.global_)
         theta4 = np.eye(4)
         theta4[:3] = theta[0].double().cpu().numpy()
