@@ -92,7 +92,7 @@ class RegistrationConfig:
     step: float = 1.0
     final_step: float = 0.5
     fluid_sigma: float = 2.0
-    elastic_sigma: float = 0.5
+    elastic_sigma: float = 0.4
     max_working_voxels: int = 1_600_000
     translation_unit: float = 100.0
     modality: str = "auto"
