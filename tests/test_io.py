@@ -134,3 +134,16 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(InputError, match="unknown output format"):
         write_volume(oblique_volume(), tmp_path / "out.xyz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_normal_permissions_not_private(tmp_path):
+    import os
+
+    import SimpleITK as sitk
+
+    from gvsl_cli.io import write_volume
+
+    path = write_volume(sitk.Image(4, 4, 4, sitk.sitkUInt8), tmp_path / "out.nii.gz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)

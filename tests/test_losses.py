@@ -60,3 +60,34 @@ def test_box_ncc_float32_stays_close_to_float64_reference(generator):
     moving = 0.7 * fixed + 0.3 * torch.rand(1, 1, 40, 40, 40, generator=generator, dtype=torch.float64)
     reference = losses.local_ncc_loss_dense(fixed, moving).item()
     assert abs(losses.local_ncc_loss(fixed.float(), moving.float()).item() - reference) < 1e-4
+
+
+def test_ncc_stays_in_range_for_faint_voxels_after_bright_ones():
+    # Real MR has faint background right after bright tissue along an axis. A running cumsum
+    # in float32 lost the squares of the faint voxels, gave negative variances and cc of -1e4;
+    # the squared NCC of every window must stay in [0, 1] and match float64.
+    torch.manual_seed(0)
+    fixed = torch.zeros(1, 1, 16, 16, 64)
+    fixed[..., :40] = 1.0 + torch.rand(1, 1, 16, 16, 40)
+    fixed[..., 44:] = 1e-3 * torch.rand(1, 1, 16, 16, 20)
+    moving = torch.roll(fixed, 3, dims=-1) + 0.5 * torch.rand(1, 1, 16, 16, 64)
+    sums = losses._box_sum(torch.cat([fixed, moving, fixed * fixed, moving * moving, fixed * moving]), 5).split(1)
+    cc = losses._ncc_from_sums(*sums, window=5)
+    assert cc.min() >= 0.0 and cc.max() <= 1.0 + 1e-4
+    value32 = losses.local_ncc_loss(fixed, moving, 5).item()
+    value64 = losses.local_ncc_loss_dense(fixed.double(), moving.double(), 5).item()
+    assert abs(value32 - value64) < 1e-3
+
+
+def test_box_sum_gradient_is_the_box_sum_of_the_gradient(generator):
+    volume = torch.rand(1, 1, 7, 8, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: losses._box_sum(v, 3), (volume,))
+
+
+def test_ncc_analytic_gradient_matches_autograd_of_the_definition(generator):
+    fixed = torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    moving = (0.6 * fixed.detach() + 0.4 * torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    fast_fixed, fast_moving = torch.autograd.grad(losses.local_ncc_loss(fixed, moving, 5), (fixed, moving))
+    dense_fixed, dense_moving = torch.autograd.grad(losses.local_ncc_loss_dense(fixed, moving, 5), (fixed, moving))
+    assert torch.allclose(fast_moving, dense_moving, atol=1e-10)
+    assert torch.allclose(fast_fixed, dense_fixed, atol=1e-10)

@@ -1,0 +1,618 @@
+"""Pairwise registration: GVSL network prediction refined by instance optimisation.
+
+The result is a ``Transform``: a map φ from *physical* points of the fixed image (mm, LPS)
+to physical points of the moving image,
+
+    φ(x) = A · (x + v(x)),
+
+the GVSL order (deformable first, then affine; ``spatial.compose_grid``). ``A`` is a 4x4
+physical affine and v a displacement held on a working grid of the fixed image's physical
+box. Because φ lives in physical space, the fixed and moving images may differ in size,
+spacing, origin and direction, and the optimisation may run on coarser canonical grids of
+each image: nothing ties the result to those grids. ``warping.displacement_on_grid`` then
+evaluates φ on the original fixed grid (the full-resolution ITK field).
+
+Stages (each optional):
+1. Affine initialisation: the network's affine head when its checkpoint trained it,
+   otherwise image moments (centres of mass).
+2. Affine optimisation at the coarsest level (Adam on a 12-parameter matrix).
+3. Network deformable prediction (Z-matching local head), given the affine.
+4. Deformable optimisation, coarse to fine, demons-style: each step follows the similarity
+   gradient smoothed by a Gaussian ("fluid"), scaled so that no voxel moves more than
+   ``step`` voxels, and is *composed* with the field (φ ← φ∘(id + δ)), which is then
+   smoothed again ("elastic"). Small smooth compositive updates keep the map invertible:
+   folded voxels stay far below 0.1 % (the report counts them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from gvsl_cli import spatial
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.errors import ConfigError, DeviceError
+from gvsl_cli.geometry import Geometry
+from gvsl_cli.preprocess import detect_modality, map_intensities, prepare, resample
+from gvsl_cli.similarity import Similarity
+from gvsl_cli.warping import grid_points
+
+Log = Callable[[str], None]
+
+
+def _no_log(message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Options of one registration; every default lives here.
+
+    Attributes:
+        similarity: "ncc" (default), "mse", or "mind" (MIND-SSC, for CT–MR pairs).
+        iters: iterations of the affine stage and of each coarse deformable level; the
+            finest level runs ``finest_iters`` (default 0.4·iters). 0 turns instance
+            optimisation off (network prediction, or the moments initialisation, alone).
+        finest_iters: iterations at the finest level; None = round(0.4·iters).
+        spacing: finest optimisation spacing in mm; None picks it from the fixed image
+            (its own finest spacing, coarsened until the working grid of its physical box
+            holds at most ``max_working_voxels`` voxels: 1.76 mm for a 1 mm adult head).
+        levels: resolution levels of the deformable stage, each twice as coarse as the last.
+        affine: run the affine optimisation stage.
+        deformable: run the deformable stages (off: an affine registration).
+        affine_ncc_window, ncc_window: NCC window side (voxels of the level) of the affine
+            and of the deformable stages.
+        affine_learning_rate: Adam step of the affine parameters (matrix entries; translation
+            in units of ``translation_unit`` mm).
+        step: largest displacement update of one deformable step, in voxels of the level.
+        final_step: fraction of ``step`` reached, linearly, at the last step of a level.
+        fluid_sigma: Gaussian sigma (voxels) applied to each update.
+        elastic_sigma: Gaussian sigma (voxels) applied to the field after each update.
+        max_working_voxels: size budget of the finest working grid when ``spacing`` is None.
+        modality: intensity mapping, "auto", "ct" or "mr" (see preprocess).
+    """
+
+    similarity: str = "ncc"
+    iters: int = 100
+    finest_iters: int | None = None
+    spacing: float | None = None
+    levels: int = 2
+    affine: bool = True
+    deformable: bool = True
+    affine_ncc_window: int = 5
+    ncc_window: int = 3
+    affine_learning_rate: float = 0.01
+    step: float = 1.0
+    final_step: float = 0.5
+    fluid_sigma: float = 2.0
+    elastic_sigma: float = 0.4
+    max_working_voxels: int = 1_600_000
+    translation_unit: float = 100.0
+    modality: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.iters < 0 or (self.finest_iters is not None and self.finest_iters < 0):
+            raise ConfigError(f"iters must be >= 0, got {self.iters}")
+        if self.spacing is not None and not self.spacing > 0:
+            raise ConfigError(f"spacing must be > 0 mm, got {self.spacing}")
+        if not 1 <= self.levels <= 5:
+            raise ConfigError(f"levels must be between 1 and 5, got {self.levels}")
+        if self.step <= 0 or self.fluid_sigma < 0 or self.elastic_sigma < 0:
+            raise ConfigError("step must be > 0 and the smoothing sigmas >= 0")
+        if self.modality not in ("auto", "ct", "mr"):
+            raise ConfigError(f"modality must be one of auto, ct, mr; got {self.modality!r}")
+        # Validates the metric and the windows.
+        Similarity(self.similarity, self.ncc_window)
+        Similarity(self.similarity, self.affine_ncc_window)
+
+    def iterations_at(self, level_index: int) -> int:
+        """Deformable iterations at level ``level_index`` (0 = finest)."""
+        if level_index == 0:
+            return round(0.4 * self.iters) if self.finest_iters is None else self.finest_iters
+        return self.iters
+
+
+@dataclass
+class Transform:
+    """φ(x) = A·(x + v(x)) from fixed physical points to moving physical points (mm, LPS).
+
+    Attributes:
+        affine: (4, 4) float64 homogeneous physical affine A (fixed side -> moving side).
+        displacement: (1, 3, D, H, W) float32 voxel displacement of ``grid`` (channels
+            z, y, x; see ``spatial``), or None for a purely affine transform.
+        grid: the grid ``displacement`` lives on (covers the fixed image).
+    """
+
+    affine: np.ndarray
+    displacement: torch.Tensor | None = None
+    grid: Geometry | None = None
+
+    def physical_points(self, points: torch.Tensor) -> torch.Tensor:
+        """φ at physical points (N, 3) float32 (x, y, z) mm -> (N, 3) moving points (mm)."""
+        points = points.float()
+        if self.displacement is not None:
+            points = points + displacement_at_points(self.displacement, self.grid, points)
+        affine = torch.as_tensor(self.affine, dtype=torch.float32, device=points.device)
+        return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+@dataclass
+class Level:
+    """One resolution level of the optimisation.
+
+    Attributes:
+        fixed_grid, moving_grid: identity-direction grids of each image's physical box.
+        fixed_image, moving_image: (1, 1, D, H, W) intensities (about [0, 1]) on them.
+        fixed, moving: (1, C, D, H, W) similarity features on them (the images themselves
+            for NCC and MSE).
+    """
+
+    fixed_grid: Geometry
+    moving_grid: Geometry
+    fixed_image: torch.Tensor
+    moving_image: torch.Tensor
+    fixed: torch.Tensor
+    moving: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.fixed_grid.shape_zyx
+
+    def theta(self, affine: torch.Tensor) -> torch.Tensor:
+        """(1, 3, 4) normalised affine of the physical affine (4, 4) between the level grids."""
+        to_moving = torch.as_tensor(physical_to_normalized(self.moving_grid), dtype=affine.dtype, device=affine.device)
+        from_fixed = torch.as_tensor(normalized_to_physical(self.fixed_grid), dtype=affine.dtype, device=affine.device)
+        return (to_moving @ affine @ from_fixed)[:3].unsqueeze(0).float()
+
+    def moved(self, affine: torch.Tensor, displacement: torch.Tensor | None, padding_mode: str = "zeros") -> torch.Tensor:
+        """Moving features resampled onto the fixed level grid through φ."""
+        grid = spatial.compose_grid(self.theta(affine), displacement, self.shape)
+        return spatial.sample(self.moving, grid, padding_mode=padding_mode)
+
+
+@dataclass
+class RegistrationResult:
+    """A ``Transform`` and what was learnt along the way (for the report)."""
+
+    transform: Transform
+    similarity: dict[str, float]
+    stages: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    working_spacing: float = 0.0
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def normalized_to_physical(geometry: Geometry) -> np.ndarray:
+    """(4, 4) map from normalised (x, y, z, 1) of ``geometry`` (align_corners=True) to mm."""
+    scale = np.eye(4)
+    for axis, n in enumerate(geometry.size):
+        half = max(n - 1, 1) / 2.0
+        scale[axis, axis] = half
+        scale[axis, 3] = half
+    return geometry.index_to_physical() @ scale
+
+
+def physical_to_normalized(geometry: Geometry) -> np.ndarray:
+    """(4, 4) map from a physical point (x, y, z, 1) in mm to normalised coordinates of ``geometry``."""
+    return np.linalg.inv(normalized_to_physical(geometry))
+
+
+def displacement_at_points(displacement: torch.Tensor, grid: Geometry, points: torch.Tensor) -> torch.Tensor:
+    """Physical displacement (N, 3) mm (x, y, z) of a voxel field on ``grid`` at points (N, 3) mm.
+
+    The field is interpolated trilinearly and extended by its border values outside ``grid``.
+    """
+    matrix = torch.as_tensor(physical_to_normalized(grid), dtype=torch.float32, device=points.device)
+    normalized = points @ matrix[:3, :3].T + matrix[:3, 3]
+    sampled = spatial.sample(displacement.float(), normalized.view(1, -1, 1, 1, 3), padding_mode="border")
+    voxels_zyx = sampled.view(3, -1).T  # (N, 3) voxels along (z, y, x)
+    index_to_mm = torch.as_tensor(grid.direction_matrix @ np.diag(grid.spacing), dtype=torch.float32, device=points.device)
+    return voxels_zyx.flip(1) @ index_to_mm.T
+
+
+def resample_displacement(displacement: torch.Tensor, source: Geometry, target: Geometry) -> torch.Tensor:
+    """A voxel displacement on ``source`` as a voxel displacement (1, 3, D, H, W) on ``target``.
+
+    Both grids must have the same direction; the physical displacement is kept.
+    """
+    if not np.allclose(source.direction, target.direction, atol=1e-6):
+        raise ValueError("resample_displacement needs grids with the same direction")
+    points = grid_points(target, device=displacement.device).view(-1, 3)
+    mm = displacement_at_points(displacement, source, points)
+    voxels_xyz = mm / torch.tensor(target.spacing, dtype=mm.dtype, device=mm.device)
+    return voxels_xyz.flip(1).T.reshape(1, 3, *target.shape_zyx).contiguous()
+
+
+def automatic_spacing(fixed: Geometry, max_voxels: int) -> float:
+    """Finest working spacing (mm): the fixed image's finest spacing, coarsened until its
+    physical box holds at most ``max_voxels`` voxels; rounded to 0.01 mm."""
+    extent = np.asarray(fixed.size) * np.asarray(fixed.spacing)
+    budget = (float(np.prod(extent)) / max_voxels) ** (1.0 / 3.0)
+    return round(max(min(fixed.spacing), budget), 2)
+
+
+def _downsample(volume: torch.Tensor, grid: Geometry) -> tuple[torch.Tensor, Geometry]:
+    """Halve a level by 2x2x2 averaging; the new voxel centres sit between the old ones."""
+    pooled = F.avg_pool3d(volume, kernel_size=2, stride=2)
+    spacing = tuple(2.0 * s for s in grid.spacing)
+    origin = grid.index_to_physical() @ np.array([0.5, 0.5, 0.5, 1.0])
+    size = (pooled.shape[4], pooled.shape[3], pooled.shape[2])
+    return pooled, Geometry(size=size, spacing=spacing, origin=tuple(float(o) for o in origin[:3]), direction=grid.direction)
+
+
+def build_levels(fixed_image: sitk.Image, moving_image: sitk.Image, config: RegistrationConfig, spacing: float, similarity: Similarity, device: torch.device) -> list[Level]:
+    """The image pyramid, finest level first (each level halves the one before)."""
+    preprocess = PreprocessConfig(spacing=spacing, modality=config.modality, multiple=2 ** config.levels)
+    fixed = prepare(fixed_image, preprocess)
+    moving = prepare(moving_image, preprocess)
+    fixed_volume = torch.from_numpy(fixed.array)[None, None].to(device)
+    moving_volume = torch.from_numpy(moving.array)[None, None].to(device)
+    fixed_grid, moving_grid = fixed.grid, moving.grid
+    levels = []
+    for index in range(config.levels):
+        if index:
+            fixed_volume, fixed_grid = _downsample(fixed_volume, fixed_grid)
+            moving_volume, moving_grid = _downsample(moving_volume, moving_grid)
+        levels.append(Level(fixed_grid, moving_grid, fixed_volume, moving_volume, similarity.features(fixed_volume), similarity.features(moving_volume)))
+    return levels
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def centre_of_mass(level_volume: torch.Tensor, grid: Geometry) -> np.ndarray:
+    """Intensity-weighted centre (x, y, z) mm of a (1, 1, D, H, W) non-negative volume."""
+    weights = level_volume[0, 0].clamp(min=0).double()
+    total = float(weights.sum())
+    points = grid_points(grid, device=weights.device).double()
+    if total <= 0:
+        return points.view(-1, 3).mean(0).cpu().numpy()
+    return (points * weights[..., None]).sum(dim=(0, 1, 2)).cpu().numpy() / total
+
+
+def moments_affine(fixed: torch.Tensor, fixed_grid: Geometry, moving: torch.Tensor, moving_grid: Geometry) -> np.ndarray:
+    """Translation aligning the intensity centres of mass: (4, 4) physical affine."""
+    affine = np.eye(4)
+    affine[:3, 3] = centre_of_mass(moving, moving_grid) - centre_of_mass(fixed, fixed_grid)
+    return affine
+
+
+def _corrected_affine(initial: torch.Tensor, linear: torch.Tensor, shift: torch.Tensor, centre: torch.Tensor, unit: float) -> torch.Tensor:
+    """A = C·A0 with C = (I + linear) about ``centre`` (moving side) plus ``shift``·unit mm."""
+    correction = torch.eye(4, dtype=torch.float64, device=initial.device)
+    matrix = torch.eye(3, dtype=torch.float64, device=initial.device) + linear
+    correction = torch.cat(
+        [
+            torch.cat([matrix, (centre - matrix @ centre + unit * shift).unsqueeze(1)], dim=1),
+            correction[3:],
+        ],
+        dim=0,
+    )
+    return correction @ initial
+
+
+def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity, config: RegistrationConfig, iters: int) -> np.ndarray:
+    """Adam on the 12 parameters of an affine correction of ``initial`` (4, 4), at ``level``.
+
+    The correction is (I + L) about the moved centre of the fixed box plus a translation, so
+    rotations and scalings do not drag the image sideways; translation is counted in units
+    of ``translation_unit`` mm so one learning rate suits every parameter.
+    """
+    device = level.fixed.device
+    initial_t = torch.as_tensor(initial, dtype=torch.float64, device=device)
+    centre_fixed = torch.as_tensor(normalized_to_physical(level.fixed_grid)[:3, 3], dtype=torch.float64, device=device)
+    centre = initial_t[:3, :3] @ centre_fixed + initial_t[:3, 3]  # the fixed box centre, moved
+    linear = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    shift = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([linear, shift], lr=config.affine_learning_rate)
+    # Adam's steps are about the learning rate whatever the gradient, so decay it (to a
+    # tenth) or the matrix keeps wandering by ~lr around the optimum.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - 0.9 * i / max(iters - 1, 1))
+    for _ in range(iters):
+        optimizer.zero_grad(set_to_none=True)
+        affine = _corrected_affine(initial_t, linear, shift, centre, config.translation_unit)
+        loss = similarity.loss(level.fixed, level.moved(affine, None, similarity.padding_mode))
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        return _corrected_affine(initial_t, linear, shift, centre, config.translation_unit).cpu().numpy()
+
+
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, D, H, W) with ``sigma`` voxels, border-replicated."""
+    if sigma <= 0:
+        return field
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = field.shape[1]
+    out = field
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = kernel.numel()
+        weight = kernel.view(1, 1, *shape).expand(channels, 1, *shape)
+        pads = [0] * 6
+        pads[2 * (2 - axis)] = pads[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pads, mode="replicate"), weight, groups=channels)
+    return out
+
+
+def displacement_to_grid_offset(theta: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """(3, 3) matrix taking a voxel displacement (z, y, x) of a fixed grid of ``shape`` to the
+    change it makes in the sampling grid (normalised moving x, y, z) under ``theta`` (1, 3, 4).
+
+    compose_grid(θ, u)(p) = θ·norm(p + u(p)) = θ·norm(p) + θ_linear·diag(2/(n−1))·u(p), so
+    once the affine grid of θ is computed, every deformable step costs one 3x3 product.
+    """
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in reversed(shape)], dtype=theta.dtype, device=theta.device)
+    # Columns ordered (z, y, x) to act on the displacement's channels directly.
+    return (theta[0, :, :3] * scale).flip(1)
+
+
+def optimise_deformable(level: Level, affine: np.ndarray, initial: torch.Tensor | None, similarity: Similarity, config: RegistrationConfig, iters: int) -> torch.Tensor:
+    """Refine a voxel displacement (1, 3, D, H, W) of ``level``'s fixed grid (zeros if None).
+
+    Demons-style compositive steps (see the module docstring): the similarity gradient is
+    smoothed (``fluid_sigma``) and scaled to at most ``step`` voxels (decreasing linearly to
+    a tenth of it over the level), composed with the field, and the field smoothed
+    (``elastic_sigma``). Max-normalised steps behave the same
+    for every metric whatever its scale, and no per-voxel step normalisation (as Adam's)
+    amplifies noise in flat regions into folds.
+    """
+    device = level.fixed.device
+    theta = level.theta(torch.as_tensor(affine, dtype=torch.float64, device=device))
+    base = spatial.affine_grid(theta, level.shape)
+    offset = displacement_to_grid_offset(theta, level.shape)
+    displacement = initial.clone() if initial is not None else torch.zeros(1, 3, *level.shape, device=device)
+    for iteration in range(iters):
+        displacement.requires_grad_(True)
+        grid = base + torch.einsum("ij,bjdhw->bdhwi", offset, displacement)
+        loss = similarity.loss(level.fixed, spatial.sample(level.moving, grid, padding_mode=similarity.padding_mode))
+        (gradient,) = torch.autograd.grad(loss, displacement)
+        with torch.no_grad():
+            update = gaussian_smooth(gradient, config.fluid_sigma)
+            # The step shrinks linearly to ``final_step`` of itself over the level: a constant
+            # max-normalised step keeps jittering by ``step`` voxels around the optimum.
+            step = config.step * (1.0 - (1.0 - config.final_step) * iteration / max(iters - 1, 1))
+            update *= -step / update.norm(dim=1).max().clamp(min=1e-12)
+            # φ ← φ∘(id + δ): u_new(p) = δ(p) + u(p + δ(p)).
+            displacement = update + spatial.warp(displacement.detach(), update, padding_mode="border")
+            displacement = gaussian_smooth(displacement, config.elastic_sigma)
+    return displacement.detach()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: free GPU memory; CPU: available RAM), None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike the "free" pages
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def optimisation_bytes(voxels: int, channels: int) -> int:
+    """Rough peak memory of the finest optimisation level: features of both images plus about
+    40 float32 maps (field, grid, gradients, NCC sums, smoothing temporaries)."""
+    return int(voxels * (2 * channels + 40) * 4)
+
+
+def network_bytes(voxels: int, width: int, *, half: bool) -> int:
+    """Rough peak memory of one U-Net inference (no gradients) on ``voxels`` voxels: about
+    eight full-resolution maps of ``width`` channels (skip, activation, concatenation, two
+    kept feature maps); the coarser levels add less than a seventh."""
+    return int(voxels * width * 8 * (2 if half else 4))
+
+
+def _fit_spacing(spacing: float, fixed: Geometry, budget: int | None, bytes_at: Callable[[int], int], what: str, log: Log) -> tuple[float, str | None]:
+    """Coarsen ``spacing`` until ``bytes_at(voxels)`` fits ``budget``; returns it and a note."""
+    if budget is None:
+        return spacing, None
+    extent = np.asarray(fixed.size) * np.asarray(fixed.spacing)
+    original = spacing
+    for _ in range(8):
+        voxels = int(np.prod(np.ceil(extent / spacing)))
+        if bytes_at(voxels) <= budget:
+            break
+        spacing *= 1.26  # halves the voxel count
+    else:
+        raise DeviceError(
+            f"{what} needs {bytes_at(voxels) / 2**30:.1f} GiB even at {spacing:.1f} mm; {budget / 2**30:.1f} GiB is free",
+            hint="use --device cpu, or free memory on the device",
+        )
+    if spacing == original:
+        return spacing, None
+    note = f"{what} would not fit in the device's free memory at {original:g} mm; running at {spacing:.2f} mm instead"
+    log(note)
+    return round(spacing, 2), note
+
+
+# --------------------------------------------------------------------------- network
+
+
+@dataclass
+class NetworkFeatures:
+    """U-Net features of both images on the fixed image's canonical grid at the network's spacing.
+
+    ``moving_grid`` is that same grid (the moving image is resampled onto it).
+    """
+
+    model: "torch.nn.Module"
+    fixed: object
+    moving: object
+    fixed_grid: Geometry
+    moving_grid: Geometry
+    autocast: torch.dtype | None
+
+    def _theta(self, affine: np.ndarray) -> torch.Tensor:
+        theta = physical_to_normalized(self.moving_grid) @ affine @ normalized_to_physical(self.fixed_grid)
+        return torch.as_tensor(theta[:3], dtype=torch.float32, device=self.fixed.local.device).unsqueeze(0)
+
+    def affine(self) -> np.ndarray:
+        """The affine head's prediction as a (4, 4) physical affine (fixed -> moving, mm)."""
+        with torch.no_grad(), torch.autocast(self.fixed.local.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            theta, _ = self.model.affine(self.fixed.global_, self.moving.global_)
+        theta4 = np.eye(4)
+        theta4[:3] = theta[0].double().cpu().numpy()
+        return normalized_to_physical(self.moving_grid) @ theta4 @ physical_to_normalized(self.fixed_grid)
+
+    def displacement(self, affine: np.ndarray) -> torch.Tensor:
+        """The deformable head's voxel displacement (1, 3, D, H, W) on ``fixed_grid``, given the affine."""
+        with torch.no_grad(), torch.autocast(self.fixed.local.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self.model.deformable(self.fixed.local, self.moving.local, self._theta(affine)).float()
+
+
+def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image, device: torch.device, log: Log) -> tuple[NetworkFeatures, list[str]]:
+    """Prepare both images as the weights were trained (``weights.preprocess``) and run the U-Net.
+
+    The network runs at the checkpoint's spacing unless it would not fit the device's free
+    memory; then at a coarser spacing (said in the notes), since instance optimisation
+    refines the result anyway.
+    """
+    from gvsl_cli.device import resolve_precision
+
+    notes = []
+    contract = weights.preprocess
+    half = device.type == "cuda"
+    spacing, note = _fit_spacing(
+        contract.spacing,
+        Geometry.of(fixed_image),
+        available_memory(device),
+        lambda voxels: network_bytes(voxels, weights.model_config.width, half=half),
+        "the GVSL network",
+        log,
+    )
+    if note:
+        notes.append(note)
+    preprocess = PreprocessConfig(spacing=spacing, modality=contract.modality, mr_percentiles=contract.mr_percentiles, multiple=contract.multiple)
+    fixed = prepare(fixed_image, preprocess)
+    # The Z-matching head compares the two images voxel by voxel (its affine head
+    # concatenates their bottleneck features), so both go onto the fixed canonical grid, as
+    # the pairs of pre-training were; the moving image is resampled there in physical space.
+    moving_raw = sitk.GetArrayViewFromImage(moving_image)
+    modality = detect_modality(moving_raw) if contract.modality == "auto" else contract.modality
+    background = -1024.0 if modality == "ct" else float(np.min(moving_raw))
+    moving_on_grid = resample(sitk.Cast(moving_image, sitk.sitkFloat32), fixed.grid, default_value=background)
+    moving_array = map_intensities(sitk.GetArrayFromImage(moving_on_grid), modality, contract.mr_percentiles)
+    model = weights.build_model(device)
+    autocast = resolve_precision("auto", device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        fixed_features = model.unet(torch.from_numpy(fixed.array)[None, None].to(device))
+        moving_features = model.unet(torch.from_numpy(moving_array)[None, None].to(device))
+    return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, fixed.grid, autocast), notes
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def register(
+    fixed_image: sitk.Image,
+    moving_image: sitk.Image,
+    config: RegistrationConfig = RegistrationConfig(),
+    *,
+    weights=None,
+    device: torch.device | str = "cpu",
+    log: Log = _no_log,
+) -> RegistrationResult:
+    """Register ``moving_image`` to ``fixed_image`` (any grids, physical space).
+
+    Args:
+        weights: ``checkpoint.LoadedWeights`` for a GVSL network prediction, or None for
+            instance optimisation alone.
+        log: called with one-line progress messages.
+
+    Returns:
+        The transform (fixed physical point -> moving physical point), the similarity
+        before, after the affine, and at the end (on the finest working grid), the stages
+        run and notes for the user.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    affine_similarity = Similarity(config.similarity, config.affine_ncc_window)
+    similarity = Similarity(config.similarity, config.ncc_window)
+    fixed_geometry = Geometry.of(fixed_image)
+    spacing = config.spacing or automatic_spacing(fixed_geometry, config.max_working_voxels)
+    notes: list[str] = []
+    if device.type == "cuda":
+        channels = 12 if config.similarity == "mind" else 1
+        spacing, note = _fit_spacing(spacing, fixed_geometry, available_memory(device), lambda v: optimisation_bytes(v, channels), "instance optimisation", log)
+        notes += [note] if note else []
+    levels = build_levels(fixed_image, moving_image, config, spacing, similarity, device)
+    finest, coarsest = levels[0], levels[-1]
+    log(f"working grids: {' -> '.join(f'{lv.fixed_grid.spacing[0]:.2f} mm' for lv in reversed(levels))} (fixed {'x'.join(map(str, finest.fixed_grid.size))} voxels)")
+    identity = torch.eye(4, dtype=torch.float64, device=device)
+    scores = {"before": similarity.score(finest.fixed, finest.moved(identity, None, similarity.padding_mode))}
+    stages: list[str] = []
+
+    network = None
+    if weights is not None:
+        network, network_notes = network_features(weights, fixed_image, moving_image, device, log)
+        notes += network_notes
+    if network is not None and weights.affine_trained:
+        affine = network.affine()
+        stages.append("network affine")
+    else:
+        affine = moments_affine(coarsest.fixed_image, coarsest.fixed_grid, coarsest.moving_image, coarsest.moving_grid)
+        stages.append("moments")
+        if network is not None:
+            notes.append(
+                "the checkpoint's affine head is untrained (the official GVSL code never trained it), "
+                "so its affine output is not used; the affine comes from image moments"
+                + (" and optimisation" if config.iters and config.affine else "")
+            )
+    if config.iters and config.affine:
+        log(f"affine: {config.iters} iterations at {coarsest.fixed_grid.spacing[0]:.2f} mm")
+        affine = optimise_affine(coarsest, affine, affine_similarity, config, config.iters)
+        stages.append(f"affine optimisation @ {coarsest.fixed_grid.spacing[0]:.2f} mm")
+    affine_t = torch.as_tensor(affine, dtype=torch.float64, device=device)
+    scores["after_affine"] = similarity.score(finest.fixed, finest.moved(affine_t, None, similarity.padding_mode))
+
+    displacement, grid = None, None
+    if network is not None:
+        displacement, grid = network.displacement(affine), network.fixed_grid
+        stages.append("network deformable")
+    if config.deformable:
+        for index in reversed(range(len(levels))):
+            iters = config.iterations_at(index) if config.iters else 0
+            if iters == 0:
+                continue
+            level = levels[index]
+            if displacement is not None:
+                displacement = resample_displacement(displacement, grid, level.fixed_grid)
+            log(f"deformable: {iters} iterations at {level.fixed_grid.spacing[0]:.2f} mm")
+            displacement = optimise_deformable(level, affine, displacement, similarity, config, iters)
+            grid = level.fixed_grid
+            stages.append(f"deformable optimisation @ {grid.spacing[0]:.2f} mm")
+    if displacement is not None and grid != finest.fixed_grid:
+        displacement, grid = resample_displacement(displacement, grid, finest.fixed_grid), finest.fixed_grid
+    scores["after"] = similarity.score(finest.fixed, finest.moved(affine_t, displacement, similarity.padding_mode))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return RegistrationResult(
+        transform=Transform(affine=affine, displacement=displacement, grid=grid),
+        similarity=scores,
+        stages=stages,
+        notes=notes,
+        working_spacing=spacing,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,182 @@
+"""One registration from files to files: read and check inputs, register, write outputs, report.
+
+Outputs in the output folder (names fixed, so scripts can rely on them):
+
+- ``moved.nii.gz``: the moving image resampled on the fixed image's grid (float32, the
+  moving image's minimum outside it);
+- ``displacement.nii.gz``: the complete transform as an ITK displacement field: a 3-vector
+  float32 image in mm on the fixed grid, fixed point + d = moving point. SimpleITK's
+  ``DisplacementFieldTransform`` and ANTs (``antsApplyTransforms -t displacement.nii.gz``)
+  apply it directly, and reproduce ``moved.nii.gz``;
+- ``affine.tfm``: the affine stage alone (fixed point -> moving point) as an ITK transform
+  file; the deformable part is already included in ``displacement.nii.gz``, so do not chain
+  the two;
+- ``moved_labels.nii.gz``: with ``moving_labels``, the label map resampled by nearest
+  neighbour on the fixed grid, label values and pixel type kept;
+- ``report.json``: written last, so its presence means the run completed.
+
+Every file is written to a temporary name and renamed (``io``), so an interrupted run never
+leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from gvsl_cli import __version__
+from gvsl_cli.errors import InputError
+from gvsl_cli.geometry import Geometry
+from gvsl_cli.io import atomic_path, read_volume, write_transform, write_volume
+from gvsl_cli.registration import RegistrationConfig, register
+from gvsl_cli.similarity import Similarity
+from gvsl_cli.warping import dice_scores, field_from_map, field_image, jacobian_statistics, resample_through_field, affine_transform
+
+OUTPUT_NAMES = {
+    "moved": "moved.nii.gz",
+    "displacement": "displacement.nii.gz",
+    "affine": "affine.tfm",
+    "moved_labels": "moved_labels.nii.gz",
+    "report": "report.json",
+}
+
+
+def device_description(device: torch.device) -> str:
+    """The device in words: GPU model, or CPU with its thread count."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
+    """Read a label map and check it lies on the grid of the image it labels."""
+    labels = read_volume(path)
+    expected, got = Geometry.of(grid_of), Geometry.of(labels)
+    if not expected.is_close(got, atol=1e-3):
+        raise InputError(
+            f"{path}: {role} label map is not on the {role} image's grid "
+            f"(size {got.size} vs {expected.size}, spacing {tuple(round(s, 4) for s in got.spacing)} vs {tuple(round(s, 4) for s in expected.spacing)}, "
+            f"origin {tuple(round(o, 2) for o in got.origin)} vs {tuple(round(o, 2) for o in expected.origin)})",
+            hint=f"give the label map that belongs to the {role} image, or resample it onto that image's grid",
+        )
+    return labels
+
+
+def _write_json(data: dict, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_registration(
+    fixed_path: Path,
+    moving_path: Path,
+    out_dir: Path,
+    *,
+    config: RegistrationConfig = RegistrationConfig(),
+    weights_spec: str | None = None,
+    moving_labels_path: Path | None = None,
+    fixed_labels_path: Path | None = None,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Register ``moving_path`` onto ``fixed_path``, write the outputs in ``out_dir``.
+
+    Returns:
+        The report (also written as ``report.json``); see docs/registration.md.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    fixed = read_volume(fixed_path)
+    moving = read_volume(moving_path)
+    moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
+    fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a folder")
+    weights = None
+    if weights_spec:
+        from gvsl_cli.weights import load_weights_spec
+
+        weights = load_weights_spec(weights_spec)
+        log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
+
+    result = register(fixed, moving, config, weights=weights, device=device, log=log)
+    for note in result.notes:
+        log(f"note: {note}")
+
+    log("writing outputs on the fixed grid")
+    fixed_grid = Geometry.of(fixed)
+    field = field_from_map(result.transform.physical_points, fixed_grid, device=device)
+    background = float(np.min(sitk.GetArrayViewFromImage(moving)))
+    moved = resample_through_field(moving, field, fixed_grid, default_value=background)
+    jacobian = jacobian_statistics(field, fixed_grid)
+    moved_labels = resample_through_field(moving_labels, field, fixed_grid, labels=True) if moving_labels is not None else None
+
+    dice = None
+    if moved_labels is not None and fixed_labels is not None:
+        fixed_array = sitk.GetArrayViewFromImage(fixed_labels)
+        unmoved = resample_through_field(moving_labels, torch.zeros_like(field), fixed_grid, labels=True)
+        before = dice_scores(fixed_array, sitk.GetArrayViewFromImage(unmoved))
+        after = dice_scores(fixed_array, sitk.GetArrayViewFromImage(moved_labels))
+        dice = {
+            "labels": {str(label): {"before": before[label], "after": after[label]} for label in after},
+            "mean_before": float(np.mean(list(before.values()))) if before else None,
+            "mean_after": float(np.mean(list(after.values()))) if after else None,
+        }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {}
+    write_volume(moved, out_dir / OUTPUT_NAMES["moved"])
+    outputs["moved"] = OUTPUT_NAMES["moved"]
+    write_volume(field_image(field, fixed_grid), out_dir / OUTPUT_NAMES["displacement"])
+    outputs["displacement"] = OUTPUT_NAMES["displacement"]
+    write_transform(affine_transform(result.transform.affine), out_dir / OUTPUT_NAMES["affine"])
+    outputs["affine"] = OUTPUT_NAMES["affine"]
+    if moved_labels is not None:
+        write_volume(moved_labels, out_dir / OUTPUT_NAMES["moved_labels"])
+        outputs["moved_labels"] = OUTPUT_NAMES["moved_labels"]
+    outputs["report"] = OUTPUT_NAMES["report"]
+
+    similarity = Similarity(config.similarity, config.ncc_window)
+    report = {
+        "gvsl_version": __version__,
+        "fixed": str(fixed_path),
+        "moving": str(moving_path),
+        "moving_labels": str(moving_labels_path) if moving_labels_path else None,
+        "fixed_labels": str(fixed_labels_path) if fixed_labels_path else None,
+        "device": device_description(device),
+        "weights": None
+        if weights is None
+        else {
+            "source": weights_spec,
+            "kind": weights.kind,
+            "width": weights.model_config.width,
+            "affine_trained": weights.affine_trained,
+            "affine_used": weights.affine_trained,
+        },
+        "similarity": {
+            "metric": config.similarity,
+            "higher_is_better": similarity.higher_is_better,
+            "measured_on": f"fixed working grid, {result.working_spacing:g} mm",
+            **result.similarity,
+        },
+        "dice": dice,
+        "jacobian": jacobian,
+        "seconds": {"registration": result.seconds, "total": time.perf_counter() - start},
+        "working_spacing_mm": result.working_spacing,
+        "iterations": config.iters,
+        "stages": result.stages,
+        "notes": result.notes,
+        "affine": [[float(v) for v in row] for row in result.transform.affine],
+        "outputs": outputs,
+    }
+    report["seconds"]["total"] = time.perf_counter() - start
+    _write_json(report, out_dir / OUTPUT_NAMES["report"])
+    return report

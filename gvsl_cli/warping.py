@@ -1,0 +1,268 @@
+"""Transforms on real grids: ITK displacement fields, resampling that matches ITK, quality metrics.
+
+A *field* here is ITK's displacement convention: a (D, H, W, 3) float32 tensor of physical
+displacements (x, y, z) in mm on a target grid, such that target point x maps to the source
+point x + d(x) (``DisplacementFieldTransform``, ANTs). Resampling through a field follows
+ITK's rules exactly (so a field written by gvsl and applied by SimpleITK or ANTs reproduces
+gvsl's own output):
+
+- linear: a point is inside when its continuous index lies in [−0.5, n − 0.5) on every
+  axis; neighbours beyond the edge are clamped to it; outside points get a default value;
+- nearest: the index is rounded half up (floor(i + 0.5)), same inside rule; label values are
+  copied, never interpolated.
+
+Large grids are processed in slabs of z slices, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from gvsl_cli import spatial
+from gvsl_cli.geometry import Geometry
+
+#: z slices per slab: about 40 MB of float32 points per slab for a 256 x 256 in-plane grid.
+SLAB_VOXELS = 4_000_000
+
+
+def _slabs(geometry: Geometry):
+    per_slice = geometry.size[0] * geometry.size[1]
+    step = max(1, SLAB_VOXELS // max(per_slice, 1))
+    for start in range(0, geometry.size[2], step):
+        yield start, min(start + step, geometry.size[2])
+
+
+def grid_points(geometry: Geometry, z_range: tuple[int, int] | None = None, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Physical points (mm, x y z) of the voxels of ``geometry``: (D, H, W, 3) of ``dtype``.
+
+    ``z_range`` = (start, stop) restricts to a slab of z slices.
+    """
+    start, stop = z_range or (0, geometry.size[2])
+    nx, ny, _ = geometry.size
+    k, j, i = torch.meshgrid(
+        torch.arange(start, stop, device=device, dtype=torch.float64),
+        torch.arange(ny, device=device, dtype=torch.float64),
+        torch.arange(nx, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    index = torch.stack([i, j, k], dim=-1)
+    matrix = torch.as_tensor(geometry.index_to_physical(), dtype=torch.float64, device=device)
+    return (index @ matrix[:3, :3].T + matrix[:3, 3]).to(dtype)
+
+
+def field_from_map(point_map: Callable[[torch.Tensor], torch.Tensor], target: Geometry, *, device=None) -> torch.Tensor:
+    """Evaluate a point map (N, 3) mm -> (N, 3) mm on ``target``: the field (D, H, W, 3) mm."""
+    slabs = []
+    for start, stop in _slabs(target):
+        points = grid_points(target, (start, stop), device=device)
+        mapped = point_map(points.view(-1, 3)).view(points.shape)
+        slabs.append(mapped - points)
+    return torch.cat(slabs, dim=0)
+
+
+def _continuous_index(points: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    matrix = torch.as_tensor(geometry.physical_to_index(), dtype=points.dtype, device=points.device)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _inside(index: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    size = torch.tensor(geometry.size, dtype=index.dtype, device=index.device)
+    return ((index >= -0.5) & (index < size - 0.5)).all(dim=-1)
+
+
+def _volume_tensor(image: sitk.Image, *, labels: bool, device) -> torch.Tensor:
+    array = sitk.GetArrayFromImage(image)
+    if labels and array.dtype.kind in "iu":
+        # torch lacks some unsigned types; int64 holds every ITK integer label exactly.
+        array = array.astype(np.int64)
+    elif not labels:
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).to(device)
+
+
+def resample_through_field(
+    image: sitk.Image,
+    field: torch.Tensor,
+    target: Geometry,
+    *,
+    labels: bool = False,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """``image`` resampled on ``target`` through ``field`` (D, H, W, 3) mm, as ITK would.
+
+    Images are interpolated linearly into float32; label maps (``labels=True``) by nearest
+    neighbour into their own pixel type, so label values survive unchanged.
+    """
+    device = field.device
+    source = Geometry.of(image)
+    volume = _volume_tensor(image, labels=labels, device=device)
+    out = torch.empty(target.shape_zyx, dtype=volume.dtype, device=device)
+    for start, stop in _slabs(target):
+        # float64 points and indices, as ITK computes them: rounding to the nearest label
+        # then agrees with SimpleITK even for points that fall almost halfway.
+        points = grid_points(target, (start, stop), device=device, dtype=torch.float64) + field[start:stop].double()
+        index = _continuous_index(points.view(-1, 3), source)
+        inside = _inside(index, source)
+        if labels:
+            nearest = torch.floor(index + 0.5).long()
+            for axis in range(3):
+                nearest[:, axis].clamp_(0, source.size[axis] - 1)
+            values = volume[nearest[:, 2], nearest[:, 1], nearest[:, 0]]
+        else:
+            sizes = torch.tensor(source.size, dtype=index.dtype, device=device)
+            normalized = 2.0 * index / (sizes - 1).clamp(min=1) - 1.0
+            # Border padding clamps the neighbours to the edge: ITK's rule inside [−0.5, n−0.5).
+            values = spatial.sample(volume[None, None], normalized.float().view(1, -1, 1, 1, 3), padding_mode="border").view(-1)
+        values = torch.where(inside, values, torch.as_tensor(default_value, dtype=values.dtype, device=device))
+        out[start:stop] = values.view(stop - start, *target.shape_zyx[1:])
+    result = sitk.GetImageFromArray(out.cpu().numpy())
+    if labels:
+        result = sitk.Cast(result, image.GetPixelID())
+    target.apply_to(result)
+    return result
+
+
+def field_image(field: torch.Tensor, target: Geometry) -> sitk.Image:
+    """The field as an ITK displacement image (3-vector float32 per voxel, mm) on ``target``."""
+    image = sitk.GetImageFromArray(field.detach().float().cpu().numpy(), isVector=True)
+    target.apply_to(image)
+    return image
+
+
+def field_from_image(image: sitk.Image, *, device=None) -> torch.Tensor:
+    """A displacement image (vector, mm) as a (D, H, W, 3) float32 tensor."""
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32)).to(device)
+
+
+def affine_transform(affine: np.ndarray) -> sitk.AffineTransform:
+    """A (4, 4) physical affine (fixed point -> moving point) as an ITK AffineTransform."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in affine[:3, :3].reshape(-1)])
+    transform.SetTranslation([float(v) for v in affine[:3, 3]])
+    return transform
+
+
+def jacobian_statistics(field: torch.Tensor, target: Geometry) -> dict[str, float]:
+    """Folding and smoothness of the map x ↦ x + d(x) over the interior voxels of ``target``.
+
+    The Jacobian is J = I + ∂d/∂x in physical units (central differences on the index grid,
+    times the inverse of direction·spacing), so it includes the affine part's volume change.
+
+    Returns:
+        nonpositive_percent: % of voxels with det J <= 0 (folding);
+        sd_log_j: standard deviation of log(det J), det J clipped to [1e-9, 1e9];
+        mean_log_j: its mean (0 = no overall volume change).
+    """
+    if min(field.shape[:3]) < 3:
+        return {"nonpositive_percent": 0.0, "sd_log_j": 0.0, "mean_log_j": 0.0}
+    index_to_mm = target.direction_matrix @ np.diag(target.spacing)
+    # float32 is plenty for determinants of near-identity 3x3 matrices; sums go to float64.
+    inverse = torch.as_tensor(np.linalg.inv(index_to_mm), dtype=torch.float32, device=field.device)
+    eye = torch.eye(3, dtype=torch.float32, device=field.device)
+    count = folded = 0
+    total = total_sq = 0.0
+    depth = field.shape[0]
+    for start, stop in _slabs(target):
+        lo, hi = max(start, 1), min(stop, depth - 1)
+        if lo >= hi:
+            continue
+        slab = field[lo - 1 : hi + 1].float()
+        # ∂d/∂index along x (W), y (H), z (D), interior voxels: (n, h, w, 3 components).
+        dx = (slab[1:-1, 1:-1, 2:] - slab[1:-1, 1:-1, :-2]) / 2.0
+        dy = (slab[1:-1, 2:, 1:-1] - slab[1:-1, :-2, 1:-1]) / 2.0
+        dz = (slab[2:, 1:-1, 1:-1] - slab[:-2, 1:-1, 1:-1]) / 2.0
+        gradient = torch.stack([dx, dy, dz], dim=-1)  # [..., component, index axis]
+        determinant = torch.linalg.det(eye + gradient @ inverse)
+        folded += int((determinant <= 0).sum())
+        log_j = torch.log(determinant.clamp(1e-9, 1e9))
+        total += float(log_j.double().sum())
+        total_sq += float((log_j.double() ** 2).sum())
+        count += determinant.numel()
+    mean = total / max(count, 1)
+    variance = max(total_sq / max(count, 1) - mean * mean, 0.0)
+    return {"nonpositive_percent": 100.0 * folded / max(count, 1), "sd_log_j": math.sqrt(variance), "mean_log_j": mean}
+
+
+def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int, float]:
+    """Dice of every non-zero label of ``fixed_labels`` against ``moved_labels`` (same shape)."""
+    scores = {}
+    for label in np.unique(fixed_labels):
+        if label == 0:
+            continue
+        a = fixed_labels == label
+        b = moved_labels == label
+        scores[int(label)] = float(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    return scores
+
+
+# --------------------------------------------------------------------------- saved transforms
+
+#: The file a ``gvsl register`` output folder holds the complete transform in.
+REGISTRATION_FIELD_NAME = "displacement.nii.gz"
+
+
+def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
+    """Read transforms given like ``antsApplyTransforms -t``: the last one is applied first.
+
+    Each path is a ``gvsl register`` output folder (its ``displacement.nii.gz``), a
+    displacement field image (3-vector, mm; ITK convention), or an ITK transform file
+    (.tfm, .txt, .mat, .h5).
+
+    Returns:
+        The composite transform (output point -> input point) and the grid of the first
+        displacement field met (the natural output grid), or None when there is none.
+
+    Raises:
+        InputError: a path that is missing or is neither of those.
+    """
+    from pathlib import Path
+
+    from gvsl_cli.errors import InputError
+    from gvsl_cli.io import read_volume, volume_suffix
+
+    if not paths:
+        raise InputError("no transform given", hint="pass -t with a gvsl register output folder, a displacement field or an ITK transform file")
+    composite = sitk.CompositeTransform(3)
+    reference = None
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            field_path = path / REGISTRATION_FIELD_NAME
+            if not field_path.is_file():
+                raise InputError(f"{path}: folder holds no {REGISTRATION_FIELD_NAME}", hint="give the output folder of gvsl register, or the transform files themselves")
+            path = field_path
+        if not path.exists():
+            raise InputError(f"{path}: no such transform file or folder")
+        if volume_suffix(path) is not None:
+            field = read_volume(path, vector=True)
+            reference = reference or Geometry.of(field)
+            composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
+            continue
+        if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
+            raise InputError(f"{path}: not a transform: expected a displacement field image or an ITK transform file (.tfm, .txt, .mat, .h5)")
+        try:
+            composite.AddTransform(sitk.ReadTransform(str(path)))
+        except RuntimeError as exc:
+            detail = (str(exc).strip().splitlines() or [""])[-1][:160]
+            raise InputError(f"{path}: cannot read as an ITK transform ({detail})") from None
+    return composite, reference
+
+
+def apply_transform(image: sitk.Image, transform: sitk.Transform, reference: Geometry, *, labels: bool) -> sitk.Image:
+    """Resample ``image`` on ``reference`` through ``transform`` (reference point -> image point).
+
+    Label maps by nearest neighbour in their own pixel type (values kept, 0 outside); images
+    linearly into float32 with the image's minimum outside, exactly as ``gvsl register``
+    writes ``moved.nii.gz``.
+    """
+    grid = sitk.Image([int(s) for s in reference.size], sitk.sitkUInt8)
+    reference.apply_to(grid)
+    if labels:
+        return sitk.Resample(image, grid, transform, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+    background = float(np.min(sitk.GetArrayViewFromImage(image)))
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, background, sitk.sitkFloat32)

@@ -1,0 +1,171 @@
+"""Registration engine: known affines and deformations recovered, physical-space outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from gvsl_cli.errors import ConfigError, DeviceError
+from gvsl_cli.geometry import Geometry
+from gvsl_cli.io import read_volume
+from gvsl_cli.registration import RegistrationConfig, _fit_spacing, register, resample_displacement
+from gvsl_cli.similarity import Similarity, mind_ssc
+from gvsl_cli.warping import field_from_map, grid_points, jacobian_statistics
+
+#: Quick settings for tests: 4 mm working grid, one level.
+QUICK = dict(spacing=4.0, levels=1)
+
+
+def oblique_grid(image: sitk.Image, spacing=(2.5, 2.2, 3.0), angle_deg=12.0) -> Geometry:
+    """A grid over the same anatomy with another spacing, origin and an oblique direction."""
+    geometry = Geometry.of(image)
+    a = math.radians(angle_deg)
+    rotation = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    direction = geometry.direction_matrix @ rotation
+    centre = geometry.physical_corners().mean(axis=0)
+    extent = np.asarray(geometry.size) * np.asarray(geometry.spacing)
+    size = tuple(int(e / s) for e, s in zip(extent, spacing))
+    origin = centre - direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)
+    return Geometry(size=size, spacing=tuple(spacing), origin=tuple(origin), direction=tuple(direction.reshape(-1)))
+
+
+def resample_on(image: sitk.Image, grid: Geometry, transform=None, *, labels=False) -> sitk.Image:
+    reference = sitk.Image([int(s) for s in grid.size], sitk.sitkUInt8)
+    grid.apply_to(reference)
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, 0.0, image.GetPixelID() if labels else sitk.sitkFloat32)
+
+
+def brain_points(fixed: sitk.Image, threshold: float = 40.0) -> torch.Tensor:
+    """Physical points (N, 3) of the fixed voxels brighter than ``threshold`` (head tissue)."""
+    points = grid_points(Geometry.of(fixed))
+    mask = torch.from_numpy(sitk.GetArrayFromImage(fixed) > threshold)
+    return points[mask]
+
+
+def test_known_affine_between_real_volumes_on_different_grids_is_recovered(icbm_t1):
+    fixed = read_volume(icbm_t1)
+    # φ_true maps fixed points to moving points: 5° about z, 4 % larger, shifted (mm).
+    a = math.radians(5.0)
+    true = np.eye(4)
+    true[:3, :3] = 1.04 * np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    true[:3, 3] = (4.0, -6.0, 3.0)
+    inverse = np.linalg.inv(true)
+    to_fixed = sitk.AffineTransform(3)
+    to_fixed.SetMatrix(inverse[:3, :3].reshape(-1).tolist())
+    to_fixed.SetTranslation(inverse[:3, 3].tolist())
+    # The moving image: the same anatomy seen through φ_true, on an oblique anisotropic grid.
+    moving = resample_on(fixed, oblique_grid(fixed), to_fixed)
+    result = register(fixed, moving, RegistrationConfig(iters=150, deformable=False, **QUICK))
+    points = brain_points(fixed).double().numpy()
+    estimated = points @ result.transform.affine[:3, :3].T + result.transform.affine[:3, 3]
+    expected = points @ true[:3, :3].T + true[:3, 3]
+    error = np.linalg.norm(estimated - expected, axis=1)
+    assert error.mean() < 1.0, f"mean error {error.mean():.2f} mm"
+    assert np.percentile(error, 95) < 2.0
+    assert result.similarity["after"] > result.similarity["before"]
+
+
+def test_known_smooth_deformation_is_recovered(icbm_t1):
+    fixed = read_volume(icbm_t1)
+    geometry = Geometry.of(fixed)
+    points = grid_points(geometry).double()
+    # A smooth displacement (mm) D on the fixed grid; the moving image is M(y) = F(y + D(y)).
+    centre = points.view(-1, 3).mean(0)
+    relative = (points - centre) / 40.0
+    true_d = torch.stack(
+        [3.0 * torch.sin(relative[..., 1]), 2.5 * torch.cos(relative[..., 2]) - 2.5, 2.0 * torch.sin(relative[..., 0])], dim=-1
+    )
+    field = sitk.GetImageFromArray(true_d.numpy(), isVector=True)
+    field.CopyInformation(fixed)
+    moving = sitk.Resample(fixed, fixed, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # φ (fixed -> moving) is the inverse of y -> y + D(y): solve φ(x) = x − D(φ(x)) by fixed-point iteration.
+    def d_at(p: torch.Tensor) -> torch.Tensor:
+        q = p - centre
+        r = q / 40.0
+        return torch.stack([3.0 * torch.sin(r[:, 1]), 2.5 * torch.cos(r[:, 2]) - 2.5, 2.0 * torch.sin(r[:, 0])], dim=-1)
+
+    x = brain_points(fixed).double()
+    phi = x.clone()
+    for _ in range(30):
+        phi = x - d_at(phi)
+    expected = (phi - x).float()
+    result = register(fixed, moving, RegistrationConfig(iters=120, affine=False, spacing=2.0, levels=2))
+    estimated = result.transform.physical_points(x.float()) - x.float()
+    error = (estimated - expected).norm(dim=1)
+    magnitude = expected.norm(dim=1)
+    assert magnitude.mean() > 2.0  # a real deformation
+    assert error.mean() < 0.35 * magnitude.mean(), f"mean error {error.mean():.2f} mm for {magnitude.mean():.2f} mm"
+    assert result.similarity["after"] > result.similarity["after_affine"]
+
+
+def test_identical_images_give_an_identity_map(icbm_t1):
+    fixed = read_volume(icbm_t1)
+    result = register(fixed, fixed, RegistrationConfig(iters=60, **QUICK))
+    x = brain_points(fixed)
+    error = (result.transform.physical_points(x) - x).norm(dim=1)
+    # Sub-voxel on the 4 mm working grid.
+    assert error.mean() < 0.5 and error.max() < 2.0, (float(error.mean()), float(error.max()))
+
+
+def test_mse_and_mind_register_a_shifted_pair(icbm_t1):
+    fixed = read_volume(icbm_t1)
+    shift = sitk.TranslationTransform(3, (0.0, 6.0, 0.0))  # moving point y shows fixed point y + 6 mm
+    moving = sitk.Resample(fixed, fixed, shift, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    for metric in ("mse", "mind"):
+        result = register(fixed, moving, RegistrationConfig(similarity=metric, iters=100, deformable=False, **QUICK))
+        # φ(x) = x − 6 mm along y.
+        assert abs(result.transform.affine[1, 3] + 6.0) < 1.5, (metric, result.transform.affine[:3, 3])
+        assert result.similarity["after"] < result.similarity["before"]
+
+
+def test_mind_is_invariant_to_intensity_scaling_and_shift(generator):
+    image = torch.rand(1, 1, 12, 13, 14, generator=generator)
+    a = mind_ssc(image)
+    b = mind_ssc(3.0 * image + 7.0)
+    assert a.shape == (1, 12, 12, 13, 14)
+    assert torch.allclose(a, b, atol=1e-4)
+    assert a.max() <= 1.0 and a.min() > 0.0
+
+
+def test_resample_displacement_keeps_physical_displacement():
+    coarse = Geometry(size=(8, 9, 10), spacing=(4.0, 4.0, 4.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    fine = Geometry(size=(16, 18, 20), spacing=(2.0, 2.0, 2.0), origin=(1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    u = torch.zeros(1, 3, 10, 9, 8)
+    u[:, 2] = 1.5  # 1.5 voxels of 4 mm along x = 6 mm
+    resized = resample_displacement(u, coarse, fine)
+    assert resized.shape == (1, 3, 20, 18, 16)
+    assert torch.allclose(resized[:, 2], torch.full_like(resized[:, 2], 3.0), atol=1e-5)  # 3 voxels of 2 mm
+    assert torch.allclose(resized[:, :2], torch.zeros_like(resized[:, :2]))
+
+
+def test_jacobian_statistics_of_known_maps():
+    grid = Geometry(size=(10, 11, 12), spacing=(2.0, 1.0, 3.0), origin=(5.0, -3.0, 1.0), direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    scaling = field_from_map(lambda p: 1.1 * p, grid)
+    stats = jacobian_statistics(scaling, grid)
+    assert stats["nonpositive_percent"] == 0.0
+    assert abs(stats["mean_log_j"] - 3 * math.log(1.1)) < 1e-4 and stats["sd_log_j"] < 1e-4
+    mirrored = field_from_map(lambda p: p * torch.tensor([-1.0, 1.0, 1.0]), grid)
+    assert jacobian_statistics(mirrored, grid)["nonpositive_percent"] == 100.0
+
+
+def test_memory_check_coarsens_or_refuses():
+    grid = Geometry(size=(200, 200, 200), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    spacing, note = _fit_spacing(1.0, grid, 100 * 2**20, lambda voxels: voxels * 40, "test", lambda m: None)
+    assert spacing > 1.0 and "not fit" in note
+    assert _fit_spacing(1.0, grid, 2**40, lambda voxels: voxels * 40, "test", lambda m: None) == (1.0, None)
+    with pytest.raises(DeviceError, match="GiB"):
+        _fit_spacing(1.0, grid, 1000, lambda voxels: voxels * 40, "test", lambda m: None)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="similarity"):
+        RegistrationConfig(similarity="mutual-information")
+    with pytest.raises(ConfigError, match="iters"):
+        RegistrationConfig(iters=-1)
+    with pytest.raises(ConfigError, match="window"):
+        Similarity("ncc", 4)
