@@ -27,11 +27,15 @@ step() {  # step NAME SECONDS COMMAND...
 if [ "$what" = pretrain ] || [ "$what" = all ]; then
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step ncc 40 python3 benchmarks/bench_ncc.py --device cuda --sizes 128 --repeats 10
-  step pretrain-bench 240 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 2 --groupnorm auto native --compile --compile-batches 1
-  step pretrain-cli 60 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 40 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
+  step pretrain-bench 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 2 --groupnorm auto native --compile --compile-batches 1
+  step pretrain-cli 45 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 40 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
 fi
 if [ "$what" = register ] || [ "$what" = all ]; then
   if [ -f benchmarks/bench_register.py ]; then
-    step register-bench 240 python3 benchmarks/bench_register.py --device cuda --data shared-data
+    # The full-resolution pair of ../shared/data, copied into .gpudata/ (carried, not committed).
+    data=${GVSL_BENCH_DATA:-.gpudata}
+    step register-bench 150 python3 benchmarks/bench_register.py --device cuda --repeats 3 --spacings auto 1.25 1.0 \
+      --moving "$data/mr_colin27_t1.nii.gz" --fixed "$data/mr_icbm152_t1.nii.gz" \
+      --moving-labels "$data/mr_colin27_tissue.nii.gz" --fixed-labels "$data/mr_icbm152_tissue.nii.gz"
   fi
 fi
