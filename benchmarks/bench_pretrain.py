@@ -11,7 +11,7 @@ prefetched by threads, pinned), copy to the device, the GPU-side augmentation (a
 elastic warp of A, A', B; pixel shuffling, Bézier mapping, in-painting). Data are the real
 example volumes resampled to 1 mm. Each cell is the median over ``--repeats`` timed
 iterations after ``--warmup``; TFLOP/s counts 7.57 TFLOP per step at 128³, batch 1, width 32
-(scaled by voxels × batch; for other widths only indicative). Peak memory is
+(scaled by voxels × batch; shown for width 32 only). Peak memory is
 ``torch.cuda.max_memory_allocated``.
 """
 
@@ -103,10 +103,11 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         peak = peak_gib(device)
     finally:
         loader.close()
-    tflop = TFLOP_128_B1 * (size / 128) ** 3 * batch
+    # The 7.57 TFLOP count is for width 32; other widths would need their own count.
+    tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
     variant = ("compile" if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
-    row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{tflop / (model_ms / 1000):.1f}", peak]
+    row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
     if compile_model:
         row[3] += f" ({compile_s:.0f} s compile)"
     return row
