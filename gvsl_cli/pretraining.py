@@ -211,7 +211,8 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
     """(model config, preprocess config, initial state_dict or None, init affine trusted?)."""
     preprocess_kwargs = {"spacing": config.spacing, "modality": config.modality}
     if config.init is None:
-        return ModelConfig(width=config.width), PreprocessConfig(**preprocess_kwargs), None, True
+        # A new affine head is not trusted either until it has trained for a while.
+        return ModelConfig(width=config.width), PreprocessConfig(**preprocess_kwargs), None, False
     from gvsl_cli.weights import load_weights_spec
 
     loaded = load_weights_spec(config.init)
@@ -303,7 +304,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     if resumed is not None:
         model_config = resumed.model_config
         preprocess = PreprocessConfig(spacing=config.spacing, modality=config.modality)
-        init_state, init_affine_trained = None, bool(resumed.extra.get("init_affine_trained", True))
+        init_state, init_affine_trained = None, bool(resumed.extra.get("init_affine_trained", False))
     else:
         model_config, preprocess, init_state, init_affine_trained = _model_and_contract(config, reporter)
     dataset = _load_dataset(config, preprocess, context, reporter)

@@ -62,6 +62,7 @@ def test_training_on_real_volumes_reduces_the_loss(volumes, cache_dir, tmp_path)
     run_dir = tmp_path / "run"
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "10", "--save-every", "10", "--log-every", "5", "--seed", "0")) == 0
     trained = load_weights(run_dir / "model.pt")
+    assert trained.affine_trained is False  # 10 iterations: the affine head is not trusted yet
     torch.manual_seed(0)  # the run's initial weights come from --seed
     from gvsl_cli.model import GVSL
 
