@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|layout|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|layout|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -34,6 +34,16 @@ if [ "$what" = layout ]; then
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step layout-bench 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 \
     --layouts default channels_last --compile --compile-layouts channels_last --compile-batches 1
+fi
+if [ "$what" = final ]; then
+  data=${GVSL_BENCH_DATA:-.gpudata}
+  step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step register-bench-auto 90 python3 benchmarks/bench_register.py --device cuda --repeats 3 --spacings auto \
+    --moving "$data/mr_colin27_t1.nii.gz" --fixed "$data/mr_icbm152_t1.nii.gz" \
+    --moving-labels "$data/mr_colin27_tissue.nii.gz" --fixed-labels "$data/mr_icbm152_tissue.nii.gz"
+  for i in 1 2; do
+    step register-cli-$i 60 bash -c "time python3 -m gvsl_cli register $data/mr_icbm152_t1.nii.gz $data/mr_colin27_t1.nii.gz -o /tmp/reg$i --moving-labels $data/mr_colin27_tissue.nii.gz --fixed-labels $data/mr_icbm152_tissue.nii.gz"
+  done
 fi
 if [ "$what" = register ] || [ "$what" = all ]; then
   if [ -f benchmarks/bench_register.py ]; then
