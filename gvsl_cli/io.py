@@ -34,16 +34,30 @@ def volume_suffix(path: str | os.PathLike) -> str | None:
     return None
 
 
+def dicom_series_ids(folder: str | os.PathLike) -> list[str]:
+    """The DICOM series UIDs found in ``folder`` (not recursive); [] when there are none.
+
+    ITK prints a warning on stderr for a folder without series; gvsl reports that itself in
+    one line, so the warning is silenced for this call.
+    """
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def is_volume_path(path: str | os.PathLike) -> bool:
     """True for a file with a volume ending or a folder holding a DICOM series."""
     path = Path(path)
     if path.is_dir():
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+        return bool(dicom_series_ids(path))
     return path.is_file() and volume_suffix(path) is not None
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series_ids = dicom_series_ids(folder)
     if not series_ids:
         raise InputError(f"{folder}: folder holds no DICOM series", hint="give a volume file or a folder of DICOM slices")
     if len(series_ids) > 1:

@@ -50,3 +50,10 @@ def test_debug_shows_the_exception(tmp_path):
 def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "gvsl_cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"gvsl {__version__}"
+
+
+def test_folder_without_dicom_is_one_line_without_itk_warnings(capfd, tmp_path):
+    code = run(["info", str(tmp_path)])
+    err = capfd.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [err] and err.startswith("error: ") and "no DICOM series" in err
