@@ -16,7 +16,7 @@ import typer
 
 from gvsl_cli import __version__
 from gvsl_cli.commands import COMMAND_MODULES
-from gvsl_cli.errors import DeviceError, GvslError
+from gvsl_cli.errors import DeviceError, GvslError, InputError
 
 
 app = typer.Typer(
@@ -56,12 +56,17 @@ def _error(message: str) -> None:
 
 
 def _as_gvsl_error(exc: BaseException) -> GvslError | None:
-    """Map known foreign exceptions (GPU out of memory) to a GvslError."""
+    """Map known foreign exceptions (GPU out of memory, file system errors) to a GvslError."""
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         return DeviceError(
             "the device ran out of memory",
             hint="use a smaller --patch or --batch, --precision bf16, or --device cpu",
         )
+    if isinstance(exc, OSError) and exc.strerror:
+        # A file-system problem the engine did not foresee (permissions, full disk, a path
+        # that vanished): the user's environment, not a bug in gvsl.
+        where = f"{exc.filename}: " if exc.filename else ""
+        return InputError(f"{where}{exc.strerror}", hint="check the path, its permissions and the free disk space")
     return None
 
 

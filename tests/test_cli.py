@@ -57,3 +57,18 @@ def test_folder_without_dicom_is_one_line_without_itk_warnings(capfd, tmp_path):
     err = capfd.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [err] and err.startswith("error: ") and "no DICOM series" in err
+
+
+def test_file_system_errors_are_one_line_user_errors(capsys, monkeypatch, colin_t1):
+    import errno
+
+    from gvsl_cli.commands import info
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.nii.gz")
+
+    monkeypatch.setattr(info, "describe_volume", full_disk)
+    code = run(["info", str(colin_t1)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == "error: /data/out.nii.gz: No space left on device (hint: check the path, its permissions and the free disk space)"
