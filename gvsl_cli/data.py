@@ -21,6 +21,7 @@ Arrays are (z, y, x) = (D, H, W) like SimpleITK's; patches are float32 in about 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
@@ -277,7 +278,8 @@ def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> 
     key = cache.key(source, config)
     entry = cache.get(key)
     if entry is not None:
-        return entry
+        # The entry remembers the path it was first made from; report this input's path.
+        return dataclasses.replace(entry, source=str(source))
     prepared = read_and_prepare(source, config)
     grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
     return cache.put(key, source, prepared.array, prepared.modality, grid)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ from gvsl_cli.training import (
 
 CHECKPOINT_FILE = "last.pt"
 MODEL_FILE = "model.pt"
+RUN_FILE = "run.json"
 #: A model initialised from weights whose affine head was never trained (the official
 #: checkpoint) is trusted for its affine output after this many iterations of gvsl training.
 AFFINE_TRUST_ITERATIONS = 1000
@@ -105,6 +108,12 @@ class PretrainConfig:
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
+        if self.save_every < 1:
+            raise ConfigError(f"--save-every must be >= 1, got {self.save_every}")
+        if self.log_every < 1:
+            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.patch < 16 or self.patch % 16:
@@ -231,9 +240,9 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
     return loaded.model_config, PreprocessConfig(**preprocess_kwargs), loaded.state_dict, loaded.affine_trained
 
 
-def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context: distributed.DistContext, reporter: Reporter) -> data_mod.Dataset:
+def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context: distributed.DistContext, reporter: Reporter, cache_root: Path) -> data_mod.Dataset:
     sources, skipped = data_mod.discover(config.inputs)
-    cache = data_mod.VolumeCache(config.cache_dir or data_mod.default_cache_dir())
+    cache = data_mod.VolumeCache(cache_root)
     dataset = data_mod.prepare_dataset(
         sources, preprocess, cache, workers=max(1, config.workers), shard=(context.rank, context.world_size), barrier=context.barrier
     )
@@ -245,6 +254,20 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
         raise InputError(
             f"no usable volume among {given} input(s) ({len(dataset.skipped)} skipped)",
             hint="give folders or files of NIfTI, NRRD, MHA/MHD or DICOM series",
+        )
+    # Files with the same content (copies) are one volume: a pair of them is no pair.
+    first_of: dict[str, data_mod.CachedVolume] = {}
+    for volume in dataset.volumes:
+        if volume.key in first_of:
+            reporter.note(f"skipped {volume.source}: same content as {first_of[volume.key].source}")
+            dataset.skipped.append(data_mod.Skipped(str(volume.source), f"same content as {first_of[volume.key].source}"))
+        else:
+            first_of[volume.key] = volume
+    dataset.volumes = list(first_of.values())
+    if len(dataset.volumes) < 2:
+        raise InputError(
+            f"pre-training pairs two different volumes; only 1 usable volume among {given} input(s) ({len(dataset.skipped)} skipped)",
+            hint="give at least two different volumes",
         )
     if preprocess.modality == "auto":
         counts = dataset.modality_counts()
@@ -261,11 +284,50 @@ def _contract_for_checkpoint(preprocess: PreprocessConfig, dataset: data_mod.Dat
     return preprocess
 
 
-def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False) -> PretrainSummary:
-    """Run (or resume) GVSL pre-training as ``config`` says; returns rank 0's summary.
+def _check_writable_folder(path: Path, what: str, hint: str) -> list[Path]:
+    """Create ``path`` if needed and write (then delete) a probe file in it.
+
+    Returns the folders it created, deepest first (so a run that fails before using them can
+    remove them again).
 
     Raises:
-        InputError: no usable volume, fewer than two, unreadable list file.
+        InputError: naming ``path``: a file, not a folder, or a folder that cannot be written.
+    """
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} is a file, not a folder", hint=hint)
+    created = []
+    missing = path
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gvsl-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        _remove_empty_folders(created)
+        raise InputError(f"{what} {path} cannot be written: {exc.strerror or exc}", hint=hint) from None
+    return created
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False) -> PretrainSummary | None:
+    """Run (or resume) GVSL pre-training as ``config`` says; returns rank 0's summary.
+
+    Returns None, after a "nothing to do" note, when ``config.resume`` finds the run already
+    at ``config.iters`` (a re-queued job of a finished run).
+
+    Raises:
+        InputError: no usable volume, fewer than two different ones, unreadable list file,
+            a run or cache folder that cannot be written.
         ConfigError: contradictory options; a checkpoint in the run folder without --resume.
         TrainingError: the loss became NaN.
     """
@@ -277,10 +339,12 @@ def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should
         distributed.teardown(context)
 
 
-def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter: Reporter, should_stop) -> PretrainSummary:
-    device = context.device
+def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter: Reporter, should_stop) -> PretrainSummary | None:
+    """Checks everything that can be checked before any work, then trains (``_train``)."""
     run_dir = Path(config.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"run folder {run_dir} is a file, not a folder", hint="point -o at a folder")
     resumed = None
     if config.resume:
         if not checkpoint_path.is_file():
@@ -291,10 +355,35 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         config = _resolve_settings(config, resumed.extra["run"])
         if not config.inputs:
             config = dataclasses.replace(config, inputs=tuple(resumed.extra.get("inputs", ())))
+        reached = int(resumed.extra["training"].get("iteration", 0))
+        if reached == config.iters:
+            # A re-queued job of a finished run (SLURM requeue, a job array): not a failure.
+            reporter.note(f"nothing to do: the run in {run_dir} is already complete (iteration {reached} of --iters {config.iters})")
+            return None
+        if reached > config.iters:
+            raise ConfigError(f"--iters {config.iters} is below the iteration the run in {run_dir} already reached ({reached})", hint=f"give --iters above {reached} to train further")
     elif checkpoint_path.is_file():
         raise ConfigError(f"{run_dir} already holds a run ({CHECKPOINT_FILE})", hint="add --resume to continue it, or choose another -o")
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
+    created = _check_writable_folder(run_dir, "run folder", hint="choose another -o")
+    try:
+        cache_root = Path(config.cache_dir) if config.cache_dir else data_mod.default_cache_dir()
+        cache_hint = "choose another --cache-dir" if config.cache_dir else "give --cache-dir or set GVSL_HOME"
+        _check_writable_folder(cache_root, "cache folder", hint=cache_hint)
+        return _train(config, context, reporter, should_stop, resumed, cache_root)
+    except BaseException:
+        # A new run that fails before its first checkpoint leaves no run record behind.
+        if resumed is None and context.is_main and not checkpoint_path.is_file():
+            (run_dir / RUN_FILE).unlink(missing_ok=True)
+            _remove_empty_folders(created)
+        raise
+
+
+def _train(config: PretrainConfig, context: distributed.DistContext, reporter: Reporter, should_stop, resumed, cache_root: Path) -> PretrainSummary:
+    device = context.device
+    run_dir = Path(config.run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_FILE
     autocast_dtype = resolve_precision(config.precision, device)
     if device.type == "cuda":
         # Every step has the same shapes (fixed patch and batch), so cuDNN's one-time search
@@ -307,7 +396,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         init_state, init_affine_trained = None, bool(resumed.extra.get("init_affine_trained", False))
     else:
         model_config, preprocess, init_state, init_affine_trained = _model_and_contract(config, reporter)
-    dataset = _load_dataset(config, preprocess, context, reporter)
+    dataset = _load_dataset(config, preprocess, context, reporter, cache_root)
     sampler_patch = data_mod.effective_patch(dataset.volumes, (config.patch,) * 3)
     if sampler_patch != (config.patch,) * 3:
         reporter.note(f"--patch {config.patch}: the volumes are smaller, using {'×'.join(map(str, sampler_patch))} (smaller volumes are padded)")
@@ -331,8 +420,6 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         start_iteration = restore_training_state(resumed.extra["training"], optimizer, scaler, device)
         truncate_metrics(run_dir / METRICS_FILE, start_iteration)
         reporter.note(f"resuming {run_dir} after iteration {start_iteration}")
-    if start_iteration >= config.iters:
-        raise ConfigError(f"the run already reached iteration {start_iteration}; --iters {config.iters} leaves nothing to do", hint="raise --iters")
 
     net: torch.nn.Module = model
     if context.enabled:
@@ -348,11 +435,6 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         "patch": list(sampler_patch),
         "init_affine_trained": init_affine_trained,
     }
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / "run.json") as tmp:
-            tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2))
-
     def save(iteration: int, final: bool) -> None:
         if not context.is_main:
             return
@@ -362,9 +444,6 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         if final:
             save_checkpoint(run_dir / MODEL_FILE, model, contract, affine_trained=affine_trained, extra={"patch": list(sampler_patch), "iteration": iteration})
 
-    sampler = data_mod.PairSampler(dataset.volumes, region, seed=config.seed, rank=context.rank)
-    loader = data_mod.PrefetchLoader(sampler, config.batch, start=start_iteration + 1, workers=config.workers, pin=device.type == "cuda")
-    task = PretrainTask(loader, sampler_patch, seed=config.seed, rank=context.rank, device=device)
     options = LoopOptions(
         iters=config.iters,
         save_every=config.save_every,
@@ -372,7 +451,16 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         time_limit_s=config.time_limit_s,
         autocast_dtype=autocast_dtype,
     )
+    sampler = data_mod.PairSampler(dataset.volumes, region, seed=config.seed, rank=context.rank)
+    loader = data_mod.PrefetchLoader(sampler, config.batch, start=start_iteration + 1, workers=config.workers, pin=device.type == "cuda")
+    task = PretrainTask(loader, sampler_patch, seed=config.seed, rank=context.rank, device=device)
     try:
+        # Everything checked: only now the run folder gets its record (training starts).
+        if context.is_main:
+            if resumed is None:
+                truncate_metrics(run_dir / METRICS_FILE, 0)  # rows of an earlier attempt that never saved a checkpoint
+            with atomic_path(run_dir / RUN_FILE) as tmp:
+                tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2))
         result: LoopResult = run_training(
             net,
             optimizer,

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from gvsl_cli.distributed import DistContext
-from gvsl_cli.errors import TrainingError
+from gvsl_cli.errors import ConfigError, TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -95,11 +95,11 @@ class LoopOptions:
 
     def __post_init__(self) -> None:
         if self.iters < 1:
-            raise TrainingError(f"--iters must be >= 1, got {self.iters}")
+            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
         if self.save_every < 1:
-            raise TrainingError(f"--save-every must be >= 1, got {self.save_every}")
+            raise ConfigError(f"--save-every must be >= 1, got {self.save_every}")
         if self.log_every < 1:
-            raise TrainingError(f"log_every must be >= 1, got {self.log_every}")
+            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
 
 
 @dataclass

@@ -77,6 +77,16 @@ def test_cache_key_follows_content_not_name(colin_t1, tmp_path):
     assert cache.key(copy, FAST) != cache.key(colin_t1, FAST)
 
 
+def test_cache_hit_reports_the_path_given_now(colin_t1, tmp_path):
+    cache = data.VolumeCache(tmp_path / "cache")
+    copy = tmp_path / "renamed.nii.gz"
+    shutil.copy(colin_t1, copy)
+    first = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]
+    hit = data.prepare_dataset([copy], FAST, cache).volumes[0]
+    assert hit.key == first.key  # the same entry, found by content
+    assert hit.source == str(copy) and first.source == str(colin_t1)
+
+
 def test_incomplete_cache_entry_is_rebuilt(colin_t1, tmp_path):
     cache = data.VolumeCache(tmp_path / "cache")
     entry = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]

@@ -92,6 +92,7 @@ def test_resumed_run_repeats_the_uninterrupted_loss_curve(volumes, cache_dir, tm
     assert _losses(parts) == _losses(whole)
     a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(parts / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -104,6 +105,15 @@ def test_run_folder_guards(volumes, cache_dir, tmp_path, capsys):
     code = run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--width", "16", "--iters", "2", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--width 16 differs" in err and len(err.strip().splitlines()) == 1
+    # A re-queued job of the finished run: nothing to do, exit 0, one line, nothing rewritten.
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nothing to do") and "already complete" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    # Below the iteration reached: an error, not a silent success.
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "0", "--quiet"]) == 2
+    assert "--iters must be >= 1" in capsys.readouterr().err
 
 
 def test_second_run_reads_no_volume(volumes, cache_dir, tmp_path, monkeypatch):
@@ -132,7 +142,91 @@ def test_no_usable_volume_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: no usable volume among 1 input") and "Traceback" not in "\n".join(err)
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "run.json").exists()
+    assert not (tmp_path / "run").exists()  # the folder this run created is removed again
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fail the test if a volume is decoded: the checks must come before any preprocessing."""
+    def fail(source, config):
+        raise AssertionError(f"read {source} before the options were checked")
+
+    monkeypatch.setattr(data, "read_and_prepare", fail)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+    (["--iters", "-1"], "--iters must be >= 1, got -1"),
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+])
+def test_bad_options_fail_before_any_work(volumes, tmp_path, capsys, no_decoding, extra, message):
+    run_dir = tmp_path / "run"
+    assert run(_args(volumes, run_dir, tmp_path / "cache", *extra)) == 2
+    assert message in _one_line_error(capsys)
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_unusable_run_folder_is_named_before_any_work(volumes, tmp_path, capsys, no_decoding):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output, said in ((a_file, "is a file, not a folder"), ("/proc/gvsl-run", "cannot be written"), (a_file / "run", "cannot be written")):
+        assert run(_args(volumes, output, tmp_path / "cache", "--iters", "1")) == 2
+        line = _one_line_error(capsys)
+        assert f"run folder {output}" in line and said in line and "internal error" not in line
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_unusable_cache_folder_is_named_not_blamed_on_the_volumes(volumes, tmp_path, capsys, no_decoding):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for cache, said in (("/proc/gvsl-cache", "cannot be written"), (a_file, "is a file, not a folder")):
+        assert run(_args(volumes, tmp_path / "run", cache, "--iters", "1")) == 2
+        line = _one_line_error(capsys)
+        assert f"cache folder {cache}" in line and said in line and "skipped" not in line
+        assert not (tmp_path / "run").exists()
+
+
+def test_fewer_than_two_different_volumes_leave_no_run_record(volumes, cache_dir, tmp_path, capsys):
+    one = volumes / "colin27_t1_2mm.nii.gz"
+    copy = tmp_path / "copy.nii.gz"
+    shutil.copy(one, copy)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    cases = {"one": [one], "twice": [one, one], "copy": [one, copy], "broken": [one, broken]}
+    for name, inputs in cases.items():
+        for run_dir in (tmp_path / name, existing):
+            code = run(["pretrain", *map(str, inputs), "-o", str(run_dir), "--cache-dir", str(cache_dir), *SMALL, "--iters", "1"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2, (name, err)
+            assert err[-1].startswith("error: pre-training pairs two different volumes; only 1 usable volume"), (name, err)
+            assert not (run_dir / "run.json").exists() and not (run_dir / "last.pt").exists(), name
+    assert not any((tmp_path / name).exists() for name in cases)  # folders it created are removed
+    assert existing.is_dir() and list(existing.iterdir()) == []  # a folder given is kept, empty
+
+
+def test_help_shows_the_defaults(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")
+    assert run(["pretrain", "--help"]) == 0
+    text = capsys.readouterr().out
+    lines = {name: next(line for line in text.splitlines() if f" {name} " in line) for name in ("--batch", "--patch", "--spacing", "--modality", "--width", "--lr", "--seed")}
+    # Rich markup ate "[default: ...]" in help strings, leaving "per process ." behind.
+    assert "(default: 1)" in lines["--batch"] and "(default: 128)" in lines["--patch"] and "(default: 1e-4)" in lines["--lr"]
+    assert "(default: 1.0, or --init's)" in lines["--spacing"] and "(default: 0)" in lines["--seed"]
+    assert "(default: auto, or --init's)" in lines["--modality"] and "(default: 32, or --init's)" in lines["--width"]
+    assert not any(" ." in line for line in lines.values()), lines
+    assert "[default: 500]" in next(line for line in text.splitlines() if " --save-every " in line)  # Typer's own
 
 
 def test_parse_duration():

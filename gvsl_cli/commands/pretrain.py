@@ -41,7 +41,7 @@ class RichReporter:
         self.task = None
 
     def note(self, text: str) -> None:
-        if self.quiet and not text.startswith("skipped"):
+        if self.quiet and not text.startswith(("skipped", "nothing to do")):
             return
         target = self.progress.console if self.progress is not None else self.console
         target.print(text, markup=False)
@@ -102,24 +102,24 @@ def pretrain(
     inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders or .txt lists of paths. Optional with --resume."),
     output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", help="Run folder: checkpoints, metrics.jsonl, summary."),
     iters: int = typer.Option(10000, "--iters", help="Train up to this iteration."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Pairs per step and per process [default: 1]."),
-    patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16 [default: 128]."),
-    spacing: Optional[float] = typer.Option(None, "--spacing", help="Resample volumes to this isotropic spacing in mm [default: 1.0, or --init's]."),
-    modality: Optional[str] = typer.Option(None, "--modality", help="Intensity mapping: ct, mr or auto (decided per volume, and said) [default: auto, or --init's]."),
-    width: Optional[int] = typer.Option(None, "--width", help="U-Net width: 32 is the paper's network, 8 or 16 for small runs [default: 32, or --init's]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate [default: 1e-4]."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Pairs per step and per process (default: 1)."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16 (default: 128)."),
+    spacing: Optional[float] = typer.Option(None, "--spacing", help="Resample volumes to this isotropic spacing in mm (default: 1.0, or --init's)."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Intensity mapping: ct, mr or auto, decided per volume and reported (default: auto, or --init's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="U-Net width: 32 is the paper's network, 8 or 16 for small runs (default: 32, or --init's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: 1e-4)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     workers: int = typer.Option(2, "--workers", help="Threads that preprocess volumes and prefetch patches (0 = none)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw; the same seed gives the same run [default: 0]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw; the same seed gives the same run (default: 0)."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from weights: a gvsl checkpoint or an official GVSL .pth."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint (a run already at --iters: nothing to do, exit 0)."),
     save_every: int = typer.Option(500, "--save-every", help="Write a checkpoint every this many iterations (and at the end)."),
     log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly with a checkpoint after this long (3600, 90m, 2h, 1:30:00)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (faster steps on GPUs after a compile of about a minute)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of preprocessed volumes (default: $GVSL_HOME/preprocessed or the user cache)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (skipped inputs are still reported)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
     """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
     from rich.console import Console
