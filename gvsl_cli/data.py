@@ -35,7 +35,7 @@ import numpy as np
 
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import GvslError, InputError
-from gvsl_cli.io import atomic_path, read_volume, volume_suffix
+from gvsl_cli.io import atomic_path, dicom_series_ids, read_volume, volume_suffix
 
 #: A given file with one of these endings is read as a list of paths, one a line.
 PATH_LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -63,9 +63,7 @@ def _looks_like_dicom_folder(folder: Path, files: list[str]) -> bool:
     candidates = [f for f in files if volume_suffix(f) is None and not f.lower().endswith(NOT_DICOM_SUFFIXES) and not f.startswith(".")]
     if not candidates:
         return False
-    import SimpleITK as sitk
-
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series_ids(folder))
 
 
 def _walk_folder(folder: Path) -> list[Path]:
@@ -151,7 +149,7 @@ def _source_files(source: Path) -> list[Path]:
     if source.is_dir():
         import SimpleITK as sitk
 
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(source))
+        ids = dicom_series_ids(source)
         names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), ids[0]) if len(ids) == 1 else []
         return sorted(Path(n) for n in names) or sorted(p for p in source.iterdir() if p.is_file())
     files = [source]
