@@ -40,7 +40,7 @@ from gvsl_cli import spatial
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import ConfigError, DeviceError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.preprocess import detect_modality, map_intensities, prepare, resample
+from gvsl_cli.preprocess import canonical_geometry, detect_modality, map_intensities, prepare, resample
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import grid_points
 
@@ -248,6 +248,39 @@ def automatic_spacing(fixed: Geometry, max_voxels: int) -> float:
     extent = np.asarray(fixed.size) * np.asarray(fixed.spacing)
     budget = (float(np.prod(extent)) / max_voxels) ** (1.0 / 3.0)
     return round(max(min(fixed.spacing), budget), 2)
+
+
+#: Largest working grid (voxels, fixed or moving image) a registration accepts. Far above
+#: anything useful (a 1 mm head holds 7 M voxels, a 0.3 mm one 270 M); it turns a mistyped
+#: --spacing into a clear error instead of an allocation failure deep inside SimpleITK.
+MAX_WORKING_VOXELS = 400_000_000
+
+
+def planned_spacing(fixed: Geometry, config: RegistrationConfig, device: torch.device) -> float:
+    """The finest working spacing (mm) before any device-memory coarsening: ``config.spacing``
+    or the automatic choice for ``device``."""
+    budget = config.max_working_voxels or WORKING_VOXELS.get(device.type, WORKING_VOXELS["cpu"])
+    return config.spacing or automatic_spacing(fixed, budget)
+
+
+def check_working_grids(fixed: Geometry, moving: Geometry, spacing: float, levels: int = 2) -> None:
+    """Refuse a finest working spacing whose grids (the images' physical boxes, as ``prepare``
+    builds them) exceed ``MAX_WORKING_VOXELS``.
+
+    Raises:
+        ConfigError: naming the grid size and a spacing that would fit.
+    """
+    for role, geometry in (("fixed", fixed), ("moving", moving)):
+        grid = canonical_geometry(geometry, spacing, 2 ** levels)
+        voxels = int(np.prod(np.asarray(grid.size, dtype=np.float64)))
+        if voxels > MAX_WORKING_VOXELS:
+            extent = np.asarray(grid.size, dtype=np.float64) * spacing
+            fitting = float(np.prod(extent) / MAX_WORKING_VOXELS) ** (1.0 / 3.0)
+            raise ConfigError(
+                f"a working spacing of {spacing:g} mm makes a {'x'.join(map(str, grid.size))} working grid "
+                f"({voxels:.3g} voxels) for the {role} image; at most {MAX_WORKING_VOXELS:.3g} are allowed",
+                hint=f"use a larger --spacing (at least {math.ceil(fitting * 100) / 100:.2f} mm), or leave it out for the automatic choice",
+            )
 
 
 def _downsample(volume: torch.Tensor, grid: Geometry) -> tuple[torch.Tensor, Geometry]:
@@ -534,6 +567,18 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
 # --------------------------------------------------------------------------- driver
 
 
+def untrained_affine_note(kind: str, *, optimised: bool) -> str:
+    """The note said when a checkpoint's affine head is not trusted, worded by weights kind."""
+    if kind == "official":
+        why = "the checkpoint's affine head is untrained (the official GVSL code never trained it)"
+    else:
+        why = (
+            "the checkpoint's affine head is untrained (this gvsl checkpoint is marked affine_trained = false: "
+            "its pre-training stopped before the affine head was trusted)"
+        )
+    return f"{why}, so its affine output is not used; the affine comes from image moments" + (" and optimisation" if optimised else "")
+
+
 def register(
     fixed_image: sitk.Image,
     moving_image: sitk.Image,
@@ -560,8 +605,8 @@ def register(
     affine_similarity = Similarity(config.similarity, config.affine_ncc_window)
     similarity = Similarity(config.similarity, config.ncc_window)
     fixed_geometry = Geometry.of(fixed_image)
-    budget = config.max_working_voxels or WORKING_VOXELS.get(device.type, WORKING_VOXELS["cpu"])
-    spacing = config.spacing or automatic_spacing(fixed_geometry, budget)
+    spacing = planned_spacing(fixed_geometry, config, device)
+    check_working_grids(fixed_geometry, Geometry.of(moving_image), spacing, config.levels)
     notes: list[str] = []
     if device.type == "cuda":
         channels = 12 if config.similarity == "mind" else 1
@@ -585,11 +630,7 @@ def register(
         affine = moments_affine(coarsest.fixed_image, coarsest.fixed_grid, coarsest.moving_image, coarsest.moving_grid)
         stages.append("moments")
         if network is not None:
-            notes.append(
-                "the checkpoint's affine head is untrained (the official GVSL code never trained it), "
-                "so its affine output is not used; the affine comes from image moments"
-                + (" and optimisation" if config.iters and config.affine else "")
-            )
+            notes.append(untrained_affine_note(weights.kind, optimised=bool(config.iters and config.affine)))
     if config.iters and config.affine:
         log(f"affine: {config.iters} iterations at {coarsest.fixed_grid.spacing[0]:.2f} mm")
         affine = optimise_affine(coarsest, affine, affine_similarity, config, config.iters)

@@ -16,7 +16,10 @@ Outputs in the output folder (names fixed, so scripts can rely on them):
 - ``report.json``: written last, so its presence means the run completed.
 
 Every file is written to a temporary name and renamed (``io``), so an interrupted run never
-leaves a half-written output.
+leaves a half-written output. Before the registration starts, the inputs, the options and
+the output folder (created, and a probe file written and removed) are all checked, and
+the outputs of an earlier run in that folder (the names above only, ``report.json`` first)
+are removed, so a folder never mixes two runs' files.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,10 +37,10 @@ import SimpleITK as sitk
 import torch
 
 from gvsl_cli import __version__
-from gvsl_cli.errors import InputError
+from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.io import atomic_path, read_volume, write_transform, write_volume
-from gvsl_cli.registration import RegistrationConfig, register
+from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import dice_scores, field_from_map, field_image, jacobian_statistics, resample_through_field, affine_transform
 
@@ -70,6 +74,50 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
     return labels
 
 
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` if needed and prove it writable (a probe file written and removed).
+
+    Raises:
+        InputError: the path is an existing non-folder, or the folder cannot be created or
+            written; the message names the folder.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror or type(exc).__name__})", hint="give a writable folder with -o") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gvsl-write-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot write in the output folder ({exc.strerror or type(exc).__name__})", hint="give a writable folder with -o") from None
+
+
+def remove_previous_outputs(out_dir: Path) -> list[str]:
+    """Remove an earlier run's outputs from ``out_dir``: ``report.json`` first (so the folder
+    never claims a completed run while the others go), then the other ``OUTPUT_NAMES`` and
+    temporary files of theirs left by a killed run. Nothing else is touched.
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    names = [OUTPUT_NAMES["report"]] + [name for key, name in OUTPUT_NAMES.items() if key != "report"]
+    for name in names:
+        candidates = [out_dir / name, *sorted(out_dir.glob(f".{name}.*.tmp*"))]
+        for path in candidates:
+            if path.is_file() or path.is_symlink():
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    raise InputError(f"{path}: cannot remove the previous run's output ({exc.strerror or type(exc).__name__})") from None
+                removed.append(path.name)
+    return removed
+
+
 def _write_json(data: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -94,18 +142,34 @@ def run_registration(
     """
     start = time.perf_counter()
     device = torch.device(device)
+    out_dir = Path(out_dir)
+    # Everything that can be checked is checked before any work or any change on disk.
+    if fixed_labels_path and not moving_labels_path:
+        raise ConfigError(
+            "--fixed-labels needs --moving-labels: Dice compares the warped moving labels with the fixed ones",
+            hint="add --moving-labels (the label map on the moving image's grid), or leave out --fixed-labels",
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
+    outputs_here = {(out_dir / name).resolve() for name in OUTPUT_NAMES.values()}
+    for path in (fixed_path, moving_path, moving_labels_path, fixed_labels_path):
+        if path is not None and Path(path).resolve() in outputs_here:
+            raise InputError(f"{path}: input is an output of gvsl register in {out_dir} and would be replaced", hint="choose another -o folder, or copy the input elsewhere first")
     fixed = read_volume(fixed_path)
     moving = read_volume(moving_path)
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
     fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: output path exists and is not a folder")
+    check_working_grids(Geometry.of(fixed), Geometry.of(moving), planned_spacing(Geometry.of(fixed), config, device), config.levels)
     weights = None
     if weights_spec:
         from gvsl_cli.weights import load_weights_spec
 
         weights = load_weights_spec(weights_spec)
         log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
+    prepare_output_dir(out_dir)
+    removed = remove_previous_outputs(out_dir)
+    if removed:
+        log(f"removed the previous run's outputs in {out_dir}: {', '.join(removed)}")
 
     result = register(fixed, moving, config, weights=weights, device=device, log=log)
     for note in result.notes:
@@ -131,7 +195,6 @@ def run_registration(
             "mean_after": float(np.mean(list(after.values()))) if after else None,
         }
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {}
     write_volume(moved, out_dir / OUTPUT_NAMES["moved"])
     outputs["moved"] = OUTPUT_NAMES["moved"]

@@ -169,3 +169,27 @@ def test_bad_options_are_config_errors():
         RegistrationConfig(iters=-1)
     with pytest.raises(ConfigError, match="window"):
         Similarity("ncc", 4)
+
+
+def test_absurd_working_grids_are_config_errors_before_any_work(icbm_t1):
+    from gvsl_cli.registration import MAX_WORKING_VOXELS, check_working_grids
+
+    fixed = read_volume(icbm_t1)
+    geometry = Geometry.of(fixed)
+    check_working_grids(geometry, geometry, 1.0)  # a sensible grid passes
+    with pytest.raises(ConfigError, match=r"working grid \(\S+ voxels\) for the fixed image") as caught:
+        register(fixed, fixed, RegistrationConfig(spacing=1e-3, iters=1))
+    assert "at least" in caught.value.hint and "--spacing" in caught.value.hint
+    # The suggested spacing is accepted.
+    suggested = float(caught.value.hint.split("at least ")[1].split(" mm")[0])
+    check_working_grids(geometry, geometry, suggested)
+    assert MAX_WORKING_VOXELS >= 100_000_000
+
+
+def test_untrained_affine_note_depends_on_the_weights_kind():
+    from gvsl_cli.registration import untrained_affine_note
+
+    official = untrained_affine_note("official", optimised=True)
+    own = untrained_affine_note("gvsl", optimised=False)
+    assert "official GVSL code never trained it" in official and official.endswith("and optimisation")
+    assert "official" not in own and "gvsl checkpoint" in own and not own.endswith("and optimisation")

@@ -28,7 +28,7 @@ def apply(
     transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain (the last is applied first, as antsApplyTransforms)."),
     labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept); repeatable."),
     reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the displacement field's grid (the fixed image of gvsl register)."),
-    out_dir: Path = typer.Option(Path("."), "-o", "--out", help="Output folder; each output is named <input>_warped.<ext>."),
+    out_dir: Path = typer.Option(Path("."), "-o", "--out", help="Output folder; each output is named <input>_warped.<ext> (two inputs with the same file name are refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
 ) -> None:
     """Warp IMAGES (and --labels maps) with a saved transform onto the fixed grid."""
@@ -37,11 +37,15 @@ def apply(
     from gvsl_cli.errors import InputError
     from gvsl_cli.geometry import Geometry
     from gvsl_cli.io import read_volume, write_volume
+    from gvsl_cli.registration_job import prepare_output_dir
     from gvsl_cli.warping import apply_transform, read_transform_chain
 
     jobs = [(path, False) for path in images or []] + [(path, True) for path in labels]
     if not jobs:
         raise InputError("nothing to warp", hint="give image paths and/or --labels label maps")
+    # Everything is checked before the first output is written: output names, transforms,
+    # reference and every input volume; then the output folder.
+    targets = planned_outputs(jobs, out_dir, protected=[*transform, *([reference] if reference is not None else [])])
     chain, field_grid = read_transform_chain(list(transform))
     if reference is not None:
         grid = Geometry.of(read_volume(reference))
@@ -49,14 +53,59 @@ def apply(
         grid = field_grid
     else:
         raise InputError("no output grid: the transforms hold no displacement field", hint="give --reference (the fixed image)")
+    # Inputs are read once to check them; they are kept in memory up to KEEP_BYTES and read
+    # again for the warp beyond that, so many large inputs never fill the memory.
+    kept: dict[int, object] = {}
+    kept_bytes = 0
+    for index, (path, _) in enumerate(jobs):
+        volume = read_volume(path)
+        size = volume.GetNumberOfPixels() * volume.GetNumberOfComponentsPerPixel() * volume.GetSizeOfPixelComponent()
+        if kept_bytes + size <= KEEP_BYTES:
+            kept[index] = volume
+            kept_bytes += size
+    prepare_output_dir(out_dir)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    for path, is_labels in jobs:
-        target = out_dir / output_name(path)
-        if target.resolve() == path.resolve():
-            raise InputError(f"{path}: output would overwrite the input", hint="choose another -o folder")
-        warped = apply_transform(read_volume(path), chain, grid, labels=is_labels)
+    for index, ((path, is_labels), target) in enumerate(zip(jobs, targets)):
+        volume = kept.pop(index) if index in kept else read_volume(path)
+        warped = apply_transform(volume, chain, grid, labels=is_labels)
         write_volume(warped, target)
         if as_json:
             typer.echo(json.dumps({"input": str(path), "output": str(target), "labels": is_labels}))
         else:
             err.print(f"{path} -> {target} ({'nearest, labels' if is_labels else 'linear'})", markup=False)
+
+
+#: Inputs up to this many bytes in all are kept in memory between the check and the warp.
+KEEP_BYTES = 2 * 2**30
+
+
+def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]:
+    """The output path of each (input, is_labels) job, checked before anything is read.
+
+    Raises:
+        InputError: two inputs map to the same output name (e.g. ``a/s.nii.gz`` and
+            ``b/s.nii.gz``; outputs are named after the input's file name only), an input is
+            given twice, or an output would overwrite an input, the reference or a transform.
+    """
+    from gvsl_cli.errors import InputError
+
+    inputs = {Path(path).resolve(): path for path, _ in jobs}
+    inputs.update({Path(path).resolve(): path for path in protected})
+    seen: dict[Path, Path] = {}
+    targets = []
+    for path, _ in jobs:
+        target = out_dir / output_name(path)
+        key = target.resolve()
+        if key in inputs:
+            raise InputError(f"{inputs[key]}: output {target} would overwrite this input", hint="choose another -o folder")
+        if key in seen:
+            first = seen[key]
+            if Path(first).resolve() == Path(path).resolve():
+                raise InputError(f"{path}: given twice", hint="give each input once")
+            raise InputError(
+                f"{first} and {path} would both be written to {target} (outputs are named <input name>_warped)",
+                hint="warp them in separate runs with different -o folders, or rename one of them",
+            )
+        seen[key] = path
+        targets.append(target)
+    return targets

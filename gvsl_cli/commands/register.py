@@ -99,7 +99,7 @@ def register_command(
     out_dir: Path = typer.Option(Path("gvsl_registration"), "-o", "--out", help="Output folder: moved.nii.gz, displacement.nii.gz, affine.tfm, moved_labels.nii.gz, report.json."),
     weights: Optional[str] = typer.Option(None, "--weights", help="GVSL weights (gvsl checkpoint or official .pth) for a network prediction refined by optimisation; none = optimisation alone."),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="Label map on the moving grid, warped by nearest neighbour (values kept)."),
-    fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map on the fixed grid: with --moving-labels, Dice per label in the report."),
+    fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map on the fixed grid, for Dice per label in the report (needs --moving-labels)."),
     iters: int = typer.Option(100, "--iters", min=0, help="Instance-optimisation iterations per stage (affine, each coarse level; the finest level runs 0.4x). 0 = network prediction only."),
     similarity: str = typer.Option("ncc", "--similarity", help="ncc (same modality), mse (same intensity scale) or mind (MIND-SSC, CT-MR pairs)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Finest optimisation spacing in mm (default: automatic, 1.76 mm for a 1 mm head). Finer is more accurate and slower."),
