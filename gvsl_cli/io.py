@@ -131,6 +131,47 @@ def check_volume(image: sitk.Image, *, name: str, vector: bool = False) -> None:
             )
 
 
+def ensure_writable_folder(path: str | os.PathLike, *, what: str = "output folder", hint: str = "give a writable folder with -o") -> list[Path]:
+    """Create ``path`` if needed and prove it writable (a probe file written and removed).
+
+    Called before any work, so a bad ``-o`` fails in a second, not after a long run.
+
+    Returns:
+        The folders it created, deepest first (``remove_empty_folders`` undoes them when the
+        run fails before using them).
+
+    Raises:
+        InputError: naming ``path``: an existing file, or a folder that cannot be created or
+            written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: {what} is a file, not a folder", hint=hint)
+    created = []
+    missing = path
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gvsl-write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        remove_empty_folders(created)
+        raise InputError(f"{path}: {what} cannot be written ({exc.strerror or type(exc).__name__})", hint=hint) from None
+    return created
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same endings); rename it to ``path`` on success.

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.device import resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
-from gvsl_cli.io import atomic_path
+from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
 from gvsl_cli.model import GVSL
 from gvsl_cli.training import (
@@ -284,41 +282,6 @@ def _contract_for_checkpoint(preprocess: PreprocessConfig, dataset: data_mod.Dat
     return preprocess
 
 
-def _check_writable_folder(path: Path, what: str, hint: str) -> list[Path]:
-    """Create ``path`` if needed and write (then delete) a probe file in it.
-
-    Returns the folders it created, deepest first (so a run that fails before using them can
-    remove them again).
-
-    Raises:
-        InputError: naming ``path``: a file, not a folder, or a folder that cannot be written.
-    """
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{what} {path} is a file, not a folder", hint=hint)
-    created = []
-    missing = path
-    while not missing.exists() and missing != missing.parent:
-        created.append(missing)
-        missing = missing.parent
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".gvsl-write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        _remove_empty_folders(created)
-        raise InputError(f"{what} {path} cannot be written: {exc.strerror or exc}", hint=hint) from None
-    return created
-
-
-def _remove_empty_folders(folders: list[Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False) -> PretrainSummary | None:
     """Run (or resume) GVSL pre-training as ``config`` says; returns rank 0's summary.
 
@@ -344,7 +307,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     run_dir = Path(config.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
     if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"run folder {run_dir} is a file, not a folder", hint="point -o at a folder")
+        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
     resumed = None
     if config.resume:
         if not checkpoint_path.is_file():
@@ -366,17 +329,17 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         raise ConfigError(f"{run_dir} already holds a run ({CHECKPOINT_FILE})", hint="add --resume to continue it, or choose another -o")
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
-    created = _check_writable_folder(run_dir, "run folder", hint="choose another -o")
+    created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
     try:
         cache_root = Path(config.cache_dir) if config.cache_dir else data_mod.default_cache_dir()
         cache_hint = "choose another --cache-dir" if config.cache_dir else "give --cache-dir or set GVSL_HOME"
-        _check_writable_folder(cache_root, "cache folder", hint=cache_hint)
+        ensure_writable_folder(cache_root, what="cache folder", hint=cache_hint)
         return _train(config, context, reporter, should_stop, resumed, cache_root)
     except BaseException:
         # A new run that fails before its first checkpoint leaves no run record behind.
         if resumed is None and context.is_main and not checkpoint_path.is_file():
             (run_dir / RUN_FILE).unlink(missing_ok=True)
-            _remove_empty_folders(created)
+            remove_empty_folders(created)
         raise
 
 

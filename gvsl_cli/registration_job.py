@@ -25,9 +25,7 @@ are removed, so a folder never mixes two runs' files.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,7 +37,7 @@ import torch
 from gvsl_cli import __version__
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, read_volume, write_transform, write_volume
+from gvsl_cli.io import atomic_path, ensure_writable_folder, read_volume, write_transform, write_volume
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import dice_scores, field_from_map, field_image, jacobian_statistics, resample_through_field, affine_transform
@@ -75,25 +73,8 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
 
 
 def prepare_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` if needed and prove it writable (a probe file written and removed).
-
-    Raises:
-        InputError: the path is an existing non-folder, or the folder cannot be created or
-            written; the message names the folder.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror or type(exc).__name__})", hint="give a writable folder with -o") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".gvsl-write-probe-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"{out_dir}: cannot write in the output folder ({exc.strerror or type(exc).__name__})", hint="give a writable folder with -o") from None
+    """Create ``out_dir`` if needed and prove it writable, before any work (``io.ensure_writable_folder``)."""
+    ensure_writable_folder(out_dir, what="output folder", hint="give a writable folder with -o")
 
 
 def remove_previous_outputs(out_dir: Path) -> list[str]:

@@ -181,7 +181,7 @@ def test_unusable_run_folder_is_named_before_any_work(volumes, tmp_path, capsys,
     for output, said in ((a_file, "is a file, not a folder"), ("/proc/gvsl-run", "cannot be written"), (a_file / "run", "cannot be written")):
         assert run(_args(volumes, output, tmp_path / "cache", "--iters", "1")) == 2
         line = _one_line_error(capsys)
-        assert f"run folder {output}" in line and said in line and "internal error" not in line
+        assert f"{output}: run folder" in line and said in line and "internal error" not in line
     assert a_file.read_text() == "x"
 
 
@@ -192,7 +192,7 @@ def test_unusable_cache_folder_is_named_not_blamed_on_the_volumes(volumes, tmp_p
     for cache, said in (("/proc/gvsl-cache", "cannot be written"), (a_file, "is a file, not a folder")):
         assert run(_args(volumes, tmp_path / "run", cache, "--iters", "1")) == 2
         line = _one_line_error(capsys)
-        assert f"cache folder {cache}" in line and said in line and "skipped" not in line
+        assert f"{cache}: cache folder" in line and said in line and "skipped" not in line
         assert not (tmp_path / "run").exists()
 
 
