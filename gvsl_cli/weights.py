@@ -165,11 +165,16 @@ class Fetched:
 
 
 def _refuse_unverified(target: Target) -> WeightsError:
-    fragment_hint = " or append #sha256=<hex> to the URL" if target.hash_source == HASH_FROM_URL else ""
+    if target.hash_source == HASH_FROM_URL:
+        how = f"append #sha256=<hex> to the URL, or rerun with {TRUST_ENV}=1"
+    else:
+        # Only fetch-weights has the flag; other commands (--weights, --init) take the variable.
+        name = target.path.stem
+        how = f"run `gvsl fetch-weights {name} --trust-unverified` once (or set {TRUST_ENV}=1)"
     return WeightsError(
         f"{target.label}: no sha256 is known for this file, so gvsl cannot check what it would download; refused",
-        hint=f"if you trust {target.urls[0]}, rerun with --trust-unverified (or GVSL_TRUST_UNVERIFIED=1){fragment_hint}: "
-        "gvsl prints the sha256 it receives and pins it, and checks every later load against it",
+        hint=f"if you trust {target.urls[0]}, {how}: gvsl prints the sha256 it receives and pins it, "
+        "and checks every later load against it",
     )
 
 

@@ -216,7 +216,7 @@ def test_unknown_hash_is_refused_then_trusted_pinned_and_enforced(tmp_path, serv
     manifest = add_entry(tmp_path, server, body, known_hash=False)
     with pytest.raises(WeightsError, match="no sha256 is known") as refused:
         load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
-    assert "--trust-unverified" in refused.value.hint and server.seen == []
+    assert "`gvsl fetch-weights tiny --trust-unverified`" in refused.value.hint and server.seen == []
 
     recorder = Recorder()
     load_weights_spec("tiny", manifest=manifest, trust_unverified=True, reporter=recorder, options=FAST)
