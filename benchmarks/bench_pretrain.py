@@ -77,7 +77,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
     if layout == "channels_last":
         model.use_channels_last()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    net = torch.compile(model) if compile_model else model
+    net = torch.compile(model, mode=args.compile_mode) if compile_model else model
     patch = (size,) * 3
     region = tuple(p + 2 * (p // 8) for p in patch)
     sampler = data.PairSampler(volumes, region, seed=0)
@@ -107,7 +107,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ("compile" if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
     variant += ", channels_last_3d" if layout == "channels_last" else ""
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
     parser.add_argument("--layouts", nargs="+", default=["default"], choices=["default", "channels_last"], help="memory layouts to compare (eager rows)")
     parser.add_argument("--compile-layouts", nargs="+", default=["default"], choices=["default", "channels_last"], help="memory layouts of the torch.compile rows")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
     parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")
