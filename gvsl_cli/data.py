@@ -36,6 +36,7 @@ import numpy as np
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import GvslError, InputError
 from gvsl_cli.io import atomic_path, dicom_series_ids, read_volume, volume_suffix
+from gvsl_cli.resources import cache_root
 
 #: A given file with one of these endings is read as a list of paths, one a line.
 PATH_LIST_SUFFIXES = (".txt", ".lst", ".list")
@@ -135,13 +136,8 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skip
 
 
 def default_cache_dir() -> Path:
-    """``$GVSL_HOME/preprocessed`` if GVSL_HOME is set, else the user cache dir of gvsl."""
-    home = os.environ.get("GVSL_HOME")
-    if home:
-        return Path(home).expanduser() / "preprocessed"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("gvsl")) / "preprocessed"
+    """``preprocessed/`` in gvsl's cache root (``$GVSL_HOME`` or the user cache folder)."""
+    return cache_root() / "preprocessed"
 
 
 def _source_files(source: Path) -> list[Path]:

@@ -68,6 +68,20 @@ class Geometry:
         """(4, 4) homogeneous matrix mapping a physical point (mm) to a continuous index."""
         return np.linalg.inv(self.index_to_physical())
 
+    def normalized_to_physical(self) -> np.ndarray:
+        """(4, 4) map from normalised (x, y, z, 1) coordinates (align_corners=True: -1 and +1
+        are the centres of the first and last voxels) to a physical point in mm."""
+        scale = np.eye(4)
+        for axis, n in enumerate(self.size):
+            half = max(n - 1, 1) / 2.0
+            scale[axis, axis] = half
+            scale[axis, 3] = half
+        return self.index_to_physical() @ scale
+
+    def physical_to_normalized(self) -> np.ndarray:
+        """(4, 4) map from a physical point (x, y, z, 1) in mm to normalised coordinates."""
+        return np.linalg.inv(self.normalized_to_physical())
+
     def physical_corners(self) -> np.ndarray:
         """(8, 3) physical positions of the centres of the eight corner voxels."""
         nx, ny, nz = (s - 1 for s in self.size)

@@ -41,6 +41,7 @@ from gvsl_cli.training import (
     LoopResult,
     Reporter,
     SilentReporter,
+    check_loop_counts,
     restore_training_state,
     run_training,
     training_state,
@@ -106,12 +107,7 @@ class PretrainConfig:
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        if self.iters < 1:
-            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
-        if self.save_every < 1:
-            raise ConfigError(f"--save-every must be >= 1, got {self.save_every}")
-        if self.log_every < 1:
-            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        check_loop_counts(self.iters, self.save_every, self.log_every)
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.patch < 16 or self.patch % 16:

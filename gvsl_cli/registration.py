@@ -169,8 +169,8 @@ class Level:
 
     def theta(self, affine: torch.Tensor) -> torch.Tensor:
         """(1, 3, 4) normalised affine of the physical affine (4, 4) between the level grids."""
-        to_moving = torch.as_tensor(physical_to_normalized(self.moving_grid), dtype=affine.dtype, device=affine.device)
-        from_fixed = torch.as_tensor(normalized_to_physical(self.fixed_grid), dtype=affine.dtype, device=affine.device)
+        to_moving = torch.as_tensor(self.moving_grid.physical_to_normalized(), dtype=affine.dtype, device=affine.device)
+        from_fixed = torch.as_tensor(self.fixed_grid.normalized_to_physical(), dtype=affine.dtype, device=affine.device)
         return (to_moving @ affine @ from_fixed)[:3].unsqueeze(0).float()
 
     def moved(self, affine: torch.Tensor, displacement: torch.Tensor | None, padding_mode: str = "zeros") -> torch.Tensor:
@@ -194,27 +194,12 @@ class RegistrationResult:
 # --------------------------------------------------------------------------- geometry
 
 
-def normalized_to_physical(geometry: Geometry) -> np.ndarray:
-    """(4, 4) map from normalised (x, y, z, 1) of ``geometry`` (align_corners=True) to mm."""
-    scale = np.eye(4)
-    for axis, n in enumerate(geometry.size):
-        half = max(n - 1, 1) / 2.0
-        scale[axis, axis] = half
-        scale[axis, 3] = half
-    return geometry.index_to_physical() @ scale
-
-
-def physical_to_normalized(geometry: Geometry) -> np.ndarray:
-    """(4, 4) map from a physical point (x, y, z, 1) in mm to normalised coordinates of ``geometry``."""
-    return np.linalg.inv(normalized_to_physical(geometry))
-
-
 def displacement_at_points(displacement: torch.Tensor, grid: Geometry, points: torch.Tensor) -> torch.Tensor:
     """Physical displacement (N, 3) mm (x, y, z) of a voxel field on ``grid`` at points (N, 3) mm.
 
     The field is interpolated trilinearly and extended by its border values outside ``grid``.
     """
-    matrix = torch.as_tensor(physical_to_normalized(grid), dtype=torch.float32, device=points.device)
+    matrix = torch.as_tensor(grid.physical_to_normalized(), dtype=torch.float32, device=points.device)
     normalized = points @ matrix[:3, :3].T + matrix[:3, 3]
     sampled = spatial.sample(displacement.float(), normalized.view(1, -1, 1, 1, 3), padding_mode="border")
     voxels_zyx = sampled.view(3, -1).T  # (N, 3) voxels along (z, y, x)
@@ -352,7 +337,7 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity, c
     """
     device = level.fixed.device
     initial_t = torch.as_tensor(initial, dtype=torch.float64, device=device)
-    centre_fixed = torch.as_tensor(normalized_to_physical(level.fixed_grid)[:3, 3], dtype=torch.float64, device=device)
+    centre_fixed = torch.as_tensor(level.fixed_grid.normalized_to_physical()[:3, 3], dtype=torch.float64, device=device)
     centre = initial_t[:3, :3] @ centre_fixed + initial_t[:3, 3]  # the fixed box centre, moved
     linear = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
     shift = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
@@ -507,7 +492,7 @@ class NetworkFeatures:
     autocast: torch.dtype | None
 
     def _theta(self, affine: np.ndarray) -> torch.Tensor:
-        theta = physical_to_normalized(self.moving_grid) @ affine @ normalized_to_physical(self.fixed_grid)
+        theta = self.moving_grid.physical_to_normalized() @ affine @ self.fixed_grid.normalized_to_physical()
         return torch.as_tensor(theta[:3], dtype=torch.float32, device=self.fixed.local.device).unsqueeze(0)
 
     def affine(self) -> np.ndarray:
@@ -516,7 +501,7 @@ class NetworkFeatures:
             theta, _ = self.model.affine(self.fixed.global_, self.moving.global_)
         theta4 = np.eye(4)
         theta4[:3] = theta[0].double().cpu().numpy()
-        return normalized_to_physical(self.moving_grid) @ theta4 @ physical_to_normalized(self.fixed_grid)
+        return self.moving_grid.normalized_to_physical() @ theta4 @ self.fixed_grid.physical_to_normalized()
 
     def displacement(self, affine: np.ndarray) -> torch.Tensor:
         """The deformable head's voxel displacement (1, 3, D, H, W) on ``fixed_grid``, given the affine."""

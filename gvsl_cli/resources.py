@@ -1,9 +1,27 @@
-"""Files shipped inside the package: the weights manifest and the example volumes."""
+"""Where gvsl's files are: shipped in the package (manifest, examples) and the user cache."""
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
+
+#: Overrides the user cache folder (weights, preprocessed volumes).
+HOME_ENV = "GVSL_HOME"
+
+
+def cache_root() -> Path:
+    """``$GVSL_HOME`` if set, else the user cache folder for "gvsl" (platformdirs).
+
+    Downloaded weights live in ``weights/`` and ``urls/`` below it, preprocessed training
+    volumes in ``preprocessed/``.
+    """
+    home = os.environ.get(HOME_ENV, "").strip()
+    if home:
+        return Path(home).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("gvsl", appauthor=False))
 
 MANIFEST_NAME = "weights_manifest.toml"
 

@@ -15,18 +15,17 @@ One convention everywhere (tested in tests/test_spatial.py):
   being sampled, as ``grid_sample`` takes it.
 
 The GVSL mapping from the fixed grid into the moving image is φ(p) = Aff(p + u(p)); the
-moved image is B∘φ (``compose_grid`` then ``sample``).
+moved image is B∘φ (``compose_grid`` then ``sample``). Conversions between these grids and
+physical space (mm) are ``Geometry.normalized_to_physical`` / ``index_to_physical``; the
+ITK displacement fields on disk are made in ``registration`` and ``warping``.
 """
 
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gvsl_cli.geometry import Geometry
 
 
 def _check_5d(name: str, tensor: torch.Tensor, channels: int | None = None) -> None:
@@ -169,94 +168,3 @@ def affine_matrix(rotation: torch.Tensor, scale: torch.Tensor, translation: torc
     shearing = matrix([(one, t[0], t[1]), (t[2], one, t[3]), (t[4], t[5], one)])
     linear = shearing @ scaling @ rz @ ry @ rx
     return torch.cat([linear, translation.unsqueeze(-1)], dim=-1)
-
-
-def resize_displacement(displacement: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Resample a voxel displacement (B, 3, D, H, W) to ``shape``, rescaling its voxel units.
-
-    Uses align_corners=True, consistent with the rest of this module: the corner voxels of
-    both grids coincide, so a displacement of k voxels over n becomes k·(m−1)/(n−1) over m.
-    """
-    _check_5d("displacement", displacement, 3)
-    old = displacement.shape[2:]
-    resized = F.interpolate(displacement, size=tuple(shape), mode="trilinear", align_corners=True)
-    factors = torch.tensor([(m - 1) / max(n - 1, 1) for m, n in zip(shape, old)], device=resized.device, dtype=resized.dtype)
-    return resized * factors.view(1, 3, 1, 1, 1)
-
-
-def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
-    """det(∇(p + u(p))) of a voxel displacement (B, 3, D, H, W) -> (B, D-2, H-2, W-2).
-
-    Central differences on interior voxels; values ≤ 0 mark folding.
-    """
-    _check_5d("displacement", displacement, 3)
-    u = displacement
-    # Derivative of each component along each axis, central differences, interior only.
-    grads = []
-    for axis in range(3):
-        sl_plus = [slice(1, -1)] * 3
-        sl_minus = [slice(1, -1)] * 3
-        sl_plus[axis] = slice(2, None)
-        sl_minus[axis] = slice(None, -2)
-        grads.append((u[(slice(None), slice(None), *sl_plus)] - u[(slice(None), slice(None), *sl_minus)]) / 2.0)
-    # jac[b, i, j] = d(p_i + u_i)/d p_j
-    jac = torch.stack(grads, dim=2)  # (B, 3 components, 3 axes, D-2, H-2, W-2)
-    jac = jac + torch.eye(3, device=u.device, dtype=u.dtype).view(1, 3, 3, 1, 1, 1)
-    return torch.linalg.det(jac.permute(0, 3, 4, 5, 1, 2))
-
-
-def theta_to_voxel_matrix(theta: torch.Tensor, fixed_shape, moving_shape) -> torch.Tensor:
-    """A normalised affine (B, 3, 4) as a (B, 4, 4) map from fixed voxel (z, y, x, 1) to moving voxel.
-
-    Fixed and moving grids may differ in size; normalised coordinates span each grid.
-    """
-
-    def to_normalized(shape) -> torch.Tensor:
-        # voxel (z, y, x) -> normalised (x, y, z)
-        matrix = torch.zeros(4, 4, dtype=theta.dtype, device=theta.device)
-        for axis, n in enumerate(shape):
-            matrix[2 - axis, axis] = 2.0 / max(n - 1, 1)
-            matrix[2 - axis, 3] = -1.0
-        matrix[3, 3] = 1.0
-        return matrix
-
-    homogeneous = torch.cat([theta, torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=theta.dtype, device=theta.device).expand(theta.shape[0], 1, 4)], dim=1)
-    return torch.linalg.inv(to_normalized(moving_shape)) @ homogeneous @ to_normalized(fixed_shape)
-
-
-def _zyx_voxel_to_physical(geometry: Geometry) -> np.ndarray:
-    """(4, 4) map from a voxel coordinate ordered (z, y, x, 1) to a physical point (mm)."""
-    permute = np.zeros((4, 4))
-    permute[0, 2] = permute[1, 1] = permute[2, 0] = permute[3, 3] = 1.0  # (z, y, x) -> (x, y, z)
-    return geometry.index_to_physical() @ permute
-
-
-def voxel_map_to_physical_displacement(moving_coords: torch.Tensor, fixed: Geometry, moving: Geometry) -> np.ndarray:
-    """Turn a voxel map into an ITK displacement field in mm on the fixed grid.
-
-    Args:
-        moving_coords: (1, 3, D, H, W) moving-image voxel coordinates (z, y, x) for every
-            voxel of the fixed grid (D, H, W) = ``fixed.shape_zyx``.
-        fixed, moving: the two grids.
-
-    Returns:
-        (D, H, W, 3) float64 array of physical displacements (x, y, z) in mm:
-        d(p) = P_moving(φ(p)) − P_fixed(p), the convention of ITK's
-        ``DisplacementFieldTransform`` (fixed point + d = moving point) and of ANTs.
-    """
-    if moving_coords.dim() != 5 or moving_coords.shape[:2] != (1, 3) or tuple(moving_coords.shape[2:]) != fixed.shape_zyx:
-        raise ValueError(f"moving_coords must be (1, 3, {fixed.shape_zyx}), got {tuple(moving_coords.shape)}")
-    coords = moving_coords[0].detach().double().cpu().numpy().reshape(3, -1)
-    coords = np.vstack([coords, np.ones((1, coords.shape[1]))])
-    moving_points = (_zyx_voxel_to_physical(moving) @ coords)[:3]
-    fixed_coords = voxel_grid(fixed.shape_zyx, dtype=torch.float64)[0].numpy().reshape(3, -1)
-    fixed_coords = np.vstack([fixed_coords, np.ones((1, fixed_coords.shape[1]))])
-    fixed_points = (_zyx_voxel_to_physical(fixed) @ fixed_coords)[:3]
-    return (moving_points - fixed_points).T.reshape(*fixed.shape_zyx, 3)
-
-
-def rotation_angle_degrees(linear: np.ndarray) -> float:
-    """Rotation angle (degrees) of the orthogonal part of a 3x3 matrix (for reports)."""
-    u, _, vt = np.linalg.svd(linear)
-    rotation = u @ vt
-    return math.degrees(math.acos(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0)))

@@ -72,6 +72,17 @@ class SilentReporter:
         pass
 
 
+def check_loop_counts(iters: int, save_every: int, log_every: int) -> None:
+    """Raise ConfigError unless the iteration counts of a run are all >= 1.
+
+    Commands call this while reading their options, before any data is loaded;
+    ``LoopOptions`` calls it again for library users.
+    """
+    for flag, value in (("--iters", iters), ("--save-every", save_every), ("--log-every", log_every)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """How the loop runs.
@@ -94,12 +105,7 @@ class LoopOptions:
     grad_clip: float | None = None
 
     def __post_init__(self) -> None:
-        if self.iters < 1:
-            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
-        if self.save_every < 1:
-            raise ConfigError(f"--save-every must be >= 1, got {self.save_every}")
-        if self.log_every < 1:
-            raise ConfigError(f"--log-every must be >= 1, got {self.log_every}")
+        check_loop_counts(self.iters, self.save_every, self.log_every)
 
 
 @dataclass

@@ -43,25 +43,15 @@ from gvsl_cli.download import (
 )
 from gvsl_cli.errors import CheckpointError, WeightsError
 from gvsl_cli.manifest import SHA256_PATTERN, Manifest, WeightsEntry, load_manifest
+from gvsl_cli.resources import cache_root
 
 if TYPE_CHECKING:
     from gvsl_cli.checkpoint import LoadedWeights
 
-HOME_ENV = "GVSL_HOME"
 OFFLINE_ENV = "GVSL_OFFLINE"
 TRUST_ENV = "GVSL_TRUST_UNVERIFIED"
 #: Where a record says its hash came from.
 HASH_FROM_MANIFEST, HASH_FROM_URL, HASH_PINNED = "manifest", "url", "pinned"
-
-
-def cache_root() -> Path:
-    """``$GVSL_HOME`` if set, else the user cache folder for "gvsl" (platformdirs)."""
-    home = os.environ.get(HOME_ENV, "").strip()
-    if home:
-        return Path(home).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("gvsl", appauthor=False))
 
 
 def is_url(spec: str) -> bool:

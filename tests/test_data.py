@@ -138,3 +138,11 @@ def test_prefetch_loader_yields_the_batches_of_consecutive_iterations():
             assert np.array_equal(a.numpy(), ref_a) and np.array_equal(b.numpy(), ref_b)
     finally:
         loader.close()
+
+
+def test_preprocessed_cache_lives_in_the_same_root_as_weights(tmp_path, monkeypatch):
+    from gvsl_cli import data, weights
+
+    monkeypatch.setenv("GVSL_HOME", str(tmp_path / "home"))
+    assert data.default_cache_dir() == tmp_path / "home" / "preprocessed"
+    assert weights.cache_root() == tmp_path / "home"

@@ -98,46 +98,14 @@ def test_voxel_normalized_round_trip():
     assert torch.allclose(back, coords, atol=1e-5)
 
 
-def test_theta_to_voxel_matrix_agrees_with_sampling():
-    theta = spatial.affine_matrix(torch.tensor([[0.1, 0.0, 0.2]]), torch.tensor([[1.1, 1.0, 0.9]]), torch.tensor([[0.1, -0.1, 0.0]]), torch.zeros(1, 6))
-    fixed_shape, moving_shape = (6, 7, 8), (9, 10, 11)
-    grid = spatial.affine_grid(theta, fixed_shape)
-    from_grid = spatial.normalized_to_voxel(grid, moving_shape)
-    matrix = spatial.theta_to_voxel_matrix(theta, fixed_shape, moving_shape)[0]
-    coords = spatial.voxel_grid(fixed_shape)[0].reshape(3, -1)
-    mapped = (matrix[:3, :3] @ coords + matrix[:3, 3:]).reshape(3, *fixed_shape)
-    assert torch.allclose(mapped, from_grid[0], atol=1e-4)
-
-
-def test_resize_displacement_keeps_a_constant_shift_in_physical_terms():
-    u = torch.zeros(1, 3, 9, 9, 9)
-    u[:, 2] = 2.0  # 2 voxels along x over 9 voxels (8 intervals)
-    resized = spatial.resize_displacement(u, (17, 17, 17))
-    assert torch.allclose(resized[:, 2], torch.full_like(resized[:, 2], 4.0), atol=1e-5)
-
-
-def test_jacobian_of_zero_and_of_scaling():
-    assert torch.allclose(spatial.jacobian_determinant(torch.zeros(1, 3, 6, 6, 6)), torch.ones(1, 4, 4, 4))
-    coords = spatial.voxel_grid((6, 6, 6))
-    u = 0.5 * coords  # p -> 1.5 p: determinant 1.5³
-    assert torch.allclose(spatial.jacobian_determinant(u), torch.full((1, 4, 4, 4), 1.5**3), atol=1e-5)
-
-
-def test_physical_displacement_of_identity_is_zero_across_different_grids():
-    fixed = Geometry(size=(4, 5, 6), spacing=(2.0, 1.0, 3.0), origin=(10.0, -5.0, 3.0), direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
-    # Moving grid: another spacing/origin/direction; map each fixed voxel to the moving voxel at the same point.
-    moving = Geometry(size=(8, 8, 8), spacing=(1.0, 1.0, 1.0), origin=(0.0, -20.0, -5.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    coords = spatial.voxel_grid(fixed.shape_zyx, dtype=torch.float64)[0].reshape(3, -1).numpy()
-    xyz = coords[::-1]
-    points = fixed.index_to_physical() @ np.vstack([xyz, np.ones((1, xyz.shape[1]))])
-    moving_xyz = (moving.physical_to_index() @ points)[:3]
-    moving_zyx = torch.from_numpy(moving_xyz[::-1].copy()).reshape(1, 3, *fixed.shape_zyx)
-    field = spatial.voxel_map_to_physical_displacement(moving_zyx, fixed, moving)
-    assert field.shape == (*fixed.shape_zyx, 3)
-    assert np.abs(field).max() < 1e-9
-    # A one-voxel shift along moving x is +1 mm along physical x (identity direction).
-    field = spatial.voxel_map_to_physical_displacement(moving_zyx + torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).view(1, 3, 1, 1, 1), fixed, moving)
-    assert np.allclose(field[..., 0], 1.0) and np.allclose(field[..., 1:], 0.0)
+def test_normalized_to_physical_maps_the_corner_voxels():
+    geometry = Geometry(size=(4, 5, 6), spacing=(2.0, 1.0, 3.0), origin=(10.0, -5.0, 3.0), direction=(-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    to_mm = geometry.normalized_to_physical()
+    # (-1, -1, -1) is the centre of voxel (0, 0, 0): the origin; (1, 1, 1) the last voxel.
+    assert np.allclose(to_mm @ [-1, -1, -1, 1], [*geometry.origin, 1])
+    last = geometry.index_to_physical() @ [3, 4, 5, 1]
+    assert np.allclose(to_mm @ [1, 1, 1, 1], last)
+    assert np.allclose(geometry.physical_to_normalized() @ last, [1, 1, 1, 1])
 
 
 def test_shape_errors_name_the_expected_shape():
