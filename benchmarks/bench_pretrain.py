@@ -69,13 +69,11 @@ def cached_volumes(cache_dir: Path, spacing: float):
     return dataset.volumes
 
 
-def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto", layout="default") -> list:
+def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto") -> list:
     autocast_dtype = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=width)).to(device)
     set_groupnorm_impl(model, groupnorm)
-    if layout == "channels_last":
-        model.use_channels_last()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     net = torch.compile(model, mode=args.compile_mode) if compile_model else model
     patch = (size,) * 3
@@ -108,7 +106,6 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
     variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
-    variant += ", channels_last_3d" if layout == "channels_last" else ""
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
     if compile_model:
@@ -128,8 +125,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the loader")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
     parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
-    parser.add_argument("--layouts", nargs="+", default=["default"], choices=["default", "channels_last"], help="memory layouts to compare (eager rows)")
-    parser.add_argument("--compile-layouts", nargs="+", default=["default"], choices=["default", "channels_last"], help="memory layouts of the torch.compile rows")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
@@ -156,18 +151,16 @@ def main() -> None:
             for size in sizes:
                 for batch in batches:
                     for groupnorm in args.groupnorm:
-                        for layout in args.layouts:
-                            rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm, layout))
-                            print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                        rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm))
+                        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
         if args.compile:
             if args.compile_batches:
                 cases = [(max(sizes), b) for b in args.compile_batches]
             else:
                 cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
             for size, batch in cases:
-                for layout in args.compile_layouts:
-                    rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0], layout))
-                    print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0]))
+                print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
         ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "TFLOP/s (model step)", "peak GiB"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|layout|graphs|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -29,11 +29,6 @@ if [ "$what" = pretrain ] || [ "$what" = all ]; then
   step ncc 40 python3 benchmarks/bench_ncc.py --device cuda --sizes 128 --repeats 10
   step pretrain-bench 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 2 --groupnorm auto native --compile --compile-batches 1
   step pretrain-cli 45 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 40 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
-fi
-if [ "$what" = layout ]; then
-  step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  step layout-bench 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 \
-    --layouts default channels_last --compile --compile-layouts channels_last --compile-batches 1
 fi
 if [ "$what" = graphs ]; then
   step graphs-bench 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 \

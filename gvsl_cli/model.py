@@ -57,25 +57,16 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         n, c = x.shape[:2]
         groups = self.num_groups
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
-            grouped = x.reshape(n, groups, 1, -1)  # (N, G, 1, C/G·S): reduce over the last
-            dims: tuple[int, ...] = (3,)
-        else:
-            # channels_last_3d: (N, D, H, W, C) in memory; a group is C/G adjacent channels
-            # of every voxel, so reduce a (N, 1, S, G, C/G) view over S and C/G, no copy.
-            grouped = x.permute(0, 2, 3, 4, 1).reshape(n, 1, -1, groups, c // groups)
-            dims = (2, 4)
-        count = x[0].numel() // groups
+        grouped = x.reshape(n, groups, -1)  # (N, G, C/G·S): one row per group
         if x.dtype in (torch.float32, torch.float64):
-            var, mean = torch.var_mean(grouped, dim=dims, unbiased=False)
+            var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
         else:
-            mean = grouped.sum(dim=dims, dtype=torch.float32) / count
-            norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
+            count = grouped.shape[-1]
+            mean = grouped.sum(dim=-1, keepdim=True, dtype=torch.float32) / count
+            norm = torch.linalg.vector_norm(grouped, 2, dim=-1, keepdim=True, dtype=torch.float32)
             var = (norm * norm / count - mean * mean).clamp(min=0.0)
-        mean, var = mean.reshape(n, groups, 1), var.reshape(n, groups, 1)
         scale = torch.rsqrt(var + self.eps)
-        # Fold normalisation and affine into one multiply-add per channel; broadcasting a
-        # (N, C, 1, 1, 1) factor keeps x's memory layout.
+        # Fold normalisation and affine into one multiply-add per channel.
         weight = self.weight.to(mean.dtype).view(1, groups, c // groups)
         bias = self.bias.to(mean.dtype).view(1, groups, c // groups)
         channel_scale = scale * weight  # (N, G, C/G)
@@ -149,13 +140,7 @@ class UNetFeatures:
 
 class UNet3D(nn.Module):
     """The shared 3D U-Net N of GVSL (widths w·(1, 2, 4, 8, 16) down, w·(8, 4, 2, 1) up).
-
-    Attributes:
-        channels_last: run in the channels_last_3d memory layout (set by
-            ``GVSL.use_channels_last``); the features it returns are then in that layout.
     """
-
-    channels_last: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -179,8 +164,6 @@ class UNet3D(nn.Module):
         if any(pads):
             # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
             x = F.pad(x, [p for n in reversed(pads) for p in (0, n)])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -297,15 +280,6 @@ class GVSL(nn.Module):
             params = {}
         displacement = self.deformable(fixed.local, moving.local, theta if use_affine else None)
         return ZMatch(theta=theta, displacement=displacement, parameters=params)
-
-    def use_channels_last(self, enabled: bool = True) -> "GVSL":
-        """Run convolutions in the channels_last_3d layout (N, D, H, W, C in memory).
-
-        Same results; on GPUs cuDNN's bf16 3D convolutions may run faster in this layout
-        (measured in benchmarks/bench_pretrain.py --channels-last). Returns ``self``.
-        """
-        self.unet.channels_last = enabled
-        return self.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
 
     def restore(self, local: torch.Tensor) -> torch.Tensor:
         """Restoration head: (B, width, D, H, W) -> (B, 1, D, H, W) image."""

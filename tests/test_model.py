@@ -103,35 +103,3 @@ def test_reduction_groupnorm_matches_native_values_and_gradients(dtype, generato
     y_ours.backward(upstream.to(dtype))
     assert ((x_ours.grad.float() - x_native.grad).norm() / x_native.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
     assert ((ours.weight.grad - native.weight.grad).norm() / native.weight.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
-
-
-def test_channels_last_layout_gives_the_same_outputs(generator):
-    from gvsl_cli.model import set_groupnorm_impl
-
-    model = GVSL(ModelConfig(width=8)).eval()
-    set_groupnorm_impl(model, "reduction")  # the CUDA path, exercised on the CPU
-    fixed = torch.rand(1, 1, 32, 32, 32, generator=generator)
-    moving = torch.rand(1, 1, 32, 32, 32, generator=generator)
-    with torch.no_grad():
-        reference = model(fixed, moving)
-        model.use_channels_last()
-        assert model.unet.inc.double_conv[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
-        other = model(fixed, moving)
-    assert torch.allclose(other.restored, reference.restored, atol=1e-5)
-    assert torch.allclose(other.match.displacement, reference.match.displacement, atol=1e-6)
-    assert torch.allclose(other.match.theta, reference.match.theta, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reduction_groupnorm_in_channels_last_matches_native(dtype, generator):
-    from gvsl_cli.model import GroupNorm
-
-    norm = GroupNorm(4, 32)
-    norm.impl = "reduction"
-    with torch.no_grad():
-        norm.weight.normal_(generator=generator)
-        norm.bias.normal_(generator=generator)
-    x = (torch.randn(2, 32, 5, 6, 7, generator=generator) * 2 + 1).to(dtype)
-    ours = norm(x.contiguous(memory_format=torch.channels_last_3d)).float()
-    native = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
-    assert ((ours - native).norm() / native.norm()) < (1e-5 if dtype == torch.float32 else 2e-2)
