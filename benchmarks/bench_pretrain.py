@@ -31,8 +31,8 @@ from common import device_name, median_ms, print_table, synchronize  # noqa: E40
 from gvsl_cli import data  # noqa: E402
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
 from gvsl_cli.device import resolve_precision  # noqa: E402
-from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, set_groupnorm_impl  # noqa: E402
-from gvsl_cli.pretraining import PretrainTask  # noqa: E402
+from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, LAYOUTS, set_groupnorm_impl, set_layout  # noqa: E402
+from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
 from gvsl_cli.resources import example_path  # noqa: E402
 
 TFLOP_128_B1 = 7.57
@@ -69,12 +69,13 @@ def cached_volumes(cache_dir: Path, spacing: float):
     return dataset.volumes
 
 
-def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto") -> list:
+def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto", layout="auto") -> list:
     autocast_dtype = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=width)).to(device)
     set_groupnorm_impl(model, groupnorm)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    set_layout(model, layout)
+    optimizer = make_optimizer(model, 1e-4, device)
     net = torch.compile(model, mode=args.compile_mode) if compile_model else model
     patch = (size,) * 3
     region = tuple(p + 2 * (p // 8) for p in patch)
@@ -105,7 +106,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
     if compile_model:
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the loader")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
     parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
+    parser.add_argument("--layout", nargs="+", default=["auto"], choices=LAYOUTS, help="activation layouts to compare (eager and compile rows)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
@@ -151,16 +153,18 @@ def main() -> None:
             for size in sizes:
                 for batch in batches:
                     for groupnorm in args.groupnorm:
-                        rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm))
-                        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                        for layout in args.layout:
+                            rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm, layout))
+                            print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
         if args.compile:
             if args.compile_batches:
                 cases = [(max(sizes), b) for b in args.compile_batches]
             else:
                 cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
             for size, batch in cases:
-                rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0]))
-                print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                for layout in args.layout:
+                    rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0], layout))
+                    print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
         ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "TFLOP/s (model step)", "peak GiB"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -33,6 +33,16 @@ fi
 if [ "$what" = graphs ]; then
   step graphs-bench 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 \
     --compile --compile-batches 1 --compile-mode reduce-overhead
+fi
+if [ "$what" = layers ]; then
+  step layers 330 python3 benchmarks/bench_layers.py --sections convs upsample steps profile
+  step layers-limit0 70 python3 benchmarks/bench_layers.py --sections convs --benchmark-limit 0
+fi
+if [ "$what" = layout ]; then
+  step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step pretrain-bench 270 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 2 --layout ncdhw ndhwc --compile --compile-batches 1
+  step pretrain-cli 45 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 30 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
+  step layers 60 python3 benchmarks/bench_layers.py --sections upsample profile
 fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}

@@ -30,6 +30,66 @@ MAX_SHEAR = math.pi / 18
 #: parallel reduction), "auto" (reduction on CUDA, native elsewhere).
 GROUPNORM_IMPLEMENTATIONS = ("auto", "native", "reduction")
 
+#: Memory layouts of the activations: "ncdhw" (contiguous (N, C, D, H, W)), "ndhwc"
+#: (channels_last_3d: channels innermost), "auto" (ndhwc on CUDA, ncdhw elsewhere). The
+#: values are the same either way; only the kernels differ. On CUDA, cuDNN's 3D
+#: convolutions work in ndhwc, so ncdhw activations are transposed there and back at every
+#: convolution (12 ms of a 128³ training step on an H200, docs/performance.md).
+LAYOUTS = ("auto", "ncdhw", "ndhwc")
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when the 5D tensor ``x`` is stored channels_last_3d and not also contiguous."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``x`` stored channels_last_3d if ``reference`` is, else unchanged (no copy if it already is)."""
+    if is_channels_last(reference):
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def _linear_upsampling_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(2n, n) matrix of linear ×2 upsampling along one axis with align_corners=True.
+
+    Row i holds the weights of output i at source position i·(n-1)/(2n-1), the mapping of
+    ``F.interpolate(..., scale_factor=2, mode="trilinear", align_corners=True)``.
+    """
+    if n == 1:
+        return torch.ones(2, 1, dtype=dtype, device=device)
+    exact = torch.promote_types(dtype, torch.float32)  # float64 stays float64
+    position = torch.arange(2 * n, device=device, dtype=exact) * ((n - 1) / (2 * n - 1))
+    low = position.floor().clamp(max=n - 2)
+    frac = position - low
+    columns = torch.arange(n, device=device, dtype=exact)
+    matrix = (1 - frac)[:, None] * (columns == low[:, None]) + frac[:, None] * (columns == low[:, None] + 1)
+    return matrix.to(dtype)
+
+
+def upsample_trilinear2(x: torch.Tensor) -> torch.Tensor:
+    """Trilinear ×2 upsampling with align_corners=True, as three matrix products.
+
+    Same values as ``F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)``
+    (up to rounding: in bf16 the weights are bf16 too), for (N, C, D, H, W) in either layout,
+    which is kept. PyTorch's CUDA kernel accumulates its backward with atomic adds (5.5 ms of
+    a 128³ step on an H200); here forward and backward are matrix products (1.1 ms).
+    """
+    n, c, d, h, w = x.shape
+    md = _linear_upsampling_matrix(d, x.dtype, x.device)
+    mh = _linear_upsampling_matrix(h, x.dtype, x.device)
+    mw = _linear_upsampling_matrix(w, x.dtype, x.device)
+    if is_channels_last(x):
+        y = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), contiguous
+        y = torch.matmul(mw, y.reshape(n * d * h, w, c))  # (N·D·H, 2W, C)
+        y = torch.matmul(mh, y.reshape(n * d, h, 2 * w * c))  # (N·D, 2H, 2W·C)
+        y = torch.matmul(md, y.reshape(n, d, 4 * h * w * c))  # (N, 2D, 4H·W·C)
+        return y.reshape(n, 2 * d, 2 * h, 2 * w, c).permute(0, 4, 1, 2, 3)
+    y = torch.matmul(x, mw.t())  # (N, C, D, H, 2W)
+    y = torch.matmul(mh, y)  # (N, C, D, 2H, 2W)
+    y = torch.matmul(md, y.reshape(n, c, d, 4 * h * w))  # (N, C, 2D, 4H·W)
+    return y.reshape(n, c, 2 * d, 2 * h, 2 * w)
+
 
 class GroupNorm(nn.GroupNorm):
     """GroupNorm with the statistics computed by a parallel reduction on CUDA.
@@ -41,7 +101,9 @@ class GroupNorm(nn.GroupNorm):
     does not lose precision, but without a float32 copy of the activation: a bf16 input is
     reduced with float32 accumulators (``sum``/``vector_norm`` with ``dtype``), which saves
     a full read+write pass and keeps the autograd graph from storing a 4-byte copy of every
-    activation. On the CPU the native kernel is already parallel and is used as is.
+    activation. Channels_last_3d inputs are reduced in place over an (N, S, G, C/G) view,
+    without a layout change. On the CPU the native kernel is already parallel and is used
+    as is.
 
     Attributes:
         impl: one of ``GROUPNORM_IMPLEMENTATIONS`` (see ``set_groupnorm_impl``).
@@ -57,15 +119,22 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         n, c = x.shape[:2]
         groups = self.num_groups
-        grouped = x.reshape(n, groups, -1)  # (N, G, C/G·S): one row per group
-        if x.dtype in (torch.float32, torch.float64):
-            var, mean = torch.var_mean(grouped, dim=-1, unbiased=False, keepdim=True)
+        if is_channels_last(x):
+            grouped = x.permute(0, 2, 3, 4, 1).reshape(n, -1, groups, c // groups)  # a view
+            dims = (1, 3)
         else:
-            count = grouped.shape[-1]
-            mean = grouped.sum(dim=-1, keepdim=True, dtype=torch.float32) / count
-            norm = torch.linalg.vector_norm(grouped, 2, dim=-1, keepdim=True, dtype=torch.float32)
+            grouped = x.reshape(n, groups, -1)  # (N, G, C/G·S): one row per group
+            dims = (2,)
+        # mean, var: (N, G), statistics of each group over its channels and voxels.
+        if x.dtype in (torch.float32, torch.float64):
+            var, mean = torch.var_mean(grouped, dim=dims, unbiased=False)
+        else:
+            count = math.prod(grouped.shape[d] for d in dims)
+            mean = grouped.sum(dim=dims, dtype=torch.float32) / count
+            norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
             var = (norm * norm / count - mean * mean).clamp(min=0.0)
-        scale = torch.rsqrt(var + self.eps)
+        scale = torch.rsqrt(var + self.eps)[:, :, None]
+        mean = mean[:, :, None]
         # Fold normalisation and affine into one multiply-add per channel.
         weight = self.weight.to(mean.dtype).view(1, groups, c // groups)
         bias = self.bias.to(mean.dtype).view(1, groups, c // groups)
@@ -73,6 +142,15 @@ class GroupNorm(nn.GroupNorm):
         channel_shift = bias - mean * channel_scale
         shape = (n, c) + (1,) * (x.dim() - 2)
         return x * channel_scale.reshape(shape).to(x.dtype) + channel_shift.reshape(shape).to(x.dtype)
+
+
+def set_layout(model: nn.Module, layout: str) -> None:
+    """Choose the activation layout (one of ``LAYOUTS``) of every U-Net in ``model``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for module in model.modules():
+        if isinstance(module, UNet3D):
+            module.layout = layout
 
 
 def set_groupnorm_impl(model: nn.Module, impl: str) -> None:
@@ -110,19 +188,21 @@ class Down(nn.Module):
         self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), DoubleConv(in_channels, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool_conv(x)
+        pool, conv = self.maxpool_conv
+        return conv(like_layout(pool(x), x))
 
 
 class Up(nn.Module):
-    """Trilinear ×2 upsampling, concatenation with the skip feature, DoubleConv; keys conv.*."""
+    """Trilinear ×2 upsampling (align_corners=True), concatenation with the skip feature,
+    DoubleConv; keys conv.*."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True)
         self.conv = DoubleConv(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+        up = like_layout(upsample_trilinear2(x), skip)
+        return self.conv(like_layout(torch.cat([skip, up], dim=1), skip))
 
 
 @dataclass
@@ -140,7 +220,13 @@ class UNetFeatures:
 
 class UNet3D(nn.Module):
     """The shared 3D U-Net N of GVSL (widths w·(1, 2, 4, 8, 16) down, w·(8, 4, 2, 1) up).
+
+    Attributes:
+        layout: activation layout, one of ``LAYOUTS`` (see ``set_layout``); the features
+            come out in it.
     """
+
+    layout: str = "auto"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -164,6 +250,14 @@ class UNet3D(nn.Module):
         if any(pads):
             # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
             x = F.pad(x, [p for n in reversed(pads) for p in (0, n)])
+        layout = self.layout
+        if layout == "auto":
+            layout = "ndhwc" if x.device.type == "cuda" else "ncdhw"
+        if layout == "ndhwc":
+            # ``to`` rather than ``contiguous``: a one-channel tensor already counts as
+            # channels_last contiguous, but only channel strides of 1 make cuDNN pick that
+            # layout; every later activation then keeps it.
+            x = x.to(memory_format=torch.channels_last_3d)
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -267,7 +361,8 @@ class GVSL(nn.Module):
         """
         if theta is not None:
             moving_local = spatial.sample(moving_local, spatial.affine_grid(theta, tuple(fixed_local.shape[2:])))
-        x = self.sp_conv(torch.cat([moving_local, fixed_local], dim=1))
+        moving_local = like_layout(moving_local, fixed_local)
+        x = self.sp_conv(like_layout(torch.cat([moving_local, fixed_local], dim=1), fixed_local))
         return self.out_flow(x)
 
     def match(self, fixed: UNetFeatures, moving: UNetFeatures, *, use_affine: bool = True) -> ZMatch:

@@ -186,6 +186,13 @@ class PretrainTask:
         return {"loss": ncc + mse + smooth, "ncc": ncc, "mse": mse, "smooth": smooth}
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam for ``model``; on CUDA the fused implementation (one kernel launch per step for
+    all 32 M parameters instead of a series of multi-tensor launches; same update rule and
+    state_dict format, so checkpoints resume across both)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+
+
 def _checksum(model: torch.nn.Module) -> str:
     hasher = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -372,7 +379,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     elif init_state is not None:
         load_state_strict(model, init_state, source=str(config.init))
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
     start_iteration = 0
     if resumed is not None:

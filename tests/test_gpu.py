@@ -44,3 +44,20 @@ def test_box_ncc_matches_dense_on_gpu():
     a = torch.rand(1, 1, 48, 48, 48, device="cuda")
     b = 0.5 * a + 0.5 * torch.rand(1, 1, 48, 48, 48, device="cuda")
     assert abs(losses.local_ncc_loss(a, b).item() - losses.local_ncc_loss_dense(a.double(), b.double()).item()) < 1e-4
+
+
+def test_model_layouts_agree_on_gpu():
+    from gvsl_cli.model import is_channels_last, set_layout
+
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=8)).cuda().eval()
+    fixed = torch.rand(1, 1, 32, 32, 32, device="cuda")
+    moving = torch.rand(1, 1, 32, 32, 32, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        set_layout(model, "ncdhw")
+        reference = model(fixed, moving)
+        set_layout(model, "auto")  # ndhwc on CUDA
+        assert is_channels_last(model.unet(torch.cat([fixed, moving])).local)
+        ours = model(fixed, moving)
+    relative = (ours.restored.float() - reference.restored.float()).norm() / reference.restored.float().norm()
+    assert relative < 2e-2

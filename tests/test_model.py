@@ -103,3 +103,64 @@ def test_reduction_groupnorm_matches_native_values_and_gradients(dtype, generato
     y_ours.backward(upstream.to(dtype))
     assert ((x_ours.grad.float() - x_native.grad).norm() / x_native.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
     assert ((ours.weight.grad - native.weight.grad).norm() / native.weight.grad.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 6), (1, 3, 1, 2, 7)])
+def test_matrix_upsampling_matches_trilinear_interpolate(shape, channels_last, generator):
+    from gvsl_cli.model import is_channels_last, upsample_trilinear2
+
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    ours = upsample_trilinear2(x)
+    reference = torch.nn.functional.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-12)
+    # The layout is kept (a one-voxel-thin or one-channel tensor is both layouts at once).
+    assert is_channels_last(ours) == is_channels_last(x)
+    upstream = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
+    (grad_reference,) = torch.autograd.grad(reference, x, upstream)
+    assert torch.allclose(grad_ours, grad_reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduction_groupnorm_on_channels_last_input(dtype, generator):
+    from gvsl_cli.model import GroupNorm, is_channels_last
+
+    norm = GroupNorm(4, 32)
+    norm.impl = "reduction"
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        norm.bias.normal_(generator=generator)
+    x = (torch.randn(2, 32, 6, 7, 8, generator=generator) * 3 + 2).to(dtype)
+    x_last = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    y = norm(x_last)
+    assert is_channels_last(y)
+    reference = torch.nn.functional.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((y.float() - reference).norm() / reference.norm()) < tolerance
+    y.float().sum().backward()
+    assert x_last.grad is not None and torch.isfinite(x_last.grad.float()).all()
+
+
+def test_channels_last_layout_computes_the_same_model(generator):
+    from gvsl_cli.model import is_channels_last, set_groupnorm_impl, set_layout
+
+    model = GVSL(ModelConfig(width=8)).eval()
+    fixed = torch.rand(1, 1, 32, 32, 32, generator=generator)
+    moving = torch.rand(1, 1, 32, 32, 32, generator=generator)
+    with torch.no_grad():
+        reference = model(fixed, moving)
+        set_layout(model, "ndhwc")
+        set_groupnorm_impl(model, "reduction")  # the CUDA path, with its channels_last branch
+        features = model.unet(torch.cat([fixed, moving]))
+        ours = model(fixed, moving)
+    assert is_channels_last(features.local) and is_channels_last(features.global_)
+    assert torch.allclose(ours.restored, reference.restored, atol=1e-5)
+    assert torch.allclose(ours.match.displacement, reference.match.displacement, atol=1e-7)
+    assert torch.allclose(ours.match.theta, reference.match.theta, atol=1e-5)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        set_layout(model, "nhwc")

@@ -1,0 +1,202 @@
+"""Where the GVSL training step spends its time, and what other layer implementations gain.
+
+    python benchmarks/bench_layers.py --device cuda                       # all sections
+    python benchmarks/bench_layers.py --device cuda --sections steps profile
+
+Sections (each prints a Markdown table; times are medians of ``--repeats`` after warm-up):
+  convs    every 3³ convolution shape of the 128³ step, bf16: cuDNN 3D (ncdhw and ndhwc)
+           against the z-slice 2D formulations of ``layer_variants`` (forward, and
+           forward + backward)
+  upsample trilinear ×2 upsampling: PyTorch's kernel against ``model.upsample_trilinear2``
+  steps    the eager model step (128³, batch 1, bf16 autocast) in each activation layout
+  profile  torch.profiler of the eager step: the kernels and operators that take the time
+(bench_pretrain.py times the whole iteration and torch.compile.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, median_ms, print_table, synchronize  # noqa: E402
+from layer_variants import conv3d_by_slices_in, conv3d_by_slices_out  # noqa: E402
+
+from gvsl_cli.config import ModelConfig  # noqa: E402
+from gvsl_cli.model import GVSL, set_layout, upsample_trilinear2  # noqa: E402
+from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
+
+#: (batch, Cin, Cout, side, needs input gradient) of the 3³ convolutions of a 128³ step at
+#: width 32: the U-Net runs on A' and B together (batch 2), the heads on one pair.
+CONV_SHAPES = [
+    (2, 1, 32, 128, False),  # inc, first conv
+    (2, 32, 32, 128, True),  # inc second conv, up4 second conv
+    (2, 96, 32, 128, True),  # up4 first conv (skip 32 + upsampled 64)
+    (1, 64, 16, 128, True),  # sp_conv first conv
+    (1, 32, 16, 128, True),  # res_conv
+    (1, 16, 16, 128, True),  # sp_conv second conv
+    (2, 64, 64, 64, True),  # down1 second conv, up3 second conv
+    (2, 192, 64, 64, True),  # up3 first conv
+]
+
+CONV_VARIANTS = {
+    "cuDNN 3D ncdhw": (torch.contiguous_format, lambda x, w, b: F.conv3d(x, w, b, padding=1)),
+    "cuDNN 3D ndhwc": (torch.channels_last_3d, lambda x, w, b: F.conv3d(x, w, b, padding=1)),
+    "z-slices, taps→outputs": (torch.channels_last_3d, conv3d_by_slices_out),
+    "z-slices, taps→inputs": (torch.channels_last_3d, conv3d_by_slices_in),
+}
+
+STEP_LAYOUTS = ("ncdhw", "ndhwc")
+
+
+def bench_convs(args, device) -> None:
+    rows = []
+    for batch, cin, cout, side, input_grad in CONV_SHAPES:
+        flops = 2 * batch * side**3 * cin * cout * 27
+        for name, (layout, fn) in CONV_VARIANTS.items():
+            x = torch.randn(batch, cin, side, side, side, device=device, dtype=torch.bfloat16).contiguous(memory_format=layout)
+            x.requires_grad_(input_grad)
+            w = (torch.randn(cout, cin, 3, 3, 3, device=device) * 0.05).to(torch.bfloat16).requires_grad_()
+            b = torch.zeros(cout, device=device, dtype=torch.bfloat16, requires_grad=True)
+            grad = None
+
+            def forward():
+                with torch.no_grad():
+                    fn(x, w, b)
+
+            def forward_backward():
+                nonlocal grad
+                y = fn(x, w, b)
+                if grad is None:
+                    grad = torch.randn_like(y)
+                y.backward(grad)
+                x.grad = w.grad = b.grad = None
+
+            try:
+                fwd = median_ms(forward, device, repeats=args.repeats, warmup=3)
+                both = median_ms(forward_backward, device, repeats=args.repeats, warmup=3)
+                passes = 3 if input_grad else 2
+                rows.append([f"{batch}×{cin}→{cout} @ {side}³", name, f"{fwd:.2f}", f"{flops / fwd / 1e9:.0f}", f"{both:.2f}", f"{passes * flops / both / 1e9:.0f}"])
+            except RuntimeError as error:  # e.g. out of memory: report, keep going
+                rows.append([f"{batch}×{cin}→{cout} @ {side}³", name, "error", str(error).splitlines()[0][:60], "", ""])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    print_table(
+        f"3³ convolutions, bf16, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}, benchmark_limit {torch.backends.cudnn.benchmark_limit}",
+        ["shape", "implementation", "forward ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s"],
+        rows,
+    )
+
+
+def bench_upsample(args, device) -> None:
+    rows = []
+    for batch, channels, side in [(2, 64, 64), (2, 128, 32), (2, 256, 16)]:
+        for name, fn in {"F.interpolate": lambda t: F.interpolate(t, scale_factor=2, mode="trilinear", align_corners=True), "matrix products": upsample_trilinear2}.items():
+            x = torch.randn(batch, channels, side, side, side, device=device, dtype=torch.bfloat16, requires_grad=True)
+            grad = torch.randn(batch, channels, 2 * side, 2 * side, 2 * side, device=device, dtype=torch.bfloat16)
+
+            def forward_backward():
+                fn(x).backward(grad)
+                x.grad = None
+
+            fwd = median_ms(lambda: fn(x.detach()), device, repeats=args.repeats, warmup=3)
+            both = median_ms(forward_backward, device, repeats=args.repeats, warmup=3)
+            rows.append([f"{batch}×{channels} @ {side}³→{2 * side}³", name, f"{fwd:.2f}", f"{both:.2f}"])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    print_table(f"Trilinear ×2 upsampling, bf16, median of {args.repeats} — {device_name(device)}", ["shape", "implementation", "forward ms", "fwd+bwd ms"], rows)
+
+
+def make_step(device, layout: str, side: int):
+    """An eager model step (side³, batch 1, bf16 autocast) on fixed synthetic inputs."""
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=32)).to(device)
+    set_layout(model, layout)
+    optimizer = make_optimizer(model, 1e-4, device)
+    net = model
+    task = PretrainTask(None, (side,) * 3, seed=0, rank=0, device=device)
+    a = torch.rand(1, 1, side, side, side, device=device)
+    batch = (a, (a + 0.1 * torch.rand_like(a)).clamp(0, 1), torch.rand_like(a))
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            losses = task.losses(net, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_steps(args, device) -> None:
+    rows = []
+    for layout in STEP_LAYOUTS:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = make_step(device, layout, args.side)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        first_s = time.perf_counter() - start
+        ms = median_ms(step, device, repeats=args.repeats, warmup=2)
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "–"
+        tflop = 7.57 * (args.side / 128) ** 3
+        rows.append([layout, f"{ms:.1f}", f"{tflop / ms * 1000:.0f}", peak, f"{first_s:.0f}"])
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)
+        del step
+    print_table(
+        f"Eager model step {args.side}³, batch 1, width 32, bf16, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
+        ["layout", "model step ms", "TFLOP/s", "peak GiB", "first step s"],
+        rows,
+    )
+
+
+def profile_step(args, device, layout: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(device, layout, args.side)
+    for _ in range(3):
+        step()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        synchronize(device)
+    events = prof.key_averages()
+    for sort in ("self_cuda_time_total", "cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
+        print(f"\n### Profile of 3 eager steps ({layout} layout), sorted by {sort}\n")
+        print(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "steps", "profile"], choices=["convs", "upsample", "steps", "profile"])
+    parser.add_argument("--profile-layout", default="auto", choices=["auto", *STEP_LAYOUTS])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--side", type=int, default=128, help="patch side of the steps and profile sections")
+    parser.add_argument("--benchmark-limit", type=int, default=None, help="torch.backends.cudnn.benchmark_limit (0: try every algorithm)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    if args.benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.benchmark_limit
+    for section in args.sections:
+        start = time.perf_counter()
+        if section == "convs":
+            bench_convs(args, device)
+        elif section == "upsample":
+            bench_upsample(args, device)
+        elif section == "steps":
+            bench_steps(args, device)
+        elif section == "profile":
+            profile_step(args, device, args.profile_layout)
+        print(f"[{section}: {time.perf_counter() - start:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Other formulations of the U-Net's 3³ convolution, measured by bench_layers.py.
+
+Each computes exactly what ``F.conv3d(x, weight, bias, padding=1)`` computes (same
+weights, same result up to floating-point rounding) with cuDNN's 2D kernels instead of its
+3D ones. Measured on an H200 they lose to cuDNN 3D in channels_last_3d (docs/performance.md),
+so the model does not use them; they stay here so the comparison can be rerun.
+
+Layouts: "ncdhw" tensors are contiguous (N, C, D, H, W); "ndhwc" tensors are
+(N, C, D, H, W) tensors stored channels_last_3d, i.e. contiguous as (N, D, H, W, C).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def conv3d_by_slices_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Conv3d 3³ (padding 1) as one 2D convolution over the z slices, taps folded into outputs.
+
+    ``x`` (N, Cin, D, H, W) stored channels_last_3d; ``weight`` (Cout, Cin, 3, 3, 3).
+    Every z slice goes through a 2D 3×3 convolution with 3·Cout outputs (one set per z tap
+    kd); output slice d then sums tap 0 of slice d-1, tap 1 of slice d and tap 2 of slice
+    d+1. Returns (N, Cout, D, H, W) stored channels_last_3d.
+    """
+    n, cin, d, h, w = x.shape
+    cout = weight.shape[0]
+    slices = x.permute(0, 2, 1, 3, 4).reshape(n * d, cin, h, w)  # a view: NHWC 2D batch
+    taps = weight.permute(2, 0, 1, 3, 4).reshape(3 * cout, cin, 3, 3)
+    z = F.conv2d(slices, taps, None, padding=1)  # (N·D, 3·Cout, H, W), NHWC
+    z = z.permute(0, 2, 3, 1).reshape(n, d, h, w, 3, cout)
+    y = z[..., 1, :] if bias is None else z[..., 1, :] + bias.to(z.dtype)
+    y = y.contiguous()
+    y[:, 1:] += z[:, :-1, ..., 0, :]
+    y[:, :-1] += z[:, 1:, ..., 2, :]
+    return y.permute(0, 4, 1, 2, 3)
+
+
+def conv3d_by_slices_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Conv3d 3³ (padding 1) as one 2D convolution over z slices, taps folded into inputs.
+
+    The input of slice d is the channel concatenation of slices d-1, d, d+1 (3·Cin channels).
+    Same layouts as ``conv3d_by_slices_out``.
+    """
+    n, cin, d, h, w = x.shape
+    cout = weight.shape[0]
+    xl = x.permute(0, 2, 3, 4, 1)  # (N, D, H, W, C), contiguous
+    padded = F.pad(xl, (0, 0, 0, 0, 0, 0, 1, 1))
+    stacked = torch.stack([padded[:, 0:d], padded[:, 1 : d + 1], padded[:, 2 : d + 2]], dim=4)
+    slices = stacked.reshape(n * d, h, w, 3 * cin).permute(0, 3, 1, 2)
+    taps = weight.permute(0, 2, 1, 3, 4).reshape(cout, 3 * cin, 3, 3)
+    y = F.conv2d(slices, taps, bias, padding=1)  # (N·D, Cout, H, W), NHWC
+    return y.permute(0, 2, 3, 1).reshape(n, d, h, w, cout).permute(0, 4, 1, 2, 3)
