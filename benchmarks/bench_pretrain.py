@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--layout", nargs="+", default=["auto"], choices=LAYOUTS, help="activation layouts to compare (eager and compile rows)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
+    parser.add_argument("--no-eager", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
     parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -149,7 +150,7 @@ def main() -> None:
         start = time.perf_counter()
         volumes = cached_volumes(Path(cache_dir), args.spacing)
         print(f"cached {len(volumes)} volumes ({', '.join('×'.join(map(str, v.shape)) for v in volumes)}) in {time.perf_counter() - start:.1f} s", flush=True)
-        for width in widths:
+        for width in widths if not args.no_eager else []:
             for size in sizes:
                 for batch in batches:
                     for groupnorm in args.groupnorm:

@@ -44,6 +44,9 @@ if [ "$what" = layout ]; then
   step pretrain-cli 45 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run --iters 30 --patch 128 --log-every 10 --quiet --cache-dir /tmp/gvsl-cache
   step layers 60 python3 benchmarks/bench_layers.py --sections upsample profile
 fi
+if [ "$what" = compile ]; then
+  step pretrain-compile 260 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --layout ncdhw ndhwc --compile --compile-batches 1 --no-eager
+fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py

@@ -58,7 +58,7 @@ def _linear_upsampling_matrix(n: int, dtype: torch.dtype, device: torch.device) 
     """
     if n == 1:
         return torch.ones(2, 1, dtype=dtype, device=device)
-    exact = torch.promote_types(dtype, torch.float32)  # float64 stays float64
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
     position = torch.arange(2 * n, device=device, dtype=exact) * ((n - 1) / (2 * n - 1))
     low = position.floor().clamp(max=n - 2)
     frac = position - low
@@ -129,7 +129,7 @@ class GroupNorm(nn.GroupNorm):
         if x.dtype in (torch.float32, torch.float64):
             var, mean = torch.var_mean(grouped, dim=dims, unbiased=False)
         else:
-            count = math.prod(grouped.shape[d] for d in dims)
+            count = grouped.numel() // (n * groups)  # values per group
             mean = grouped.sum(dim=dims, dtype=torch.float32) / count
             norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
             var = (norm * norm / count - mean * mean).clamp(min=0.0)

@@ -252,3 +252,39 @@ def test_two_processes_under_torchrun_agree_on_the_weights(volumes, cache_dir, t
     checksums = summary["rank_weight_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_iteration(volumes, cache_dir, tmp_path):
+    # What SLURM does before a time limit (or scancel): SIGTERM to the launcher, whose
+    # agent forwards it to the workers. Both ranks must stop at the same iteration (or the
+    # next collective would hang) and leave a checkpoint that --resume continues.
+    import signal
+    import time
+
+    run_dir = tmp_path / "ddp-term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gvsl_cli",
+               *_args(volumes, run_dir, cache_dir, "--iters", "100000", "--save-every", "100000", "--log-every", "1")]
+    log = (tmp_path / "torchrun.log").open("w")
+    launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and len(read_metrics(metrics)) >= 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()[-2000:]
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "stop requested", summary
+    stopped_at = summary["iteration"]
+    assert 2 <= stopped_at < 100000
+    checksums = summary["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+    assert checkpoint["training"]["iteration"] == stopped_at
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stopped_at + 1))
