@@ -288,3 +288,15 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_iteration(volumes, ca
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     assert checkpoint["training"]["iteration"] == stopped_at
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+
+
+def test_compiled_run_writes_plain_weights_and_resumes_uncompiled(volumes, cache_dir, tmp_path):
+    # torch.compile wraps the model (its state_dict keys gain "_orig_mod."); the files must
+    # keep the official keys so they load anywhere, and a run may resume without --compile.
+    run_dir = tmp_path / "compiled"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--save-every", "2", "--log-every", "1", "--compile")) == 0
+    trained = load_weights(run_dir / "model.pt")
+    assert not any("_orig_mod" in key for key in trained.state_dict)
+    trained.build_model()  # strict load into a plain model
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "3", "--log-every", "1", "--resume")) == 0
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
