@@ -8,6 +8,8 @@ Sections (each prints a Markdown table; times are medians of ``--repeats`` after
            against the z-slice 2D formulations of ``layer_variants`` (forward, and
            forward + backward)
   upsample trilinear ×2 upsampling: PyTorch's kernel against ``model.upsample_trilinear2``
+  warp     the Z-matching head's affine warp of the moving features (grid_sample,
+           forward + backward) in bf16 and in float32, in both layouts
   steps    the eager model step (128³, batch 1, bf16 autocast) in each activation layout
   profile  torch.profiler of the eager step: the kernels and operators that take the time
 (bench_pretrain.py times the whole iteration and torch.compile.)
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, median_ms, print_table, synchronize  # noqa: E402
-from layer_variants import conv3d_by_slices_in, conv3d_by_slices_out  # noqa: E402
+from layer_variants import conv3d_by_slices_in, conv3d_by_slices_out, conv3d_padded_outputs  # noqa: E402
 
 from gvsl_cli.config import ModelConfig  # noqa: E402
 from gvsl_cli.model import GVSL, set_layout, upsample_trilinear2  # noqa: E402
@@ -40,6 +42,7 @@ CONV_SHAPES = [
     (1, 64, 16, 128, True),  # sp_conv first conv
     (1, 32, 16, 128, True),  # res_conv
     (1, 16, 16, 128, True),  # sp_conv second conv
+    (1, 16, 3, 128, True),  # out_flow
     (2, 64, 64, 64, True),  # down1 second conv, up3 second conv
     (2, 192, 64, 64, True),  # up3 first conv
 ]
@@ -47,6 +50,7 @@ CONV_SHAPES = [
 CONV_VARIANTS = {
     "cuDNN 3D ncdhw": (torch.contiguous_format, lambda x, w, b: F.conv3d(x, w, b, padding=1)),
     "cuDNN 3D ndhwc": (torch.channels_last_3d, lambda x, w, b: F.conv3d(x, w, b, padding=1)),
+    "cuDNN 3D ndhwc, Cout padded to 8": (torch.channels_last_3d, conv3d_padded_outputs),
     "z-slices, taps→outputs": (torch.channels_last_3d, conv3d_by_slices_out),
     "z-slices, taps→inputs": (torch.channels_last_3d, conv3d_by_slices_in),
 }
@@ -108,6 +112,29 @@ def bench_upsample(args, device) -> None:
             rows.append([f"{batch}×{channels} @ {side}³→{2 * side}³", name, f"{fwd:.2f}", f"{both:.2f}"])
             print("| " + " | ".join(rows[-1]) + " |", flush=True)
     print_table(f"Trilinear ×2 upsampling, bf16, median of {args.repeats} — {device_name(device)}", ["shape", "implementation", "forward ms", "fwd+bwd ms"], rows)
+
+
+def bench_warp(args, device) -> None:
+    from gvsl_cli import spatial
+
+    rows = []
+    theta = torch.tensor([[[0.98, 0.05, 0.0, 0.02], [-0.05, 0.98, 0.03, 0.0], [0.0, -0.03, 1.01, -0.01]]], device=device)
+    grid = spatial.affine_grid(theta, (128, 128, 128))
+    for dtype in (torch.bfloat16, torch.float32):
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            features = torch.randn(1, 32, 128, 128, 128, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(True)
+            grad = torch.randn(1, 32, 128, 128, 128, device=device, dtype=dtype)
+            sample_grid = grid.to(dtype)
+
+            def forward_backward():
+                spatial.sample(features, sample_grid).backward(grad)
+                features.grad = None
+
+            fwd = median_ms(lambda: spatial.sample(features.detach(), sample_grid), device, repeats=args.repeats, warmup=3)
+            both = median_ms(forward_backward, device, repeats=args.repeats, warmup=3)
+            rows.append(["1×32 @ 128³", str(dtype).replace("torch.", ""), "ndhwc" if layout == torch.channels_last_3d else "ncdhw", f"{fwd:.2f}", f"{both:.2f}"])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    print_table(f"Affine warp of features (grid_sample), median of {args.repeats} — {device_name(device)}", ["shape", "dtype", "layout", "forward ms", "fwd+bwd ms"], rows)
 
 
 def make_step(device, layout: str, side: int):
@@ -175,7 +202,7 @@ def profile_step(args, device, layout: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "steps", "profile"], choices=["convs", "upsample", "steps", "profile"])
+    parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "warp", "steps", "profile"], choices=["convs", "upsample", "warp", "steps", "profile"])
     parser.add_argument("--profile-layout", default="auto", choices=["auto", *STEP_LAYOUTS])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--side", type=int, default=128, help="patch side of the steps and profile sections")
@@ -191,6 +218,8 @@ def main() -> None:
             bench_convs(args, device)
         elif section == "upsample":
             bench_upsample(args, device)
+        elif section == "warp":
+            bench_warp(args, device)
         elif section == "steps":
             bench_steps(args, device)
         elif section == "profile":

@@ -1,4 +1,4 @@
-"""Other formulations of the U-Net's 3³ convolution, measured by bench_layers.py.
+"""Other formulations of the network's 3³ convolutions, measured by bench_layers.py.
 
 Each computes exactly what ``F.conv3d(x, weight, bias, padding=1)`` computes (same
 weights, same result up to floating-point rounding) with cuDNN's 2D kernels instead of its
@@ -51,3 +51,15 @@ def conv3d_by_slices_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     taps = weight.permute(0, 2, 1, 3, 4).reshape(cout, 3 * cin, 3, 3)
     y = F.conv2d(slices, taps, bias, padding=1)  # (N·D, Cout, H, W), NHWC
     return y.permute(0, 2, 3, 1).reshape(n, d, h, w, cout).permute(0, 4, 1, 2, 3)
+
+
+def conv3d_padded_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, multiple: int = 8) -> torch.Tensor:
+    """Conv3d 3³ (padding 1) with the output channels padded with zero filters to a multiple
+    of ``multiple`` and cut off again (for out_flow's 3 outputs: cuDNN's kernels are built
+    for channel counts that are multiples of 8)."""
+    cout = weight.shape[0]
+    extra = (-cout) % multiple
+    if extra:
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra))
+        bias = F.pad(bias, (0, extra)) if bias is not None else None
+    return F.conv3d(x, weight, bias, padding=1)[:, :cout]
