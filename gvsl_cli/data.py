@@ -83,7 +83,7 @@ def _walk_folder(folder: Path) -> list[Path]:
 def _read_path_list(list_file: Path) -> tuple[list[Path], list[Skipped]]:
     entries: list[Path] = []
     skipped: list[Skipped] = []
-    for number, line in enumerate(list_file.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -154,7 +154,7 @@ def _source_files(source: Path) -> list[Path]:
         # The header names its data file; a change of the data must change the key too.
         pattern = r"^\s*ElementDataFile\s*=\s*(.+)$" if suffix == ".mhd" else r"^\s*data file\s*:\s*(.+)$"
         try:
-            header = source.read_text(errors="replace")
+            header = source.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return files
         match = re.search(pattern, header, flags=re.MULTILINE | re.IGNORECASE)
@@ -188,7 +188,7 @@ class VolumeCache:
         stat_key = hashlib.sha256(json.dumps(signature).encode()).hexdigest()
         stat_file = self.root / "stat" / f"{stat_key}.txt"
         if stat_file.is_file():
-            digest = stat_file.read_text().strip()
+            digest = stat_file.read_text(encoding="utf-8").strip()
             if len(digest) == 64:
                 return digest
         hasher = hashlib.sha256()
@@ -199,7 +199,7 @@ class VolumeCache:
                     hasher.update(block)
         digest = hasher.hexdigest()
         with atomic_path(stat_file) as tmp:
-            tmp.write_text(digest)
+            tmp.write_text(digest, encoding="utf-8")
         return digest
 
     def key(self, source: Path, config: PreprocessConfig) -> str:
@@ -217,7 +217,7 @@ class VolumeCache:
         if not (array_path.is_file() and meta_path.is_file()):
             return None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]))
@@ -230,7 +230,7 @@ class VolumeCache:
                 np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
         meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "grid": grid, "format": CACHE_FORMAT}
         with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps(meta))
+            tmp.write_text(json.dumps(meta), encoding="utf-8")
         return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape))
 
 

@@ -344,7 +344,7 @@ class _Partial:
     def resumable_from(self, url: str) -> tuple[int, str | None]:
         """Bytes already fetched from ``url`` and their validator; (0, None) starts afresh."""
         try:
-            meta = json.loads(self.meta.read_text())
+            meta = json.loads(self.meta.read_text(encoding="utf-8"))
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0, None
@@ -353,7 +353,7 @@ class _Partial:
         return size, meta.get("validator")
 
     def begin(self, url: str, validator: str | None) -> None:
-        self.meta.write_text(json.dumps({"url": url, "validator": validator}))
+        self.meta.write_text(json.dumps({"url": url, "validator": validator}), encoding="utf-8")
 
     def discard(self) -> None:
         for path in (self.path, self.meta):

@@ -426,7 +426,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
             if resumed is None:
                 truncate_metrics(run_dir / METRICS_FILE, 0)  # rows of an earlier attempt that never saved a checkpoint
             with atomic_path(run_dir / RUN_FILE) as tmp:
-                tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2))
+                tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2), encoding="utf-8")
         result: LoopResult = run_training(
             net,
             optimizer,
@@ -469,5 +469,5 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     )
     if context.is_main:
         with atomic_path(run_dir / "summary.json") as tmp:
-            tmp.write_text(json.dumps({**summary.to_dict(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+            tmp.write_text(json.dumps({**summary.to_dict(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2), encoding="utf-8")
     return summary

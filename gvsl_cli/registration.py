@@ -429,7 +429,7 @@ def available_memory(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     try:  # Linux: MemAvailable counts reclaimable page cache, unlike the "free" pages
-        with open("/proc/meminfo") as meminfo:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024

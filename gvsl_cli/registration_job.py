@@ -101,7 +101,7 @@ def remove_previous_outputs(out_dir: Path) -> list[str]:
 
 def _write_json(data: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run_registration(

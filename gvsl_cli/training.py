@@ -173,7 +173,7 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -181,13 +181,13 @@ def truncate_metrics(path: Path, iteration: int) -> None:
         if isinstance(row, dict) and row.get("iteration", math.inf) <= iteration:
             kept.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -229,7 +229,7 @@ def run_training(
     buffer: list[torch.Tensor] = []
     buffer_start = start_iteration + 1
     result = LoopResult(iteration=start_iteration, stopped=None, seconds=0.0)
-    metrics = open(metrics_path, "a") if (metrics_path is not None and context.is_main) else None
+    metrics = open(metrics_path, "a", encoding="utf-8") if (metrics_path is not None and context.is_main) else None
     last_flush_time = started
     try:
         for iteration in range(start_iteration + 1, options.iters + 1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -33,7 +35,18 @@ def test_geometry_and_values_survive_round_trip(tmp_path, name):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary left
 
 
-def test_dicom_series_round_trip(tmp_path):
+@pytest.fixture
+def restore_locale():
+    # GDCM's DICOM writer switches the process's LC_CTYPE to "C" (ASCII). Code that later
+    # opens text files in the locale's encoding (torch's inductor reads its kernel templates
+    # so) would fail in the tests that follow. gvsl itself only reads DICOM, which leaves the
+    # locale alone, and names the encoding of every text file it opens.
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def test_dicom_series_round_trip(tmp_path, restore_locale):
     image = oblique_volume()
     # Keep a plain axial orientation: DICOM slices are written along the normal.
     image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))
