@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
@@ -78,6 +79,10 @@ def run(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("GVSL_DEBUG") == "1"
+    if not debug:
+        # torch.compile's internals warn about their own deprecated calls on every compile;
+        # nothing a gvsl user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     try:
         app(args=args, prog_name="gvsl")
         return 0

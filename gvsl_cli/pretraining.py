@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class PretrainConfig:
         save_every: checkpoint period in iterations.
         log_every: iterations between metric flushes (one host sync each).
         time_limit_s: stop cleanly after this many seconds of training.
-        compile: wrap the model in ``torch.compile``.
+        compile: wrap the model in ``torch.compile``; None decides (``compile_decision``).
         cache_dir: preprocessed-volume cache (default ``data.default_cache_dir()``).
         explicit: names of the options the user set (the rest may come from a checkpoint).
     """
@@ -102,7 +103,7 @@ class PretrainConfig:
     save_every: int = 500
     log_every: int = 10
     time_limit_s: float | None = None
-    compile: bool = False
+    compile: bool | None = None
     cache_dir: str | None = None
     explicit: frozenset[str] = frozenset()
 
@@ -143,6 +144,7 @@ class PretrainSummary:
     device: str
     precision: str
     world_size: int
+    compiled: bool = False
     rank_weight_checksums: list[str] = field(default_factory=list)
     checkpoint: str = ""
     model: str = ""
@@ -184,6 +186,21 @@ class PretrainTask:
         mse = mse_loss(out.restored, a)
         smooth = smoothness_loss(out.match.displacement)
         return {"loss": ncc + mse + smooth, "ncc": ncc, "mse": mse, "smooth": smooth}
+
+
+#: ``--compile`` by default for CUDA runs with at least this many iterations to go: the
+#: compile takes about a minute and then saves ~40 ms an iteration at 128³ on an H200
+#: (docs/performance.md), so it pays back after ~1500 iterations.
+COMPILE_MIN_ITERATIONS = 2000
+
+
+def compile_decision(asked: bool | None, device: torch.device, iterations_to_go: int) -> bool:
+    """Whether to ``torch.compile`` the model: as asked, or by default on CUDA (not on
+    Windows, where inductor lacks its Triton backend) for runs of at least
+    ``COMPILE_MIN_ITERATIONS`` iterations."""
+    if asked is not None:
+        return asked
+    return device.type == "cuda" and sys.platform != "win32" and iterations_to_go >= COMPILE_MIN_ITERATIONS
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -390,7 +407,13 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     net: torch.nn.Module = model
     if context.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    if config.compile:
+    compiled = compile_decision(config.compile, device, config.iters - start_iteration)
+    if compiled:
+        if config.compile is None:
+            # Chosen by default: should inductor fail on this machine, run those parts
+            # eagerly (dynamo logs why) instead of stopping the run.
+            torch._dynamo.config.suppress_errors = True
+        reporter.note("compiling the model with torch.compile (about a minute before the first step; --no-compile skips it)")
         net = torch.compile(net)
 
     contract = _contract_for_checkpoint(preprocess, dataset)
@@ -463,6 +486,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         device=str(device),
         precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
         world_size=context.world_size,
+        compiled=compiled,
         rank_weight_checksums=checksums,
         checkpoint=str(checkpoint_path),
         model=str(run_dir / MODEL_FILE),

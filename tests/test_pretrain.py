@@ -295,8 +295,28 @@ def test_compiled_run_writes_plain_weights_and_resumes_uncompiled(volumes, cache
     # keep the official keys so they load anywhere, and a run may resume without --compile.
     run_dir = tmp_path / "compiled"
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--save-every", "2", "--log-every", "1", "--compile")) == 0
+    assert json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["compiled"] is True
     trained = load_weights(run_dir / "model.pt")
     assert not any("_orig_mod" in key for key in trained.state_dict)
     trained.build_model()  # strict load into a plain model
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "3", "--log-every", "1", "--resume")) == 0
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_compile_is_chosen_for_long_cuda_runs_only(monkeypatch):
+    from gvsl_cli.pretraining import COMPILE_MIN_ITERATIONS, compile_decision
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert compile_decision(None, cuda, COMPILE_MIN_ITERATIONS) is True
+    assert compile_decision(None, cuda, COMPILE_MIN_ITERATIONS - 1) is False  # a short run: the compile would not pay back
+    assert compile_decision(None, cpu, 10**6) is False
+    assert compile_decision(False, cuda, 10**6) is False and compile_decision(True, cpu, 1) is True
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert compile_decision(None, cuda, 10**6) is False
+
+
+def test_no_compile_option_and_summary_record(volumes, cache_dir, tmp_path):
+    run_dir = tmp_path / "plain"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "1", "--no-compile")) == 0
+    assert json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["compiled"] is False

@@ -86,7 +86,8 @@ def _summary_table(summary):
     table.add_column("")
     status = "finished" if summary.stopped is None else f"stopped ({summary.stopped}); continue with --resume"
     table.add_row("iterations", f"{summary.start_iteration} → {summary.iteration}  ({status})")
-    table.add_row("time", f"{summary.seconds:.1f} s, {summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}, {summary.world_size} process(es))")
+    compiled = ", compiled" if summary.compiled else ""
+    table.add_row("time", f"{summary.seconds:.1f} s, {summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}{compiled}, {summary.world_size} process(es))")
     table.add_row("volumes", f"{summary.volumes} used, {summary.skipped} skipped; " + ", ".join(f"{n} {m.upper()}" for m, n in sorted(summary.modalities.items())))
     table.add_row("patch", "×".join(map(str, summary.patch)))
     for name in ("loss", "ncc", "mse", "smooth"):
@@ -117,7 +118,7 @@ def pretrain(
     save_every: int = typer.Option(500, "--save-every", help="Write a checkpoint every this many iterations (and at the end)."),
     log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly with a checkpoint after this long (3600, 90m, 2h, 1:30:00)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (faster steps on GPUs after a compile of about a minute)."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: faster steps after a compile of about a minute (default: on for CUDA runs of 2000 iterations or more)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of preprocessed volumes (default: $GVSL_HOME/preprocessed or the user cache)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
