@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -46,6 +46,16 @@ if [ "$what" = layout ]; then
 fi
 if [ "$what" = compile ]; then
   step pretrain-compile 260 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --layout ncdhw ndhwc --compile --compile-batches 1 --no-eager
+fi
+if [ "$what" = next ]; then
+  # Open questions of docs/performance.md: out_flow's 3-channel convolution, the head's bf16
+  # feature warp, whether the loader's threads slow the eager iteration, the CLI compiled.
+  step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step layers-next 90 python3 benchmarks/bench_layers.py --sections convs warp
+  for w in 1 8; do
+    step pretrain-workers-$w 60 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --workers $w
+  done
+  step pretrain-cli-compiled 120 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run-c --iters 60 --patch 128 --log-every 10 --compile --cache-dir /tmp/gvsl-cache
 fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}
