@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -195,12 +196,44 @@ COMPILE_MIN_ITERATIONS = 2000
 
 
 def compile_decision(asked: bool | None, device: torch.device, iterations_to_go: int) -> bool:
-    """Whether to ``torch.compile`` the model: as asked, or by default on CUDA (not on
-    Windows, where inductor lacks its Triton backend) for runs of at least
-    ``COMPILE_MIN_ITERATIONS`` iterations."""
-    if asked is not None:
-        return asked
+    """Whether to ``torch.compile`` the model: as asked, or ``_compile_by_default``."""
+    return asked if asked is not None else _compile_by_default(device, iterations_to_go)
+
+
+def _compile_by_default(device: torch.device, iterations_to_go: int) -> bool:
+    """On CUDA (not on Windows, where inductor lacks its Triton backend) for runs of at
+    least ``COMPILE_MIN_ITERATIONS`` iterations."""
     return device.type == "cuda" and sys.platform != "win32" and iterations_to_go >= COMPILE_MIN_ITERATIONS
+
+
+def _compiled_step_works(net: torch.nn.Module, model: torch.nn.Module, task: "PretrainTask", crop_shape: tuple[int, ...], autocast_dtype, reporter: Reporter) -> bool:
+    """Run one forward + backward of the compiled ``net`` on a synthetic batch.
+
+    This compiles the forward and the backward graphs now, so a machine where inductor
+    fails is found before training starts. The batch is made by the task's own
+    augmentation from synthetic crops of ``crop_shape`` (B, 1, *region), so its tensors
+    have the training batches' shapes *and strides* and the training step reuses the
+    graphs instead of compiling again. Its random draws come from a local generator (the
+    run's own are seeded per iteration); the weights are untouched (no optimizer step) and
+    the gradients are cleared. Returns False, with a warning, on failure.
+    """
+    device = task.device
+    crops = torch.linspace(0.0, 1.0, math.prod(crop_shape), device=device).view(crop_shape)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0)
+    batch = task.augmentation(crops, crops.flip(-1), task.patch, generator)
+    try:
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = task.losses(net, batch)
+        losses["loss"].backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        reporter.note(f"warning: torch.compile failed on this machine ({type(exc).__name__}: {first_line}); training without it (--no-compile skips the attempt)")
+        torch._dynamo.reset()
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return True
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -408,13 +441,10 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     if context.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
     compiled = compile_decision(config.compile, device, config.iters - start_iteration)
+    compiled_net = None
     if compiled:
-        if config.compile is None:
-            # Chosen by default: should inductor fail on this machine, run those parts
-            # eagerly (dynamo logs why) instead of stopping the run.
-            torch._dynamo.config.suppress_errors = True
         reporter.note("compiling the model with torch.compile (about a minute before the first step; --no-compile skips it)")
-        net = torch.compile(net)
+        compiled_net = torch.compile(net)
 
     contract = _contract_for_checkpoint(preprocess, dataset)
     run_record = {
@@ -450,6 +480,14 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
                 truncate_metrics(run_dir / METRICS_FILE, 0)  # rows of an earlier attempt that never saved a checkpoint
             with atomic_path(run_dir / RUN_FILE) as tmp:
                 tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2), encoding="utf-8")
+        if compiled_net is not None:
+            # Compiled by default: a machine where inductor fails trains eagerly instead.
+            # Not under DDP, where a rank failing inside backward would leave the others
+            # waiting in its gradient all-reduce; there the failure stops the run.
+            if config.compile is None and not context.enabled and not _compiled_step_works(compiled_net, model, task, (config.batch, 1, *region), autocast_dtype, reporter):
+                compiled = False
+            else:
+                net = compiled_net
         result: LoopResult = run_training(
             net,
             optimizer,

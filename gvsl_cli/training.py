@@ -157,8 +157,22 @@ def training_state(optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScal
 
 
 def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler", device: torch.device) -> int:
-    """Load what ``training_state`` saved; returns the iteration to continue after."""
-    optimizer.load_state_dict(state["optimizer"])
+    """Load what ``training_state`` saved; returns the iteration to continue after.
+
+    The optimizer keeps its own implementation flags (``fused``, ``foreach``,
+    ``capturable``: chosen for this device) instead of the checkpoint's, which
+    ``load_state_dict`` would otherwise restore: a CPU or older checkpoint must not turn
+    CUDA's fused Adam off (with fp16 that even breaks GradScaler), nor a CUDA checkpoint
+    turn it on for the CPU. They are set before loading, so the step counters are placed
+    where this implementation wants them.
+    """
+    saved = state["optimizer"]
+    implementation = ("fused", "foreach", "capturable")
+    groups = [
+        {**saved_group, **{key: group[key] for key in implementation if key in group}}
+        for saved_group, group in zip(saved["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state.get("rng", {}), device)

@@ -316,7 +316,73 @@ def test_compile_is_chosen_for_long_cuda_runs_only(monkeypatch):
     assert compile_decision(None, cuda, 10**6) is False
 
 
-def test_no_compile_option_and_summary_record(volumes, cache_dir, tmp_path):
-    run_dir = tmp_path / "plain"
+def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(volumes, cache_dir, tmp_path, monkeypatch, capsys):
+    from gvsl_cli import pretraining
+
+    monkeypatch.setattr(pretraining, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+    run_dir = tmp_path / "no-compile"
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "1", "--no-compile")) == 0
     assert json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
+
+    class BrokenCompiler(torch.nn.Module):  # what a machine without a working inductor gives
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))
+    run_dir = tmp_path / "fallback"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--log-every", "1")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["compiled"] is False and summary["iteration"] == 2
+    # A warning that --quiet does not hide.
+    assert "warning: torch.compile failed on this machine (RuntimeError: no C compiler found); training without it" in capsys.readouterr().err
+    # Asked for explicitly, the failure is an error, not a silent fallback.
+    assert run(_args(volumes, tmp_path / "explicit", cache_dir, "--iters", "1", "--compile")) != 0
+
+
+@pytest.mark.parametrize("saved_fused, now_fused", [(False, True), (True, False)])
+def test_resumed_optimizer_keeps_this_devices_adam_implementation(saved_fused, now_fused):
+    # CUDA runs use fused Adam, CPU runs do not; a checkpoint from either must resume on
+    # the other with the resuming device's implementation (load_state_dict would restore
+    # the saved one, and GradScaler's fp16 path then fails against non-fused Adam).
+    from gvsl_cli.training import restore_training_state, training_state
+
+    cpu = torch.device("cpu")
+    saved_param = torch.nn.Parameter(torch.arange(4.0))
+    saved_optimizer = torch.optim.Adam([saved_param], lr=1e-3, fused=saved_fused)
+    saved_param.grad = torch.ones(4)
+    saved_optimizer.step()
+    state = training_state(saved_optimizer, torch.amp.GradScaler("cpu", enabled=False), 7, cpu)
+
+    param = torch.nn.Parameter(saved_param.detach().clone())
+    optimizer = torch.optim.Adam([param], lr=1e-3, fused=now_fused)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    assert restore_training_state(state, optimizer, scaler, cpu) == 7
+    assert bool(optimizer.param_groups[0]["fused"]) is now_fused
+    assert torch.equal(optimizer.state[param]["exp_avg"], saved_optimizer.state[saved_param]["exp_avg"])
+    scaler.scale(param.sum()).backward()
+    scaler.step(optimizer)  # the fused path takes the scaler's grad_scale/found_inf
+    scaler.update()
+    assert optimizer.state[param]["step"].item() == 2
+
+
+def test_default_compile_warms_up_then_trains_compiled(volumes, cache_dir, tmp_path, monkeypatch):
+    from gvsl_cli import pretraining
+
+    monkeypatch.setattr(pretraining, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+    # The warm-up must compile the graphs the training step uses (same strides too):
+    # a second compile would double the minute of compiling.
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    run_dir = tmp_path / "default-compiled"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--log-every", "1")) == 0
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["compiled"] is True and summary["iteration"] == 2
+    # The warm-up step left the weights alone: iteration 1's loss is that of the initial model.
+    plain_dir = tmp_path / "plain-reference"
+    assert run(_args(volumes, plain_dir, cache_dir, "--iters", "1", "--no-compile")) == 0
+    first = read_metrics(run_dir / "metrics.jsonl")[0]["loss"]
+    reference = read_metrics(plain_dir / "metrics.jsonl")[0]["loss"]
+    assert abs(first - reference) < 1e-4 * abs(reference)

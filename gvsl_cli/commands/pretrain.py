@@ -41,7 +41,7 @@ class RichReporter:
         self.task = None
 
     def note(self, text: str) -> None:
-        if self.quiet and not text.startswith(("skipped", "nothing to do")):
+        if self.quiet and not text.startswith(("skipped", "nothing to do", "warning:")):
             return
         target = self.progress.console if self.progress is not None else self.console
         target.print(text, markup=False)
@@ -120,7 +120,7 @@ def pretrain(
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly with a checkpoint after this long (3600, 90m, 2h, 1:30:00)."),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model: faster steps after a compile of about a minute (default: on for CUDA runs of 2000 iterations or more)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache of preprocessed volumes (default: $GVSL_HOME/preprocessed or the user cache)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (skipped inputs and 'nothing to do' are still reported)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings, skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
     """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
     from rich.console import Console
