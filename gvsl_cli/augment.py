@@ -157,7 +157,7 @@ def spatial_grid(params: SpatialParams, output: tuple[int, int, int], region: tu
     grid = spatial.compose_grid(theta, displacement)
     # Normalised (x, y, z) of the output grid -> of the centred, larger input region.
     factors = [(o - 1) / max(r - 1, 1) for o, r in zip(output, region)]  # (z, y, x)
-    return grid * torch.tensor(factors[::-1], device=grid.device, dtype=grid.dtype)
+    return grid * spatial.device_vector(factors[::-1], device=grid.device, dtype=grid.dtype)
 
 
 def apply_spatial(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ def draw_appearance(config: AppearanceConfig, batch: int, shape: tuple[int, int,
     n = config.inpaint_boxes
     keep_going = torch.rand(batch, n, generator=g, device=dev) < config.inpaint_continue
     box_active = torch.cumprod(keep_going.to(torch.int32), dim=1).bool()  # stop at the first failure
-    sides = torch.tensor(shape, device=dev, dtype=torch.float32).view(1, 1, 3)
+    sides = spatial.device_vector(shape, device=dev).view(1, 1, 3)
     low = (sides * config.inpaint_size[0]).floor()
     high = (sides * config.inpaint_size[1]).floor().clamp(min=low + 1)
     size = (low + (high - low) * torch.rand(batch, n, 3, generator=g, device=dev)).floor().clamp(min=1)

@@ -34,6 +34,17 @@ def _check_5d(name: str, tensor: torch.Tensor, channels: int | None = None) -> N
         raise ValueError(f"{name} must be {expected}, got shape {tuple(tensor.shape)}")
 
 
+def device_vector(values, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A small 1D tensor of Python numbers, made on ``device`` without a host-to-device copy.
+
+    ``torch.tensor(values, device="cuda")`` copies from pageable host memory, which in
+    PyTorch waits for the GPU to finish all queued work: a host-device synchronisation in
+    every training step that uses it. Filling each element on the device queues kernels
+    instead.
+    """
+    return torch.stack([torch.full((), float(v), device=device, dtype=dtype) for v in values])
+
+
 def voxel_grid(shape: tuple[int, int, int], *, device=None, dtype=torch.float32) -> torch.Tensor:
     """Voxel coordinates of every voxel: (1, 3, D, H, W), channels (z, y, x)."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
@@ -46,7 +57,7 @@ def voxel_to_normalized(coords: torch.Tensor) -> torch.Tensor:
     Returns (B, D, H, W, 3) normalised coordinates ordered (x, y, z) (align_corners=True).
     """
     _check_5d("coords", coords, 3)
-    sizes = torch.tensor(coords.shape[2:], device=coords.device, dtype=coords.dtype).view(1, 3, 1, 1, 1)
+    sizes = device_vector(coords.shape[2:], device=coords.device, dtype=coords.dtype).view(1, 3, 1, 1, 1)
     normalized = 2.0 * coords / (sizes - 1).clamp(min=1) - 1.0
     return normalized.flip(1).permute(0, 2, 3, 4, 1)
 
@@ -59,7 +70,7 @@ def normalized_to_voxel(grid: torch.Tensor, shape: tuple[int, int, int]) -> torc
     if grid.dim() != 5 or grid.shape[-1] != 3:
         raise ValueError(f"grid must be (B, D, H, W, 3), got shape {tuple(grid.shape)}")
     zyx = grid.flip(-1).permute(0, 4, 1, 2, 3)
-    sizes = torch.tensor(shape, device=grid.device, dtype=grid.dtype).view(1, 3, 1, 1, 1)
+    sizes = device_vector(shape, device=grid.device, dtype=grid.dtype).view(1, 3, 1, 1, 1)
     return (zyx + 1.0) * 0.5 * (sizes - 1)
 
 

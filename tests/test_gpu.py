@@ -61,3 +61,34 @@ def test_model_layouts_agree_on_gpu():
         ours = model(fixed, moving)
     relative = (ours.restored.float() - reference.restored.float()).norm() / reference.restored.float().norm()
     assert relative < 2e-2
+
+
+def test_training_step_does_not_wait_for_the_gpu():
+    # A host-device synchronisation inside the step (e.g. torch.tensor(..., device="cuda"),
+    # .item()) lets the GPU run dry while Python queues the next kernels. Losses are read
+    # only every --log-every steps, outside what is checked here.
+    from gvsl_cli.pretraining import PretrainTask, make_optimizer
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=8)).to(device)
+    optimizer = make_optimizer(model, 1e-4, device)
+    task = PretrainTask(None, (32, 32, 32), seed=0, rank=0, device=device)
+    crops = torch.rand(1, 1, 40, 40, 40, device=device)
+
+    def step():
+        task.generator.manual_seed(1)
+        batch = task.augmentation(crops, crops.flip(-1), task.patch, task.generator)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses = task.losses(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    step()  # cuDNN autotuning and optimizer state creation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
