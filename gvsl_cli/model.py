@@ -269,6 +269,8 @@ class UNet3D(nn.Module):
         y = self.up4(y, x1)
         if any(pads):
             y = y[:, :, : shape[0], : shape[1], : shape[2]]
+            if layout == "ndhwc":
+                y = y.contiguous(memory_format=torch.channels_last_3d)  # the crop is neither layout
         return UNetFeatures(global_=x5, local=y)
 
 

@@ -159,6 +159,9 @@ def test_channels_last_layout_computes_the_same_model(generator):
         features = model.unet(torch.cat([fixed, moving]))
         ours = model(fixed, moving)
     assert is_channels_last(features.local) and is_channels_last(features.global_)
+    with torch.no_grad():
+        padded = model.unet(torch.rand(1, 1, 20, 23, 17, generator=generator))  # padded, then cropped
+    assert padded.local.shape == (1, 8, 20, 23, 17) and is_channels_last(padded.local)
     assert torch.allclose(ours.restored, reference.restored, atol=1e-5)
     assert torch.allclose(ours.match.displacement, reference.match.displacement, atol=1e-7)
     assert torch.allclose(ours.match.theta, reference.match.theta, atol=1e-5)
