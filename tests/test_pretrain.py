@@ -243,10 +243,12 @@ def test_time_limit_stops_with_a_checkpoint(volumes, cache_dir, tmp_path):
 def test_two_processes_under_torchrun_agree_on_the_weights(volumes, cache_dir, tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gvsl_cli",
-               *_args(volumes, run_dir, cache_dir, "--iters", "3", "--save-every", "3", "--log-every", "3")]
+    logs = tmp_path / "rank-logs"  # each rank's own stderr, for the failure message
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "2",
+               "-m", "gvsl_cli", *_args(volumes, run_dir, cache_dir, "--iters", "3", "--save-every", "3", "--log-every", "3")]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
+    rank_errors = "".join(f"\n--- {log.relative_to(logs)}\n{log.read_text(encoding='utf-8', errors='replace')[-1500:]}" for log in sorted(logs.rglob("stderr.log")))
+    assert done.returncode == 0, done.stderr[-1500:] + rank_errors
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iteration"] == 3
     checksums = summary["rank_weight_checksums"]
