@@ -38,12 +38,16 @@ from gvsl_cli.resources import example_path  # noqa: E402
 TFLOP_128_B1 = 7.57
 
 
-def make_step(model, optimizer, task, autocast_dtype, device):
-    """One training step on a ready batch, exactly as ``training.run_training`` does it."""
+def make_step(model, optimizer, task, autocast_dtype, device, losses_fn=None):
+    """One training step on a ready batch, exactly as ``training.run_training`` does it.
+
+    ``losses_fn(model, batch)`` replaces ``task.losses`` (e.g. compiled as a whole).
+    """
+    losses_fn = losses_fn or task.losses
 
     def step(batch):
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            losses = task.losses(model, batch)
+            losses = losses_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -76,13 +80,15 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
     set_groupnorm_impl(model, groupnorm)
     set_layout(model, layout)
     optimizer = make_optimizer(model, 1e-4, device)
-    net = torch.compile(model, mode=args.compile_mode) if compile_model else model
+    compile_step = compile_model and args.compile_scope == "step"
+    net = torch.compile(model, mode=args.compile_mode) if compile_model and not compile_step else model
     patch = (size,) * 3
     region = tuple(p + 2 * (p // 8) for p in patch)
     sampler = data.PairSampler(volumes, region, seed=0)
     loader = data.PrefetchLoader(sampler, batch, start=1, workers=args.workers, pin=device.type == "cuda")
     task = PretrainTask(loader, patch, seed=0, rank=0, device=device)
-    step = make_step(net, optimizer, task, autocast_dtype, device)
+    losses_fn = torch.compile(task.losses, mode=args.compile_mode) if compile_step else None
+    step = make_step(net, optimizer, task, autocast_dtype, device, losses_fn)
     iteration = [0]
 
     def full():
@@ -106,7 +112,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
     if compile_model:
@@ -129,6 +135,7 @@ def main() -> None:
     parser.add_argument("--layout", nargs="+", default=["auto"], choices=LAYOUTS, help="activation layouts to compare (eager and compile rows)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
+    parser.add_argument("--compile-scope", default="model", choices=["model", "step"], help="compile rows: the model only (as gvsl pretrain does) or the model with grid, warp and losses as one graph")
     parser.add_argument("--no-eager", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
     parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")

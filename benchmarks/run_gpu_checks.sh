@@ -49,12 +49,15 @@ if [ "$what" = compile ]; then
 fi
 if [ "$what" = next ]; then
   # Open questions of docs/performance.md: out_flow's 3-channel convolution, the head's bf16
-  # feature warp, whether the loader's threads slow the eager iteration, the CLI compiled.
+  # feature warp, whether the loader's threads slow the eager iteration, compiling the
+  # losses with the model, the CLI compiled (by default). Also measures the step without
+  # host syncs (the eager/compile rows of the pretrain-workers and compile-step runs).
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step layers-next 90 python3 benchmarks/bench_layers.py --sections convs warp
   for w in 1 8; do
     step pretrain-workers-$w 60 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --workers $w
   done
+  step pretrain-compile-step 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --compile-scope step
   step pretrain-cli-compiled 120 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run-c --iters 60 --patch 128 --log-every 10 --compile --cache-dir /tmp/gvsl-cache
 fi
 if [ "$what" = final ]; then
