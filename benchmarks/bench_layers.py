@@ -1,7 +1,7 @@
 """Where the GVSL training step spends its time, and what other layer implementations gain.
 
     python benchmarks/bench_layers.py --device cuda                       # all sections
-    python benchmarks/bench_layers.py --device cuda --sections steps profile
+    python benchmarks/bench_layers.py --device cuda --sections profile
 
 Sections (each prints a Markdown table; times are medians of ``--repeats`` after warm-up):
   convs    every 3³ convolution shape of the 128³ step, bf16: cuDNN 3D (ncdhw and ndhwc)
@@ -10,9 +10,8 @@ Sections (each prints a Markdown table; times are medians of ``--repeats`` after
   upsample trilinear ×2 upsampling: PyTorch's kernel against ``model.upsample_trilinear2``
   warp     the Z-matching head's affine warp of the moving features (grid_sample,
            forward + backward) in bf16 and in float32, in both layouts
-  steps    the eager model step (128³, batch 1, bf16 autocast) in each activation layout
   profile  torch.profiler of the eager step: the kernels and operators that take the time
-(bench_pretrain.py times the whole iteration and torch.compile.)
+(bench_pretrain.py times the model step and the whole iteration: --layout, --compile.)
 """
 
 from __future__ import annotations
@@ -28,9 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, median_ms, print_table, synchronize  # noqa: E402
 from layer_variants import conv3d_by_slices_in, conv3d_by_slices_out, conv3d_padded_outputs  # noqa: E402
+from bench_pretrain import make_step  # noqa: E402
 
 from gvsl_cli.config import ModelConfig  # noqa: E402
-from gvsl_cli.model import GVSL, set_layout, upsample_trilinear2  # noqa: E402
+from gvsl_cli.device import resolve_precision  # noqa: E402
+from gvsl_cli.model import GVSL, LAYOUTS, set_layout, upsample_trilinear2  # noqa: E402
 from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
 
 #: (batch, Cin, Cout, side, needs input gradient) of the 3³ convolutions of a 128³ step at
@@ -54,9 +55,6 @@ CONV_VARIANTS = {
     "z-slices, taps→outputs": (torch.channels_last_3d, conv3d_by_slices_out),
     "z-slices, taps→inputs": (torch.channels_last_3d, conv3d_by_slices_in),
 }
-
-STEP_LAYOUTS = ("ncdhw", "ndhwc")
-
 
 def bench_convs(args, device) -> None:
     rows = []
@@ -137,55 +135,23 @@ def bench_warp(args, device) -> None:
     print_table(f"Affine warp of features (grid_sample), median of {args.repeats} — {device_name(device)}", ["shape", "dtype", "layout", "forward ms", "fwd+bwd ms"], rows)
 
 
-def make_step(device, layout: str, side: int):
-    """An eager model step (side³, batch 1, bf16 autocast) on fixed synthetic inputs."""
+def make_profiled_step(device, layout: str, side: int):
+    """``bench_pretrain.make_step`` (128³ by default, batch 1, width 32) on fixed synthetic inputs."""
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=32)).to(device)
     set_layout(model, layout)
     optimizer = make_optimizer(model, 1e-4, device)
-    net = model
     task = PretrainTask(None, (side,) * 3, seed=0, rank=0, device=device)
     a = torch.rand(1, 1, side, side, side, device=device)
     batch = (a, (a + 0.1 * torch.rand_like(a)).clamp(0, 1), torch.rand_like(a))
-
-    def step():
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            losses = task.losses(net, batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-
-    return step
-
-
-def bench_steps(args, device) -> None:
-    rows = []
-    for layout in STEP_LAYOUTS:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        step = make_step(device, layout, args.side)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        first_s = time.perf_counter() - start
-        ms = median_ms(step, device, repeats=args.repeats, warmup=2)
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if device.type == "cuda" else "–"
-        tflop = 7.57 * (args.side / 128) ** 3
-        rows.append([layout, f"{ms:.1f}", f"{tflop / ms * 1000:.0f}", peak, f"{first_s:.0f}"])
-        print("| " + " | ".join(rows[-1]) + " |", flush=True)
-        del step
-    print_table(
-        f"Eager model step {args.side}³, batch 1, width 32, bf16, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
-        ["layout", "model step ms", "TFLOP/s", "peak GiB", "first step s"],
-        rows,
-    )
+    step = make_step(model, optimizer, task, resolve_precision("auto", device), device)
+    return lambda: step(batch)
 
 
 def profile_step(args, device, layout: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step(device, layout, args.side)
+    step = make_profiled_step(device, layout, args.side)
     for _ in range(3):
         step()
     synchronize(device)
@@ -202,10 +168,10 @@ def profile_step(args, device, layout: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "warp", "steps", "profile"], choices=["convs", "upsample", "warp", "steps", "profile"])
-    parser.add_argument("--profile-layout", default="auto", choices=["auto", *STEP_LAYOUTS])
+    parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "warp", "profile"], choices=["convs", "upsample", "warp", "profile"])
+    parser.add_argument("--profile-layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--side", type=int, default=128, help="patch side of the steps and profile sections")
+    parser.add_argument("--side", type=int, default=128, help="patch side of the profile section")
     parser.add_argument("--benchmark-limit", type=int, default=None, help="torch.backends.cudnn.benchmark_limit (0: try every algorithm)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -220,8 +186,6 @@ def main() -> None:
             bench_upsample(args, device)
         elif section == "warp":
             bench_warp(args, device)
-        elif section == "steps":
-            bench_steps(args, device)
         elif section == "profile":
             profile_step(args, device, args.profile_layout)
         print(f"[{section}: {time.perf_counter() - start:.0f} s]", flush=True)

@@ -30,7 +30,7 @@ from common import device_name, median_ms, print_table, synchronize  # noqa: E40
 
 from gvsl_cli import data  # noqa: E402
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
-from gvsl_cli.device import resolve_precision  # noqa: E402
+from gvsl_cli.device import autocast, resolve_precision  # noqa: E402
 from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, LAYOUTS, set_groupnorm_impl, set_layout  # noqa: E402
 from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
 from gvsl_cli.resources import example_path  # noqa: E402
@@ -46,7 +46,7 @@ def make_step(model, optimizer, task, autocast_dtype, device, losses_fn=None):
     losses_fn = losses_fn or task.losses
 
     def step(batch):
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             losses = losses_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

@@ -35,7 +35,7 @@ if [ "$what" = graphs ]; then
     --compile --compile-batches 1 --compile-mode reduce-overhead
 fi
 if [ "$what" = layers ]; then
-  step layers 330 python3 benchmarks/bench_layers.py --sections convs upsample warp steps profile
+  step layers 330 python3 benchmarks/bench_layers.py --sections convs upsample warp profile
   step layers-limit0 70 python3 benchmarks/bench_layers.py --sections convs --benchmark-limit 0
 fi
 if [ "$what" = layout ]; then

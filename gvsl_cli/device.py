@@ -50,3 +50,9 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "fp16" and device.type != "cuda":
         raise ConfigError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return torch.bfloat16 if spec == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of ``resolve_precision``'s result: ``dtype`` on ``device``, or
+    plain float32 (autocast disabled) when ``dtype`` is None."""
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -32,7 +32,7 @@ from gvsl_cli import distributed, spatial
 from gvsl_cli.augment import PretrainAugmentation
 from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
 from gvsl_cli.config import ModelConfig, PreprocessConfig
-from gvsl_cli.device import resolve_device, resolve_precision
+from gvsl_cli.device import autocast, resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
@@ -223,7 +223,7 @@ def _compiled_step_works(net: torch.nn.Module, model: torch.nn.Module, task: "Pr
     generator.manual_seed(0)
     batch = task.augmentation(crops, crops.flip(-1), task.patch, generator)
     try:
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             losses = task.losses(net, batch)
         losses["loss"].backward()
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly

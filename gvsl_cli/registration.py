@@ -36,6 +36,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from gvsl_cli import device as device_mod
 from gvsl_cli import spatial
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import ConfigError, DeviceError
@@ -497,7 +498,7 @@ class NetworkFeatures:
 
     def affine(self) -> np.ndarray:
         """The affine head's prediction as a (4, 4) physical affine (fixed -> moving, mm)."""
-        with torch.no_grad(), torch.autocast(self.fixed.local.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        with torch.no_grad(), device_mod.autocast(self.fixed.local.device, self.autocast):
             theta, _ = self.model.affine(self.fixed.global_, self.moving.global_)
         theta4 = np.eye(4)
         theta4[:3] = theta[0].double().cpu().numpy()
@@ -505,7 +506,7 @@ class NetworkFeatures:
 
     def displacement(self, affine: np.ndarray) -> torch.Tensor:
         """The deformable head's voxel displacement (1, 3, D, H, W) on ``fixed_grid``, given the affine."""
-        with torch.no_grad(), torch.autocast(self.fixed.local.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        with torch.no_grad(), device_mod.autocast(self.fixed.local.device, self.autocast):
             return self.model.deformable(self.fixed.local, self.moving.local, self._theta(affine)).float()
 
 
@@ -543,7 +544,7 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
     moving_array = map_intensities(sitk.GetArrayFromImage(moving_on_grid), modality, contract.mr_percentiles)
     model = weights.build_model(device)
     autocast = resolve_precision("auto", device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    with torch.no_grad(), device_mod.autocast(device, autocast):
         fixed_features = model.unet(torch.from_numpy(fixed.array)[None, None].to(device))
         moving_features = model.unet(torch.from_numpy(moving_array)[None, None].to(device))
     return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, fixed.grid, autocast), notes

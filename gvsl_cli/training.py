@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, TrainingError
 
@@ -248,7 +249,7 @@ def run_training(
     try:
         for iteration in range(start_iteration + 1, options.iters + 1):
             batch = task.batch(iteration)
-            with torch.autocast(device_type=device.type, dtype=options.autocast_dtype or torch.float32, enabled=options.autocast_dtype is not None):
+            with autocast(device, options.autocast_dtype):
                 losses = task.losses(model, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses[names[0]]).backward()
