@@ -5,12 +5,13 @@
 
 Sections (each prints a Markdown table; times are medians of ``--repeats`` after warm-up):
   convs    every 3³ convolution shape of the 128³ step, bf16: cuDNN 3D (ncdhw and ndhwc)
-           against the z-slice 2D formulations of ``layer_variants`` (forward, and
-           forward + backward)
+           against the formulations of ``layer_variants`` (z-slice 2D convolutions,
+           padded outputs, im2col matrix product; forward, and forward + backward)
   upsample trilinear ×2 upsampling: PyTorch's kernel against ``model.upsample_trilinear2``
   warp     the Z-matching head's affine warp of the moving features (grid_sample,
            forward + backward) in bf16 and in float32, in both layouts
-  profile  torch.profiler of the eager step: the kernels and operators that take the time
+  profile  torch.profiler of the eager step (``--profile-compiled``: the compiled one): the
+           kernels and operators that take the time
 (bench_pretrain.py times the model step and the whole iteration: --layout, --compile.)
 """
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, median_ms, print_table, synchronize  # noqa: E402
-from layer_variants import conv3d_by_slices_in, conv3d_by_slices_out, conv3d_padded_outputs  # noqa: E402
+from layer_variants import conv3d_by_matmul, conv3d_by_slices_in, conv3d_by_slices_out, conv3d_padded_outputs  # noqa: E402
 from bench_pretrain import make_step  # noqa: E402
 
 from gvsl_cli.config import ModelConfig  # noqa: E402
@@ -54,6 +55,13 @@ CONV_VARIANTS = {
     "cuDNN 3D ndhwc, Cout padded to 8": (torch.channels_last_3d, conv3d_padded_outputs),
     "z-slices, taps→outputs": (torch.channels_last_3d, conv3d_by_slices_out),
     "z-slices, taps→inputs": (torch.channels_last_3d, conv3d_by_slices_in),
+    "matmul over 27 taps": (torch.channels_last_3d, conv3d_by_matmul),
+}
+
+#: Variants that only make sense for some shapes: (batch, cin, cout) -> bool.
+CONV_VARIANT_APPLIES = {
+    "cuDNN 3D ndhwc, Cout padded to 8": lambda batch, cin, cout: cout % 8 != 0,
+    "matmul over 27 taps": lambda batch, cin, cout: cin <= 2,  # the matrix holds 27·Cin values per voxel
 }
 
 def bench_convs(args, device) -> None:
@@ -61,6 +69,8 @@ def bench_convs(args, device) -> None:
     for batch, cin, cout, side, input_grad in CONV_SHAPES:
         flops = 2 * batch * side**3 * cin * cout * 27
         for name, (layout, fn) in CONV_VARIANTS.items():
+            if name not in args.conv_variants or not CONV_VARIANT_APPLIES.get(name, lambda *_: True)(batch, cin, cout):
+                continue
             x = torch.randn(batch, cin, side, side, side, device=device, dtype=torch.bfloat16).contiguous(memory_format=layout)
             x.requires_grad_(input_grad)
             w = (torch.randn(cout, cin, 3, 3, 3, device=device) * 0.05).to(torch.bfloat16).requires_grad_()
@@ -135,8 +145,11 @@ def bench_warp(args, device) -> None:
     print_table(f"Affine warp of features (grid_sample), median of {args.repeats} — {device_name(device)}", ["shape", "dtype", "layout", "forward ms", "fwd+bwd ms"], rows)
 
 
-def make_profiled_step(device, layout: str, side: int):
-    """``bench_pretrain.make_step`` (128³ by default, batch 1, width 32) on fixed synthetic inputs."""
+def make_profiled_step(device, layout: str, side: int, compiled: bool = False):
+    """``bench_pretrain.make_step`` (128³ by default, batch 1, width 32) on fixed synthetic inputs.
+
+    ``compiled``: the model under ``torch.compile``, as ``gvsl pretrain`` runs it on CUDA.
+    """
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=32)).to(device)
     set_layout(model, layout)
@@ -144,14 +157,15 @@ def make_profiled_step(device, layout: str, side: int):
     task = PretrainTask(None, (side,) * 3, seed=0, rank=0, device=device)
     a = torch.rand(1, 1, side, side, side, device=device)
     batch = (a, (a + 0.1 * torch.rand_like(a)).clamp(0, 1), torch.rand_like(a))
-    step = make_step(model, optimizer, task, resolve_precision("auto", device), device)
+    net = torch.compile(model) if compiled else model
+    step = make_step(net, optimizer, task, resolve_precision("auto", device), device)
     return lambda: step(batch)
 
 
 def profile_step(args, device, layout: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_profiled_step(device, layout, args.side)
+    step = make_profiled_step(device, layout, args.side, args.profile_compiled)
     for _ in range(3):
         step()
     synchronize(device)
@@ -161,7 +175,8 @@ def profile_step(args, device, layout: str) -> None:
         synchronize(device)
     events = prof.key_averages()
     for sort in ("self_cuda_time_total", "cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
-        print(f"\n### Profile of 3 eager steps ({layout} layout), sorted by {sort}\n")
+        kind = "compiled" if args.profile_compiled else "eager"
+        print(f"\n### Profile of 3 {kind} steps ({layout} layout), sorted by {sort}\n")
         print(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
 
 
@@ -170,6 +185,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sections", nargs="+", default=["convs", "upsample", "warp", "profile"], choices=["convs", "upsample", "warp", "profile"])
     parser.add_argument("--profile-layout", default="auto", choices=LAYOUTS)
+    parser.add_argument("--profile-compiled", action="store_true", help="profile the step with the model under torch.compile")
+    parser.add_argument("--conv-variants", nargs="+", default=list(CONV_VARIANTS), choices=list(CONV_VARIANTS), metavar="NAME", help=f"convs section: implementations to compare (default: all of {list(CONV_VARIANTS)})")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--side", type=int, default=128, help="patch side of the profile section")
     parser.add_argument("--benchmark-limit", type=int, default=None, help="torch.backends.cudnn.benchmark_limit (0: try every algorithm)")

@@ -8,7 +8,8 @@
 Adam step — on patches already on the device. *Full iteration*: the same plus everything
 `gvsl pretrain` does per step: patches from the preprocessed-volume cache (memory-mapped,
 prefetched by threads, pinned), copy to the device, the GPU-side augmentation (affine +
-elastic warp of A, A', B; pixel shuffling, Bézier mapping, in-painting). Data are the real
+elastic warp of A, A', B; pixel shuffling, Bézier mapping, in-painting). *Loading +
+augmentation alone*: the full iteration without the model step. Data are the real
 example volumes resampled to 1 mm. Each cell is the median over ``--repeats`` timed
 iterations after ``--warmup``; TFLOP/s counts 7.57 TFLOP per step at 128³, batch 1, width 32
 (scaled by voxels × batch; shown for width 32 only). Peak memory is
@@ -27,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, median_ms, print_table, synchronize  # noqa: E402
+from layer_variants import use_matmul_first_conv  # noqa: E402
 
-from gvsl_cli import data  # noqa: E402
+from gvsl_cli import augment, data  # noqa: E402
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
 from gvsl_cli.device import autocast, resolve_precision  # noqa: E402
 from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, LAYOUTS, set_groupnorm_impl, set_layout  # noqa: E402
@@ -36,6 +38,7 @@ from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
 from gvsl_cli.resources import example_path  # noqa: E402
 
 TFLOP_128_B1 = 7.57
+_APPLY_APPEARANCE, _SPATIAL_GRID, _APPLY_SPATIAL = augment.apply_appearance, augment.spatial_grid, augment.apply_spatial
 
 
 def make_step(model, optimizer, task, autocast_dtype, device, losses_fn=None):
@@ -79,6 +82,14 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
     model = GVSL(ModelConfig(width=width)).to(device)
     set_groupnorm_impl(model, groupnorm)
     set_layout(model, layout)
+    if args.first_conv == "matmul":
+        use_matmul_first_conv(model)
+    if args.compile_augmentation:
+        # PretrainAugmentation looks these up at call time; the draws stay eager (they use
+        # an explicit generator, which dynamo does not trace).
+        augment.apply_appearance = torch.compile(_APPLY_APPEARANCE)
+        augment.spatial_grid = torch.compile(_SPATIAL_GRID)
+        augment.apply_spatial = torch.compile(_APPLY_SPATIAL)
     optimizer = make_optimizer(model, 1e-4, device)
     compile_step = compile_model and args.compile_scope == "step"
     net = torch.compile(model, mode=args.compile_mode) if compile_model and not compile_step else model
@@ -104,6 +115,12 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
             synchronize(device)
             compile_s = time.perf_counter() - start
         full_ms = median_ms(full, device, repeats=args.repeats, warmup=args.warmup)
+
+        def augmentation_only():
+            iteration[0] += 1
+            task.batch(iteration[0])
+
+        augmentation_ms = median_ms(augmentation_only, device, repeats=args.repeats, warmup=1)
         fixed_batch = task.batch(iteration[0] + 1)
         iteration[0] += 1
         model_ms = median_ms(lambda: step(fixed_batch), device, repeats=args.repeats, warmup=1)
@@ -112,9 +129,9 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}") + (", first conv by matmul" if args.first_conv == "matmul" else "") + (", augmentation compiled" if args.compile_augmentation else "")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
-    row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", tflops, peak]
+    row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{augmentation_ms:.1f}", tflops, peak]
     if compile_model:
         row[3] += f" ({compile_s:.0f} s compile)"
     return row
@@ -136,6 +153,8 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "step"], help="compile rows: the model only (as gvsl pretrain does) or the model with grid, warp and losses as one graph")
+    parser.add_argument("--first-conv", default="cudnn", choices=["cudnn", "matmul"], help="the U-Net's first convolution: cuDNN, or layer_variants.conv3d_by_matmul (im2col)")
+    parser.add_argument("--compile-augmentation", action="store_true", help="also torch.compile the augmentation's apply functions (all rows)")
     parser.add_argument("--no-eager", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")
     parser.add_argument("--spacing", type=float, default=1.0, help="spacing of the cached training volumes (mm)")
@@ -175,7 +194,7 @@ def main() -> None:
                     print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
-        ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "TFLOP/s (model step)", "peak GiB"],
+        ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "loading + augmentation alone (ms)", "TFLOP/s (model step)", "peak GiB"],
         rows,
     )
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|next2|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -48,17 +48,23 @@ if [ "$what" = compile ]; then
   step pretrain-compile 260 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --layout ncdhw ndhwc --compile --compile-batches 1 --no-eager
 fi
 if [ "$what" = next ]; then
-  # Open questions of docs/performance.md: out_flow's 3-channel convolution, the head's bf16
-  # feature warp, whether the loader's threads slow the eager iteration, compiling the
-  # losses with the model, the CLI compiled (by default). Also measures the step without
-  # host syncs (the eager/compile rows of the pretrain-workers and compile-step runs).
+  # First of two calls (~520 s): correctness on the GPU, the current code's rows for
+  # docs/performance.md (96³ and 128³, batch 1 and 2; the compiled 128³ row now without
+  # host syncs), the prepared variants (first convolution by im2col matrix product,
+  # augmentation compiled: both separable in one run, the first changes the model step,
+  # the second the loading + augmentation column), and a profile of the compiled step.
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  step layers-next 90 python3 benchmarks/bench_layers.py --sections convs warp
-  for w in 1 8; do
-    step pretrain-workers-$w 60 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --workers $w
-  done
-  step pretrain-compile-step 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --compile-scope step
-  step pretrain-cli-compiled 120 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run-c --iters 60 --patch 128 --log-every 10 --compile --cache-dir /tmp/gvsl-cache
+  step pretrain-rows 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 96 128 --batches 1 2 --compile --compile-batches 1
+  step pretrain-variants 90 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --first-conv matmul --compile-augmentation
+  step layers-next 45 python3 benchmarks/bench_layers.py --sections convs warp --conv-variants "cuDNN 3D ndhwc" "cuDNN 3D ndhwc, Cout padded to 8" "matmul over 27 taps"
+  step profile-compiled 80 python3 benchmarks/bench_layers.py --sections profile --profile-compiled
+  step pretrain-cli-compiled 80 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run-c --iters 40 --patch 128 --log-every 10 --compile --cache-dir /tmp/gvsl-cache
+fi
+if [ "$what" = next2 ]; then
+  # Second call, on the same warm machine: model + losses compiled as one graph, and
+  # inductor's autotuned kernels (Triton templates against cuBLAS/cuDNN; a long compile).
+  step pretrain-compile-step 100 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-scope step
+  step pretrain-autotune 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-mode max-autotune-no-cudagraphs
 fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}
