@@ -44,10 +44,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def like_layout(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``x`` stored channels_last_3d if ``reference`` is, else unchanged (no copy if it already is)."""
+    """``x`` with ``reference``'s dtype, stored channels_last_3d if ``reference`` is (one copy
+    at most; none if ``x`` already is both)."""
     if is_channels_last(reference):
-        return x.contiguous(memory_format=torch.channels_last_3d)
-    return x
+        return x.to(dtype=reference.dtype, memory_format=torch.channels_last_3d)
+    return x.to(dtype=reference.dtype)
 
 
 def _linear_upsampling_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -345,14 +346,18 @@ class GVSL(nn.Module):
     def affine(self, fixed_global: torch.Tensor, moving_global: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Affine head: (B, 3, 4) theta and its parameters from two bottleneck features."""
         x = self.f_conv(torch.cat([moving_global, fixed_global], dim=1))
-        x = x.mean(dim=(2, 3, 4)).float()
-        params = {
-            "rotation": torch.clamp(self.fc_rot(x), -1, 1) * MAX_ROTATION,
-            "scale": 1.0 + MAX_SCALE_CHANGE * torch.clamp(self.fc_scl(x), -1, 1),
-            "translation": self.fc_trans(x),
-            "shear": torch.clamp(self.fc_shear(x), -1, 1) * MAX_SHEAR,
-        }
-        theta = spatial.affine_matrix(params["rotation"], params["scale"], params["translation"], params["shear"])
+        # Theta becomes sampling coordinates, so the head's last layers run in float32 also
+        # under autocast: in bf16 (8-bit mantissa) theta and the grid built from it would
+        # move voxels by up to a quarter voxel at 128³. These are 15 outputs; no cost.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.mean(dim=(2, 3, 4)).float()
+            params = {
+                "rotation": torch.clamp(self.fc_rot(x), -1, 1) * MAX_ROTATION,
+                "scale": 1.0 + MAX_SCALE_CHANGE * torch.clamp(self.fc_scl(x), -1, 1),
+                "translation": self.fc_trans(x),
+                "shear": torch.clamp(self.fc_shear(x), -1, 1) * MAX_SHEAR,
+            }
+            theta = spatial.affine_matrix(params["rotation"], params["scale"], params["translation"], params["shear"])
         return theta, params
 
     def deformable(self, fixed_local: torch.Tensor, moving_local: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -361,8 +366,10 @@ class GVSL(nn.Module):
         ``moving_local`` is first warped by ``theta`` (unless None) onto the fixed grid.
         """
         if theta is not None:
+            # float32 theta and grid (see ``affine``): the features are sampled in float32.
             moving_local = spatial.sample(moving_local, spatial.affine_grid(theta, tuple(fixed_local.shape[2:])))
-        # grid_sample returns ncdhw; back to the features' layout, which the concatenation keeps.
+        # grid_sample returns ncdhw float32; back to the features' layout and dtype in one copy
+        # (the convolution would cast to bf16 anyway), so the concatenation keeps both.
         moving_local = like_layout(moving_local, fixed_local)
         x = self.sp_conv(torch.cat([moving_local, fixed_local], dim=1))
         return self.out_flow(x)

@@ -187,3 +187,28 @@ def test_model_compiles_as_one_graph(layout):
         explanation = torch._dynamo.explain(model)(image, image)
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def test_affine_head_is_float32_under_bf16_autocast(generator):
+    # theta becomes sampling coordinates: computed in bf16 (as autocast runs nn.Linear) it
+    # and the features' affine grid would be off by up to a quarter voxel at 128³.
+    from gvsl_cli import spatial
+
+    model = GVSL(ModelConfig(width=8))
+    image = torch.rand(1, 1, 32, 32, 32, generator=generator)
+    grids = []
+    original_sample = spatial.sample
+
+    def recording_sample(features, grid, **kwargs):
+        grids.append(grid)
+        return original_sample(features, grid, **kwargs)
+
+    spatial.sample = recording_sample
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(image, image)
+    finally:
+        spatial.sample = original_sample
+    assert out.match.theta.dtype == torch.float32
+    assert all(value.dtype == torch.float32 for value in out.match.parameters.values())
+    assert [grid.dtype for grid in grids] == [torch.float32]  # the head's warp of the moving features
