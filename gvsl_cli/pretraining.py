@@ -439,7 +439,9 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
 
     net: torch.nn.Module = model
     if context.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        # The model has no buffers, so DDP's buffer options do not matter (and
+        # ``broadcast_buffers`` prints a deprecation warning on every rank from torch 2.13).
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     compiled = compile_decision(config.compile, device, config.iters - start_iteration)
     compiled_net = None
     if compiled:
