@@ -9,6 +9,7 @@ shown only with ``--debug``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -45,8 +46,35 @@ def root(
     # --debug is read in run() (it must still be known when an exception escapes).
 
 
+class _Escaped(Exception):
+    """Carries an exception that Typer would otherwise swallow out of a command to ``run``."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _guarded(command):
+    """``command`` with Ctrl-C and EOFError passed on to ``run``.
+
+    Typer would turn the first into a silent exit 130 and the second (raised, e.g., when a
+    truncated file is read) into a bare "Aborted." without a reason.
+    """
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (KeyboardInterrupt, EOFError) as exc:
+            raise _Escaped(exc) from exc
+
+    return guarded
+
+
 for _module in COMMAND_MODULES:
     _module.register(app)
+for _command in app.registered_commands:
+    _command.callback = _guarded(_command.callback)
 
 
 def _error(message: str) -> None:
@@ -84,7 +112,10 @@ def run(argv: list[str] | None = None) -> int:
         # nothing a gvsl user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     try:
-        app(args=args, prog_name="gvsl")
+        try:
+            app(args=args, prog_name="gvsl")
+        except _Escaped as escaped:
+            raise escaped.original from None
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

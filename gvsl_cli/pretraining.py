@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,9 +66,11 @@ class PretrainConfig:
     """Options of one pre-training run (``gvsl pretrain``); defaults are the paper's.
 
     Attributes:
-        inputs: folders, files or path lists (see ``data.discover``); may be empty on resume.
+        inputs: folders, files or path lists (see ``data.discover``); may be empty on resume
+            (the run stores them as absolute paths, so --resume works from any folder).
         run_dir: run folder.
-        iters: last iteration of the run (a resumed run continues up to it).
+        iters: last iteration of the run (a resumed run continues up to it; unless set
+            explicitly, a resumed run keeps the one it was started with).
         batch: pairs per step and per process.
         patch: side of the cubic training patch in voxels (shrunk for small data).
         spacing, modality: the preprocessing contract.
@@ -118,6 +121,8 @@ class PretrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
 
@@ -371,6 +376,10 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         config = _resolve_settings(config, resumed.extra["run"])
         if not config.inputs:
             config = dataclasses.replace(config, inputs=tuple(resumed.extra.get("inputs", ())))
+        if "iters" not in config.explicit and "iters" in resumed.extra:
+            # `--resume` alone continues the run to its own target (a stopped run's summary
+            # says "continue with --resume"); --iters moves the target.
+            config = dataclasses.replace(config, iters=int(resumed.extra["iters"]))
         reached = int(resumed.extra["training"].get("iteration", 0))
         if reached == config.iters:
             # A re-queued job of a finished run (SLURM requeue, a job array): not a failure.
@@ -392,6 +401,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
         # A new run that fails before its first checkpoint leaves no run record behind.
         if resumed is None and context.is_main and not checkpoint_path.is_file():
             (run_dir / RUN_FILE).unlink(missing_ok=True)
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)  # rows of iterations never saved
             remove_empty_folders(created)
         raise
 
@@ -451,7 +461,8 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     contract = _contract_for_checkpoint(preprocess, dataset)
     run_record = {
         "run": config.run_settings(),
-        "inputs": list(config.inputs),
+        "inputs": [os.path.abspath(path) for path in config.inputs],
+        "iters": config.iters,
         "dataset": keys,
         "patch": list(sampler_patch),
         "init_affine_trained": init_affine_trained,

@@ -262,7 +262,10 @@ def run_training(
 
             last = iteration == options.iters
             save_now = iteration % options.save_every == 0 or last
-            if not (iteration % options.log_every == 0 or save_now):
+            # A single process stops at once when asked; several ranks must agree on the
+            # iteration, which they do at log points.
+            asked_alone = not context.enabled and should_stop()
+            if not (iteration % options.log_every == 0 or save_now or asked_alone):
                 continue
             # One host synchronisation per log_every steps: losses of all buffered steps.
             values = context.all_reduce_mean(torch.stack(buffer)).cpu()

@@ -72,3 +72,23 @@ def test_file_system_errors_are_one_line_user_errors(capsys, monkeypatch, colin_
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err == "error: /data/out.nii.gz: No space left on device (hint: check the path, its permissions and the free disk space)"
+
+
+def test_ctrl_c_and_eof_errors_are_reported_not_swallowed(capsys, monkeypatch, colin_t1):
+    # Typer turns KeyboardInterrupt into a silent exit 130 and EOFError (e.g. np.load of a
+    # truncated file) into a bare "Aborted."; both must reach gvsl's own handling.
+    from gvsl_cli.commands import info
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def truncated(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(info, "describe_volume", interrupted)
+    assert run(["info", str(colin_t1)]) == 130
+    assert capsys.readouterr().err.strip() == "aborted"
+    monkeypatch.setattr(info, "describe_volume", truncated)
+    assert run(["info", str(colin_t1)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("internal error: EOFError: Ran out of input") and len(err.splitlines()) == 1

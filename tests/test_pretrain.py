@@ -166,6 +166,7 @@ def no_decoding(monkeypatch):
     (["--log-every", "0"], "--log-every must be >= 1, got 0"),
     (["--iters", "-1"], "--iters must be >= 1, got -1"),
     (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_options_fail_before_any_work(volumes, tmp_path, capsys, no_decoding, extra, message):
     run_dir = tmp_path / "run"
@@ -388,3 +389,91 @@ def test_default_compile_warms_up_then_trains_compiled(volumes, cache_dir, tmp_p
     first = read_metrics(run_dir / "metrics.jsonl")[0]["loss"]
     reference = read_metrics(plain_dir / "metrics.jsonl")[0]["loss"]
     assert abs(first - reference) < 1e-4 * abs(reference)
+
+
+def test_resume_alone_continues_to_the_runs_own_target_from_another_folder(volumes, cache_dir, tmp_path, monkeypatch):
+    # The stopped run's summary says "continue with --resume": that alone must finish the run
+    # it started (not train to the default 10000), also when a requeued job starts elsewhere.
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    relative = os.path.relpath(volumes, tmp_path)
+    assert run(["pretrain", relative, "-o", str(run_dir), "--cache-dir", str(cache_dir), *SMALL, "--iters", "4", "--log-every", "2", "--time-limit", "0.01"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["stopped"] == "time limit" and summary["iteration"] == 2
+    assert json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["inputs"] == [str(volumes)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--device", "cpu", "--workers", "1", "--quiet", "--resume"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["stopped"] is None and summary["iteration"] == 4
+
+
+def test_new_run_failing_before_its_first_checkpoint_leaves_no_folder(volumes, cache_dir, tmp_path, monkeypatch, capsys):
+    def failing_step(self, model, batch):
+        raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(PretrainTask, "losses", failing_step)
+    run_dir = tmp_path / "new-run"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "3")) == 1
+    assert "the step failed" in capsys.readouterr().err
+    assert not run_dir.exists()  # run.json and the (empty) metrics.jsonl removed with it
+
+
+def _reporter_output(width: int | None, terminal: bool, updates: list[int], interval: float = 60.0) -> str:
+    import io
+
+    from rich.console import Console
+
+    from gvsl_cli.commands.pretrain import RichReporter
+
+    out = io.StringIO()
+    console = Console(file=out, width=width or 80, force_terminal=terminal, color_system=None, highlight=False, soft_wrap=not terminal)
+    reporter = RichReporter(quiet=False, console=console, log_interval_s=interval)
+    reporter.start(0, 30)
+    for iteration in updates:
+        reporter.update(iteration, {"loss": 0.9096, "ncc": 0.8285, "mse": 0.0811, "smooth": 2.09e-5, "it_per_s": 1.5})
+    reporter.stop()
+    return out.getvalue()
+
+
+def test_progress_bar_keeps_iteration_and_eta_in_80_columns():
+    import re
+
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", _reporter_output(80, True, [10, 12])).replace("\r", "\n")
+    last = [line for line in frames.splitlines() if line.startswith("pretrain")][-1]
+    assert "12/30" in last and "1.50 it/s" in last and "eta 0:00:12" in last and "loss 0.9" in last, last
+    assert len(last.rstrip()) <= 80
+
+
+def test_progress_without_a_terminal_is_a_plain_line_now_and_then():
+    lines = _reporter_output(None, False, [2, 4, 6, 30], interval=3600).strip().splitlines()
+    # The first log point and the last iteration; the ones between fall within the interval.
+    assert [line.split()[1] for line in lines] == ["2/30", "30/30"], lines
+    assert "eta 0:00:18" in lines[0] and "loss 0.9096" in lines[0] and "\x1b" not in "".join(lines)
+
+
+def test_ctrl_c_stops_training_with_a_checkpoint(volumes, cache_dir, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "gvsl_cli", *_args(volumes, run_dir, cache_dir, "--iters", "100000", "--save-every", "100000", "--log-every", "1")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(read_metrics(metrics)) >= 2):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "stopping after this iteration with a checkpoint" in err
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["stopped"] == "stop requested"
+    assert torch.load(run_dir / "last.pt", weights_only=True)["training"]["iteration"] == summary["iteration"]

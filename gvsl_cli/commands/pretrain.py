@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -29,16 +30,39 @@ def parse_duration(text: str) -> float:
     raise ConfigError(f"--time-limit {text!r} is not a duration", hint="use seconds, 90m, 2h, H:MM:SS or D-HH:MM:SS")
 
 
-class RichReporter:
-    """Progress bar (iteration, it/s, ETA, loss terms) and notes on stderr, via rich."""
+def _clock(seconds: float) -> str:
+    """H:MM:SS of a duration in seconds."""
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
-    def __init__(self, quiet: bool) -> None:
+
+def _losses_text(row: dict) -> str:
+    return f"loss {row['loss']:.4f} ncc {row['ncc']:.4f} mse {row['mse']:.4f} smooth {row['smooth']:.2e}"
+
+
+class RichReporter:
+    """Progress (iteration, it/s, elapsed, ETA, loss terms) and notes on stderr, via rich.
+
+    On a terminal: a live progress bar whose loss text is cut first when the terminal is
+    narrow. Otherwise (a SLURM log, a pipe): a plain line at the first log point and then
+    every ``log_interval_s`` seconds, so a long job's log shows where it is.
+    """
+
+    def __init__(self, quiet: bool, console=None, log_interval_s: float = 60.0) -> None:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.log_interval_s = log_interval_s
         self.progress = None
         self.task = None
+        self.total = 0
+        self.started_at: float | None = None
+        self.last_line_at: float | None = None
+
+    @property
+    def training_started(self) -> bool:
+        return self.started_at is not None
 
     def note(self, text: str) -> None:
         if self.quiet and not text.startswith(("skipped", "nothing to do", "warning:")):
@@ -47,30 +71,49 @@ class RichReporter:
         target.print(text, markup=False)
 
     def start(self, first_iteration: int, total: int) -> None:
-        if self.quiet:
+        self.started_at = time.monotonic()
+        self.total = total
+        if self.quiet or not self.console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Column
+
+        def fixed() -> Column:
+            return Column(no_wrap=True)  # never squeezed: the loss text gives way first
 
         self.progress = Progress(
-            TextColumn("pretrain"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[losses]}"),
+            TextColumn("pretrain", table_column=fixed()),
+            BarColumn(bar_width=10),
+            MofNCompleteColumn(table_column=fixed()),
+            TextColumn("{task.fields[rate]}", table_column=fixed()),
+            TimeElapsedColumn(table_column=fixed()),
+            TextColumn("eta {task.fields[eta]}", table_column=fixed()),
+            TextColumn("{task.fields[losses]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
             console=self.console,
+            expand=True,
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("pretrain", total=total, completed=first_iteration, rate="", losses="")
+        self.task = self.progress.add_task("pretrain", total=total, completed=first_iteration, rate="", eta="-:--:--", losses="")
 
     def update(self, iteration: int, row: dict) -> None:
-        if self.progress is None:
+        if self.quiet:
             return
-        losses = f"loss {row['loss']:.4f}  ncc {row['ncc']:.4f}  mse {row['mse']:.4f}  smooth {row['smooth']:.2e}"
-        self.progress.update(self.task, completed=iteration, rate=f"{row.get('it_per_s', 0):.2f} it/s", losses=losses)
+        rate = row.get("it_per_s", 0.0)
+        # The rate of the last log block: it follows the run's real speed (compile, warm-up).
+        eta = _clock((self.total - iteration) / rate) if rate > 0 else "-:--:--"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=iteration, rate=f"{rate:.2f} it/s", eta=eta, losses=_losses_text(row))
+            return
+        now = time.monotonic()
+        if self.last_line_at is not None and now - self.last_line_at < self.log_interval_s and iteration < self.total:
+            return
+        self.last_line_at = now
+        self.console.print(
+            f"pretrain {iteration}/{self.total} ({100 * iteration / self.total:.1f} %)  {rate:.2f} it/s  "
+            f"elapsed {_clock(now - self.started_at)}  eta {eta}  {_losses_text(row)}",
+            markup=False,
+        )
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -102,7 +145,7 @@ def _summary_table(summary):
 def pretrain(
     inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders or .txt lists of paths. Optional with --resume."),
     output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", help="Run folder: checkpoints, metrics.jsonl, summary."),
-    iters: int = typer.Option(10000, "--iters", help="Train up to this iteration."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Train up to this iteration (default: 10000; with --resume, the run's own)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Pairs per step and per process (default: 1)."),
     patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16 (default: 128)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Resample volumes to this isotropic spacing in mm (default: 1.0, or --init's)."),
@@ -128,12 +171,11 @@ def pretrain(
     from gvsl_cli.pretraining import PretrainConfig, pretrain as run_pretrain
 
     # Options left unset may come from --init or, on --resume, from the checkpoint.
-    given = {"batch": batch, "patch": patch, "spacing": spacing, "modality": modality.lower() if modality else None, "width": width, "lr": lr, "seed": seed, "init": init}
+    given = {"iters": iters, "batch": batch, "patch": patch, "spacing": spacing, "modality": modality.lower() if modality else None, "width": width, "lr": lr, "seed": seed, "init": init}
     explicit = frozenset(name for name, value in given.items() if value is not None)
     config = PretrainConfig(
         inputs=tuple(inputs or ()),
         run_dir=str(output),
-        iters=iters,
         **{name: value for name, value in given.items() if value is not None},
         device=device,
         precision=precision,
@@ -151,18 +193,28 @@ def pretrain(
     PreprocessConfig(spacing=config.spacing, modality=config.modality)  # validate early, one-line errors
 
     # SIGTERM (SLURM's warning before the time limit, or `kill`): checkpoint and stop.
+    # Ctrl-C while training does the same, and a second Ctrl-C aborts at once; before
+    # training starts (preprocessing) Ctrl-C aborts, as there is nothing to save.
     stop_requested = {"flag": False}
+    reporter = RichReporter(quiet)
 
     def request_stop(signum, frame) -> None:
         stop_requested["flag"] = True
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
-    reporter = RichReporter(quiet)
+    def interrupt(signum, frame) -> None:
+        if stop_requested["flag"] or not reporter.training_started:
+            raise KeyboardInterrupt
+        stop_requested["flag"] = True
+        reporter.note("warning: stopping after this iteration with a checkpoint (Ctrl-C again to abort without one)")
+
+    previous_term = signal.signal(signal.SIGTERM, request_stop)
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         summary = run_pretrain(config, reporter=reporter, should_stop=lambda: stop_requested["flag"])
     finally:
         reporter.stop()
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
     if summary is not None and not quiet and summary.rank_weight_checksums and _is_main_process():
         Console().print(_summary_table(summary))
 
