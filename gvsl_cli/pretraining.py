@@ -328,7 +328,13 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
     if preprocess.modality == "auto":
         counts = dataset.modality_counts()
         decided = ", ".join(f"{n} {m.upper()}" for m, n in sorted(counts.items()))
-        reporter.note(f"--modality auto: {decided} (CT when the minimum is below -500, i.e. Hounsfield units; MR otherwise)")
+        if len(counts) > 1:
+            # Mixed decisions are where a windowed CT or an odd MR was misjudged: name the
+            # volumes of the smaller group so the user can check them.
+            fewer = min(counts, key=lambda m: (counts[m], m))
+            names = [Path(v.source).name for v in dataset.volumes if v.modality == fewer]
+            decided += f"; {fewer.upper()}: " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        reporter.note(f"--modality auto: {decided} (CT when the minimum is below -500, i.e. Hounsfield units; MR otherwise; set --modality to override)")
     return dataset
 
 

@@ -477,3 +477,15 @@ def test_ctrl_c_stops_training_with_a_checkpoint(volumes, cache_dir, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["stopped"] == "stop requested"
     assert torch.load(run_dir / "last.pt", weights_only=True)["training"]["iteration"] == summary["iteration"]
+
+
+def test_mixed_modality_decisions_name_the_smaller_group(volumes, cache_dir, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(volumes, mixed)
+    image = sitk.ReadImage(str(volumes / "colin27_t1_2mm.nii.gz"), sitk.sitkFloat32)
+    sitk.WriteImage(image * 2.0 - 1000.0, str(mixed / "as_ct.nii.gz"))  # Hounsfield-like: air at -1000
+    assert run(["pretrain", str(mixed), "-o", str(tmp_path / "run"), "--cache-dir", str(cache_dir), *SMALL[:-1], "--iters", "1"]) == 0
+    note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("--modality auto"))
+    assert note.startswith("--modality auto: 1 CT, 2 MR; CT: as_ct.nii.gz ("), note
