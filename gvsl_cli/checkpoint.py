@@ -85,24 +85,70 @@ def load_state_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     model.load_state_dict(state_dict, strict=True)
 
 
+#: First bytes of a PyTorch file: a zip archive (torch >= 1.6) or a legacy pickle stream
+#: (protocol 2+ starts with the PROTO opcode 0x80).
+PYTORCH_MAGICS = (b"PK\x03\x04", b"\x80")
+CHECKPOINT_HINT = "give a gvsl checkpoint (.pt) or an official GVSL .pth file"
+
+
+def _not_pytorch_reason(head: bytes) -> str | None:
+    """What a file starting with ``head`` (its first KiB) is, when it is surely not PyTorch.
+
+    None when it starts like a PyTorch file (then it is damaged rather than of another kind).
+    """
+    if head.startswith(PYTORCH_MAGICS):
+        return None
+    if not head:
+        return "the file is empty (0 bytes)"
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not a checkpoint (a failed download?)"
+    kinds = (
+        (head.startswith(b"\x1f\x8b"), "gzip-compressed data (a .nii.gz image?)"),
+        (head.startswith(b"NRRD"), "a NRRD image"),
+        (head.startswith(b"ObjectType"), "a MetaImage image"),
+        (head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] == b"n+2\0", "a NIfTI image"),
+        (head[128:132] == b"DICM", "a DICOM file"),
+    )
+    for matched, what in kinds:
+        if matched:
+            return f"not a PyTorch checkpoint: the file is {what}"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A multi-byte character cut at the end of the 1 KiB read is still text.
+        is_text = exc.start >= len(head) - 3 and b"\0" not in head
+    else:
+        is_text = b"\0" not in head
+    return "not a PyTorch checkpoint: the file is text" if is_text else "not a PyTorch checkpoint file (unrecognised content)"
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch reports every failure of the weights-only unpickler this way; only a
-        # forbidden global means "a real pickle that needs code". Other failures (random
-        # bytes, a saved HTML page) are files that are not PyTorch files at all.
-        if "global" not in str(exc).lower():
-            with open(path, "rb") as handle:
-                head = handle.read(64).lstrip().lower()
-            what = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not a readable PyTorch file"
-            raise CheckpointError(f"{path}: {what}, not a checkpoint (the weights-only unpickler stopped at an unknown opcode)") from None
-        raise CheckpointError(
-            f"{path}: refused to load: the file needs arbitrary code to unpickle ({str(exc).splitlines()[0][:120]})",
-            hint="gvsl only loads plain tensors and dicts (torch.load weights_only=True); re-save the state_dict alone",
-        ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a non-PyTorch file
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({str(exc).splitlines()[0][:160]})") from None
+        error = exc
+    # torch reports every failure of the weights-only unpickler as UnpicklingError; only a
+    # forbidden global means "a real pickle that needs code".
+    if isinstance(error, pickle.UnpicklingError) and "global" in str(error).lower():
+        raise CheckpointError(
+            f"{path}: refused to load: the file needs arbitrary code to unpickle ({str(error).splitlines()[0][:120]})",
+            hint="gvsl only loads plain tensors and dicts (torch.load weights_only=True); re-save the state_dict alone",
+        )
+    # torch's errors on a file of another kind are meaningless to a user ("101" for a text
+    # file, "list index out of range" for a NRRD image): say what the file is instead.
+    with open(path, "rb") as handle:
+        reason = _not_pytorch_reason(handle.read(1024))
+    if reason:
+        raise CheckpointError(f"{path}: {reason}", hint=CHECKPOINT_HINT)
+    if isinstance(error, pickle.UnpicklingError):  # starts like a pickle, not one torch wrote
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (pickle data that torch did not write)", hint=CHECKPOINT_HINT)
+    # It starts like a PyTorch file, so it is most likely cut short or damaged. torch's own
+    # first sentence helps when it is one ("...failed finding central directory").
+    lines = str(error).strip().splitlines()
+    detail = lines[0].split(". ")[0][:160] if lines else ""
+    suffix = f" ({detail})" if " " in detail else ""
+    raise CheckpointError(f"{path}: damaged or truncated PyTorch file{suffix}", hint="download or copy the checkpoint again")
 
 
 def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:

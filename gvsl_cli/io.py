@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gvsl_cli.errors import InputError
+from gvsl_cli.file_checks import file_problem
 
 #: File name endings gvsl reads as volumes (a folder is read as a DICOM series).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -83,9 +85,11 @@ def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
         The SimpleITK image with its spacing, origin and direction as stored.
 
     Raises:
-        InputError: missing or unreadable file; 2D or 4D image; multi-component image where a
-            scalar one is expected; no voxels; any NaN or infinite voxel. The message names
-            the file.
+        InputError: missing or unreadable file; a file shorter than its header says (a
+            truncated NIfTI, MetaImage or NRRD; a gzip stream that ends early); a detached
+            header (.mhd, .nhdr) whose data file is missing; 2D or 4D image; multi-component
+            image where a scalar one is expected; no voxels; any NaN or infinite voxel. The
+            message names the file and gives the reason in words.
     """
     path = Path(path)
     if not path.exists():
@@ -96,16 +100,58 @@ def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
         else:
             if path.stat().st_size == 0:
                 raise InputError(f"{path}: file is empty (0 bytes)")
+            # Checks ITK does not make (a truncated NIfTI reads as zeros) or makes with a raw
+            # line on stderr and a cryptic exception (an .mhd without its .raw).
+            reason = file_problem(path, volume_suffix(path))
+            if reason:
+                raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason))
             image = sitk.ReadImage(str(path))
+    except OSError as exc:  # permission denied, I/O error while checking the file
+        raise InputError(f"{path}: cannot open ({exc.strerror or type(exc).__name__})") from None
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()
-        detail = next((line for line in reason if "ERROR" in line or "Exception" in line), reason[-1] if reason else "")
-        raise InputError(
-            f"{path}: cannot read as a volume ({detail.strip()[:160]})",
-            hint="gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders",
-        ) from None
+        reason = _itk_read_reason(str(exc))
+        raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason)) from None
     check_volume(image, name=str(path), vector=vector)
     return image
+
+
+READ_HINT = "gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders"
+#: Reasons that mean "the file is incomplete"; they get a hint about copying it again.
+_TRUNCATED_WORDS = ("truncated", "ends early")
+
+
+def _reason_hint(reason: str) -> str:
+    """The hint shown under a read error, from its reason."""
+    if any(word in reason for word in _TRUNCATED_WORDS):
+        return "the file is incomplete (an interrupted copy or download?); copy it again"
+    if "named by the header is missing" in reason:
+        return "keep the data file next to its header, under the name the header gives"
+    return READ_HINT
+
+
+def _itk_read_reason(message: str) -> str:
+    """A human reason from the text of a SimpleITK read exception (read_volume puts
+    "cannot read: " before it).
+
+    ITK's first line only names its own source file ("Exception thrown in ...cxx:99:");
+    the useful part is on the lines that follow.
+    """
+    if "Unable to determine ImageIO reader" in message:
+        return "not a NIfTI/NRRD/MetaImage file (unrecognised header)"
+    nrrd = [line.strip() for line in message.splitlines() if line.strip().startswith("[nrrd]")]
+    if nrrd:
+        # The last line of teem's trace is the cause: "[nrrd] _nrrdEncodingRaw_read: fread got only ...".
+        cause = nrrd[-1].split(":", 1)[-1].strip() or nrrd[-1]
+        if "fread got only" in cause or "but received" in cause:
+            return f"NRRD data ends early, the file is truncated ({cause[:120]})"
+        return f"not a readable NRRD file ({cause[:120]})"
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.startswith("Exception thrown in")]
+    # "ITK ERROR: MetaImageIO(0x...): File cannot be read: x.mha for reading." + "Reason: ..."
+    # (the errno reason is stale, often "No such file or directory" for an existing file).
+    detail = lines[0] if lines else message.strip().splitlines()[0] if message.strip() else "unknown error"
+    detail = re.sub(r"^(?:s?itk::|ITK )?ERROR:\s*", "", detail)
+    detail = re.sub(r"\w+IO\(0x[0-9a-f]+\):\s*", "", detail)
+    return detail[:160]
 
 
 def check_volume(image: sitk.Image, *, name: str, vector: bool = False) -> None:

@@ -61,11 +61,43 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="neither a gvsl checkpoint nor an official"):
         load_weights(path)
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
+    with pytest.raises(CheckpointError, match="text.pt: not a PyTorch checkpoint: the file is text$"):
         load_weights(tmp_path / "text.pt")
     (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Google Drive can't scan this file</body></html>")
     with pytest.raises(CheckpointError, match="page.pth: an HTML page, not a checkpoint"):
         load_weights(tmp_path / "page.pth")
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(CheckpointError, match="noise.pt: not a readable PyTorch file"):
+    with pytest.raises(CheckpointError, match=r"noise.pt: not a PyTorch checkpoint file \(unrecognised content\)$"):
         load_weights(tmp_path / "noise.pt")
+
+
+def test_files_of_other_kinds_are_named(tmp_path, colin_t1):
+    # torch's own errors were "101" (text) and "list index out of range" (NRRD).
+    import SimpleITK as sitk
+
+    (tmp_path / "notes.txt").write_text("hello\nweights are elsewhere\n", encoding="utf-8")
+    sitk.WriteImage(sitk.ReadImage(str(colin_t1)), str(tmp_path / "colin.nrrd"))
+    sitk.WriteImage(sitk.ReadImage(str(colin_t1)), str(tmp_path / "colin.nii"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    expected = {
+        "notes.txt": "not a PyTorch checkpoint: the file is text",
+        "colin.nrrd": "not a PyTorch checkpoint: the file is a NRRD image",
+        "colin.nii": "not a PyTorch checkpoint: the file is a NIfTI image",
+        "empty.pt": r"the file is empty \(0 bytes\)",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(CheckpointError, match=f"{name}: {reason}$"):
+            load_weights(tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"colin27_t1_2mm.nii.gz: not a PyTorch checkpoint: the file is gzip-compressed data"):
+        load_weights(colin_t1)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_checkpoint_named_as_such(tmp_path, legacy):
+    path = tmp_path / "model.pt"
+    torch.save(GVSL(ModelConfig(width=8)).state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.pt: damaged or truncated PyTorch file") as info:
+        load_weights(path)
+    assert "This is an internal" not in str(info.value)  # torch's sentences after the first are cut

@@ -160,3 +160,119 @@ def test_written_files_get_normal_permissions_not_private(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# --- Incomplete files: ITK reads a truncated NIfTI without error, filling zeros. ---
+
+
+def nifti_bytes(tmp_path, compress: bool) -> bytes:
+    """An intact NIfTI file (the oblique int16 volume) as bytes."""
+    path = write_volume(oblique_volume(), tmp_path / ("whole.nii.gz" if compress else "whole.nii"), compress=compress)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "cut.nii"])
+def test_truncated_nifti_refused(tmp_path, name):
+    data = nifti_bytes(tmp_path, compress=name.endswith(".gz"))
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) * 2 // 3])
+    reason = "truncated or corrupt gzip data" if name.endswith(".gz") else r"file is truncated \(\d+ bytes; its NIfTI header needs \d+\)"
+    with pytest.raises(InputError, match=name.replace(".", r"\.") + ": cannot read: " + reason) as info:
+        read_volume(path)
+    assert "copy it again" in info.value.hint
+
+
+def test_gzip_stream_complete_but_short_refused(tmp_path):
+    # A valid gzip whose content stops 10 bytes early (a writer that died): ISIZE differs, so
+    # the stream is decompressed and found shorter than the header needs.
+    import gzip
+
+    raw = gzip.decompress(nifti_bytes(tmp_path, compress=True))
+    path = tmp_path / "short.nii.gz"
+    path.write_bytes(gzip.compress(raw[:-10]))
+    with pytest.raises(InputError, match=r"short\.nii\.gz: cannot read: truncated or corrupt gzip data \(it holds \d+ bytes, the NIfTI header needs \d+\)"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("layout", ["two members", "zero padding", "trailing garbage", "extra data", "uncompressed under .gz"])
+def test_unusual_but_complete_nifti_gz_still_read(tmp_path, layout):
+    # The gzip trailer (ISIZE) only describes the last member, so these layouts fail the
+    # quick check; the full check must then accept them, as ITK reads them whole.
+    import gzip
+
+    raw = gzip.decompress(nifti_bytes(tmp_path, compress=True))
+    data = {
+        "two members": gzip.compress(raw[:500]) + gzip.compress(raw[500:]),
+        "zero padding": gzip.compress(raw) + b"\0" * 100,
+        "trailing garbage": gzip.compress(raw) + b"garbage!",
+        "extra data": gzip.compress(raw + b"bytes after the voxels"),
+        "uncompressed under .gz": raw,
+    }[layout]
+    path = tmp_path / "odd.nii.gz"
+    path.write_bytes(data)
+    back = read_volume(path)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(oblique_volume()))
+
+
+@pytest.mark.parametrize("name", ["cut.mha", "cut.nrrd"])
+def test_truncated_metaimage_and_nrrd_refused(tmp_path, name):
+    whole = write_volume(oblique_volume(), tmp_path / ("whole" + name[3:]), compress=False)
+    data = whole.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match=name.replace(".", r"\.") + r": cannot read: .*truncated") as info:
+        read_volume(tmp_path / name)
+    assert "Exception thrown" not in str(info.value)
+
+
+# --- Read errors in words, without ITK's own lines on stderr. ---
+
+
+@pytest.mark.parametrize("name", ["fake.nii", "fake.nii.gz", "fake.nrrd"])
+def test_non_image_file_reason(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("this is text\n", encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        read_volume(path)
+    assert str(info.value) == f"{path}: cannot read: not a NIfTI/NRRD/MetaImage file (unrecognised header)"
+    assert "Exception thrown" not in str(info.value) and ".cxx" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["x.mhd", "x.nhdr"])
+def test_missing_data_file_named(tmp_path, name, capfd):
+    header = write_volume(oblique_volume(), tmp_path / name, compress=False)
+    data_file = next(p for p in tmp_path.iterdir() if p != header)
+    data_file.unlink()
+    with pytest.raises(InputError) as info:
+        read_volume(header)
+    assert str(info.value) == f"{header}: cannot read: data file {data_file.name} named by the header is missing (looked for {data_file})"
+    # MetaIO used to print "MetaImage: Read: Cannot open data file" on stderr.
+    assert capfd.readouterr().err == ""
+
+
+def big_endian_nifti(array: np.ndarray) -> bytes:
+    """A minimal single-file NIfTI-1 in big-endian byte order (SimpleITK writes only little)."""
+    import struct
+
+    header = bytearray(352)  # 348-byte header + 4-byte extension flag; data at 352
+    struct.pack_into(">i", header, 0, 348)
+    struct.pack_into(">8h", header, 40, 3, *array.shape[::-1], 1, 1, 1, 1)  # dim
+    struct.pack_into(">hh", header, 70, 4, 16)  # datatype int16, bitpix
+    struct.pack_into(">8f", header, 76, *[1.0] * 8)  # pixdim
+    struct.pack_into(">ff", header, 108, 352.0, 1.0)  # vox_offset, scl_slope
+    header[344:348] = b"n+1\0"
+    return bytes(header) + array.astype(">i2").tobytes()
+
+
+@pytest.mark.parametrize("name", ["be.nii", "be.nii.gz"])
+def test_big_endian_nifti_checked_too(tmp_path, name):
+    import gzip
+
+    array = np.arange(7 * 8 * 9, dtype=np.int16).reshape(7, 8, 9)
+    data = big_endian_nifti(array)
+    data = gzip.compress(data) if name.endswith(".gz") else data
+    whole, cut = tmp_path / f"whole_{name}", tmp_path / f"cut_{name}"
+    whole.write_bytes(data)
+    cut.write_bytes(data[:-40])
+    assert np.array_equal(sitk.GetArrayFromImage(read_volume(whole)), array)
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(cut)
