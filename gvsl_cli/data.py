@@ -105,7 +105,9 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skip
     Each input may be a folder (searched recursively for NIfTI, NRRD, MHA/MHD files and
     DICOM series folders), a volume file, a DICOM series folder, or a text file
     (``.txt``/``.lst``) listing such paths one a line (relative paths are relative to the
-    list; ``#`` starts a comment). Duplicates are dropped.
+    list; ``#`` starts a comment). A file reached twice (given twice, ``d/../d/a.nii.gz``, a
+    symbolic link, a folder and a file in it) is used once; the later paths are reported as
+    skipped ("same file as ..."), so that every path given is either used or reported.
     """
     sources: list[Path] = []
     skipped: list[Skipped] = []
@@ -126,10 +128,16 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skip
             skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .txt list)"))
         else:
             sources.append(path)
-    unique: dict[Path, None] = {}
+    first_seen: dict[Path, str] = {}  # resolved path -> the path it was first found as
     for source in sources:
-        unique.setdefault(source.resolve(), None)
-    return list(unique), skipped
+        resolved = source.resolve()
+        if resolved not in first_seen:
+            first_seen[resolved] = str(source)
+        elif first_seen[resolved] == str(source):
+            skipped.append(Skipped(str(source), "given more than once"))
+        else:
+            skipped.append(Skipped(str(source), f"same file as {first_seen[resolved]}"))
+    return list(first_seen), skipped
 
 
 # --------------------------------------------------------------------------- cache
@@ -141,13 +149,16 @@ def default_cache_dir() -> Path:
 
 
 def _source_files(source: Path) -> list[Path]:
-    """Every file whose bytes make up the volume ``source`` (header + data, DICOM slices)."""
-    if source.is_dir():
-        import SimpleITK as sitk
+    """Every file whose bytes make up the volume ``source`` (header + data, DICOM slices).
 
-        ids = dicom_series_ids(source)
-        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(source), ids[0]) if len(ids) == 1 else []
-        return sorted(Path(n) for n in names) or sorted(p for p in source.iterdir() if p.is_file())
+    For a DICOM series folder this is every file in the folder (not recursive), a superset of
+    the series' slices: asking GDCM which files form the series opens and parses every slice,
+    which a cache hit must not cost (on network storage that is most of a run's start). Any
+    change to a slice still changes the key; a change to an unrelated file there only costs
+    one more preparation.
+    """
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.is_file())
     files = [source]
     suffix = volume_suffix(source)
     if suffix in (".mhd", ".nhdr"):
@@ -165,13 +176,58 @@ def _source_files(source: Path) -> list[Path]:
     return files
 
 
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a complete C-order ``.npy`` file; None when unreadable or cut short.
+
+    Reads only the header and compares the file size with header + shape x itemsize: a file
+    cut short (a full disk, a crash before the data reached the disk, a bad copy) would
+    otherwise fail later, inside training, when ``np.load`` maps it or reads its header.
+    """
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                return None
+            expected = handle.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            actual = os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError, EOFError):
+        return None
+    if fortran_order or actual != expected:
+        return None
+    return tuple(shape), dtype
+
+
+def _valid_meta(meta: object) -> bool:
+    """True when a cache entry's JSON has what ``get`` reads, with the right types."""
+    if not isinstance(meta, dict):
+        return False
+    shape = meta.get("shape")
+    value_range = meta.get("range")
+    return (
+        isinstance(meta.get("source"), str)
+        and meta.get("modality") in ("ct", "mr")
+        and isinstance(shape, list)
+        and len(shape) == 3
+        and all(type(n) is int and n > 0 for n in shape)
+        # "range" is absent in entries of gvsl versions before it was recorded.
+        and (value_range is None or (isinstance(value_range, list) and len(value_range) == 2 and all(type(v) in (int, float) for v in value_range)))
+    )
+
+
 class VolumeCache:
     """Preprocessed volumes on disk, keyed by source content and preprocessing settings.
 
     Layout: ``<root>/<key[:2]>/<key>.npy`` (the (D, H, W) float32 array) and ``<key>.json``
-    (what it came from: source, modality, canonical grid). The array is written first and
-    the JSON last, each atomically, so an entry exists only once complete; concurrent
-    writers (ranks, runs) of the same key write the same bytes and the last rename wins.
+    (what it came from: source, modality, shape, value range, canonical grid). The array is
+    written first and the JSON last, each atomically (temporary file + rename), so a reader
+    sees each file either whole or not at all; concurrent writers (ranks, runs) of the same
+    key write the same content and the last rename wins. An entry that is incomplete or
+    damaged anyway (a file cut short, edited or emptied) is a miss: ``get`` checks both
+    files, and the volume is prepared again and the entry rewritten, by the same renames.
     Hashing a large file on every run would be slow, so ``<root>/stat/`` remembers the
     content digest of a file by (path, size, modification time).
     """
@@ -187,10 +243,12 @@ class VolumeCache:
             signature.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
         stat_key = hashlib.sha256(json.dumps(signature).encode()).hexdigest()
         stat_file = self.root / "stat" / f"{stat_key}.txt"
-        if stat_file.is_file():
-            digest = stat_file.read_text(encoding="utf-8").strip()
-            if len(digest) == 64:
-                return digest
+        try:
+            remembered = stat_file.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            remembered = ""
+        if re.fullmatch(r"[0-9a-f]{64}", remembered):
+            return remembered
         hasher = hashlib.sha256()
         for f in files:
             hasher.update(f.name.encode() if source.is_dir() else b"")
@@ -198,8 +256,11 @@ class VolumeCache:
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     hasher.update(block)
         digest = hasher.hexdigest()
-        with atomic_path(stat_file) as tmp:
-            tmp.write_text(digest, encoding="utf-8")
+        try:
+            with atomic_path(stat_file) as tmp:
+                tmp.write_text(digest, encoding="ascii")
+        except OSError:
+            pass  # only saves hashing next time (e.g. a read-only shared cache)
         return digest
 
     def key(self, source: Path, config: PreprocessConfig) -> str:
@@ -212,15 +273,23 @@ class VolumeCache:
         return folder / f"{key}.npy", folder / f"{key}.json"
 
     def get(self, key: str) -> "CachedVolume | None":
-        """The cached entry ``key``, or None when absent or incomplete."""
+        """The cached entry ``key``, or None when absent, incomplete or damaged.
+
+        Damaged means: JSON unreadable or missing a field; ``.npy`` header unreadable, not
+        float32 of the JSON's shape, or the file shorter or longer than that header says.
+        """
         array_path, meta_path = self._paths(key)
-        if not (array_path.is_file() and meta_path.is_file()):
-            return None
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # absent, unreadable, not UTF-8, not JSON
             return None
-        return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]))
+        if not _valid_meta(meta):
+            return None
+        layout = _npy_layout(array_path)
+        if layout is None or layout != (tuple(meta["shape"]), np.dtype(np.float32)):
+            return None
+        value_range = tuple(float(v) for v in meta["range"]) if "range" in meta else None
+        return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]), value_range=value_range)
 
     def put(self, key: str, source: Path, array: np.ndarray, modality: str, grid: dict) -> "CachedVolume":
         """Store a prepared (D, H, W) array under ``key``; returns the entry."""
@@ -228,10 +297,28 @@ class VolumeCache:
         with atomic_path(array_path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
-        meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "grid": grid, "format": CACHE_FORMAT}
+        value_range = (float(array.min()), float(array.max()))
+        meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "range": list(value_range), "grid": grid, "format": CACHE_FORMAT}
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta), encoding="utf-8")
-        return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape))
+        return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape), value_range=value_range)
+
+    def record_range(self, entry: "CachedVolume") -> tuple[float, float]:
+        """Compute (min, max) of an entry made before ranges were stored, and store it.
+
+        Reads the whole array once; the JSON is rewritten (atomically, best effort: a
+        read-only cache just computes it again next time) so later runs do not.
+        """
+        value_range = (float(entry.array.min()), float(entry.array.max()))
+        _, meta_path = self._paths(entry.key)
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta["range"] = list(value_range)
+            with atomic_path(meta_path) as tmp:
+                tmp.write_text(json.dumps(meta), encoding="utf-8")
+        except (OSError, ValueError, TypeError):
+            pass
+        return value_range
 
 
 @dataclass
@@ -244,6 +331,10 @@ class CachedVolume:
         source: where it was read from (for messages).
         modality: "ct" or "mr", the intensity mapping used.
         shape: (D, H, W).
+        value_range: (min, max) of the array (after the intensity mapping, so about [0, 1]);
+            None for entries of older gvsl versions until ``VolumeCache.record_range``.
+        from_cache: True when this run found it in the cache, False when this process
+            prepared it (read and resampled the source).
     """
 
     key: str
@@ -251,7 +342,10 @@ class CachedVolume:
     source: str
     modality: str
     shape: tuple[int, int, int]
-    _array: np.ndarray | None = None
+    value_range: tuple[float, float] | None = None
+    from_cache: bool = False
+    # Not in repr or ==: printing a memory-mapped array reads the whole file.
+    _array: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def array(self) -> np.ndarray:
@@ -261,27 +355,65 @@ class CachedVolume:
         return self._array
 
 
+def _check_not_constant(low: float, high: float, where: str = "") -> None:
+    # A constant volume has no structure to register: its NCC with anything is constant
+    # (1.0 against another constant patch), so it only adds pairs that teach nothing.
+    if low == high:
+        raise InputError(f"constant intensity (all voxels {low:g}{where})", hint="leave out empty or blank volumes")
+
+
 def read_and_prepare(source: Path, config: PreprocessConfig):
-    """Read ``source`` and run ``preprocess.prepare``; the one place training data is decoded."""
+    """Read ``source`` and run ``preprocess.prepare``; the one place training data is decoded.
+
+    Raises InputError for a constant volume (see ``_check_not_constant``).
+    """
+    import SimpleITK as sitk
+
     from gvsl_cli.preprocess import prepare
 
-    return prepare(read_volume(source), config)
+    image = read_volume(source)
+    extremes = sitk.MinimumMaximumImageFilter()
+    extremes.Execute(image)
+    _check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())
+    return prepare(image, config)
 
 
 def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> CachedVolume:
     key = cache.key(source, config)
     entry = cache.get(key)
-    if entry is not None:
-        # The entry remembers the path it was first made from; report this input's path.
-        return dataclasses.replace(entry, source=str(source))
-    prepared = read_and_prepare(source, config)
-    grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
-    return cache.put(key, source, prepared.array, prepared.modality, grid)
+    if entry is None:
+        prepared = read_and_prepare(source, config)
+        # Resampling and the intensity mapping can flatten a volume that was not constant
+        # (e.g. a CT wholly above the +1024 HU clip); it is as useless then.
+        _check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
+        grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
+        return cache.put(key, source, prepared.array, prepared.modality, grid)
+    # The entry remembers the path it was first made from; report this input's path.
+    entry = dataclasses.replace(entry, source=str(source), from_cache=True)
+    if entry.value_range is None:
+        entry.value_range = cache.record_range(entry)
+    _check_not_constant(*entry.value_range, " after preprocessing")
+    return entry
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text
+def _reason(exc: BaseException, source: Path) -> str:
+    """Why ``source`` failed, in one line, without its path (the caller prints the path once).
+
+    gvsl's own errors name the file first ("PATH: reason"); that prefix is dropped. Other
+    errors keep their type name, except OSError whose ``strerror`` reads on its own.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        name = exc.filename
+        return exc.strerror if name is None or os.fspath(name) == str(source) else f"{exc.strerror}: {os.fspath(name)}"
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    for path in (str(source), str(source.resolve())):
+        if text.startswith(path + ": "):
+            text = text[len(path) + 2 :]
+            break
+    if isinstance(exc, GvslError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass
@@ -290,6 +422,20 @@ class Dataset:
 
     volumes: list[CachedVolume]
     skipped: list[Skipped]
+
+    @property
+    def prepared(self) -> int:
+        """How many of ``volumes`` this process read and preprocessed (cache misses).
+
+        Under distributed training each rank counts only its own work: volumes another
+        rank prepared in this run count as ``from_cache`` here (sum over ranks for the run's).
+        """
+        return sum(not v.from_cache for v in self.volumes)
+
+    @property
+    def from_cache(self) -> int:
+        """How many of ``volumes`` were found already preprocessed in the cache."""
+        return sum(v.from_cache for v in self.volumes)
 
     def modality_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -312,21 +458,36 @@ def prepare_dataset(
 
     Under distributed training each rank first prepares its ``shard`` = (rank, world) of
     the sources, then waits at ``barrier``, then takes the rest from the cache (preparing
-    whatever it still misses itself, e.g. with a cache folder local to each node).
+    whatever it still misses itself, e.g. with a cache folder local to each node). The
+    volumes keep the order of ``sources`` on every rank.
 
     Args:
         workers: threads used to read and resample (SimpleITK releases the GIL).
-        on_progress: called with (done, total) after each source.
+        on_progress: called with (done, total = len(sources)) after each source.
+
+    Returns:
+        The volumes (each says whether it came from the cache, see ``Dataset.prepared``)
+        and the sources skipped, with one-line reasons.
     """
     rank, world = shard
+    results: dict[int, CachedVolume | Skipped] = {}
+
+    def progress(done: int, _total: int) -> None:
+        if on_progress:
+            on_progress(len(results) + done, len(sources))
+
     if world > 1:
-        mine = [s for i, s in enumerate(sources) if i % world == rank]
-        _prepare_many(mine, config, cache, workers, None)
+        mine = [i for i in range(len(sources)) if i % world == rank]
+        # Keep these results: looking them up again after the barrier would re-hash them
+        # and re-read the ones that failed.
+        results.update(zip(mine, _prepare_many([sources[i] for i in mine], config, cache, workers, progress)))
         if barrier is not None:
             barrier()
-    results = _prepare_many(list(sources), config, cache, workers, on_progress)
-    volumes = [r for r in results if isinstance(r, CachedVolume)]
-    skipped = [r for r in results if isinstance(r, Skipped)]
+    rest = [i for i in range(len(sources)) if i not in results]
+    results.update(zip(rest, _prepare_many([sources[i] for i in rest], config, cache, workers, progress)))
+    ordered = [results[i] for i in range(len(sources))]
+    volumes = [r for r in ordered if isinstance(r, CachedVolume)]
+    skipped = [r for r in ordered if isinstance(r, Skipped)]
     return Dataset(volumes=volumes, skipped=skipped)
 
 
@@ -334,10 +495,8 @@ def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedV
     def job(source: Path) -> "CachedVolume | Skipped":
         try:
             return _prepare_one(source, config, cache)
-        except GvslError as exc:
-            return Skipped(str(source), _reason(exc))
-        except (RuntimeError, OSError, ValueError, MemoryError) as exc:
-            return Skipped(str(source), f"{source}: {type(exc).__name__}: {_reason(exc)}")
+        except (GvslError, RuntimeError, OSError, ValueError, MemoryError) as exc:
+            return Skipped(str(source), _reason(exc, source))
 
     results: list = []
     if workers <= 1 or len(sources) <= 1:

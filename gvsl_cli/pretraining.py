@@ -296,11 +296,30 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
     return loaded.model_config, PreprocessConfig(**preprocess_kwargs), loaded.state_dict, loaded.affine_trained
 
 
+#: Seconds between "preparing volumes" notes (none for a preparation shorter than this).
+PREPARATION_NOTE_INTERVAL_S = 30.0
+
+
+def _preparation_progress(reporter: Reporter) -> Callable[[int, int], None]:
+    """A ``prepare_dataset`` progress callback that notes "preparing volumes: done/total"
+    every ``PREPARATION_NOTE_INTERVAL_S`` seconds, so a long first run is not silent."""
+    last = {"at": time.monotonic()}
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last["at"] >= PREPARATION_NOTE_INTERVAL_S and done < total:
+            last["at"] = now
+            reporter.note(f"preparing volumes: {done}/{total}")
+
+    return progress
+
+
 def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context: distributed.DistContext, reporter: Reporter, cache_root: Path) -> data_mod.Dataset:
     sources, skipped = data_mod.discover(config.inputs)
     cache = data_mod.VolumeCache(cache_root)
     dataset = data_mod.prepare_dataset(
-        sources, preprocess, cache, workers=max(1, config.workers), shard=(context.rank, context.world_size), barrier=context.barrier
+        sources, preprocess, cache, workers=max(1, config.workers), shard=(context.rank, context.world_size), barrier=context.barrier,
+        on_progress=_preparation_progress(reporter),
     )
     dataset.skipped = skipped + dataset.skipped
     for item in dataset.skipped:
@@ -320,6 +339,8 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
         else:
             first_of[volume.key] = volume
     dataset.volumes = list(first_of.values())
+    on_rank = f" (rank {context.rank}'s share)" if context.enabled else ""
+    reporter.note(f"{len(dataset.volumes)} volumes: {dataset.prepared} prepared now, {dataset.from_cache} from the cache{on_rank} ({cache_root})")
     if len(dataset.volumes) < 2:
         raise InputError(
             f"pre-training pairs two different volumes; only 1 usable volume among {given} input(s) ({len(dataset.skipped)} skipped)",

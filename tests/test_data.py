@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import locale
 import shutil
 
 import numpy as np
@@ -35,8 +37,9 @@ def test_discover_searches_folders_recursively_and_reads_path_lists(volume_folde
     listing = tmp_path / "list.txt"
     listing.write_text("# training volumes\nvolumes/colin.nii.gz\n\nvolumes/missing.nii.gz\n" + f"{volume_folder / 'sub'}\n")
     sources, skipped = data.discover([listing, volume_folder / "colin.nii.gz", tmp_path / "nope", volume_folder / "sub" / "notes.md"])
-    assert sorted(p.name for p in sources) == ["colin.nii.gz", "colin_copy.mha", "icbm.nii.gz"]  # duplicates dropped
+    assert sorted(p.name for p in sources) == ["colin.nii.gz", "colin_copy.mha", "icbm.nii.gz"]  # duplicates used once
     reasons = {s.path.split("/")[-1]: s.reason for s in skipped}
+    assert reasons["colin.nii.gz"] == "given more than once"  # ... and reported (in the list and as an argument)
     assert "line 4" in reasons["missing.nii.gz"] and "no such file" in reasons["nope"]
     assert "not a volume file" in reasons["notes.md"]
 
@@ -94,6 +97,214 @@ def test_incomplete_cache_entry_is_rebuilt(colin_t1, tmp_path):
     assert cache.get(entry.key) is None
     again = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]
     assert again.key == entry.key and cache.get(entry.key) is not None
+
+
+def _damage_truncate_half(entry):
+    path = entry.array_path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _damage_truncate_empty(entry):
+    entry.array_path.write_bytes(b"")
+
+
+def _damage_npy_garbage(entry):
+    entry.array_path.write_bytes(b"not an npy file at all" * 100)
+
+
+def _damage_npy_other_shape(entry):
+    np.save(entry.array_path, np.zeros((16, 16, 16), np.float32))
+
+
+def _damage_npy_other_dtype(entry):
+    np.save(entry.array_path, np.load(entry.array_path).astype(np.float64))
+
+
+def _damage_json_empty_object(entry):
+    entry.array_path.with_suffix(".json").write_text("{}")
+
+
+def _damage_json_not_an_object(entry):
+    entry.array_path.with_suffix(".json").write_text("[1, 2]")
+
+
+def _damage_json_wrong_types(entry):
+    meta_path = entry.array_path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = ["a", 1, 2]
+    meta_path.write_text(json.dumps(meta))
+
+
+def _damage_json_not_utf8(entry):
+    entry.array_path.with_suffix(".json").write_bytes(b"\xff\xfe\x00garbage")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _damage_truncate_half,
+        _damage_truncate_empty,
+        _damage_npy_garbage,
+        _damage_npy_other_shape,
+        _damage_npy_other_dtype,
+        _damage_json_empty_object,
+        _damage_json_not_an_object,
+        _damage_json_wrong_types,
+        _damage_json_not_utf8,
+    ],
+)
+def test_damaged_cache_entry_is_a_miss_and_is_rewritten(damage, colin_t1, tmp_path, monkeypatch):
+    cache = data.VolumeCache(tmp_path / "cache")
+    reads = []
+    original = data.read_and_prepare
+    monkeypatch.setattr(data, "read_and_prepare", lambda source, config: reads.append(source) or original(source, config))
+    entry = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]
+    expected = np.load(entry.array_path)  # not memory-mapped: the damage below shrinks the file in place
+    damage(entry)
+    assert cache.get(entry.key) is None
+    again = data.prepare_dataset([colin_t1], FAST, cache)
+    assert again.skipped == [] and len(reads) == 2  # prepared again, not skipped, no crash
+    assert np.array_equal(again.volumes[0].array, expected)
+    assert cache.get(entry.key) is not None  # the entry was rewritten whole
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
+
+
+def test_garbage_stat_file_is_hashed_again(colin_t1, tmp_path):
+    cache = data.VolumeCache(tmp_path / "cache")
+    key = cache.key(colin_t1, FAST)
+    (stat_file,) = (tmp_path / "cache" / "stat").iterdir()
+    stat_file.write_bytes(b"\xff" * 64)  # 64 characters, not a digest, not even text
+    assert cache.key(colin_t1, FAST) == key
+    assert len(stat_file.read_text()) == 64 and stat_file.read_text() != "\ufffd" * 64
+
+
+def test_skipped_reasons_do_not_repeat_the_path(volume_folder, tmp_path, monkeypatch):
+    (volume_folder / "empty.nii.gz").write_bytes(b"")
+    sources = [volume_folder / "broken.nii.gz", volume_folder / "empty.nii.gz"]
+    dataset = data.prepare_dataset(sources, FAST, data.VolumeCache(tmp_path / "cache"))
+    assert [s.path for s in dataset.skipped] == [str(p) for p in sources]
+    for item in dataset.skipped:
+        assert item.path not in item.reason, item.reason
+    assert dataset.skipped[1].reason.startswith("file is empty")
+
+    def denied(source, config):
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(data, "read_and_prepare", denied)
+    (skipped,) = data.prepare_dataset([volume_folder / "colin.nii.gz"], FAST, data.VolumeCache(tmp_path / "cache")).skipped
+    assert skipped.reason == "Permission denied"
+
+
+def test_the_same_file_given_twice_is_reported_as_skipped(volume_folder):
+    colin = volume_folder / "colin.nii.gz"
+    detour = volume_folder / "sub" / ".." / "colin.nii.gz"
+    sources, skipped = data.discover([colin, colin, detour])
+    assert sources == [colin.resolve()]
+    assert [(s.path, s.reason) for s in skipped] == [(str(colin), "given more than once"), (str(detour), f"same file as {colin}")]
+
+
+def test_dataset_says_how_many_volumes_came_from_the_cache(colin_t1, icbm_t1, tmp_path):
+    cache = data.VolumeCache(tmp_path / "cache")
+    data.prepare_dataset([colin_t1], FAST, cache)
+    dataset = data.prepare_dataset([colin_t1, icbm_t1], FAST, cache)
+    assert (dataset.prepared, dataset.from_cache) == (1, 1)
+    assert [v.from_cache for v in dataset.volumes] == [True, False]
+    again = data.prepare_dataset([colin_t1, icbm_t1], FAST, cache)
+    assert (again.prepared, again.from_cache) == (0, 2)
+
+
+def test_a_rank_keeps_its_shard_results_and_reports_progress_over_all_sources(volume_folder, tmp_path, monkeypatch):
+    reads = []
+    original = data.read_and_prepare
+    monkeypatch.setattr(data, "read_and_prepare", lambda source, config: reads.append(source.name) or original(source, config))
+    sources = [volume_folder / "broken.nii.gz", volume_folder / "colin.nii.gz", volume_folder / "sub" / "colin_copy.mha"]
+    progress = []
+    barrier = []
+    dataset = data.prepare_dataset(
+        sources, FAST, data.VolumeCache(tmp_path / "cache"), shard=(0, 2), barrier=lambda: barrier.append(len(progress)), on_progress=lambda *a: progress.append(a)
+    )
+    assert sorted(reads) == ["broken.nii.gz", "colin.nii.gz", "colin_copy.mha"]  # the broken one read once, not twice
+    assert progress == [(1, 3), (2, 3), (3, 3)] and barrier == [2]
+    assert [v.source for v in dataset.volumes] == [str(p) for p in sources[1:]]  # the order of the sources
+    assert [s.path for s in dataset.skipped] == [str(sources[0])]
+
+
+@pytest.fixture
+def restore_locale():
+    # GDCM's DICOM writer switches LC_CTYPE to "C"; see tests/test_io.py.
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def _write_dicom_series(folder, image):
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in (
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.54321"),
+            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            ("0020|0037", "1\\0\\0\\0\\1\\0"),
+            ("0020|0013", str(k + 1)),
+            ("0008|0060", "MR"),
+        ):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_cache_hit_on_a_dicom_series_does_not_scan_the_slices(tmp_path, restore_locale, monkeypatch):
+    array = np.random.default_rng(0).integers(0, 1000, (12, 24, 24)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((4.0, 4.0, 4.0))
+    folder = tmp_path / "series"
+    _write_dicom_series(folder, image)
+    cache = data.VolumeCache(tmp_path / "cache")
+    first = data.prepare_dataset([folder], FAST, cache)
+    assert first.prepared == 1 and first.skipped == []
+
+    def scan(*args):
+        raise AssertionError("a cache hit parsed the DICOM slices")
+
+    monkeypatch.setattr(data, "dicom_series_ids", scan)
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesFileNames", scan)
+    second = data.prepare_dataset([folder], FAST, cache)
+    assert second.from_cache == 1 and second.volumes[0].key == first.volumes[0].key
+    # Any slice changing still changes the key.
+    slices = sorted(folder.iterdir())
+    slices[3].write_bytes(slices[4].read_bytes())
+    assert cache.key(folder, FAST) != first.volumes[0].key
+
+
+def test_constant_volumes_are_skipped(colin_t1, tmp_path):
+    zeros = sitk.Image([32, 32, 32], sitk.sitkInt16)
+    zeros.SetSpacing((4.0, 4.0, 4.0))
+    sitk.WriteImage(zeros, str(tmp_path / "zeros.nii.gz"))
+    sitk.WriteImage(zeros + 7, str(tmp_path / "sevens.nii.gz"))
+    sources = [tmp_path / "zeros.nii.gz", colin_t1, tmp_path / "sevens.nii.gz"]
+    dataset = data.prepare_dataset(sources, FAST, data.VolumeCache(tmp_path / "cache"))
+    assert [v.source for v in dataset.volumes] == [str(colin_t1)]
+    assert [s.reason for s in dataset.skipped] == ["constant intensity (all voxels 0)", "constant intensity (all voxels 7)"]
+
+
+def test_cache_entries_without_a_value_range_are_checked_once(colin_t1, tmp_path):
+    # Entries written before the value range was recorded: a constant one is skipped, and
+    # the range is added to each so that later runs need not read the array again.
+    cache = data.VolumeCache(tmp_path / "cache")
+    entry = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]
+    meta_path = entry.array_path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    expected_range = meta.pop("range")
+    meta_path.write_text(json.dumps(meta))
+    assert cache.get(entry.key).value_range is None
+    assert len(data.prepare_dataset([colin_t1], FAST, cache).volumes) == 1
+    assert json.loads(meta_path.read_text())["range"] == expected_range
+    np.save(entry.array_path, np.zeros(entry.shape, np.float32))  # an old entry of a blank volume
+    meta_path.write_text(json.dumps(meta))
+    (skipped,) = data.prepare_dataset([colin_t1], FAST, cache).skipped
+    assert skipped.reason == "constant intensity (all voxels 0 after preprocessing)"
 
 
 def test_crop_with_padding_pads_small_volumes_with_zeros():

@@ -117,12 +117,28 @@ def test_run_folder_guards(volumes, cache_dir, tmp_path, capsys):
 
 
 def test_second_run_reads_no_volume(volumes, cache_dir, tmp_path, monkeypatch):
-    # The module's earlier runs filled the cache; decoding a volume now would be a miss.
+    # A first run fills the cache (if the module's earlier tests have not); decoding a
+    # volume in the second would be a miss.
+    first = PretrainConfig(inputs=(str(volumes),), run_dir=str(tmp_path / "first"), iters=1, width=8, patch=32, spacing=4.0, device="cpu", workers=0, cache_dir=str(cache_dir))
+    assert pretrain(first).iteration == 1
+
     def fail(source, config):
         raise AssertionError(f"read {source} although it is cached")
 
     monkeypatch.setattr(data, "read_and_prepare", fail)
-    assert pretrain(PretrainConfig(inputs=(str(volumes),), run_dir=str(tmp_path / "run"), iters=1, width=8, patch=32, spacing=4.0, device="cpu", workers=0, cache_dir=str(cache_dir))).iteration == 1
+
+    class Notes:
+        lines: list[str] = []
+
+        def start(self, first, total): pass
+
+        def update(self, iteration, row): pass
+
+        def note(self, text): self.lines.append(text)
+
+    notes = Notes()
+    assert pretrain(PretrainConfig(inputs=(str(volumes),), run_dir=str(tmp_path / "run"), iters=1, width=8, patch=32, spacing=4.0, device="cpu", workers=0, cache_dir=str(cache_dir)), reporter=notes).iteration == 1
+    assert f"2 volumes: 0 prepared now, 2 from the cache ({cache_dir})" in notes.lines, notes.lines
 
 
 def test_bad_inputs_are_reported_and_skipped(volumes, cache_dir, tmp_path, capsys):
