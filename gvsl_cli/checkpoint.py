@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from gvsl_cli.config import ModelConfig, PreprocessConfig
-from gvsl_cli.errors import CheckpointError
+from gvsl_cli.errors import CheckpointError, ConfigError
 from gvsl_cli.io import atomic_path
 from gvsl_cli.model import GVSL
 
@@ -123,6 +124,24 @@ def _not_pytorch_reason(head: bytes) -> str | None:
     return "not a PyTorch checkpoint: the file is text" if is_text else "not a PyTorch checkpoint file (unrecognised content)"
 
 
+#: Terminal escape codes (torch puts bold text in its messages).
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _unpickling_detail(message: str) -> str:
+    """What torch's weights-only refusal is about, in a few clean words ("" when unknown).
+
+    Its message is a paragraph with escape codes; the useful part is the global it met
+    ("Unsupported global: GLOBAL pathlib.PosixPath was not an allowed global...").
+    """
+    message = _ANSI_ESCAPE.sub("", message)
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it references {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n.]+)", message)
+    return found.group(1).strip()[:120] if found else ""
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -131,8 +150,9 @@ def _torch_load(path: Path) -> Any:
     # torch reports every failure of the weights-only unpickler as UnpicklingError; only a
     # forbidden global means "a real pickle that needs code".
     if isinstance(error, pickle.UnpicklingError) and "global" in str(error).lower():
+        detail = _unpickling_detail(str(error))
         raise CheckpointError(
-            f"{path}: refused to load: the file needs arbitrary code to unpickle ({str(error).splitlines()[0][:120]})",
+            f"{path}: refused to load: the file needs arbitrary code to unpickle" + (f" ({detail})" if detail else ""),
             hint="gvsl only loads plain tensors and dicts (torch.load weights_only=True); re-save the state_dict alone",
         )
     # torch's errors on a file of another kind are meaningless to a user ("101" for a text
@@ -157,6 +177,33 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
     return state_dict
 
 
+def _checked_gvsl_entries(data: dict, path: Path) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor]]:
+    """model_config, preprocess and state_dict of a gvsl checkpoint, each checked.
+
+    Raises:
+        CheckpointError: an entry missing, of the wrong type, or with invalid values (a file
+            cut down or written by something else must not end in a KeyError).
+    """
+    incomplete = f"{path}: not a complete gvsl checkpoint"
+    hint = "save it again with gvsl (gvsl pretrain writes complete checkpoints), or give another weights file"
+    for key in ("model_config", "state_dict"):
+        if key not in data:
+            raise CheckpointError(f"{incomplete}: missing {key!r}", hint=hint)
+    for key in ("model_config", "preprocess", "state_dict"):
+        if key in data and not isinstance(data[key], dict):
+            raise CheckpointError(f"{incomplete}: {key!r} is a {type(data[key]).__name__}, expected a dict", hint=hint)
+    not_tensors = [k for k, v in data["state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{incomplete}: 'state_dict' entry {not_tensors[0]!r} is not a tensor", hint=hint)
+    configs = []
+    for key, cls, default in (("model_config", ModelConfig, None), ("preprocess", PreprocessConfig, {})):
+        try:
+            configs.append(cls.from_dict(data.get(key, default)))
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: invalid {key!r} in the gvsl checkpoint: {exc}", hint=hint) from None
+    return configs[0], configs[1], data["state_dict"]
+
+
 def load_weights(path: str | os.PathLike) -> LoadedWeights:
     """Read a gvsl checkpoint or an official GVSL state_dict from ``path``.
 
@@ -173,13 +220,14 @@ def load_weights(path: str | os.PathLike) -> LoadedWeights:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (this gvsl reads {FORMAT_VERSION})", hint="upgrade gvsl")
+        model_config, preprocess, state_dict = _checked_gvsl_entries(data, path)
         extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "model_config", "preprocess", "state_dict", "affine_trained")}
         extra["path"] = str(path)
         return LoadedWeights(
             kind="gvsl",
-            model_config=ModelConfig.from_dict(data["model_config"]),
-            preprocess=PreprocessConfig.from_dict(data.get("preprocess", {})),
-            state_dict=data["state_dict"],
+            model_config=model_config,
+            preprocess=preprocess,
+            state_dict=state_dict,
             affine_trained=bool(data.get("affine_trained", True)),
             extra=extra,
         )

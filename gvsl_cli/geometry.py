@@ -88,6 +88,26 @@ class Geometry:
         idx = np.array([[i, j, k, 1.0] for i in (0, nx) for j in (0, ny) for k in (0, nz)])
         return (idx @ self.index_to_physical().T)[:, :3]
 
+    def nearest_orthogonal_direction(self) -> np.ndarray:
+        """(3, 3) orthonormal matrix closest to the direction (polar decomposition U·Vᵀ).
+
+        This is what ITK's NIfTI writer stores for a direction that is not orthonormal
+        (NIfTI's qform can only hold a rotation), so it predicts a .nii.gz output's grid.
+        """
+        u, _, vt = np.linalg.svd(self.direction_matrix)
+        return u @ vt
+
+    def orthogonalization_shift_mm(self) -> float:
+        """Largest distance (mm) a voxel centre moves when the direction is replaced by its
+        nearest orthonormal matrix (0 for an orthonormal direction).
+
+        The shift is linear in the index, so it is largest at one of the eight corners.
+        """
+        difference = (self.direction_matrix - self.nearest_orthogonal_direction()) @ np.diag(self.spacing)
+        nx, ny, nz = (s - 1 for s in self.size)
+        corners = np.array([[i, j, k] for i in (0, nx) for j in (0, ny) for k in (0, nz)], dtype=np.float64)
+        return float(np.max(np.linalg.norm(corners @ difference.T, axis=1)))
+
     def is_close(self, other: "Geometry", *, atol: float = 1e-4) -> bool:
         """Same size, and spacing, origin and direction equal within ``atol``."""
         return (

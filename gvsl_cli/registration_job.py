@@ -16,15 +16,23 @@ Outputs in the output folder (names fixed, so scripts can rely on them):
 - ``report.json``: written last, so its presence means the run completed.
 
 Every file is written to a temporary name and renamed (``io``), so an interrupted run never
-leaves a half-written output. Before the registration starts, the inputs, the options and
-the output folder (created, and a probe file written and removed) are all checked, and
-the outputs of an earlier run in that folder (the names above only, ``report.json`` first)
-are removed, so a folder never mixes two runs' files.
+leaves a half-written output, and a failure while writing removes the outputs already
+written. Before the registration starts, the inputs, the options, the output folder
+(created, and a probe file written and removed) and every output path (none may be a
+folder) are all checked, and the outputs of an earlier run in that folder (the names above
+only, ``report.json`` first) are removed, so a folder never mixes two runs' files.
+
+NIfTI can only store an orthonormal direction. A fixed image whose direction is not
+orthonormal (valid in .mha/.nrrd) still gets its outputs, with the nearest orthonormal
+direction (what ITK's NIfTI writer stores), after a ``warning:`` saying how far the voxel
+centres move; the output names, and the format they promise, stay fixed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -72,6 +80,75 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
     return labels
 
 
+#: Voxel shift (mm) from orthogonalising the fixed direction above which the user is warned.
+ORTHOGONALITY_TOLERANCE_MM = 1e-3
+
+
+def refuse_folders_at(paths, *, hint: str) -> None:
+    """Raise InputError naming the first of ``paths`` that is an existing folder.
+
+    Writing renames a temporary file onto each path, which fails on a folder only after all
+    the work is done; this check runs before it. A symlink is not a folder here: the rename
+    replaces the link itself.
+    """
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            raise InputError(f"{path}: output path is taken by a folder", hint=hint)
+
+
+def nonorthogonal_direction_warning(grid: Geometry, what: str) -> str | None:
+    """The warning for NIfTI outputs on ``grid`` when its direction is not orthonormal, else None.
+
+    NIfTI holds only a rotation, so ITK's writer stores the nearest orthonormal matrix; the
+    warning says so and how far (mm) the written voxel centres lie from ``grid``'s.
+    """
+    shift = grid.orthogonalization_shift_mm()
+    if shift <= ORTHOGONALITY_TOLERANCE_MM:
+        return None
+    return (
+        f"the {what} direction matrix is not orthonormal, which NIfTI cannot store: the NIfTI outputs carry the nearest "
+        f"orthonormal direction, so their voxel centres lie up to {shift:.3g} mm from the {what} grid "
+        "(resample the image onto an orthonormal grid first if that matters)"
+    )
+
+
+@contextlib.contextmanager
+def itk_warnings_hidden(hidden: bool):
+    """Silence ITK's multi-line warnings in the block when ``hidden`` (gvsl said it in one line)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if hidden:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def strict_json(value, where: str = "", replaced: list | None = None):
+    """``value`` with every NaN or infinite float replaced by None (JSON null).
+
+    JSON has no NaN or Infinity; Python writes them anyway and strict parsers then reject the
+    whole report. ``replaced`` collects the dotted keys of the values replaced.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        if replaced is not None:
+            replaced.append(f"{where} ({value})")
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{where}.{k}" if where else str(k), replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, f"{where}[{i}]", replaced) for i, v in enumerate(value)]
+    return value
+
+
+def check_spacing(spacing: float | None) -> None:
+    """Refuse a --spacing that is not a finite number > 0 (inf passes a plain ``> 0`` test and
+    gives NaN transforms)."""
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"spacing must be a finite number > 0 mm, got {spacing:g}", hint="give --spacing in mm, e.g. 2, or leave it out")
+
+
 def prepare_output_dir(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and prove it writable, before any work (``io.ensure_writable_folder``)."""
     ensure_writable_folder(out_dir, what="output folder", hint="give a writable folder with -o")
@@ -100,8 +177,9 @@ def remove_previous_outputs(out_dir: Path) -> list[str]:
 
 
 def _write_json(data: dict, path: Path) -> None:
+    # allow_nan=False: a report that slipped past strict_json fails here, not in a parser.
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def run_registration(
@@ -130,8 +208,11 @@ def run_registration(
             "--fixed-labels needs --moving-labels: Dice compares the warped moving labels with the fixed ones",
             hint="add --moving-labels (the label map on the moving image's grid), or leave out --fixed-labels",
         )
+    check_spacing(config.spacing)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
+    output_keys = [key for key in OUTPUT_NAMES if key != "moved_labels" or moving_labels_path]
+    refuse_folders_at([out_dir / OUTPUT_NAMES[key] for key in output_keys], hint="remove or rename that folder, or choose another -o folder")
     outputs_here = {(out_dir / name).resolve() for name in OUTPUT_NAMES.values()}
     for path in (fixed_path, moving_path, moving_labels_path, fixed_labels_path):
         if path is not None and Path(path).resolve() in outputs_here:
@@ -141,6 +222,9 @@ def run_registration(
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
     fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None
     check_working_grids(Geometry.of(fixed), Geometry.of(moving), planned_spacing(Geometry.of(fixed), config, device), config.levels)
+    direction_warning = nonorthogonal_direction_warning(Geometry.of(fixed), "fixed image's")
+    if direction_warning:
+        log(f"warning: {direction_warning}")
     weights = None
     if weights_spec:
         from gvsl_cli.weights import load_weights_spec
@@ -171,56 +255,64 @@ def run_registration(
         before = dice_scores(fixed_array, sitk.GetArrayViewFromImage(unmoved))
         after = dice_scores(fixed_array, sitk.GetArrayViewFromImage(moved_labels))
         dice = {
+            # Keys are the exact label values (dice_scores keeps 1.5 as 1.5, never "1").
             "labels": {str(label): {"before": before[label], "after": after[label]} for label in after},
             "mean_before": float(np.mean(list(before.values()))) if before else None,
             "mean_after": float(np.mean(list(after.values()))) if after else None,
         }
 
-    outputs = {}
-    write_volume(moved, out_dir / OUTPUT_NAMES["moved"])
-    outputs["moved"] = OUTPUT_NAMES["moved"]
-    write_volume(field_image(field, fixed_grid), out_dir / OUTPUT_NAMES["displacement"])
-    outputs["displacement"] = OUTPUT_NAMES["displacement"]
-    write_transform(affine_transform(result.transform.affine), out_dir / OUTPUT_NAMES["affine"])
-    outputs["affine"] = OUTPUT_NAMES["affine"]
-    if moved_labels is not None:
-        write_volume(moved_labels, out_dir / OUTPUT_NAMES["moved_labels"])
-        outputs["moved_labels"] = OUTPUT_NAMES["moved_labels"]
-    outputs["report"] = OUTPUT_NAMES["report"]
+    outputs = {key: OUTPUT_NAMES[key] for key in output_keys}
+    written: list[Path] = []
+    try:
+        with itk_warnings_hidden(direction_warning is not None):
+            written.append(write_volume(moved, out_dir / OUTPUT_NAMES["moved"]))
+            written.append(write_volume(field_image(field, fixed_grid), out_dir / OUTPUT_NAMES["displacement"]))
+            written.append(write_transform(affine_transform(result.transform.affine), out_dir / OUTPUT_NAMES["affine"]))
+            if moved_labels is not None:
+                written.append(write_volume(moved_labels, out_dir / OUTPUT_NAMES["moved_labels"]))
 
-    similarity = Similarity(config.similarity, config.ncc_window)
-    report = {
-        "gvsl_version": __version__,
-        "fixed": str(fixed_path),
-        "moving": str(moving_path),
-        "moving_labels": str(moving_labels_path) if moving_labels_path else None,
-        "fixed_labels": str(fixed_labels_path) if fixed_labels_path else None,
-        "device": device_description(device),
-        "weights": None
-        if weights is None
-        else {
-            "source": weights_spec,
-            "kind": weights.kind,
-            "width": weights.model_config.width,
-            "affine_trained": weights.affine_trained,
-            "affine_used": weights.affine_trained,
-        },
-        "similarity": {
-            "metric": config.similarity,
-            "higher_is_better": similarity.higher_is_better,
-            "measured_on": f"fixed working grid, {result.working_spacing:g} mm",
-            **result.similarity,
-        },
-        "dice": dice,
-        "jacobian": jacobian,
-        "seconds": {"registration": result.seconds, "total": time.perf_counter() - start},
-        "working_spacing_mm": result.working_spacing,
-        "iterations": config.iters,
-        "stages": result.stages,
-        "notes": result.notes,
-        "affine": [[float(v) for v in row] for row in result.transform.affine],
-        "outputs": outputs,
-    }
-    report["seconds"]["total"] = time.perf_counter() - start
-    _write_json(report, out_dir / OUTPUT_NAMES["report"])
+        similarity = Similarity(config.similarity, config.ncc_window)
+        report = {
+            "gvsl_version": __version__,
+            "fixed": str(fixed_path),
+            "moving": str(moving_path),
+            "moving_labels": str(moving_labels_path) if moving_labels_path else None,
+            "fixed_labels": str(fixed_labels_path) if fixed_labels_path else None,
+            "device": device_description(device),
+            "weights": None
+            if weights is None
+            else {
+                "source": weights_spec,
+                "kind": weights.kind,
+                "width": weights.model_config.width,
+                "affine_trained": weights.affine_trained,
+                "affine_used": weights.affine_trained,
+            },
+            "similarity": {
+                "metric": config.similarity,
+                "higher_is_better": similarity.higher_is_better,
+                "measured_on": f"fixed working grid, {result.working_spacing:g} mm",
+                **result.similarity,
+            },
+            "dice": dice,
+            "jacobian": jacobian,
+            "seconds": {"registration": result.seconds, "total": time.perf_counter() - start},
+            "working_spacing_mm": result.working_spacing,
+            "iterations": config.iters,
+            "stages": result.stages,
+            "notes": [*result.notes, *([direction_warning] if direction_warning else [])],
+            "affine": [[float(v) for v in row] for row in result.transform.affine],
+            "outputs": outputs,
+        }
+        report["seconds"]["total"] = time.perf_counter() - start
+        replaced: list[str] = []
+        report = strict_json(report, replaced=replaced)
+        if replaced:
+            report["notes"].append(f"not finite, written as null: {', '.join(replaced)}")
+        _write_json(report, out_dir / OUTPUT_NAMES["report"])
+    except BaseException:
+        # A run that fails while writing (disk full, Ctrl-C) leaves none of its outputs, not some.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return report

@@ -188,15 +188,27 @@ def jacobian_statistics(field: torch.Tensor, target: Geometry) -> dict[str, floa
     return {"nonpositive_percent": 100.0 * folded / max(count, 1), "sd_log_j": math.sqrt(variance), "mean_log_j": mean}
 
 
-def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int, float]:
-    """Dice of every non-zero label of ``fixed_labels`` against ``moved_labels`` (same shape)."""
+def label_key(value) -> int | float:
+    """A label value as a Python number: an int when it is integral (2.0 -> 2), else the exact
+    float (1.5 stays 1.5), so two labels of a float label map never share a name."""
+    number = value.item() if hasattr(value, "item") else value
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    return number
+
+
+def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int | float, float]:
+    """Dice of every non-zero label of ``fixed_labels`` against ``moved_labels`` (same shape).
+
+    Keys are ``label_key`` of the values: ints for integral labels, exact floats otherwise.
+    """
     scores = {}
     for label in np.unique(fixed_labels):
         if label == 0:
             continue
         a = fixed_labels == label
         b = moved_labels == label
-        scores[int(label)] = float(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+        scores[label_key(label)] = float(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
     return scores
 
 
@@ -204,21 +216,24 @@ def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int,
 
 #: The file a ``gvsl register`` output folder holds the complete transform in.
 REGISTRATION_FIELD_NAME = "displacement.nii.gz"
+#: Written last by ``gvsl register``: its presence means the folder holds a complete run.
+REGISTRATION_REPORT_NAME = "report.json"
 
 
 def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
     """Read transforms given like ``antsApplyTransforms -t``: the last one is applied first.
 
-    Each path is a ``gvsl register`` output folder (its ``displacement.nii.gz``), a
-    displacement field image (3-vector, mm; ITK convention), or an ITK transform file
-    (.tfm, .txt, .mat, .h5).
+    Each path is a complete ``gvsl register`` output folder (its ``displacement.nii.gz``; the
+    folder must hold ``report.json``), a displacement field image (3-vector, mm; ITK
+    convention), or an ITK transform file (.tfm, .txt, .mat, .h5).
 
     Returns:
         The composite transform (output point -> input point) and the grid of the first
         displacement field met (the natural output grid), or None when there is none.
 
     Raises:
-        InputError: a path that is missing or is neither of those.
+        InputError: a path that is missing or is neither of those, or a register folder
+            without ``report.json``.
     """
     from pathlib import Path
 
@@ -235,6 +250,14 @@ def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
             field_path = path / REGISTRATION_FIELD_NAME
             if not field_path.is_file():
                 raise InputError(f"{path}: folder holds no {REGISTRATION_FIELD_NAME}", hint="give the output folder of gvsl register, or the transform files themselves")
+            # gvsl register writes report.json last: without it the folder holds no complete
+            # run (interrupted, or left from an earlier run), so its field is not trusted
+            # silently; naming the file itself is the explicit way to use it anyway.
+            if not (path / REGISTRATION_REPORT_NAME).is_file():
+                raise InputError(
+                    f"{path}: folder holds no {REGISTRATION_REPORT_NAME}, so no complete gvsl register run",
+                    hint=f"rerun gvsl register into it, or give {field_path} itself to use that field anyway",
+                )
             path = field_path
         if not path.exists():
             raise InputError(f"{path}: no such transform file or folder")

@@ -168,6 +168,13 @@ def _refuse_unverified(target: Target) -> WeightsError:
     )
 
 
+def _offline_not_cached(target: Target) -> WeightsError:
+    return WeightsError(
+        f"{target.label} is not in the cache ({target.path}) and {OFFLINE_ENV}=1 forbids downloading",
+        hint=f"fetch it where there is network (gvsl fetch-weights) and copy the cache folder {target.path.parent.parent}, or unset {OFFLINE_ENV}",
+    )
+
+
 def _write_record(target: Target, *, sha256: str, size: int, url: str, hash_source: str) -> None:
     record = {"sha256": sha256, "size": size, "url": url, "hash_source": hash_source, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = target.record_path.with_name(f".{target.record_path.name}.tmp")
@@ -179,10 +186,13 @@ def _pin_notice(target: Target, sha256: str, size: int) -> str:
     return f"{target.label}: no published sha256; trusted on your request and pinned sha256 {sha256} ({size} bytes) in {target.record_path}"
 
 
-def _use_read_only(target: Target) -> Fetched:
-    """Verify a file in a cache this process cannot write (a shared site cache): no lock needed,
-    since nobody can be writing it through us, and nothing can be pinned or deleted."""
+def _use_read_only(target: Target, *, offline: bool = False) -> Fetched:
+    """Verify a file in a cache this process cannot write (a shared site cache), or must not
+    write (``offline``: a look-up that cannot download touches nothing): no lock is taken and
+    nothing is pinned or deleted."""
     expected, source = target.expected_hash()
+    if expected is None and offline:
+        raise _refuse_unverified(target)
     if expected is None:
         raise WeightsError(
             f"{target.label}: {target.path} is in a read-only cache without a known or pinned sha256",
@@ -190,6 +200,11 @@ def _use_read_only(target: Target) -> Fetched:
         )
     digest = sha256_file(target.path)
     size = target.path.stat().st_size
+    if (digest != expected or (target.size and size != target.size)) and offline:
+        raise WeightsError(
+            f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}) and {OFFLINE_ENV}=1 forbids downloading it again",
+            hint=f"unset {OFFLINE_ENV} so gvsl replaces it, or copy a good cache folder",
+        )
     if digest != expected or (target.size and size != target.size):
         raise WeightsError(
             f"{target.label}: {target.path} does not match its sha256 (expected {expected}, got {digest}) and the cache is read-only",
@@ -214,14 +229,26 @@ def fetch(
     others wait, then find the verified file. A cached file that no longer matches its hash
     is deleted (and said so) and downloaded again. ``force`` downloads again even when the
     cached file is good (the old file stays until the new one is verified); with
-    ``trust_unverified`` it also replaces a pinned hash by the one received.
+    ``trust_unverified`` it also replaces a pinned hash by the one received. ``offline``
+    writes nothing into the cache (no lock file, no deletion), except the pin that
+    ``trust_unverified`` asks for.
 
     Raises:
-        WeightsError: offline and not cached, no known hash and not trusted, download failed
+        WeightsError: offline and not cached (or cached but not matching its hash), no known hash and not trusted, download failed
             or the file failed its checks (nothing is left at ``target.path`` then).
     """
+    # Offline refusals come before the lock: a look-up that cannot download creates no lock
+    # file and no folder (nothing is written into the cache, which may be read-only).
+    if offline and not target.path.is_file():
+        raise _offline_not_cached(target)
+    if offline and force:
+        raise WeightsError(f"{target.label}: {OFFLINE_ENV}=1 forbids downloading it again (--force)", hint=f"unset {OFFLINE_ENV}, or leave out --force to use the cached file")
     if not force and target.path.is_file() and not os.access(target.path.parent, os.W_OK):
         return _use_read_only(target)
+    if offline and not trust_unverified:
+        # Pinning a hash (trust_unverified) is the one write an offline look-up may make,
+        # on the user's request; it takes the locked path below.
+        return _use_read_only(target, offline=True)
 
     def waiting() -> None:
         reporter.notice(f"{target.label}: another process is downloading it; waiting")
@@ -241,13 +268,8 @@ def fetch(
                 return Fetched(target.path, digest, size, source, downloaded=False)
             target.path.unlink()
             reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it")
-        if offline and force and target.path.is_file():
-            raise WeightsError(f"{target.label}: {OFFLINE_ENV}=1 forbids downloading it again (--force)", hint=f"unset {OFFLINE_ENV}, or leave out --force to use the cached file")
-        if offline:
-            raise WeightsError(
-                f"{target.label} is not in the cache ({target.path}) and {OFFLINE_ENV}=1 forbids downloading",
-                hint=f"fetch it where there is network (gvsl fetch-weights) and copy the cache folder {target.path.parent.parent}, or unset {OFFLINE_ENV}",
-            )
+        if offline:  # the cached file failed its check and was deleted
+            raise _offline_not_cached(target)
         if force and trust_unverified and source == HASH_PINNED:
             expected, source = None, None  # the user asked to trust what the server gives now
         if expected is None and not trust_unverified:
@@ -413,6 +435,9 @@ def load_weights_spec(
         loaded.extra["weights_sha256"] = fetched.sha256
     else:
         path = Path(spec).expanduser()
+        if path.is_dir():
+            # A folder is never a manifest name the user meant; say what it is.
+            raise WeightsError(f"{spec}: is a folder, not a weights file", hint="give the path of a gvsl checkpoint or an official GVSL .pth file, a manifest name or a URL")
         if path.is_file():
             loaded = load_weights(path)
         elif _looks_like_path(spec):

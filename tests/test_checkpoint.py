@@ -101,3 +101,36 @@ def test_truncated_checkpoint_named_as_such(tmp_path, legacy):
     with pytest.raises(CheckpointError, match="model.pt: damaged or truncated PyTorch file") as info:
         load_weights(path)
     assert "This is an internal" not in str(info.value)  # torch's sentences after the first are cut
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda c: c.pop("model_config"), "not a complete gvsl checkpoint: missing 'model_config'"),
+        (lambda c: c.pop("state_dict"), "not a complete gvsl checkpoint: missing 'state_dict'"),
+        (lambda c: c.update(state_dict=[1, 2]), "'state_dict' is a list, expected a dict"),
+        (lambda c: c.update(preprocess="mr"), "'preprocess' is a str, expected a dict"),
+        (lambda c: c["state_dict"].update(extra=3), "'state_dict' entry 'extra' is not a tensor"),
+        (lambda c: c["model_config"].update(width=12), "invalid 'model_config'.*multiple of 8"),
+        (lambda c: c["preprocess"].update(spacing=-1), "invalid 'preprocess'.*spacing must be > 0"),
+    ],
+)
+def test_incomplete_gvsl_checkpoint_is_a_checkpoint_error(tmp_path, damage, reason):
+    path = save_checkpoint(tmp_path / "model.pt", GVSL(ModelConfig(width=8)), PreprocessConfig())
+    content = torch.load(path, weights_only=True)
+    damage(content)
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match=reason):
+        load_weights(path)
+
+
+def test_unsafe_pickle_message_is_one_clean_sentence(tmp_path):
+    import pathlib
+
+    path = tmp_path / "pickled.pt"
+    torch.save({"where": pathlib.PurePosixPath("x")}, path)
+    with pytest.raises(CheckpointError) as refused:
+        load_weights(path)
+    message = str(refused.value)
+    assert "\x1b" not in message and "\n" not in message
+    assert message.endswith("needs arbitrary code to unpickle (it references pathlib.PurePosixPath)")

@@ -92,3 +92,54 @@ def test_ctrl_c_and_eof_errors_are_reported_not_swallowed(capsys, monkeypatch, c
     assert run(["info", str(colin_t1)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("internal error: EOFError: Ran out of input") and len(err.splitlines()) == 1
+
+
+def _nan_volume(tmp_path, colin_t1):
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(colin_t1), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[5, 6, 7] = np.nan
+    nan = sitk.GetImageFromArray(array)
+    nan.CopyInformation(image)
+    path = tmp_path / "with_nan.mha"
+    sitk.WriteImage(nan, str(path))
+    return path
+
+
+import pytest  # noqa: E402 - the tests above import it locally
+
+
+@pytest.mark.parametrize("spacing", ["0", "-1", "nan", "inf"])
+def test_info_spacing_must_be_a_finite_positive_number(capsys, colin_t1, spacing):
+    code = run(["info", "--json", "--spacing", spacing, str(colin_t1)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("error: spacing must be a finite number > 0 mm")
+
+
+def test_info_describes_a_nan_volume_and_lists_the_others_past_a_bad_path(capsys, tmp_path, colin_t1):
+    nan = _nan_volume(tmp_path, colin_t1)
+    code = run(["info", "--json", str(nan), str(tmp_path / "missing.nii.gz"), str(colin_t1)])
+    captured = capsys.readouterr()
+    assert code == 2  # the failure still decides the exit code, at the end
+    rows = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [row["path"] for row in rows] == [str(nan), str(colin_t1)]
+    assert rows[0]["nonfinite_voxels"] == 1 and rows[0]["max"] == 248.0 and rows[0]["modality"] == "mr"
+    assert rows[1]["nonfinite_voxels"] == 0
+    assert captured.err.strip().splitlines() == [f"error: {tmp_path / 'missing.nii.gz'}: no such file or folder"]
+    # The table says so in words; other commands still refuse the volume.
+    assert run(["info", str(nan)]) == 0
+    assert "1 of 874800 voxels are NaN or infinite" in capsys.readouterr().out
+    assert run(["register", str(nan), str(colin_t1), "-o", str(tmp_path / "out")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+
+
+def test_info_table_keeps_long_values_off_a_terminal(capsys, tmp_path, colin_t1):
+    long_name = tmp_path / ("a_rather_long_file_name_that_does_not_fit_in_eighty_columns_" + colin_t1.name)
+    long_name.write_bytes(colin_t1.read_bytes())
+    assert run(["info", str(long_name), "--spacing", "0.25"]) == 0
+    out = capsys.readouterr().out  # captured: not a terminal, as in a pipe or a CI log
+    assert long_name.name in out and "720×864×720" in out and "…" not in out

@@ -117,13 +117,15 @@ def test_apply_reuses_a_registration_for_other_files(tmp_path, capsys, icbm_t1, 
         (["{icbm}", "{colin}", "--weights", "{missing}"], "no such file", 4),  # WeightsError
         (["{icbm}", "{colin}", "--fixed-labels", "{icbm_labels}"], "--fixed-labels needs --moving-labels", 2),
         (["{icbm}", "{colin}", "--spacing", "1e-3"], "working grid", 2),
+        (["{icbm}", "{colin}", "--spacing", "inf"], "spacing must be a finite number > 0 mm", 2),
+        (["{icbm}", "{colin}", "--weights", "{folder}"], "is a folder, not a weights file", 4),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch, args, message, exit_code, icbm_t1, icbm_labels, colin_t1):
     monkeypatch.setattr(registration_job, "register", _must_not_register)
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"\x1f\x8b not really gzip")
-    paths = {"icbm": icbm_t1, "colin": colin_t1, "icbm_labels": icbm_labels, "missing": tmp_path / "missing.nii.gz", "broken": broken}
+    paths = {"icbm": icbm_t1, "colin": colin_t1, "icbm_labels": icbm_labels, "missing": tmp_path / "missing.nii.gz", "broken": broken, "folder": tmp_path}
     out = tmp_path / "out"
     fast = FAST if "--spacing" not in args else [a for a in FAST if a not in ("--spacing", "4")]
     code = run(["register", *[a.format(**paths) for a in args], "-o", str(out), *fast])
@@ -289,3 +291,128 @@ def test_register_with_gvsl_weights(tmp_path, capsys, icbm_t1, colin_t1, affine_
         assert "untrained" in captured.err
     # Network prediction only (--iters 0) also works.
     assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--weights", str(weights), "--iters", "0", "--spacing", "4", "--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("taken", ["report.json", "moved.nii.gz", "moved_labels.nii.gz"])
+def test_output_name_taken_by_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch, taken, icbm_t1, colin_t1, colin_labels):
+    monkeypatch.setattr(registration_job, "register", _must_not_register)
+    out = tmp_path / "out"
+    (out / taken).mkdir(parents=True)
+    code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--moving-labels", str(colin_labels), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: {out / taken}: output path is taken by a folder (hint: remove or rename that folder, or choose another -o folder)"]
+    assert [path.name for path in out.iterdir()] == [taken]
+
+
+def test_apply_output_taken_by_a_folder_is_refused_and_nothing_written(tmp_path, capsys, icbm_t1, colin_t1):
+    out = tmp_path / "warped"
+    (out / "icbm152_t1_2mm_warped.nii.gz").mkdir(parents=True)
+    code = run(["apply", str(colin_t1), str(icbm_t1), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {out / 'icbm152_t1_2mm_warped.nii.gz'}: output path is taken by a folder"), err
+    assert [path.name for path in out.iterdir()] == ["icbm152_t1_2mm_warped.nii.gz"]
+
+
+def test_apply_failing_on_a_later_output_leaves_none(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
+    import errno
+
+    from gvsl_cli import io
+
+    real_write, calls = io.write_volume, []
+
+    def full_disk_on_second(image, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(image, path, **kwargs)
+
+    monkeypatch.setattr(io, "write_volume", full_disk_on_second)
+    out = tmp_path / "warped"
+    code = run(["apply", str(colin_t1), str(icbm_t1), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)])
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert len(calls) == 2 and list(out.iterdir()) == []  # the first output is not left behind
+
+
+def test_register_failing_while_writing_leaves_no_outputs(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "affine.tfm")
+
+    monkeypatch.setattr(registration_job, "write_transform", full_disk)
+    out = tmp_path / "out"
+    code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # moved.nii.gz and displacement.nii.gz were removed again
+
+
+def test_report_never_holds_nan_or_infinity(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
+    def nan_jacobian(*args, **kwargs):
+        return {"nonpositive_percent": 0.0, "sd_log_j": float("nan"), "mean_log_j": float("-inf")}
+
+    monkeypatch.setattr(registration_job, "jacobian_statistics", nan_jacobian)
+    out = tmp_path / "out"
+    code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--json", "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+
+    def refuse(constant):
+        raise ValueError(f"non-JSON constant {constant}")
+
+    for text in (captured.out, (out / "report.json").read_text()):
+        report = json.loads(text, parse_constant=refuse)
+        assert report["jacobian"]["sd_log_j"] is None and report["jacobian"]["mean_log_j"] is None
+        assert any("jacobian.sd_log_j (nan)" in note for note in report["notes"])
+    # The table shows n/a for them.
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"]) == 0
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_non_orthonormal_fixed_direction_is_warned_about(tmp_path, capfd, icbm_t1, colin_t1):
+    image = sitk.ReadImage(str(icbm_t1), sitk.sitkFloat32)
+    direction = np.array([[-1.0, 0.2, 0.0], [0.0, -0.98, 0.0], [0.0, 0.0, 1.0]])
+    image.SetDirection(tuple((direction / np.linalg.norm(direction, axis=0)).reshape(-1)))
+    fixed = tmp_path / "sheared.mha"  # MetaImage keeps any direction; NIfTI does not
+    sitk.WriteImage(image, str(fixed))
+    capfd.readouterr()  # ITK's notes about the NIfTI header items .mha cannot hold
+    out = tmp_path / "out"
+    code = run(["register", str(fixed), str(colin_t1), "-o", str(out), "--json", "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    warnings = [line for line in captured.err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "not orthonormal" in warnings[0] and "nearest orthonormal direction" in warnings[0]
+    assert "WARNING" not in captured.err  # ITK's own multi-line warning is replaced by gvsl's line
+    assert any("not orthonormal" in note for note in json.loads(captured.out)["notes"])
+    # The outputs carry exactly the direction the warning describes.
+    written = np.array(sitk.ReadImage(str(out / "moved.nii.gz")).GetDirection()).reshape(3, 3)
+    assert np.allclose(written, Geometry.of(image).nearest_orthogonal_direction(), atol=1e-5)
+    shift = Geometry.of(image).orthogonalization_shift_mm()
+    assert f"{shift:.3g} mm" in warnings[0]
+
+
+def test_float_label_values_keep_their_exact_names(tmp_path, capsys, icbm_t1, colin_t1, icbm_labels, colin_labels):
+    from gvsl_cli.warping import dice_scores
+
+    assert dice_scores(np.array([0.0, 1.5, 1.0, 3.0]), np.array([0.0, 1.5, 1.0, 0.0])) == {1: 1.0, 1.5: 1.0, 3: 0.0}
+    scaled = {}
+    for name, path in (("fixed", icbm_labels), ("moving", colin_labels)):
+        scaled[name] = tmp_path / f"{name}_labels.nii.gz"
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32) * 1.5, str(scaled[name]))
+    out = tmp_path / "out"
+    code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--json", "--moving-labels", str(scaled["moving"]), "--fixed-labels", str(scaled["fixed"]), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert set(json.loads(captured.out)["dice"]["labels"]) == {"1.5", "3"}
+
+
+def test_apply_refuses_a_register_folder_without_report(tmp_path, capsys, icbm_t1, colin_t1):
+    out = tmp_path / "reg"
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"]) == 0
+    (out / "report.json").unlink()  # as after a run killed while writing
+    capsys.readouterr()
+    code = run(["apply", str(colin_t1), "-t", str(out), "-o", str(tmp_path / "warped")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no report.json, so no complete gvsl register run" in err[0], err
+    assert not (tmp_path / "warped").exists()
+    # Naming the field itself is the explicit way to use it.
+    assert run(["apply", str(colin_t1), "-t", str(out / "displacement.nii.gz"), "-o", str(tmp_path / "warped")]) == 0

@@ -249,13 +249,16 @@ def test_damaged_cache_file_is_detected_deleted_and_fetched_again(tmp_path, serv
     load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
     cached = cache_home / "weights" / "tiny.pt"
     cached.write_bytes(body[:-10] + b"0123456789")
+    # Offline, the damage is reported and the file left alone (an offline look-up writes nothing).
     monkeypatch.setenv("GVSL_OFFLINE", "1")
-    recorder = Recorder()
-    with pytest.raises(WeightsError, match="not in the cache"):
-        load_weights_spec("tiny", manifest=manifest, reporter=recorder, options=FAST)
-    assert "does not match its sha256" in recorder.notices[0] and not cached.exists()
+    with pytest.raises(WeightsError, match="does not match its sha256"):
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert cached.exists()
+    # Online, it is deleted (and said so) and fetched again.
     monkeypatch.delenv("GVSL_OFFLINE")
-    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    recorder = Recorder()
+    load_weights_spec("tiny", manifest=manifest, reporter=recorder, options=FAST)
+    assert "does not match its sha256" in recorder.notices[0] and "deleted it" in recorder.notices[0]
     assert cached.read_bytes() == body and len(server.seen) == 2
 
 
@@ -354,3 +357,35 @@ def test_read_only_cache_is_verified_without_locking(tmp_path, server, cache_hom
     with pytest.raises(WeightsError, match="does not match its sha256 .* and the cache is read-only"):
         load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
     assert len(server.seen) == 1
+
+
+def test_offline_look_up_writes_nothing_into_the_cache(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    monkeypatch.setenv("GVSL_OFFLINE", "1")
+    # Not cached: refused without a lock file or a folder (a read-only cache would fail on those).
+    with pytest.raises(WeightsError, match="not in the cache"):
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    with pytest.raises(WeightsError, match="not in the cache"):
+        load_weights_spec(server.url("/tiny.pt") + f"#sha256={sha(body)}", reporter=Reporter(), options=FAST)
+    assert cache_files(cache_home) == [] and not any(cache_home.rglob("*"))
+    # Cached: verified and used; a damaged copy is reported, not deleted, and no lock appears.
+    monkeypatch.delenv("GVSL_OFFLINE")
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    (cache_home / "weights" / "tiny.pt.lock").unlink()
+    monkeypatch.setenv("GVSL_OFFLINE", "1")
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).kind == "gvsl"
+    (cache_home / "weights" / "tiny.pt").write_bytes(body[:-1] + b"!")
+    with pytest.raises(WeightsError, match="does not match its sha256 .*GVSL_OFFLINE=1 forbids downloading it again"):
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert cache_files(cache_home) == ["weights/tiny.pt", "weights/tiny.pt.json"]
+    assert len(server.seen) == 1
+
+
+def test_a_folder_given_as_weights_is_named_as_a_folder(tmp_path, cache_home, monkeypatch):
+    with pytest.raises(WeightsError, match=r"is a folder, not a weights file"):
+        load_weights_spec(str(tmp_path))
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"data: is a folder"):  # a bare name too, not "no weights named"
+        load_weights_spec("data")

@@ -36,15 +36,15 @@ def apply(
 
     from gvsl_cli.errors import InputError
     from gvsl_cli.geometry import Geometry
-    from gvsl_cli.io import read_volume, write_volume
-    from gvsl_cli.registration_job import prepare_output_dir
-    from gvsl_cli.warping import apply_transform, read_transform_chain
+    from gvsl_cli.io import read_volume, volume_suffix
+    from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
+    from gvsl_cli.warping import read_transform_chain
 
     jobs = [(path, False) for path in images or []] + [(path, True) for path in labels]
     if not jobs:
         raise InputError("nothing to warp", hint="give image paths and/or --labels label maps")
-    # Everything is checked before the first output is written: output names, transforms,
-    # reference and every input volume; then the output folder.
+    # Everything is checked before the first output is written: output names and paths,
+    # transforms, reference and every input volume; then the output folder.
     targets = planned_outputs(jobs, out_dir, protected=[*transform, *([reference] if reference is not None else [])])
     chain, field_grid = read_transform_chain(list(transform))
     if reference is not None:
@@ -65,14 +65,43 @@ def apply(
             kept_bytes += size
     prepare_output_dir(out_dir)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    for index, ((path, is_labels), target) in enumerate(zip(jobs, targets)):
-        volume = kept.pop(index) if index in kept else read_volume(path)
-        warped = apply_transform(volume, chain, grid, labels=is_labels)
-        write_volume(warped, target)
+    nifti_outputs = any(volume_suffix(target) in (".nii", ".nii.gz") for target in targets)
+    direction_warning = nonorthogonal_direction_warning(grid, "output grid's") if nifti_outputs else None
+    if direction_warning:
+        err.print(f"warning: {direction_warning}", markup=False)
+    with itk_warnings_hidden(direction_warning is not None):
+        warp_all(jobs, targets, out_dir, read=lambda index, path: kept.pop(index) if index in kept else read_volume(path), transform=chain, grid=grid)
+    for (path, is_labels), target in zip(jobs, targets):
         if as_json:
             typer.echo(json.dumps({"input": str(path), "output": str(target), "labels": is_labels}))
         else:
             err.print(f"{path} -> {target} ({'nearest, labels' if is_labels else 'linear'})", markup=False)
+
+
+def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform, grid) -> None:
+    """Warp every (input, is_labels) job to its target, all or nothing.
+
+    Outputs are written in a hidden staging folder inside ``out_dir`` and moved into place
+    only when all of them are written, so a failure on a later input (disk full, Ctrl-C)
+    leaves none of the earlier outputs. ``read(index, path)`` gives the input volume.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from gvsl_cli.io import DETACHED_HEADER_SUFFIXES, volume_suffix, write_volume
+    from gvsl_cli.warping import apply_transform
+
+    staging = Path(tempfile.mkdtemp(prefix=".gvsl-apply.", suffix=".tmp", dir=out_dir))
+    try:
+        for index, ((path, is_labels), target) in enumerate(zip(jobs, targets)):
+            warped = apply_transform(read(index, path), transform, grid, labels=is_labels)
+            write_volume(warped, staging / target.name)
+        # A detached header (.mhd, .nhdr) goes in after its data file, as io writes them.
+        for written in sorted(staging.iterdir(), key=lambda p: volume_suffix(p) in DETACHED_HEADER_SUFFIXES):
+            os.replace(written, out_dir / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 #: Inputs up to this many bytes in all are kept in memory between the check and the warp.
@@ -85,9 +114,11 @@ def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]
     Raises:
         InputError: two inputs map to the same output name (e.g. ``a/s.nii.gz`` and
             ``b/s.nii.gz``; outputs are named after the input's file name only), an input is
-            given twice, or an output would overwrite an input, the reference or a transform.
+            given twice, an output would overwrite an input, the reference or a transform,
+            or an output path is taken by a folder.
     """
     from gvsl_cli.errors import InputError
+    from gvsl_cli.registration_job import refuse_folders_at
 
     inputs = {Path(path).resolve(): path for path, _ in jobs}
     inputs.update({Path(path).resolve(): path for path in protected})
@@ -108,4 +139,5 @@ def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]
             )
         seen[key] = path
         targets.append(target)
+    refuse_folders_at(targets, hint="remove or rename that folder, or choose another -o folder")
     return targets

@@ -1,4 +1,10 @@
-"""``gvsl info``: what gvsl sees in a volume (grid, orientation, intensities, modality)."""
+"""``gvsl info``: what gvsl sees in a volume (grid, orientation, intensities, modality).
+
+``info`` is the diagnostic command, so it describes what it can: a volume with NaN or
+infinite voxels (which every other command refuses) is shown with their count, and with
+several paths an unusable one is reported in one line while the others are still listed;
+the exit code is non-zero when any path failed.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +19,64 @@ def register(app: typer.Typer) -> None:
     app.command("info")(info)
 
 
+def read_for_info(path: Path):
+    """``io.read_volume``, except that NaN or infinite voxels are counted instead of refused.
+
+    Returns:
+        (image, number of non-finite voxels).
+
+    Raises:
+        InputError: as ``read_volume``, for every other problem (the same message).
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from gvsl_cli.errors import InputError
+    from gvsl_cli.file_checks import file_problem
+    from gvsl_cli.io import check_volume, read_volume, volume_suffix
+
+    try:
+        return read_volume(path), 0
+    except InputError as refusal:
+        # read_volume's non-finite check is shared by every command and stays strict; here the
+        # file is read again without it, and accepted only when NaN/inf was the one problem.
+        if not path.is_file() or file_problem(path, volume_suffix(path)):
+            raise
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            raise refusal from None
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise
+        array = sitk.GetArrayViewFromImage(image)
+        bad = ~np.isfinite(array) if array.dtype.kind == "f" else np.zeros(array.shape, dtype=bool)
+        if not bad.any():
+            raise
+        clean = sitk.GetImageFromArray(np.where(bad, 0, array))
+        clean.CopyInformation(image)
+        try:
+            check_volume(clean, name=str(path))
+        except InputError:
+            raise refusal from None
+        return image, int(np.count_nonzero(bad))
+
+
 def describe_volume(path: Path, spacing: float) -> dict:
-    """Geometry, intensity range, detected modality and canonical grid of one volume."""
+    """Geometry, intensity range, detected modality and canonical grid of one volume.
+
+    ``nonfinite_voxels`` counts NaN/inf voxels; range and modality use the finite ones (None
+    and "unknown" when there are none).
+    """
     import numpy as np
     import SimpleITK as sitk
 
     from gvsl_cli.geometry import Geometry
-    from gvsl_cli.io import read_volume
     from gvsl_cli.preprocess import canonical_geometry, detect_modality
 
-    image = read_volume(path)
+    image, nonfinite = read_for_info(Path(path))
     geometry = Geometry.of(image)
     array = sitk.GetArrayViewFromImage(image)
+    finite = array[np.isfinite(array)] if nonfinite else array
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
     canonical = canonical_geometry(geometry, spacing)
     return {
@@ -35,37 +87,103 @@ def describe_volume(path: Path, spacing: float) -> dict:
         "direction": list(geometry.direction),
         "orientation": orientation,
         "pixel_type": image.GetPixelIDTypeAsString(),
-        "min": float(np.min(array)),
-        "max": float(np.max(array)),
-        "modality": detect_modality(array),
+        "min": float(np.min(finite)) if finite.size else None,
+        "max": float(np.max(finite)) if finite.size else None,
+        "nonfinite_voxels": nonfinite,
+        "modality": detect_modality(finite) if finite.size else "unknown",
         "canonical_size": list(canonical.size),
         "canonical_spacing": spacing,
     }
 
 
+def _debug_requested(context: typer.Context) -> bool:
+    """True under ``gvsl --debug`` or GVSL_DEBUG=1: errors then propagate with their traceback."""
+    import os
+
+    return bool(context.find_root().params.get("debug")) or os.environ.get("GVSL_DEBUG") == "1"
+
+
+def table_console():
+    """A stdout Console for tables that never cuts a value.
+
+    Off a terminal (a pipe, a file, a CI log) rich would assume 80 columns and end long
+    values with "…"; there no width limit applies (the table takes its natural width). On a
+    terminal the width is the terminal's and columns fold long values instead of cutting them.
+    """
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=100_000)
+    return console
+
+
 def info(
+    context: typer.Context,
     inputs: List[Path] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders."),
     spacing: float = typer.Option(1.0, help="Target spacing (mm) used to show the canonical grid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per volume instead of a table."),
 ) -> None:
     """Show a volume's grid, orientation, intensity range and the modality gvsl detects."""
-    from rich.console import Console
-    from rich.table import Table
+    import math
 
-    rows = [describe_volume(path, spacing) for path in inputs]
+    from rich.console import Console
+
+    from gvsl_cli.errors import ConfigError, GvslError
+
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"spacing must be a finite number > 0 mm, got {spacing:g}", hint="give --spacing in mm, e.g. 1")
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    rows, exit_code = [], 0
+    for path in inputs:
+        try:
+            rows.append(describe_volume(path, spacing))
+        except GvslError as exc:
+            # One bad path does not hide the others: report it in one line, go on, and end
+            # with its exit code (the first failure's).
+            if len(inputs) == 1 or _debug_requested(context):
+                raise
+            err.print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
+            exit_code = exit_code or exc.exit_code
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
-        return
+    elif rows:
+        render_table(rows, spacing)
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+def render_table(rows: list[dict], spacing: float) -> None:
+    """The rows as a table on stdout, then a note per volume with NaN/inf voxels."""
+    from rich.table import Table
+
     table = Table("file", "size (x,y,z)", "spacing mm", "orientation", "range", "modality", f"grid at {spacing:g} mm")
+    for column in table.columns:
+        column.overflow = "fold"  # a narrow terminal wraps values; it never cuts them
     for row in rows:
+        value_range = "n/a" if row["min"] is None else f"{row['min']:.4g} .. {row['max']:.4g}"
+        if row["nonfinite_voxels"]:
+            value_range += " *"
         table.add_row(
             Path(row["path"]).name,
             "×".join(str(s) for s in row["size"]),
             "×".join(f"{s:.3g}" for s in row["spacing"]),
             row["orientation"],
-            f"{row['min']:.4g} .. {row['max']:.4g}",
+            value_range,
             row["modality"],
             "×".join(str(s) for s in row["canonical_size"]),
         )
-    Console().print(table)
+    console = table_console()
+    console.print(table)
+    for row in rows:
+        if row["nonfinite_voxels"]:
+            total = 1
+            for s in row["size"]:
+                total *= s
+            console.print(
+                f"* {row['path']}: {row['nonfinite_voxels']} of {total} voxels are NaN or infinite; "
+                "range and modality use the finite ones (other gvsl commands refuse this volume)",
+                markup=False,
+                soft_wrap=True,
+            )

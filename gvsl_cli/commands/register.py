@@ -40,8 +40,9 @@ def run_and_render(
 
     from gvsl_cli.device import resolve_device
     from gvsl_cli.registration import RegistrationConfig
-    from gvsl_cli.registration_job import run_registration
+    from gvsl_cli.registration_job import check_spacing, run_registration
 
+    check_spacing(spacing)  # before RegistrationConfig, whose own check lets inf through
     config = RegistrationConfig(similarity=similarity, iters=iters, spacing=spacing, deformable=not affine_only, modality=modality)
     torch_device = resolve_device(device)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -62,35 +63,42 @@ def run_and_render(
         log=log,
     )
     if as_json:
-        typer.echo(json.dumps(report))
+        # The report holds no NaN/Infinity (run_registration writes them as null): strict JSON.
+        typer.echo(json.dumps(report, allow_nan=False))
     else:
         render_report(report, out_dir)
     return report
 
 
+def _number(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``; "n/a" for None (a value that was not finite)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def render_report(report: dict, out_dir: Path) -> None:
     """The report as a short table on stdout."""
-    from rich.console import Console
     from rich.table import Table
 
     sim = report["similarity"]
     better = "higher is better" if sim["higher_is_better"] else "lower is better"
     table = Table("measure", "before", "after", title=f"gvsl register -> {out_dir}", title_justify="left")
-    table.add_row(f"{sim['metric'].upper()} ({better})", f"{sim['before']:.4f}", f"{sim['after']:.4f}")
+    table.add_row(f"{sim['metric'].upper()} ({better})", _number(sim["before"], ".4f"), _number(sim["after"], ".4f"))
     if report["dice"]:
         for label, values in report["dice"]["labels"].items():
-            table.add_row(f"Dice label {label}", f"{values['before']:.3f}", f"{values['after']:.3f}")
-        table.add_row("Dice mean", f"{report['dice']['mean_before']:.3f}", f"{report['dice']['mean_after']:.3f}")
+            table.add_row(f"Dice label {label}", _number(values["before"], ".3f"), _number(values["after"], ".3f"))
+        table.add_row("Dice mean", _number(report["dice"]["mean_before"], ".3f"), _number(report["dice"]["mean_after"], ".3f"))
     jac = report["jacobian"]
-    table.add_row("voxels with det J <= 0", "", f"{jac['nonpositive_percent']:.3f} %")
-    table.add_row("SD of log det J", "", f"{jac['sd_log_j']:.3f}")
+    table.add_row("voxels with det J <= 0", "", f"{_number(jac['nonpositive_percent'], '.3f')} %")
+    table.add_row("SD of log det J", "", _number(jac["sd_log_j"], ".3f"))
     table.add_row("seconds (registration / total)", "", f"{report['seconds']['registration']:.1f} / {report['seconds']['total']:.1f}")
     table.add_row("device", "", report["device"])
-    console = Console(highlight=False)
+    from gvsl_cli.commands.info import table_console
+
+    console = table_console()  # off a terminal no value is cut at 80 columns
     console.print(table)
     for note in report["notes"]:
-        console.print(f"note: {note}", markup=False)
-    console.print(f"outputs: {', '.join(report['outputs'].values())} in {out_dir}", markup=False)
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
+    console.print(f"outputs: {', '.join(report['outputs'].values())} in {out_dir}", markup=False, soft_wrap=True)
 
 
 def register_command(
