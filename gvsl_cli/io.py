@@ -105,7 +105,7 @@ def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
             reason = file_problem(path, volume_suffix(path))
             if reason:
                 raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason))
-            image = sitk.ReadImage(str(path))
+            image = read_image_file(path)
     except OSError as exc:  # permission denied, I/O error while checking the file
         raise InputError(f"{path}: cannot open ({exc.strerror or type(exc).__name__})") from None
     except RuntimeError as exc:
@@ -113,6 +113,24 @@ def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
         raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason)) from None
     check_volume(image, name=str(path), vector=vector)
     return image
+
+
+def read_image_file(path: Path) -> sitk.Image:
+    """``sitk.ReadImage(path)``, but surely of ``path`` itself.
+
+    Asked for ``x.nii.gz``, ITK's NIfTI reader opens ``x.nii`` instead when both exist (as
+    after ``gunzip -k``), silently returning the other file's voxels. Such a file is read
+    through a link in a temporary folder, where it has no sibling.
+    """
+    if volume_suffix(path) == ".nii.gz" and path.with_name(path.name[: -len(".gz")]).exists():
+        with tempfile.TemporaryDirectory(prefix="gvsl-read-") as folder:
+            alone = Path(folder) / "volume.nii.gz"
+            try:
+                os.symlink(path.resolve(), alone)
+            except OSError:  # no symlinks here (some Windows setups): a copy does the same
+                shutil.copyfile(path, alone)
+            return sitk.ReadImage(str(alone))
+    return sitk.ReadImage(str(path))
 
 
 READ_HINT = "gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders"

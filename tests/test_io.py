@@ -276,3 +276,14 @@ def test_big_endian_nifti_checked_too(tmp_path, name):
     assert np.array_equal(sitk.GetArrayFromImage(read_volume(whole)), array)
     with pytest.raises(InputError, match="truncated"):
         read_volume(cut)
+
+
+def test_nii_gz_is_read_even_when_a_nii_of_the_same_name_exists(tmp_path):
+    # ITK, asked for x.nii.gz, reads x.nii when both exist (e.g. after `gunzip -k`).
+    import numpy as np
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(tmp_path / "x.nii"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.float32)), str(tmp_path / "x.nii.gz"))
+    assert sitk.GetArrayFromImage(read_volume(tmp_path / "x.nii.gz")).min() == 1.0
+    assert sitk.GetArrayFromImage(read_volume(tmp_path / "x.nii")).max() == 0.0

@@ -33,7 +33,7 @@ def read_for_info(path: Path):
 
     from gvsl_cli.errors import InputError
     from gvsl_cli.file_checks import file_problem
-    from gvsl_cli.io import check_volume, read_volume, volume_suffix
+    from gvsl_cli.io import check_volume, read_image_file, read_volume, volume_suffix
 
     try:
         return read_volume(path), 0
@@ -43,7 +43,7 @@ def read_for_info(path: Path):
         if not path.is_file() or file_problem(path, volume_suffix(path)):
             raise
         try:
-            image = sitk.ReadImage(str(path))
+            image = read_image_file(path)
         except RuntimeError:
             raise refusal from None
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
