@@ -240,7 +240,9 @@ def remove_empty_folders(folders: list[Path]) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same endings); rename it to ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched. The data
+    are flushed to the disk before the rename (and the rename after it), so a power cut
+    leaves the old file or the new one, not a new name with missing data.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,10 +257,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~umask)
+            _flush_to_disk(tmp)
         os.replace(tmp, path)
+        _flush_to_disk(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _flush_to_disk(path: Path) -> None:
+    """fsync a file or (on POSIX) a folder; file systems that cannot are left as they are."""
+    if path.is_dir() and os.name != "posix":
+        return  # folders cannot be opened for fsync on Windows; NTFS journals renames itself
+    try:
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. EINVAL on file systems without fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,22 @@ def test_nii_gz_is_read_even_when_a_nii_of_the_same_name_exists(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.float32)), str(tmp_path / "x.nii.gz"))
     assert sitk.GetArrayFromImage(read_volume(tmp_path / "x.nii.gz")).min() == 1.0
     assert sitk.GetArrayFromImage(read_volume(tmp_path / "x.nii")).max() == 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from gvsl_cli.io import atomic_path
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    target = tmp_path / "out.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".out.json.")) and events[2][1] == str(tmp_path)
+    assert target.read_text() == "{}"
