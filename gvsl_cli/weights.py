@@ -69,6 +69,7 @@ class Target:
         hash_source: where ``sha256`` comes from (manifest or url).
         size: expected bytes, 0 = unknown.
         path: the verified file in the cache.
+        root: the cache folder that holds it (what to copy to an offline machine).
     """
 
     label: str
@@ -77,6 +78,7 @@ class Target:
     hash_source: str
     size: int
     path: Path
+    root: Path
 
     @property
     def record_path(self) -> Path:
@@ -115,6 +117,7 @@ def entry_target(entry: WeightsEntry, root: Path | None = None) -> Target:
         hash_source=HASH_FROM_MANIFEST,
         size=entry.size,
         path=root / "weights" / f"{entry.name}.pt",
+        root=root,
     )
 
 
@@ -131,7 +134,7 @@ def url_target(url: str, root: Path | None = None) -> Target:
     bare = urlunsplit(parts._replace(fragment=""))
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", parts.path.rstrip("/").rsplit("/", 1)[-1])[:100].lstrip(".") or "weights.pt"
     key = hashlib.sha256(bare.encode("utf-8")).hexdigest()[:16]
-    return Target(label=bare, urls=(bare,), sha256=sha256, hash_source=HASH_FROM_URL, size=0, path=root / "urls" / key / filename)
+    return Target(label=bare, urls=(bare,), sha256=sha256, hash_source=HASH_FROM_URL, size=0, path=root / "urls" / key / filename, root=root)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ def _refuse_unverified(target: Target) -> WeightsError:
 def _offline_not_cached(target: Target) -> WeightsError:
     return WeightsError(
         f"{target.label} is not in the cache ({target.path}) and {OFFLINE_ENV}=1 forbids downloading",
-        hint=f"fetch it where there is network (gvsl fetch-weights) and copy the cache folder {target.path.parent.parent}, or unset {OFFLINE_ENV}",
+        hint=f"fetch it where there is network (gvsl fetch-weights) and copy the cache folder {target.root}, or unset {OFFLINE_ENV}",
     )
 
 
@@ -330,7 +333,7 @@ def cached_url_targets(root: Path | None = None) -> list[Target]:
         target = url_target(url, root)
         if target.record_path == record_path:
             known = record.get("sha256", "") if record.get("hash_source") == HASH_FROM_URL else ""
-            targets.append(Target(target.label, target.urls, known, HASH_FROM_URL, 0, target.path))
+            targets.append(Target(target.label, target.urls, known, HASH_FROM_URL, 0, target.path, target.root))
     return targets
 
 

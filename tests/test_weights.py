@@ -366,8 +366,9 @@ def test_offline_look_up_writes_nothing_into_the_cache(tmp_path, server, cache_h
     # Not cached: refused without a lock file or a folder (a read-only cache would fail on those).
     with pytest.raises(WeightsError, match="not in the cache"):
         load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
-    with pytest.raises(WeightsError, match="not in the cache"):
+    with pytest.raises(WeightsError, match="not in the cache") as refused:
         load_weights_spec(server.url("/tiny.pt") + f"#sha256={sha(body)}", reporter=Reporter(), options=FAST)
+    assert refused.value.hint.endswith(f"copy the cache folder {cache_home}, or unset GVSL_OFFLINE")  # the root, also for URLs
     assert cache_files(cache_home) == [] and not any(cache_home.rglob("*"))
     # Cached: verified and used; a damaged copy is reported, not deleted, and no lock appears.
     monkeypatch.delenv("GVSL_OFFLINE")
