@@ -14,7 +14,8 @@ evaluates φ on the original fixed grid (the full-resolution ITK field).
 
 Stages (each optional):
 1. Affine initialisation: the network's affine head when its checkpoint trained it,
-   otherwise image moments (centres of mass).
+   otherwise the identity or the translation between the intensity centres of mass,
+   whichever has the lower similarity loss at the coarsest level.
 2. Affine optimisation at the coarsest level (Adam on a 12-parameter matrix).
 3. Network deformable prediction (Z-matching local head), given the affine.
 4. Deformable optimisation, coarse to fine, demons-style: each step follows the similarity
@@ -315,6 +316,35 @@ def moments_affine(fixed: torch.Tensor, fixed_grid: Geometry, moving: torch.Tens
     return affine
 
 
+def choose_start(level: Level, similarity: Similarity) -> tuple[np.ndarray, str, str]:
+    """The start of the affine stage without a trained network affine: (4, 4) affine, its
+    stage name and a note saying which.
+
+    Of the identity and the translation between the intensity centres of mass, the one with
+    the lower ``similarity`` loss at ``level`` (the loss the affine stage minimises). The
+    centres of mass misplace a skull-stripped image against a whole-head one (the skull and
+    scalp pull one centre away), whereas for images far apart the identity has no overlap.
+    """
+    device = level.fixed.device
+    moments = moments_affine(level.fixed_image, level.fixed_grid, level.moving_image, level.moving_grid)
+    with torch.no_grad():
+        losses = {
+            name: float(similarity.loss(level.fixed, level.moved(torch.as_tensor(a, dtype=torch.float64, device=device), None, similarity.padding_mode)))
+            for name, a in (("identity", np.eye(4)), ("moments", moments))
+        }
+    use_identity = losses["identity"] < losses["moments"]
+    shift = ", ".join(f"{v:.1f}" for v in moments[:3, 3])
+    chosen, other = ("identity", "moments") if use_identity else ("moments", "identity")
+    names = {"identity": "the identity", "moments": f"the centre-of-mass translation ({shift} mm)"}
+    note = (
+        f"affine start: {names[chosen]} (similarity loss at the coarse level {losses[chosen]:.4f}; "
+        f"{names[other]}: {losses[other]:.4f})"
+    )
+    if use_identity:
+        return np.eye(4), "identity start", note
+    return moments, "moments", note
+
+
 def _corrected_affine(initial: torch.Tensor, linear: torch.Tensor, shift: torch.Tensor, centre: torch.Tensor, unit: float) -> torch.Tensor:
     """A = C·A0 with C = (I + linear) about ``centre`` (moving side) plus ``shift``·unit mm."""
     correction = torch.eye(4, dtype=torch.float64, device=initial.device)
@@ -562,7 +592,7 @@ def untrained_affine_note(kind: str, *, optimised: bool) -> str:
             "the checkpoint's affine head is untrained (this gvsl checkpoint is marked affine_trained = false: "
             "its pre-training stopped before the affine head was trusted)"
         )
-    return f"{why}, so its affine output is not used; the affine comes from image moments" + (" and optimisation" if optimised else "")
+    return f"{why}, so its affine output is not used; the affine comes from the identity or the centres of mass (whichever fits better)" + (" and optimisation" if optimised else "")
 
 
 def register(
@@ -613,10 +643,11 @@ def register(
         affine = network.affine()
         stages.append("network affine")
     else:
-        affine = moments_affine(coarsest.fixed_image, coarsest.fixed_grid, coarsest.moving_image, coarsest.moving_grid)
-        stages.append("moments")
+        affine, start_stage, start_note = choose_start(coarsest, affine_similarity)
+        stages.append(start_stage)
         if network is not None:
             notes.append(untrained_affine_note(weights.kind, optimised=bool(config.iters and config.affine)))
+        notes.append(start_note)
     if config.iters and config.affine:
         log(f"affine: {config.iters} iterations at {coarsest.fixed_grid.spacing[0]:.2f} mm")
         affine = optimise_affine(coarsest, affine, affine_similarity, config, config.iters)
