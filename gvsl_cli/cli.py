@@ -154,7 +154,7 @@ def main() -> None:
     """Console-script entry point."""
     code = run()
     if _one_of_several_processes():
-        # Everything is written and closed by now. In about 1 of 50 two-process gloo runs,
+        # Everything is written and closed by now. In 2 of ~220 two-process gloo runs,
         # the interpreter's exit then aborted in a C++ destructor ("terminate called without
         # an active exception", after summary.json was complete), and torchrun reported the
         # finished run as failed. Leave without running those destructors.
