@@ -143,3 +143,29 @@ def test_info_table_keeps_long_values_off_a_terminal(capsys, tmp_path, colin_t1)
     assert run(["info", str(long_name), "--spacing", "0.25"]) == 0
     out = capsys.readouterr().out  # captured: not a terminal, as in a pipe or a CI log
     assert long_name.name in out and "720×864×720" in out and "…" not in out
+
+
+def test_one_of_several_processes_leaves_without_interpreter_teardown(monkeypatch, capsys):
+    # torchrun / srun processes skip the C++ destructors that once aborted a finished run.
+    import os
+
+    import pytest
+
+    from gvsl_cli import cli
+
+    left = []
+
+    def record_exit(code):
+        left.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", record_exit)
+    monkeypatch.setattr(sys, "argv", ["gvsl", "--version"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert left == [0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert left == [0]  # a single process exits normally
