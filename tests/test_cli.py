@@ -161,6 +161,7 @@ def test_one_of_several_processes_leaves_without_interpreter_teardown(monkeypatc
 
     monkeypatch.setattr(os, "_exit", record_exit)
     monkeypatch.setattr(sys, "argv", ["gvsl", "--version"])
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
         cli.main()
