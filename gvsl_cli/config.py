@@ -8,10 +8,18 @@ checkpoints store, so a model and its preprocessing can be rebuilt from the file
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from gvsl_cli.errors import ConfigError
+
+
+def check_spacing(spacing: float) -> None:
+    """Raise ConfigError unless ``spacing`` (mm) is a finite number > 0 (inf passes a plain
+    ``> 0`` test and then gives NaN transforms and grids)."""
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"spacing must be a finite number > 0 mm, got {spacing:g}", hint="give --spacing in mm, e.g. 1")
 
 Modality = Literal["ct", "mr", "auto"]
 
@@ -84,8 +92,7 @@ class PreprocessConfig:
     multiple: int = 16
 
     def __post_init__(self) -> None:
-        if not self.spacing > 0:
-            raise ConfigError(f"spacing must be > 0 mm, got {self.spacing}")
+        check_spacing(self.spacing)
         if self.modality not in ("ct", "mr", "auto"):
             raise ConfigError(f"modality must be one of ct, mr, auto; got {self.modality!r}")
         low, high = self.mr_percentiles

@@ -73,7 +73,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
+def read_volume(path: str | os.PathLike, *, vector: bool = False, finite: bool = True) -> sitk.Image:
     """Read a 3D volume (NIfTI, NRRD, MHA/MHD, or a DICOM series folder).
 
     Args:
@@ -111,7 +111,7 @@ def read_volume(path: str | os.PathLike, *, vector: bool = False) -> sitk.Image:
     except RuntimeError as exc:
         reason = _itk_read_reason(str(exc))
         raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason)) from None
-    check_volume(image, name=str(path), vector=vector)
+    check_volume(image, name=str(path), vector=vector, finite=finite)
     return image
 
 
@@ -172,8 +172,11 @@ def _itk_read_reason(message: str) -> str:
     return detail[:160]
 
 
-def check_volume(image: sitk.Image, *, name: str, vector: bool = False) -> None:
-    """Raise InputError unless ``image`` is a usable 3D volume (see ``read_volume``)."""
+def check_volume(image: sitk.Image, *, name: str, vector: bool = False, finite: bool = True) -> None:
+    """Raise InputError unless ``image`` is a usable 3D volume (see ``read_volume``).
+
+    ``finite=False`` lets NaN or infinite voxels through (``gvsl info`` counts them).
+    """
     dim = image.GetDimension()
     if dim != 3:
         what = "2D image" if dim == 2 else f"{dim}D image"
@@ -185,7 +188,7 @@ def check_volume(image: sitk.Image, *, name: str, vector: bool = False) -> None:
         raise InputError(f"{name}: expected a scalar volume, got {components} components per voxel")
     if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
         raise InputError(f"{name}: volume has no voxels (size {image.GetSize()})")
-    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
+    if finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
         array = sitk.GetArrayViewFromImage(image)
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:

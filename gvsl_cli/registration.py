@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from gvsl_cli import device as device_mod
 from gvsl_cli import spatial
-from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.config import PreprocessConfig, check_spacing
 from gvsl_cli.errors import ConfigError, DeviceError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import canonical_geometry, detect_modality, map_intensities, prepare, resample
@@ -104,8 +104,8 @@ class RegistrationConfig:
     def __post_init__(self) -> None:
         if self.iters < 0 or (self.finest_iters is not None and self.finest_iters < 0):
             raise ConfigError(f"iters must be >= 0, got {self.iters}")
-        if self.spacing is not None and not self.spacing > 0:
-            raise ConfigError(f"spacing must be > 0 mm, got {self.spacing}")
+        if self.spacing is not None:
+            check_spacing(self.spacing)
         if not 1 <= self.levels <= 5:
             raise ConfigError(f"levels must be between 1 and 5, got {self.levels}")
         if self.step <= 0 or self.fluid_sigma < 0 or self.elastic_sigma < 0:

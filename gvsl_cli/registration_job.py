@@ -48,14 +48,23 @@ from gvsl_cli.geometry import Geometry
 from gvsl_cli.io import atomic_path, ensure_writable_folder, read_volume, write_transform, write_volume
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
-from gvsl_cli.warping import dice_scores, field_from_map, field_image, jacobian_statistics, resample_through_field, affine_transform
+from gvsl_cli.warping import (
+    REGISTRATION_FIELD_NAME,
+    REGISTRATION_REPORT_NAME,
+    affine_transform,
+    dice_scores,
+    field_from_map,
+    field_image,
+    jacobian_statistics,
+    resample_through_field,
+)
 
 OUTPUT_NAMES = {
     "moved": "moved.nii.gz",
-    "displacement": "displacement.nii.gz",
+    "displacement": REGISTRATION_FIELD_NAME,  # what ``gvsl apply -t FOLDER`` reads
     "affine": "affine.tfm",
     "moved_labels": "moved_labels.nii.gz",
-    "report": "report.json",
+    "report": REGISTRATION_REPORT_NAME,  # written last: a complete run
 }
 
 
@@ -142,13 +151,6 @@ def strict_json(value, where: str = "", replaced: list | None = None):
     return value
 
 
-def check_spacing(spacing: float | None) -> None:
-    """Refuse a --spacing that is not a finite number > 0 (inf passes a plain ``> 0`` test and
-    gives NaN transforms)."""
-    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
-        raise ConfigError(f"spacing must be a finite number > 0 mm, got {spacing:g}", hint="give --spacing in mm, e.g. 2, or leave it out")
-
-
 def prepare_output_dir(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and prove it writable, before any work (``io.ensure_writable_folder``)."""
     ensure_writable_folder(out_dir, what="output folder", hint="give a writable folder with -o")
@@ -208,7 +210,6 @@ def run_registration(
             "--fixed-labels needs --moving-labels: Dice compares the warped moving labels with the fixed ones",
             hint="add --moving-labels (the label map on the moving image's grid), or leave out --fixed-labels",
         )
-    check_spacing(config.spacing)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
     output_keys = [key for key in OUTPUT_NAMES if key != "moved_labels" or moving_labels_path]

@@ -112,7 +112,7 @@ def test_truncated_checkpoint_named_as_such(tmp_path, legacy):
         (lambda c: c.update(preprocess="mr"), "'preprocess' is a str, expected a dict"),
         (lambda c: c["state_dict"].update(extra=3), "'state_dict' entry 'extra' is not a tensor"),
         (lambda c: c["model_config"].update(width=12), "invalid 'model_config'.*multiple of 8"),
-        (lambda c: c["preprocess"].update(spacing=-1), "invalid 'preprocess'.*spacing must be > 0"),
+        (lambda c: c["preprocess"].update(spacing=-1), "invalid 'preprocess'.*spacing must be a finite number > 0"),
     ],
 )
 def test_incomplete_gvsl_checkpoint_is_a_checkpoint_error(tmp_path, damage, reason):

@@ -170,3 +170,17 @@ def test_one_of_several_processes_leaves_without_interpreter_teardown(monkeypatc
     with pytest.raises(SystemExit):
         cli.main()
     assert left == [0]  # a single process exits normally
+
+
+def test_tables_are_not_cut_off_a_terminal(capsys):
+    # Pipes, files and CI/SLURM logs: rich would assume 80 columns and end values with "…".
+    from rich.table import Table
+
+    from gvsl_cli.commands.output import table_console
+
+    long_path = "/data/" + "very_long_folder_name/" * 8 + "scan.nii.gz"
+    table = Table("file", "sha256")
+    table.add_row(long_path, "ab" * 32)
+    table_console().print(table)
+    out = capsys.readouterr().out
+    assert long_path in out and "ab" * 32 in out and "…" not in out

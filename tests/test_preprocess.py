@@ -74,8 +74,9 @@ def test_labels_go_back_with_their_values(colin_labels):
 
 
 def test_bad_preprocess_config():
-    with pytest.raises(ConfigError, match="spacing must be > 0"):
-        PreprocessConfig(spacing=0)
+    for spacing in (0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="spacing must be a finite number > 0 mm"):
+            PreprocessConfig(spacing=spacing)
     with pytest.raises(ConfigError, match="modality must be one of"):
         PreprocessConfig(modality="pet")
 

@@ -183,6 +183,7 @@ def no_decoding(monkeypatch):
     (["--iters", "-1"], "--iters must be >= 1, got -1"),
     (["--iters", "0"], "--iters must be >= 1, got 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--spacing", "inf"], "spacing must be a finite number > 0 mm, got inf"),
 ])
 def test_bad_options_fail_before_any_work(volumes, tmp_path, capsys, no_decoding, extra, message):
     run_dir = tmp_path / "run"

@@ -17,7 +17,7 @@ def _megabytes(size: int) -> str:
 
 
 def _list(manifest, names: list[str]) -> None:
-    from rich.console import Console
+    from gvsl_cli.commands.output import table_console
     from rich.table import Table
 
     from gvsl_cli.weights import HASH_PINNED, entry_target
@@ -40,11 +40,11 @@ def _list(manifest, names: list[str]) -> None:
         else:
             hash_state = "none"
         table.add_row(entry.name, _megabytes(size), f"{entry.format} w{entry.width}", entry.modality, "yes" if cached else "no", hash_state, entry.licence)
-    Console().print(table)
+    table_console().print(table)
 
 
 def _verify(manifest, names: list[str]) -> None:
-    from rich.console import Console
+    from gvsl_cli.commands.output import table_console
     from rich.table import Table
 
     from gvsl_cli.errors import WeightsError
@@ -63,7 +63,7 @@ def _verify(manifest, names: list[str]) -> None:
         table.add_row(label, words[result.status], result.sha256 or "-", str(result.path))
         if result.status == "deleted":
             bad.append(f"{label} (expected {result.expected}, got {result.sha256})")
-    Console().print(table if targets else "nothing in the cache to verify")
+    table_console().print(table if targets else "nothing in the cache to verify")
     if bad:
         raise WeightsError(
             "sha256 mismatch, the damaged cached files were deleted: " + "; ".join(bad),

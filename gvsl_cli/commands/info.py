@@ -9,6 +9,7 @@ the exit code is non-zero when any path failed.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List
 
@@ -17,48 +18,6 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("info")(info)
-
-
-def read_for_info(path: Path):
-    """``io.read_volume``, except that NaN or infinite voxels are counted instead of refused.
-
-    Returns:
-        (image, number of non-finite voxels).
-
-    Raises:
-        InputError: as ``read_volume``, for every other problem (the same message).
-    """
-    import numpy as np
-    import SimpleITK as sitk
-
-    from gvsl_cli.errors import InputError
-    from gvsl_cli.file_checks import file_problem
-    from gvsl_cli.io import check_volume, read_image_file, read_volume, volume_suffix
-
-    try:
-        return read_volume(path), 0
-    except InputError as refusal:
-        # read_volume's non-finite check is shared by every command and stays strict; here the
-        # file is read again without it, and accepted only when NaN/inf was the one problem.
-        if not path.is_file() or file_problem(path, volume_suffix(path)):
-            raise
-        try:
-            image = read_image_file(path)
-        except RuntimeError:
-            raise refusal from None
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise
-        array = sitk.GetArrayViewFromImage(image)
-        bad = ~np.isfinite(array) if array.dtype.kind == "f" else np.zeros(array.shape, dtype=bool)
-        if not bad.any():
-            raise
-        clean = sitk.GetImageFromArray(np.where(bad, 0, array))
-        clean.CopyInformation(image)
-        try:
-            check_volume(clean, name=str(path))
-        except InputError:
-            raise refusal from None
-        return image, int(np.count_nonzero(bad))
 
 
 def describe_volume(path: Path, spacing: float) -> dict:
@@ -71,11 +30,15 @@ def describe_volume(path: Path, spacing: float) -> dict:
     import SimpleITK as sitk
 
     from gvsl_cli.geometry import Geometry
+    from gvsl_cli.io import read_volume
     from gvsl_cli.preprocess import canonical_geometry, detect_modality
 
-    image, nonfinite = read_for_info(Path(path))
+    # info is the diagnostic command: NaN/inf voxels, which every other command refuses, are
+    # counted and shown instead.
+    image = read_volume(path, finite=False)
     geometry = Geometry.of(image)
     array = sitk.GetArrayViewFromImage(image)
+    nonfinite = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
     finite = array[np.isfinite(array)] if nonfinite else array
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
     canonical = canonical_geometry(geometry, spacing)
@@ -103,21 +66,6 @@ def _debug_requested(context: typer.Context) -> bool:
     return bool(context.find_root().params.get("debug")) or os.environ.get("GVSL_DEBUG") == "1"
 
 
-def table_console():
-    """A stdout Console for tables that never cuts a value.
-
-    Off a terminal (a pipe, a file, a CI log) rich would assume 80 columns and end long
-    values with "…"; there no width limit applies (the table takes its natural width). On a
-    terminal the width is the terminal's and columns fold long values instead of cutting them.
-    """
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=100_000)
-    return console
-
-
 def info(
     context: typer.Context,
     inputs: List[Path] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders."),
@@ -125,14 +73,12 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per volume instead of a table."),
 ) -> None:
     """Show a volume's grid, orientation, intensity range and the modality gvsl detects."""
-    import math
-
     from rich.console import Console
 
-    from gvsl_cli.errors import ConfigError, GvslError
+    from gvsl_cli.config import check_spacing
+    from gvsl_cli.errors import GvslError
 
-    if not (math.isfinite(spacing) and spacing > 0):
-        raise ConfigError(f"spacing must be a finite number > 0 mm, got {spacing:g}", hint="give --spacing in mm, e.g. 1")
+    check_spacing(spacing)
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     rows, exit_code = [], 0
     for path in inputs:
@@ -174,15 +120,14 @@ def render_table(rows: list[dict], spacing: float) -> None:
             row["modality"],
             "×".join(str(s) for s in row["canonical_size"]),
         )
-    console = table_console()
+    from gvsl_cli.commands.output import table_console
+
+    console = table_console()  # off a terminal no value is cut at 80 columns
     console.print(table)
     for row in rows:
         if row["nonfinite_voxels"]:
-            total = 1
-            for s in row["size"]:
-                total *= s
             console.print(
-                f"* {row['path']}: {row['nonfinite_voxels']} of {total} voxels are NaN or infinite; "
+                f"* {row['path']}: {row['nonfinite_voxels']} of {math.prod(row['size'])} voxels are NaN or infinite; "
                 "range and modality use the finite ones (other gvsl commands refuse this volume)",
                 markup=False,
                 soft_wrap=True,

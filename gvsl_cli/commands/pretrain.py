@@ -166,8 +166,7 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings, skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
     """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
-    from rich.console import Console
-
+    from gvsl_cli.commands.output import table_console
     from gvsl_cli.pretraining import PretrainConfig, pretrain as run_pretrain
 
     # Options left unset may come from --init or, on --resume, from the checkpoint.
@@ -216,7 +215,7 @@ def pretrain(
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
     if summary is not None and not quiet and summary.rank_weight_checksums and _is_main_process():
-        Console().print(_summary_table(summary))
+        table_console().print(_summary_table(summary))
 
 
 def _is_main_process() -> bool:

@@ -40,9 +40,8 @@ def run_and_render(
 
     from gvsl_cli.device import resolve_device
     from gvsl_cli.registration import RegistrationConfig
-    from gvsl_cli.registration_job import check_spacing, run_registration
+    from gvsl_cli.registration_job import run_registration
 
-    check_spacing(spacing)  # before RegistrationConfig, whose own check lets inf through
     config = RegistrationConfig(similarity=similarity, iters=iters, spacing=spacing, deformable=not affine_only, modality=modality)
     torch_device = resolve_device(device)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -92,7 +91,7 @@ def render_report(report: dict, out_dir: Path) -> None:
     table.add_row("SD of log det J", "", _number(jac["sd_log_j"], ".3f"))
     table.add_row("seconds (registration / total)", "", f"{report['seconds']['registration']:.1f} / {report['seconds']['total']:.1f}")
     table.add_row("device", "", report["device"])
-    from gvsl_cli.commands.info import table_console
+    from gvsl_cli.commands.output import table_console
 
     console = table_console()  # off a terminal no value is cut at 80 columns
     console.print(table)
