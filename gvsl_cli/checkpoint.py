@@ -14,6 +14,7 @@ that needs arbitrary unpickling is refused, never executed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -90,6 +91,16 @@ def load_state_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
 #: (protocol 2+ starts with the PROTO opcode 0x80).
 PYTORCH_MAGICS = (b"PK\x03\x04", b"\x80")
 CHECKPOINT_HINT = "give a gvsl checkpoint (.pt) or an official GVSL .pth file"
+
+
+def state_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of parameter names and values: equal for equal weights, whatever file
+    or device they came from (16 hex digits)."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return hasher.hexdigest()[:16]
 
 
 def _not_pytorch_reason(head: bytes) -> str | None:

@@ -396,7 +396,7 @@ def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> 
     return entry
 
 
-def _reason(exc: BaseException, source: Path) -> str:
+def failure_reason(exc: BaseException, source: Path) -> str:
     """Why ``source`` failed, in one line, without its path (the caller prints the path once).
 
     gvsl's own errors name the file first ("PATH: reason"); that prefix is dropped. Other
@@ -496,7 +496,7 @@ def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedV
         try:
             return _prepare_one(source, config, cache)
         except (GvslError, RuntimeError, OSError, ValueError, MemoryError) as exc:
-            return Skipped(str(source), _reason(exc, source))
+            return Skipped(str(source), failure_reason(exc, source))
 
     results: list = []
     if workers <= 1 or len(sources) <= 1:

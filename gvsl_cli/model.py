@@ -241,11 +241,12 @@ class UNet3D(nn.Module):
         self.up3 = Up(c3 + c2, c2)
         self.up4 = Up(c2 + c1, c1)
 
-    def forward(self, x: torch.Tensor) -> UNetFeatures:
-        """Features of ``x`` (B, C, D, H, W); any size, padded internally to a multiple of 16."""
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...], str]:
+        """Encoder levels x1..x5 of ``x`` padded to a multiple of 16, the unpadded spatial
+        shape, and the layout used."""
         if x.dim() != 5:
             raise ValueError(f"input must be (B, C, D, H, W), got shape {tuple(x.shape)}")
-        shape = x.shape[2:]
+        shape = tuple(x.shape[2:])
         pads = [(-n) % UNET_MULTIPLE for n in shape]
         if any(pads):
             # F.pad takes (W_before, W_after, H_before, H_after, D_before, D_after).
@@ -263,11 +264,21 @@ class UNet3D(nn.Module):
         x3 = self.down2(x2)
         x4 = self.down3(x3)
         x5 = self.down4(x4)
+        return [x1, x2, x3, x4, x5], shape, layout
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """f_g of ``x`` alone (the encoder; about half the work of ``forward``), the same
+        tensor as ``forward(x).global_``."""
+        return self._encode(x)[0][-1]
+
+    def forward(self, x: torch.Tensor) -> UNetFeatures:
+        """Features of ``x`` (B, C, D, H, W); any size, padded internally to a multiple of 16."""
+        (x1, x2, x3, x4, x5), shape, layout = self._encode(x)
         y = self.up1(x5, x4)
         y = self.up2(y, x3)
         y = self.up3(y, x2)
         y = self.up4(y, x1)
-        if any(pads):
+        if tuple(y.shape[2:]) != shape:
             y = y[:, :, : shape[0], : shape[1], : shape[2]]
             if layout == "ndhwc":
                 y = y.contiguous(memory_format=torch.channels_last_3d)  # the crop is neither layout

@@ -16,7 +16,6 @@ iteration, run settings), ``model.pt`` (the weights alone, for ``--weights`` els
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch
 from gvsl_cli import data as data_mod
 from gvsl_cli import distributed, spatial
 from gvsl_cli.augment import PretrainAugmentation
-from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
+from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint, state_checksum
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.device import autocast, resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
@@ -246,14 +245,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
     all 32 M parameters instead of a series of multi-tensor launches; same update rule and
     state_dict format, so checkpoints resume across both)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
-
-
-def _checksum(model: torch.nn.Module) -> str:
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        hasher.update(name.encode())
-        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return hasher.hexdigest()[:16]
 
 
 def _resolve_settings(config: PretrainConfig, stored: dict[str, Any]) -> PretrainConfig:
@@ -544,7 +535,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     finally:
         loader.close()
 
-    checksums = context.all_gather_object(_checksum(model))
+    checksums = context.all_gather_object(state_checksum(model.state_dict()))
     if len(set(checksums)) > 1:
         raise TrainingError(f"ranks ended with different weights ({', '.join(checksums)})", hint="report this with the launch command")
     done = result.iteration - start_iteration

@@ -70,6 +70,7 @@ def sliding_window_inference(
     batch: int = 1,
     pad_value: float = 0.0,
     multiple: int = 16,
+    accumulate_device: torch.device | str = "cpu",
     on_window: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Apply ``predict`` to ``volume`` window by window and blend the results.
@@ -88,6 +89,9 @@ def sliding_window_inference(
         batch: windows per ``predict`` call.
         multiple: volume sides must be multiples of it (so are window starts and steps),
             so coarse outputs line up with the volume; 16 for the GVSL U-Net.
+        accumulate_device: where the blended sums are kept. The predictor's device saves a
+            copy per window and the CPU's multiply-adds (which, for a GPU predictor, take
+            longer than the network); if the sums do not fit there, the CPU is used.
         on_window: called as on_window(done, total) after each batch of windows.
 
     Returns:
@@ -133,12 +137,12 @@ def sliding_window_inference(
                 if kind not in BLENDS:
                     raise ConfigError(f"blend for {name!r} must be one of {', '.join(BLENDS)}, got {kind!r}")
                 coarse = tuple(n // f for n in window)
-                window_weights[name] = gaussian_weights(coarse) if kind == "gaussian" else torch.ones(coarse)
-                sums[name] = torch.zeros((out.shape[1],) + tuple(n // f for n in padded_shape), dtype=torch.float32)
-                weight_sums[name] = torch.zeros(tuple(n // f for n in padded_shape), dtype=torch.float32)
+                sums[name], weight_sums[name] = _accumulators((out.shape[1],) + tuple(n // f for n in padded_shape), accumulate_device)
+                weights = gaussian_weights(coarse) if kind == "gaussian" else torch.ones(coarse)
+                window_weights[name] = weights.to(sums[name].device)
             f = factors[name]
             w = window_weights[name]
-            values = out.detach().float().cpu()
+            values = out.detach().to(sums[name].device, torch.float32)
             for k, (z, y, x) in enumerate(group):
                 region = (slice(z // f, (z + window[0]) // f), slice(y // f, (y + window[1]) // f), slice(x // f, (x + window[2]) // f))
                 sums[name][(slice(None),) + region] += values[k] * w
@@ -150,8 +154,20 @@ def sliding_window_inference(
     for name, total_sum in sums.items():
         f = factors[name]
         blended = total_sum / weight_sums[name]
-        results[name] = blended[:, : shape[0] // f, : shape[1] // f, : shape[2] // f].contiguous()
+        results[name] = blended[:, : shape[0] // f, : shape[1] // f, : shape[2] // f].cpu().contiguous()
     return results
+
+
+def _accumulators(shape: tuple[int, ...], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 sums (K, D, H, W) and weight sums (D, H, W) on ``device``, or on the
+    CPU when ``device`` is a GPU without room for them."""
+    device = torch.device(device)
+    try:
+        return torch.zeros(shape, dtype=torch.float32, device=device), torch.zeros(shape[1:], dtype=torch.float32, device=device)
+    except torch.cuda.OutOfMemoryError:
+        if device.type == "cpu":
+            raise
+        return torch.zeros(shape, dtype=torch.float32), torch.zeros(shape[1:], dtype=torch.float32)
 
 
 def _factor(name: str, out_shape: tuple[int, ...], window: tuple[int, int, int]) -> int:

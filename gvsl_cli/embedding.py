@@ -1,0 +1,518 @@
+"""Features of pre-trained GVSL networks: one global vector per volume, and dense maps.
+
+For each volume: read, bring onto the weights' canonical grid (``preprocess.prepare`` with
+the checkpoint's preprocessing contract), run the U-Net by sliding windows of the training
+patch (``sliding_window``), and keep
+
+- the global vector: the mean over the volume of the bottleneck feature f_g
+  (16·width values, 512 for the paper's network), float32; windows are averaged equally
+  on f_g's 1/16 grid, so a volume that fits one window gets exactly the global average
+  pool of its f_g;
+- with ``dense``: the last decoder feature f_l (width channels, 32 for the paper's
+  network), windows blended with Gaussian weights, as a vector image carrying the
+  geometry of the grid it lies on: the input's own grid (linear interpolation back from
+  the canonical grid) or the canonical grid itself.
+
+Outputs go to one folder and are named after the inputs (``name`` below): a file given
+directly is named by its file name without the extension; a volume found in a folder
+keeps its path relative to that folder (``patient7/ct``), so equal file names in
+different sub-folders do not collide. Volumes whose outputs exist are skipped, so an
+interrupted run, or a SLURM array of ``--shard`` runs, resumes where it stopped.
+``embed.json`` in the folder records the weights and settings; a later run with other
+weights or settings into the same folder is refused, so vectors of different networks
+never mix.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from gvsl_cli import __version__
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.data import Skipped, discover, failure_reason, read_and_prepare
+from gvsl_cli.device import autocast, resolve_precision
+from gvsl_cli.errors import ConfigError, InputError
+from gvsl_cli.geometry import Geometry
+from gvsl_cli.io import atomic_path, image_from_array, volume_suffix, write_volume
+from gvsl_cli.sliding_window import sliding_window_inference
+
+FORMATS = ("npy", "jsonl")
+DENSE_GRIDS = ("input", "canonical")
+RUN_FILE = "embed.json"
+DENSE_SUFFIX = "_features.nii.gz"
+#: Characters that make an input a glob pattern (expanded by gvsl when the shell did not).
+GLOB_CHARACTERS = "*?["
+#: Window side when the weights do not record their training patch (the paper's 128³).
+DEFAULT_WINDOW = 128
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Settings of ``gvsl embed``.
+
+    Attributes:
+        format: "npy" (``NAME.npy`` per volume) or "jsonl" (one line per volume in
+            ``embeddings.jsonl``, or ``embeddings.shard-I-of-N.jsonl`` under ``--shard``).
+        dense: also write the dense feature map f_l (``NAME_features.nii.gz``).
+        dense_grid: "input" (the volume's own grid) or "canonical" (the network's grid).
+        window: sliding-window side in voxels (multiple of 16); None = the patch the weights
+            were trained with, else 128.
+        overlap: fraction shared by neighbouring windows; None = 0.5 with ``dense`` (the
+            blended f_l needs it) and 0 without (the global mean barely changes, see
+            docs/embedding.md, and it is up to 8x less work).
+        precision: autocast spec (``device.resolve_precision``): bf16 on CUDA by default.
+        shard: (i, n): embed only the volumes whose position in the sorted list is i mod n.
+        overwrite: compute and write again volumes whose outputs exist.
+    """
+
+    format: Literal["npy", "jsonl"] = "npy"
+    dense: bool = False
+    dense_grid: Literal["input", "canonical"] = "input"
+    window: int | None = None
+    overlap: float | None = None
+    precision: str = "auto"
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.dense_grid not in DENSE_GRIDS:
+            raise ConfigError(f"dense grid must be one of {', '.join(DENSE_GRIDS)}; got {self.dense_grid!r}")
+        if self.window is not None and (self.window < 16 or self.window % 16):
+            raise ConfigError(f"window must be a multiple of 16 voxels, got {self.window}", hint="e.g. --window 128")
+        if self.overlap is not None and not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap:g}")
+        index, count = self.shard
+        if not (count >= 1 and 0 <= index < count):
+            raise ConfigError(f"shard must be I/N with 0 <= I < N, got {index}/{count}", hint="e.g. --shard 0/4 ... --shard 3/4")
+
+    @property
+    def effective_overlap(self) -> float:
+        if self.overlap is not None:
+            return self.overlap
+        return 0.5 if self.dense else 0.0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N); e.g. ``--shard $SLURM_ARRAY_TASK_ID/4`` with ``--array=0-3``."""
+    parts = text.strip().split("/")
+    try:
+        index, count = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"shard must be I/N (two whole numbers), got {text!r}", hint="e.g. --shard 0/4") from None
+    return index, count
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class EmbedSource:
+    """A volume to embed and the name its outputs take (a relative path, no extension)."""
+
+    path: Path
+    name: str
+
+
+def _strip_volume_suffix(name: str) -> str:
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def expand_inputs(inputs: Sequence[str], stdin_lines: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
+    """The inputs with ``-`` replaced by the paths read from stdin (one a line, blank lines
+    and ``#`` comments ignored) and glob patterns the shell left alone expanded (``**``
+    matches sub-folders); a pattern that matches nothing is skipped with a reason."""
+    expanded: list[str] = []
+    skipped: list[Skipped] = []
+    for item in inputs:
+        if item == "-":
+            for line in stdin_lines:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    expanded.append(line)
+        elif any(c in item for c in GLOB_CHARACTERS) and not Path(item).expanduser().exists():
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if matches:
+                expanded.extend(matches)
+            else:
+                skipped.append(Skipped(item, "no file matches this pattern"))
+        else:
+            expanded.append(item)
+    return expanded, skipped
+
+
+def collect_sources(inputs: Sequence[str], out_dir: Path, stdin_lines: Iterable[str] = ()) -> tuple[list[EmbedSource], list[Skipped]]:
+    """Volumes named by ``inputs`` (folders, files, DICOM folders, .txt lists, globs, ``-``)
+    with their output names, and the inputs skipped with reasons.
+
+    Files inside ``out_dir`` (earlier outputs, when the output folder sits in an input
+    folder) are left out silently. Two volumes that would take the same name are refused.
+
+    Raises:
+        InputError: two volumes would write the same outputs.
+    """
+    items, skipped = expand_inputs(inputs, stdin_lines)
+    out_resolved = out_dir.resolve()
+    sources: list[EmbedSource] = []
+    seen: set[Path] = set()
+    for item in items:
+        root = Path(item).expanduser()
+        found, bad = discover([root])
+        skipped.extend(bad)
+        for path in found:
+            if path == out_resolved or out_resolved in path.parents:
+                continue
+            if path in seen:
+                skipped.append(Skipped(str(path), "given more than once"))
+                continue
+            seen.add(path)
+            if root.is_dir() and path != root.resolve():
+                relative = path.relative_to(root.resolve()).as_posix()
+                name = _strip_volume_suffix(relative)
+            else:
+                name = _strip_volume_suffix(path.name)
+            sources.append(EmbedSource(path=path, name=name))
+    by_name: dict[str, Path] = {}
+    for source in sources:
+        other = by_name.setdefault(source.name, source.path)
+        if other != source.path:
+            raise InputError(
+                f"{other} and {source.path} would both write the outputs named {source.name!r}",
+                hint="give their common parent folder instead (outputs then keep the sub-folder path), or embed them in separate runs with different -o",
+            )
+    return sources, skipped
+
+
+def shard_of(sources: Sequence[EmbedSource], shard: tuple[int, int]) -> list[EmbedSource]:
+    """The sources of shard (i, n): every n-th volume of the list sorted by name, from i."""
+    index, count = shard
+    ordered = sorted(sources, key=lambda s: s.name)
+    return ordered[index::count]
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass
+class VolumeFeatures:
+    """Features of one volume.
+
+    Attributes:
+        vector: (16·width,) float32, the mean of f_g over the volume.
+        dense: (width, D, H, W) float32 f_l on ``grid`` (D = z), or None.
+        grid: the canonical grid the features were computed on.
+        original: the grid of the volume as read.
+        modality: the intensity mapping used ("ct" or "mr").
+        windows: sliding windows run.
+    """
+
+    vector: np.ndarray
+    dense: np.ndarray | None
+    grid: Geometry
+    original: Geometry
+    modality: str
+    windows: int
+
+
+class FeatureExtractor:
+    """A pre-trained U-Net applied by sliding windows; see the module docstring."""
+
+    def __init__(self, weights, config: EmbedConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.preprocess: PreprocessConfig = weights.preprocess
+        self.unet = weights.build_model(device).unet
+        self.width = weights.model_config.width
+        self.autocast_dtype = resolve_precision(config.precision, device)
+        trained = weights.extra.get("patch")
+        if config.window is not None:
+            self.window = config.window
+        elif trained:
+            # The training patch, rounded up to the U-Net's multiple of 16.
+            self.window = max(16, int(math.ceil(max(int(p) for p in trained) / 16)) * 16)
+        else:
+            self.window = DEFAULT_WINDOW
+
+    def _predict(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.autocast_dtype):
+            if not self.config.dense:
+                return {"global": self.unet.bottleneck(windows)}  # no decoder: about half the work
+            features = self.unet(windows)
+        return {"global": features.global_, "dense": features.local}
+
+    def __call__(self, path: Path, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
+        """Read ``path``, prepare it with the weights' contract, and compute its features."""
+        return self.features_of(read_and_prepare(path, self.preprocess), on_window)
+
+    def features_of(self, prepared, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
+        """Features of a ``preprocess.PreparedVolume``."""
+        volume = torch.from_numpy(prepared.array)[None]
+        counted = [0]
+
+        def progress(done: int, total: int) -> None:
+            counted[0] = total
+            if on_window is not None:
+                on_window(done, total)
+
+        results = sliding_window_inference(
+            volume,
+            self._predict,
+            patch=(self.window,) * 3,
+            overlap=self.config.effective_overlap,
+            device=self.device,
+            pad_value=float(prepared.array.min()),
+            accumulate_device=self.device,
+            on_window=progress,
+        )
+        vector = results["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
+        dense = results["dense"].numpy() if self.config.dense else None
+        return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=counted[0])
+
+
+def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
+    """The dense features as a float32 vector image on the canonical or the input grid.
+
+    Back on the input grid each component is interpolated linearly (the features are
+    smooth at the canonical spacing); outside the canonical grid the value is 0.
+    """
+    channels_last = np.ascontiguousarray(np.moveaxis(features.dense, 0, -1))
+    image = image_from_array(channels_last, geometry=features.grid)
+    if grid == "canonical":
+        return image
+    original = features.original
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(n) for n in original.size])
+    resampler.SetOutputSpacing(original.spacing)
+    resampler.SetOutputOrigin(original.origin)
+    resampler.SetOutputDirection(original.direction)
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(0.0)
+    return resampler.Execute(image)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def run_description(weights, config: EmbedConfig, window: int) -> dict:
+    """What ``embed.json`` records: everything that decides the vectors' values."""
+    return {
+        "gvsl_version": __version__,
+        "weights": weights.extra.get("weights_spec"),
+        "weights_checksum": _weights_checksum(weights),
+        "model_config": weights.model_config.to_dict(),
+        "preprocess": weights.preprocess.to_dict(),
+        "window": window,
+        "overlap": config.effective_overlap,
+        "global_vector": {"feature": "mean of the U-Net bottleneck f_g over the volume", "dim": 16 * weights.model_config.width, "dtype": "float32"},
+        "dense": {"feature": "last decoder feature f_l", "channels": weights.model_config.width, "grid": config.dense_grid} if config.dense else None,
+        "format": config.format,
+    }
+
+
+def _weights_checksum(weights) -> str:
+    from gvsl_cli.checkpoint import state_checksum
+
+    return state_checksum(weights.state_dict)
+
+
+#: Entries of embed.json that must agree for two runs to share an output folder (the
+#: vectors' values depend on them; the version and the weights' spelling do not matter).
+_MUST_AGREE = ("weights_checksum", "model_config", "preprocess", "window", "overlap", "format")
+
+
+def claim_output_folder(out_dir: Path, description: dict) -> None:
+    """Create ``out_dir`` and its ``embed.json``, or check that an existing one agrees.
+
+    Raises:
+        InputError: the folder holds outputs of other weights or settings.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / RUN_FILE
+    description = json.loads(json.dumps(description))  # tuples as lists, as stored
+    if record.exists():
+        try:
+            stored = json.loads(record.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"{record}: not a readable gvsl embed record", hint="choose another -o folder, or remove that file") from None
+        differing = [key for key in _MUST_AGREE if stored.get(key) != description.get(key)]
+        if differing:
+            raise InputError(
+                f"{out_dir} holds embeddings made with other {', '.join(differing)} (see {RUN_FILE})",
+                hint="choose another -o folder, or give the same weights and settings",
+            )
+        return
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(description, indent=2) + "\n")
+
+
+class JsonLinesOutput:
+    """``embeddings.jsonl``: one line per volume, appended and flushed to disk as each is done.
+
+    A line torn by a kill (no final newline, or not JSON) is cut off when the file is
+    opened again, so the file always holds whole lines only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: set[str] = set()
+        if path.exists():
+            self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        data = self.path.read_bytes()
+        keep = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                self.done.add(json.loads(line)["name"])
+            except (ValueError, KeyError, TypeError):
+                break
+            keep += len(line)
+        if keep != len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(keep)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done.add(row["name"])
+
+
+def jsonl_name(shard: tuple[int, int]) -> str:
+    index, count = shard
+    return "embeddings.jsonl" if count == 1 else f"embeddings.shard-{index}-of-{count}.jsonl"
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did. ``failed`` holds one (path, reason) per volume that could not be done."""
+
+    computed: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    failed: list[Skipped] = field(default_factory=list)
+    skipped_inputs: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+    dim: int = 0
+    outputs: str = ""
+
+
+class Reporter:
+    """Progress of an embedding run (the CLI renders it; the default prints nothing)."""
+
+    def start(self, total: int, already_done: int) -> None: ...
+
+    def volume_started(self, index: int, total: int, source: EmbedSource) -> None: ...
+
+    def windows_done(self, done: int, total: int) -> None: ...
+
+    def volume_done(self, source: EmbedSource, seconds: float) -> None: ...
+
+    def volume_failed(self, source: EmbedSource, reason: str) -> None: ...
+
+    def note(self, text: str) -> None: ...
+
+
+def embed(
+    inputs: Sequence[str],
+    out_dir: Path,
+    weights,
+    config: EmbedConfig,
+    device: torch.device,
+    *,
+    stdin_lines: Iterable[str] = (),
+    reporter: Reporter | None = None,
+) -> EmbedSummary:
+    """Embed every volume named by ``inputs`` (its shard) into ``out_dir``.
+
+    Args:
+        weights: a ``checkpoint.LoadedWeights``.
+
+    Raises:
+        InputError: no volume to embed, colliding names, or an output folder of other
+            weights/settings. Volumes that fail to read are reported and counted in the
+            summary, not raised: the others are still done.
+    """
+    reporter = reporter or Reporter()
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
+    sources, skipped_inputs = collect_sources(inputs, out_dir, stdin_lines)
+    if not sources:
+        raise InputError("no volume to embed" + (f": {len(skipped_inputs)} input(s) skipped" if skipped_inputs else ""), hint="give NIfTI, NRRD, MHA/MHD files, DICOM folders, folders holding them, or - with paths on stdin")
+    mine = shard_of(sources, config.shard)
+    extractor = FeatureExtractor(weights, config, device)
+    claim_output_folder(out_dir, run_description(weights, config, extractor.window))
+    summary = EmbedSummary(skipped_inputs=skipped_inputs, dim=16 * extractor.width)
+
+    lines = None
+    if config.format == "jsonl":
+        lines_path = out_dir / jsonl_name(config.shard)
+        if config.overwrite:
+            lines_path.unlink(missing_ok=True)  # every volume of the shard is computed again
+        lines = JsonLinesOutput(lines_path)
+    summary.outputs = str(lines.path) if lines else str(out_dir)
+
+    def vector_path(source: EmbedSource) -> Path:
+        return out_dir / f"{source.name}.npy"
+
+    def dense_path(source: EmbedSource) -> Path:
+        return out_dir / f"{source.name}{DENSE_SUFFIX}"
+
+    def is_done(source: EmbedSource) -> bool:
+        vector_done = source.name in lines.done if lines else vector_path(source).exists()
+        return vector_done and (not config.dense or dense_path(source).exists())
+
+    todo = []
+    for source in mine:
+        if not config.overwrite and is_done(source):
+            summary.already_done.append(source.name)
+        else:
+            todo.append(source)
+    reporter.start(len(todo), len(summary.already_done))
+    for index, source in enumerate(todo, 1):
+        reporter.volume_started(index, len(todo), source)
+        began = time.perf_counter()
+        try:
+            features = extractor(source.path, on_window=reporter.windows_done)
+        except (InputError, OSError, EOFError) as exc:
+            # A volume that cannot be read or prepared; the others are still embedded.
+            reason = failure_reason(exc, source.path)
+            summary.failed.append(Skipped(str(source.path), reason))
+            reporter.volume_failed(source, reason)
+            continue
+        # The dense map first: a volume counts as done when its vector exists, so the
+        # vector is written last.
+        if features.dense is not None:
+            dense_path(source).parent.mkdir(parents=True, exist_ok=True)
+            write_volume(dense_image(features, config.dense_grid), dense_path(source))
+        if lines is not None:
+            lines.write({"name": source.name, "input": str(source.path), "modality": features.modality, "vector": [float(v) for v in features.vector]})
+        else:
+            vector_path(source).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(vector_path(source)) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, features.vector)
+        summary.computed.append(source.name)
+        reporter.volume_done(source, time.perf_counter() - began)
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,251 @@
+"""gvsl embed: known feature values, names, shards, resuming, formats, geometry, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from gvsl_cli.checkpoint import load_weights, save_checkpoint
+from gvsl_cli.cli import run
+from gvsl_cli.config import ModelConfig, PreprocessConfig
+from gvsl_cli.embedding import EmbedConfig, JsonLinesOutput, collect_sources, embed, parse_shard, shard_of
+from gvsl_cli.errors import ConfigError, InputError
+from gvsl_cli.model import GVSL
+from gvsl_cli.preprocess import prepare
+
+
+def _checkpoint(path: Path, seed: int = 0, patch=(32, 32, 32)) -> Path:
+    torch.manual_seed(seed)
+    save_checkpoint(path, GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0, modality="mr"), extra={"patch": list(patch)})
+    return path
+
+
+@pytest.fixture
+def weights_file(tmp_path) -> Path:
+    return _checkpoint(tmp_path / "w8.pt")
+
+
+def _volume(path: Path, seed: int, size=(40, 44, 36), spacing=(2.0, 2.0, 2.5)) -> Path:
+    """A smooth random volume with a non-trivial grid (origin, oblique-free direction)."""
+    rng = np.random.default_rng(seed)
+    array = rng.normal(size=size[::-1]).astype(np.float32)
+    image = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(array), 2.0)
+    image = sitk.RescaleIntensity(image, 0, 200)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-30.0, 12.5, 7.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def volumes(tmp_path) -> Path:
+    root = tmp_path / "data"
+    _volume(root / "p1" / "scan.nii.gz", 1)
+    _volume(root / "p2" / "scan.nii.gz", 2)
+    _volume(root / "p3.mha", 3)
+    return root
+
+
+def test_a_volume_in_one_window_gets_the_global_average_pool_of_f_g(tmp_path, weights_file, colin_t1):
+    loaded = load_weights(weights_file)
+    # Colin at the 4 mm contract: canonical grid 48 x 64 x 48 (z, y, x) fits one 64-voxel window.
+    summary = embed([str(colin_t1)], tmp_path / "out", loaded, EmbedConfig(window=64), torch.device("cpu"))
+    assert summary.computed == ["colin27_t1_2mm"]
+    vector = np.load(tmp_path / "out" / "colin27_t1_2mm.npy")
+
+    prepared = prepare(sitk.ReadImage(str(colin_t1)), loaded.preprocess)
+    shape = prepared.array.shape
+    assert all(n <= 64 for n in shape)
+    window = torch.from_numpy(prepared.array)[None, None]
+    window = F.pad(window, [p for n in reversed(shape) for p in (0, 64 - n)], value=float(prepared.array.min()))
+    with torch.no_grad():
+        f_g = loaded.build_model().unet(window).global_[0]
+    expected = f_g[:, : shape[0] // 16, : shape[1] // 16, : shape[2] // 16].mean(dim=(1, 2, 3)).numpy()
+    assert vector.shape == (128,) and vector.dtype == np.float32
+    np.testing.assert_allclose(vector, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_features_keep_the_input_geometry_and_equal_f_l_on_the_canonical_grid(tmp_path, weights_file, volumes):
+    loaded = load_weights(weights_file)
+    source = volumes / "p3.mha"
+    embed([str(source)], tmp_path / "in", loaded, EmbedConfig(dense=True, window=32), torch.device("cpu"))
+    embed([str(source)], tmp_path / "can", loaded, EmbedConfig(dense=True, dense_grid="canonical", window=32), torch.device("cpu"))
+
+    original = sitk.ReadImage(str(source))
+    on_input = sitk.ReadImage(str(tmp_path / "in" / "p3_features.nii.gz"))
+    assert on_input.GetNumberOfComponentsPerPixel() == 8
+    assert on_input.GetSize() == original.GetSize()
+    np.testing.assert_allclose(on_input.GetSpacing(), original.GetSpacing())
+    np.testing.assert_allclose(on_input.GetOrigin(), original.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(on_input.GetDirection(), original.GetDirection())
+
+    prepared = prepare(original, loaded.preprocess)
+    assert prepared.array.shape == (32, 32, 32)
+    canonical = sitk.ReadImage(str(tmp_path / "can" / "p3_features.nii.gz"))
+    assert canonical.GetSize() == prepared.grid.size
+    np.testing.assert_allclose(canonical.GetOrigin(), prepared.grid.origin, atol=1e-5)
+    with torch.no_grad():
+        f_l = loaded.build_model().unet(torch.from_numpy(prepared.array)[None, None]).local[0]
+    written = np.moveaxis(sitk.GetArrayFromImage(canonical), -1, 0)
+    # One window is the whole volume, so the Gaussian blend gives f_l itself.
+    np.testing.assert_allclose(written, f_l.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_names_keep_sub_folders_and_files_take_their_stem(tmp_path, volumes):
+    sources, skipped = collect_sources([str(volumes), str(volumes / "p3.mha")], tmp_path / "out")
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan", "p3"]
+    assert [s.reason for s in skipped] == ["given more than once"]
+
+
+def test_two_volumes_with_one_name_are_refused(tmp_path, volumes):
+    with pytest.raises(InputError, match="would both write the outputs named 'scan'"):
+        collect_sources([str(volumes / "p1" / "scan.nii.gz"), str(volumes / "p2" / "scan.nii.gz")], tmp_path / "out")
+
+
+def test_outputs_inside_an_input_folder_are_not_read_back(tmp_path, weights_file, volumes, capsys):
+    out = volumes / "features"
+    assert run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32"]) == 0
+    sources, _ = collect_sources([str(volumes)], out)
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan", "p3"]
+    # Run again: all three are already done, and the features written into the input folder are not inputs.
+    assert run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32"]) == 0
+    assert "3 volume(s) already embedded" in capsys.readouterr().err
+
+
+def test_shards_split_the_work_and_give_the_same_vectors(tmp_path, weights_file, volumes):
+    loaded = load_weights(weights_file)
+    whole = embed([str(volumes)], tmp_path / "whole", loaded, EmbedConfig(), torch.device("cpu"))
+    parts = [embed([str(volumes)], tmp_path / "sharded", loaded, EmbedConfig(shard=(i, 2)), torch.device("cpu")) for i in range(2)]
+    assert sorted(parts[0].computed + parts[1].computed) == sorted(whole.computed) == ["p1/scan", "p2/scan", "p3"]
+    assert not set(parts[0].computed) & set(parts[1].computed)
+    for name in whole.computed:
+        np.testing.assert_array_equal(np.load(tmp_path / "whole" / f"{name}.npy"), np.load(tmp_path / "sharded" / f"{name}.npy"))
+    sources, _ = collect_sources([str(volumes)], tmp_path / "x")
+    assert [s.name for s in shard_of(sources, (1, 2))] == ["p2/scan"]
+
+
+def test_finished_volumes_are_skipped_and_overwrite_computes_them_again(tmp_path, weights_file, volumes):
+    loaded = load_weights(weights_file)
+    out = tmp_path / "out"
+    embed([str(volumes)], out, loaded, EmbedConfig(), torch.device("cpu"))
+    good = np.load(out / "p3.npy")
+    np.save(out / "p3.npy", np.zeros(3, np.float32))  # a stale value, to see whether it is redone
+    (out / "p1" / "scan.npy").unlink()
+    again = embed([str(volumes)], out, loaded, EmbedConfig(), torch.device("cpu"))
+    assert again.computed == ["p1/scan"] and sorted(again.already_done) == ["p2/scan", "p3"]
+    assert np.load(out / "p3.npy").shape == (3,)
+    forced = embed([str(volumes)], out, loaded, EmbedConfig(overwrite=True), torch.device("cpu"))
+    assert len(forced.computed) == 3
+    np.testing.assert_array_equal(np.load(out / "p3.npy"), good)
+
+
+def test_json_lines_hold_one_line_per_volume_and_a_torn_line_is_dropped(tmp_path, weights_file, volumes):
+    loaded = load_weights(weights_file)
+    out = tmp_path / "out"
+    embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl"), torch.device("cpu"))
+    path = out / "embeddings.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["p1/scan", "p2/scan", "p3"]
+    assert all(len(r["vector"]) == 128 and r["modality"] == "mr" for r in rows)
+    np.testing.assert_allclose(rows[2]["vector"], np.load(_npy_of(tmp_path, loaded, volumes / "p3.mha")), rtol=1e-6)
+
+    # A kill in the middle of the third line: that line is cut, the volume done again.
+    text = path.read_text()
+    torn = text[: text.rindex("\n", 0, len(text) - 1) + 1] + '{"name": "p3", "vec'
+    path.write_text(torn)
+    assert JsonLinesOutput(path).done == {"p1/scan", "p2/scan"}
+    again = embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl"), torch.device("cpu"))
+    assert again.computed == ["p3"]
+    assert path.read_text() == text
+
+
+def _npy_of(tmp_path, loaded, source) -> Path:
+    embed([str(source)], tmp_path / "npy", loaded, EmbedConfig(), torch.device("cpu"))
+    return tmp_path / "npy" / "p3.npy"
+
+
+def test_a_folder_of_other_weights_is_refused(tmp_path, weights_file, volumes, capsys):
+    out = tmp_path / "out"
+    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out)]) == 0
+    other = _checkpoint(tmp_path / "other.pt", seed=1)
+    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(other), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {out} holds embeddings made with other weights_checksum")
+    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out), "--overlap", "0.5"]) == 2
+
+
+def test_unreadable_volumes_are_reported_and_the_others_done(tmp_path, weights_file, volumes, capsys):
+    (volumes / "p4.nii.gz").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    code = run(["embed", str(volumes), str(tmp_path / "missing.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"skipped {volumes / 'p4.nii.gz'}:" in err
+    assert f"skipped {tmp_path / 'missing.nii.gz'}: no such file or folder" in err
+    assert "error: 2 input(s) could not be embedded" in err
+    assert "Traceback" not in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy"]
+
+
+def test_paths_from_stdin_and_quoted_globs(tmp_path, weights_file, volumes, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"# a list\n{volumes / 'p3.mha'}\n\n"))
+    assert run(["embed", "-", str(volumes / "p*" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 2
+    # The two scan.nii.gz files matched by the glob take the same name: refused before any work.
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{volumes / 'p3.mha'}\n"))
+    assert run(["embed", "-", str(volumes / "p1" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.npy")) == ["p3.npy", "scan.npy"]
+
+
+def test_a_pattern_matching_nothing_is_reported(tmp_path, weights_file, capsys):
+    assert run(["embed", str(tmp_path / "nothing*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out")]) == 2
+    assert "error: no volume to embed: 1 input(s) skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shard", "2/2"], "shard must be I/N with 0 <= I < N"),
+        (["--shard", "a/b"], "shard must be I/N (two whole numbers)"),
+        (["--window", "40"], "window must be a multiple of 16"),
+        (["--format", "csv"], "format must be one of npy, jsonl"),
+        (["--dense-grid", "fixed"], "dense grid must be one of input, canonical"),
+    ],
+)
+def test_bad_options_give_one_line_errors(tmp_path, weights_file, volumes, capsys, args, message):
+    assert run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_are_required(tmp_path, volumes, capsys):
+    assert run(["embed", str(volumes)]) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+def test_parse_shard():
+    assert parse_shard("3/8") == (3, 8)
+    with pytest.raises(ConfigError):
+        EmbedConfig(shard=(0, 0))
+
+
+def test_window_defaults_to_the_training_patch(tmp_path, volumes):
+    from gvsl_cli.embedding import FeatureExtractor
+
+    for patch, window in (((48, 48, 48), 48), ((40, 40, 40), 48), (None, 128)):
+        path = tmp_path / f"w{window}.pt"
+        torch.manual_seed(0)
+        save_checkpoint(path, GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0), extra={"patch": list(patch)} if patch else {})
+        assert FeatureExtractor(load_weights(path), EmbedConfig(), torch.device("cpu")).window == window
+    shutil.rmtree(tmp_path / "data")
