@@ -1,17 +1,21 @@
 """Features of pre-trained GVSL networks: one global vector per volume, and dense maps.
 
 For each volume: read, bring onto the weights' canonical grid (``preprocess.prepare`` with
-the checkpoint's preprocessing contract), run the U-Net by sliding windows of the training
-patch (``sliding_window``), and keep
+the checkpoint's preprocessing contract), run the U-Net, and keep
 
-- the global vector: the mean over the volume of the bottleneck feature f_g
-  (16·width values, 512 for the paper's network), float32; windows are averaged equally
-  on f_g's 1/16 grid, so a volume that fits one window gets exactly the global average
-  pool of its f_g;
+- the global vector: the global average pool of the bottleneck feature f_g of the whole
+  volume (16·width values, 512 for the paper's network), float32. The encoder runs on
+  the whole canonical volume in one pass, so the vector does not depend on how the volume
+  would be cut into windows: with a trained width-8 network, the vectors of tilings with
+  64-voxel windows at overlaps 0, 0.5 and 0.75 differed from each other by more than two
+  different heads' vectors did (docs/embedding.md). Only sides above ``GLOBAL_MAX_SIDE``
+  voxels are split, into windows of that side at overlap 0.5, averaged equally on f_g's
+  1/16 grid.
 - with ``dense``: the last decoder feature f_l (width channels, 32 for the paper's
-  network), windows blended with Gaussian weights, as a vector image carrying the
-  geometry of the grid it lies on: the input's own grid (linear interpolation back from
-  the canonical grid) or the canonical grid itself.
+  network) by sliding windows of the training patch (``sliding_window``), blended with
+  Gaussian weights, as a vector image carrying the geometry of the grid it lies on: the
+  input's own grid (linear interpolation back from the canonical grid) or the canonical
+  grid itself.
 
 Outputs go to one folder and are named after the inputs (``name`` below): a file given
 directly is named by its file name without the extension; a volume found in a folder
@@ -45,7 +49,7 @@ from gvsl_cli.device import autocast, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.io import atomic_path, image_from_array, volume_suffix, write_volume
-from gvsl_cli.sliding_window import sliding_window_inference
+from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
 FORMATS = ("npy", "jsonl")
 DENSE_GRIDS = ("input", "canonical")
@@ -53,8 +57,11 @@ RUN_FILE = "embed.json"
 DENSE_SUFFIX = "_features.nii.gz"
 #: Characters that make an input a glob pattern (expanded by gvsl when the shell did not).
 GLOB_CHARACTERS = "*?["
-#: Window side when the weights do not record their training patch (the paper's 128³).
+#: Dense-map window side when the weights do not record their training patch (the paper's 128³).
 DEFAULT_WINDOW = 128
+#: The global vector's encoder pass takes whole volumes up to this side (voxels, a multiple
+#: of 16). At 256³ and width 32 its largest activation is 2 GiB in float32 (1 GiB in bf16).
+GLOBAL_MAX_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,9 @@ class EmbedConfig:
             ``embeddings.jsonl``, or ``embeddings.shard-I-of-N.jsonl`` under ``--shard``).
         dense: also write the dense feature map f_l (``NAME_features.nii.gz``).
         dense_grid: "input" (the volume's own grid) or "canonical" (the network's grid).
-        window: sliding-window side in voxels (multiple of 16); None = the patch the weights
-            were trained with, else 128.
-        overlap: fraction shared by neighbouring windows; None = 0.5 with ``dense`` (the
-            blended f_l needs it) and 0 without (the global mean barely changes, see
-            docs/embedding.md, and it is up to 8x less work).
+        window: dense maps' sliding-window side in voxels (multiple of 16); None = the
+            patch the weights were trained with, else 128.
+        overlap: fraction shared by neighbouring dense-map windows.
         precision: autocast spec (``device.resolve_precision``): bf16 on CUDA by default.
         shard: (i, n): embed only the volumes whose position in the sorted list is i mod n.
         overwrite: compute and write again volumes whose outputs exist.
@@ -80,7 +85,7 @@ class EmbedConfig:
     dense: bool = False
     dense_grid: Literal["input", "canonical"] = "input"
     window: int | None = None
-    overlap: float | None = None
+    overlap: float = 0.5
     precision: str = "auto"
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
@@ -92,17 +97,11 @@ class EmbedConfig:
             raise ConfigError(f"dense grid must be one of {', '.join(DENSE_GRIDS)}; got {self.dense_grid!r}")
         if self.window is not None and (self.window < 16 or self.window % 16):
             raise ConfigError(f"window must be a multiple of 16 voxels, got {self.window}", hint="e.g. --window 128")
-        if self.overlap is not None and not 0.0 <= self.overlap < 1.0:
+        if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap:g}")
         index, count = self.shard
         if not (count >= 1 and 0 <= index < count):
             raise ConfigError(f"shard must be I/N with 0 <= I < N, got {index}/{count}", hint="e.g. --shard 0/4 ... --shard 3/4")
-
-    @property
-    def effective_overlap(self) -> float:
-        if self.overlap is not None:
-            return self.overlap
-        return 0.5 if self.dense else 0.0
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -216,7 +215,7 @@ class VolumeFeatures:
         grid: the canonical grid the features were computed on.
         original: the grid of the volume as read.
         modality: the intensity mapping used ("ct" or "mr").
-        windows: sliding windows run.
+        windows: network passes run (global, then dense).
     """
 
     vector: np.ndarray
@@ -246,40 +245,44 @@ class FeatureExtractor:
         else:
             self.window = DEFAULT_WINDOW
 
-    def _predict(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _global(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.autocast_dtype):
-            if not self.config.dense:
-                return {"global": self.unet.bottleneck(windows)}  # no decoder: about half the work
-            features = self.unet(windows)
-        return {"global": features.global_, "dense": features.local}
+            return {"global": self.unet.bottleneck(windows)}  # the encoder alone: no decoder work
+
+    def _dense(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.autocast_dtype):
+            return {"dense": self.unet(windows).local}
 
     def __call__(self, path: Path, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
         """Read ``path``, prepare it with the weights' contract, and compute its features."""
         return self.features_of(read_and_prepare(path, self.preprocess), on_window)
 
     def features_of(self, prepared, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
-        """Features of a ``preprocess.PreparedVolume``."""
+        """Features of a ``preprocess.PreparedVolume``; ``on_window(done, total)`` counts the
+        network passes (global ones first)."""
         volume = torch.from_numpy(prepared.array)[None]
-        counted = [0]
+        shape = tuple(prepared.array.shape)
+        common = dict(device=self.device, pad_value=float(prepared.array.min()), accumulate_device=self.device)
+        global_windows = len(window_positions(shape, self.global_window(shape), 0.5))
+        dense_windows = len(window_positions(shape, (self.window,) * 3, self.config.overlap)) if self.config.dense else 0
+        total = global_windows + dense_windows
 
-        def progress(done: int, total: int) -> None:
-            counted[0] = total
-            if on_window is not None:
-                on_window(done, total)
+        def progress(offset: int) -> Callable[[int, int], None]:
+            return lambda done, _: on_window(offset + done, total) if on_window else None
 
-        results = sliding_window_inference(
-            volume,
-            self._predict,
-            patch=(self.window,) * 3,
-            overlap=self.config.effective_overlap,
-            device=self.device,
-            pad_value=float(prepared.array.min()),
-            accumulate_device=self.device,
-            on_window=progress,
-        )
-        vector = results["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
-        dense = results["dense"].numpy() if self.config.dense else None
-        return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=counted[0])
+        pooled = sliding_window_inference(volume, self._global, patch=self.global_window(shape), overlap=0.5, on_window=progress(0), **common)
+        vector = pooled["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
+        dense = None
+        if self.config.dense:
+            blended = sliding_window_inference(volume, self._dense, patch=(self.window,) * 3, overlap=self.config.overlap, on_window=progress(global_windows), **common)
+            dense = blended["dense"].numpy()
+        return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=total)
+
+    @staticmethod
+    def global_window(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The global pass's window: the whole (D, H, W) volume, each side capped at
+        ``GLOBAL_MAX_SIDE``."""
+        return tuple(min(n, GLOBAL_MAX_SIDE) for n in shape)
 
 
 def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
@@ -307,17 +310,22 @@ def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
 
 
 def run_description(weights, config: EmbedConfig, window: int) -> dict:
-    """What ``embed.json`` records: everything that decides the vectors' values."""
+    """What ``embed.json`` records: everything that decides the outputs' values."""
     return {
         "gvsl_version": __version__,
         "weights": weights.extra.get("weights_spec"),
         "weights_checksum": _weights_checksum(weights),
         "model_config": weights.model_config.to_dict(),
         "preprocess": weights.preprocess.to_dict(),
-        "window": window,
-        "overlap": config.effective_overlap,
-        "global_vector": {"feature": "mean of the U-Net bottleneck f_g over the volume", "dim": 16 * weights.model_config.width, "dtype": "float32"},
-        "dense": {"feature": "last decoder feature f_l", "channels": weights.model_config.width, "grid": config.dense_grid} if config.dense else None,
+        "global_vector": {
+            "feature": "global average pool of the U-Net bottleneck f_g of the whole canonical volume",
+            "max_side_per_pass": GLOBAL_MAX_SIDE,
+            "dim": 16 * weights.model_config.width,
+            "dtype": "float32",
+        },
+        "dense": {"feature": "last decoder feature f_l", "channels": weights.model_config.width, "window": window, "overlap": config.overlap, "grid": config.dense_grid}
+        if config.dense
+        else None,
         "format": config.format,
     }
 
@@ -329,8 +337,9 @@ def _weights_checksum(weights) -> str:
 
 
 #: Entries of embed.json that must agree for two runs to share an output folder (the
-#: vectors' values depend on them; the version and the weights' spelling do not matter).
-_MUST_AGREE = ("weights_checksum", "model_config", "preprocess", "window", "overlap", "format")
+#: outputs' values depend on them; the version and the weights' spelling do not matter).
+#: "dense" is compared only when both runs write dense maps.
+_MUST_AGREE = ("weights_checksum", "model_config", "preprocess", "global_vector", "format")
 
 
 def claim_output_folder(out_dir: Path, description: dict) -> None:
@@ -348,12 +357,16 @@ def claim_output_folder(out_dir: Path, description: dict) -> None:
         except (OSError, ValueError):
             raise InputError(f"{record}: not a readable gvsl embed record", hint="choose another -o folder, or remove that file") from None
         differing = [key for key in _MUST_AGREE if stored.get(key) != description.get(key)]
+        if stored.get("dense") and description.get("dense") and stored["dense"] != description["dense"]:
+            differing.append("dense-map settings")
         if differing:
             raise InputError(
                 f"{out_dir} holds embeddings made with other {', '.join(differing)} (see {RUN_FILE})",
                 hint="choose another -o folder, or give the same weights and settings",
             )
-        return
+        if stored.get("dense") or not description.get("dense"):
+            return
+        # The first dense maps in a folder of vectors: record their settings.
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
 

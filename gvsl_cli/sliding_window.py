@@ -44,6 +44,14 @@ def window_starts(size: int, window: int, step: int) -> list[int]:
     return sorted(set(starts))
 
 
+def window_positions(shape: tuple[int, int, int], patch: tuple[int, int, int], overlap: float, multiple: int = 16) -> list[tuple[int, int, int]]:
+    """(z, y, x) starts of the windows ``sliding_window_inference`` runs on a volume of
+    ``shape`` (D, H, W): steps of ``patch · (1 - overlap)`` rounded to ``multiple`` (at
+    least ``multiple``), axes shorter than the window padded up to it."""
+    steps = [max(multiple, int(round(p * (1.0 - overlap) / multiple)) * multiple) for p in patch]
+    return list(itertools.product(*(window_starts(max(n, p), p, s) for n, p, s in zip(shape, patch, steps))))
+
+
 def gaussian_weights(shape: tuple[int, int, int], sigma_fraction: float = 0.125) -> torch.Tensor:
     """(d, h, w) float32 weights: a Gaussian centred on the window, sigma = fraction · side,
     scaled to a maximum of 1 and kept above 1e-3 so no voxel of the volume ends with zero
@@ -116,8 +124,7 @@ def sliding_window_inference(
         pads = [p for n, m in zip(reversed(shape), reversed(padded_shape)) for p in (0, m - n)]
         volume = F.pad(volume[None], pads, value=pad_value)[0]
     window = patch
-    steps = [max(multiple, int(round(p * (1.0 - overlap) / multiple)) * multiple) for p in window]
-    starts = list(itertools.product(*(window_starts(n, w, s) for n, w, s in zip(padded_shape, window, steps))))
+    starts = window_positions(shape, window, overlap, multiple)
 
     sums: dict[str, torch.Tensor] = {}
     weight_sums: dict[str, torch.Tensor] = {}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from gvsl_cli.checkpoint import load_weights, save_checkpoint
 from gvsl_cli.cli import run
@@ -56,23 +55,39 @@ def volumes(tmp_path) -> Path:
     return root
 
 
-def test_a_volume_in_one_window_gets_the_global_average_pool_of_f_g(tmp_path, weights_file, colin_t1):
+def test_the_global_vector_is_the_average_pool_of_f_g_of_the_whole_volume(tmp_path, weights_file, colin_t1):
     loaded = load_weights(weights_file)
-    # Colin at the 4 mm contract: canonical grid 48 x 64 x 48 (z, y, x) fits one 64-voxel window.
-    summary = embed([str(colin_t1)], tmp_path / "out", loaded, EmbedConfig(window=64), torch.device("cpu"))
-    assert summary.computed == ["colin27_t1_2mm"]
-    vector = np.load(tmp_path / "out" / "colin27_t1_2mm.npy")
+    # --window changes the dense maps' windows only: the global pass takes the whole volume.
+    for window in (32, 64):
+        summary = embed([str(colin_t1)], tmp_path / f"out{window}", loaded, EmbedConfig(window=window), torch.device("cpu"))
+        assert summary.computed == ["colin27_t1_2mm"]
+    vector = np.load(tmp_path / "out32" / "colin27_t1_2mm.npy")
+    np.testing.assert_array_equal(vector, np.load(tmp_path / "out64" / "colin27_t1_2mm.npy"))
 
     prepared = prepare(sitk.ReadImage(str(colin_t1)), loaded.preprocess)
-    shape = prepared.array.shape
-    assert all(n <= 64 for n in shape)
-    window = torch.from_numpy(prepared.array)[None, None]
-    window = F.pad(window, [p for n in reversed(shape) for p in (0, 64 - n)], value=float(prepared.array.min()))
+    assert prepared.array.shape == (48, 64, 48)  # Colin at the 4 mm contract
     with torch.no_grad():
-        f_g = loaded.build_model().unet(window).global_[0]
-    expected = f_g[:, : shape[0] // 16, : shape[1] // 16, : shape[2] // 16].mean(dim=(1, 2, 3)).numpy()
+        f_g = loaded.build_model().unet(torch.from_numpy(prepared.array)[None, None]).global_[0]
     assert vector.shape == (128,) and vector.dtype == np.float32
-    np.testing.assert_allclose(vector, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(vector, f_g.mean(dim=(1, 2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_only_sides_above_the_limit_are_split_for_the_global_pass(weights_file):
+    from gvsl_cli.embedding import GLOBAL_MAX_SIDE, FeatureExtractor
+
+    assert FeatureExtractor.global_window((48, 400, 256)) == (48, GLOBAL_MAX_SIDE, 256)
+    extractor = FeatureExtractor(load_weights(weights_file), EmbedConfig(dense=True, window=32), torch.device("cpu"))
+
+    class Prepared:  # a PreparedVolume's fields that features_of reads
+        array = np.random.default_rng(0).random((32, 64, 32), dtype=np.float32)
+        grid = original = None
+        modality = "mr"
+
+    counts = []
+    features = extractor.features_of(Prepared(), on_window=lambda done, total: counts.append((done, total)))
+    # One global pass, then the dense windows: 1 x 3 x 1 at overlap 0.5.
+    assert counts == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert features.windows == 4 and features.dense.shape == (8, 32, 64, 32)
 
 
 def test_dense_features_keep_the_input_geometry_and_equal_f_l_on_the_canonical_grid(tmp_path, weights_file, volumes):
@@ -181,7 +196,18 @@ def test_a_folder_of_other_weights_is_refused(tmp_path, weights_file, volumes, c
     assert run(["embed", str(volumes / "p3.mha"), "--weights", str(other), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {out} holds embeddings made with other weights_checksum")
-    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out), "--overlap", "0.5"]) == 2
+
+
+def test_dense_maps_of_other_settings_are_refused_vectors_alone_are_not(tmp_path, weights_file, volumes, capsys):
+    out = tmp_path / "out"
+    source = str(volumes / "p3.mha")
+    assert run(["embed", source, "--weights", str(weights_file), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "embed.json").read_text())["dense"] is None
+    assert run(["embed", source, "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32", "-q"]) == 0
+    assert json.loads((out / "embed.json").read_text())["dense"]["window"] == 32
+    assert run(["embed", source, "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32", "--overlap", "0.25"]) == 2
+    assert "made with other dense-map settings" in capsys.readouterr().err
+    assert run(["embed", source, "--weights", str(weights_file), "-o", str(out), "--window", "64", "-q"]) == 0
 
 
 def test_unreadable_volumes_are_reported_and_the_others_done(tmp_path, weights_file, volumes, capsys):
