@@ -99,7 +99,7 @@ def _read_path_list(list_file: Path) -> tuple[list[Path], list[Skipped]]:
     return entries, skipped
 
 
-def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skipped]]:
+def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True) -> tuple[list[Path], list[Skipped]]:
     """Volume sources named by ``inputs``, in a stable order, and the inputs skipped.
 
     Each input may be a folder (searched recursively for NIfTI, NRRD, MHA/MHD files and
@@ -108,6 +108,11 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skip
     list; ``#`` starts a comment). A file reached twice (given twice, ``d/../d/a.nii.gz``, a
     symbolic link, a folder and a file in it) is used once; the later paths are reported as
     skipped ("same file as ..."), so that every path given is either used or reported.
+
+    Args:
+        resolve: return real paths (symbolic links resolved); False returns the paths as
+            given or found, made absolute, so names derived from them follow the links'
+            names (a DataLad/git-annex data set is all links into ``.git/annex``).
     """
     sources: list[Path] = []
     skipped: list[Skipped] = []
@@ -128,16 +133,18 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skip
             skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .txt list)"))
         else:
             sources.append(path)
-    first_seen: dict[Path, str] = {}  # resolved path -> the path it was first found as
+    first_seen: dict[Path, Path] = {}  # resolved path -> the path it was first found as
     for source in sources:
         resolved = source.resolve()
         if resolved not in first_seen:
-            first_seen[resolved] = str(source)
-        elif first_seen[resolved] == str(source):
+            first_seen[resolved] = source
+        elif str(first_seen[resolved]) == str(source):
             skipped.append(Skipped(str(source), "given more than once"))
         else:
             skipped.append(Skipped(str(source), f"same file as {first_seen[resolved]}"))
-    return list(first_seen), skipped
+    if resolve:
+        return list(first_seen), skipped
+    return [Path(os.path.abspath(found)) for found in first_seen.values()], skipped
 
 
 # --------------------------------------------------------------------------- cache
@@ -355,7 +362,8 @@ class CachedVolume:
         return self._array
 
 
-def _check_not_constant(low: float, high: float, where: str = "") -> None:
+def check_not_constant(low: float, high: float, where: str = "") -> None:
+    """Raise InputError when ``low == high`` (a volume of one intensity)."""
     # A constant volume has no structure to register: its NCC with anything is constant
     # (1.0 against another constant patch), so it only adds pairs that teach nothing.
     if low == high:
@@ -365,7 +373,7 @@ def _check_not_constant(low: float, high: float, where: str = "") -> None:
 def read_and_prepare(source: Path, config: PreprocessConfig):
     """Read ``source`` and run ``preprocess.prepare``; the one place training data is decoded.
 
-    Raises InputError for a constant volume (see ``_check_not_constant``).
+    Raises InputError for a constant volume (see ``check_not_constant``).
     """
     import SimpleITK as sitk
 
@@ -374,7 +382,7 @@ def read_and_prepare(source: Path, config: PreprocessConfig):
     image = read_volume(source)
     extremes = sitk.MinimumMaximumImageFilter()
     extremes.Execute(image)
-    _check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())
+    check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())
     return prepare(image, config)
 
 
@@ -385,14 +393,14 @@ def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> 
         prepared = read_and_prepare(source, config)
         # Resampling and the intensity mapping can flatten a volume that was not constant
         # (e.g. a CT wholly above the +1024 HU clip); it is as useless then.
-        _check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
+        check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
         grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
         return cache.put(key, source, prepared.array, prepared.modality, grid)
     # The entry remembers the path it was first made from; report this input's path.
     entry = dataclasses.replace(entry, source=str(source), from_cache=True)
     if entry.value_range is None:
         entry.value_range = cache.record_range(entry)
-    _check_not_constant(*entry.value_range, " after preprocessing")
+    check_not_constant(*entry.value_range, " after preprocessing")
     return entry
 
 

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from gvsl_cli import __version__
 from gvsl_cli.errors import WeightsError
+from gvsl_cli.locking import try_lock, unlock
 
 if TYPE_CHECKING:
     import requests
@@ -153,34 +154,6 @@ def new_session() -> "requests.Session":
 
 # --------------------------------------------------------------------------- locking
 
-try:  # POSIX: flock locks belong to the open file and vanish when the process dies
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-except ImportError:  # Windows: a byte-range lock on the first byte, also released on exit
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-
 
 @contextmanager
 def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
@@ -202,7 +175,7 @@ def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None 
     try:
         deadline = time.monotonic() + timeout
         waiting = False
-        while not _try_lock(fd):
+        while not try_lock(fd):
             if not waiting and on_wait is not None:
                 on_wait()
             waiting = True
@@ -215,7 +188,7 @@ def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None 
         try:
             yield
         finally:
-            _unlock(fd)
+            unlock(fd)
     finally:
         os.close(fd)
 

@@ -29,6 +29,7 @@ never mix.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import math
@@ -44,11 +45,12 @@ import torch
 
 from gvsl_cli import __version__
 from gvsl_cli.config import PreprocessConfig
-from gvsl_cli.data import Skipped, discover, failure_reason, read_and_prepare
+from gvsl_cli.data import Skipped, check_not_constant, discover, failure_reason, read_and_prepare
 from gvsl_cli.device import autocast, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, image_from_array, volume_suffix, write_volume
+from gvsl_cli.io import atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, volume_suffix, write_volume
+from gvsl_cli.locking import try_lock, unlock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
 FORMATS = ("npy", "jsonl")
@@ -79,6 +81,8 @@ class EmbedConfig:
         precision: autocast spec (``device.resolve_precision``): bf16 on CUDA by default.
         shard: (i, n): embed only the volumes whose position in the sorted list is i mod n.
         overwrite: compute and write again volumes whose outputs exist.
+        include: glob patterns; when given, only volumes whose name or file name matches one.
+        exclude: glob patterns; volumes whose name or file name matches one are left out.
     """
 
     format: Literal["npy", "jsonl"] = "npy"
@@ -89,6 +93,8 @@ class EmbedConfig:
     precision: str = "auto"
     shard: tuple[int, int] = (0, 1)
     overwrite: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -96,7 +102,7 @@ class EmbedConfig:
         if self.dense_grid not in DENSE_GRIDS:
             raise ConfigError(f"dense grid must be one of {', '.join(DENSE_GRIDS)}; got {self.dense_grid!r}")
         if self.window is not None and (self.window < 16 or self.window % 16):
-            raise ConfigError(f"window must be a multiple of 16 voxels, got {self.window}", hint="e.g. --window 128")
+            raise ConfigError(f"window must be a multiple of 16 voxels, at least 16; got {self.window}", hint="e.g. --window 128")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap:g}")
         index, count = self.shard
@@ -153,46 +159,93 @@ def expand_inputs(inputs: Sequence[str], stdin_lines: Iterable[str] = ()) -> tup
     return expanded, skipped
 
 
-def collect_sources(inputs: Sequence[str], out_dir: Path, stdin_lines: Iterable[str] = ()) -> tuple[list[EmbedSource], list[Skipped]]:
+def _inside_embed_output(path: Path, root: Path, cache: dict[Path, bool]) -> bool:
+    """True when a folder between ``root`` (excluded) and ``path`` holds an ``embed.json``:
+    the output folder of an earlier ``gvsl embed`` run inside a data folder."""
+    for folder in path.parents:
+        if folder == root or root not in folder.parents:
+            return False
+        if folder not in cache:
+            cache[folder] = (folder / RUN_FILE).is_file()
+        if cache[folder]:
+            return True
+    return False
+
+
+def _matches(source: EmbedSource, patterns: Sequence[str]) -> bool:
+    """Whether any glob pattern matches the source's name (``p1/ct``) or its file name."""
+    return any(fnmatch.fnmatchcase(source.name, p) or fnmatch.fnmatchcase(source.path.name, p) for p in patterns)
+
+
+def collect_sources(
+    inputs: Sequence[str],
+    out_dir: Path,
+    stdin_lines: Iterable[str] = (),
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> tuple[list[EmbedSource], list[Skipped]]:
     """Volumes named by ``inputs`` (folders, files, DICOM folders, .txt lists, globs, ``-``)
     with their output names, and the inputs skipped with reasons.
 
-    Files inside ``out_dir`` (earlier outputs, when the output folder sits in an input
-    folder) are left out silently. Two volumes that would take the same name are refused.
+    Names (see the module docstring): a volume found in a folder given as input is named
+    by its path relative to that folder; every other volume (a file given, a glob match, a
+    list or stdin entry) by its path relative to the deepest folder holding all of them,
+    so ``find ds -name ct.nii.gz | gvsl embed -`` names them ``p1/ct``, ``p2/ct``. Names
+    follow the paths as given (symbolic links are not resolved for naming).
 
-    Raises:
-        InputError: two volumes would write the same outputs.
+    Left out silently: files inside ``out_dir`` or inside another folder holding an
+    ``embed.json`` (earlier outputs within a data folder), and with ``include`` /
+    ``exclude`` (glob patterns matched against the name and the file name) the volumes
+    not included or excluded. Volumes that would take the same name are all skipped, with
+    a reason naming the other one.
     """
     items, skipped = expand_inputs(inputs, stdin_lines)
-    out_resolved = out_dir.resolve()
-    sources: list[EmbedSource] = []
-    seen: set[Path] = set()
+    out_paths = {Path(os.path.abspath(out_dir)), out_dir.resolve()}
+    seen: dict[Path, Path] = {}  # real path -> the path it was first found as
+    in_folders: list[tuple[Path, Path]] = []  # (path as found, folder given)
+    loose: list[Path] = []
+    embed_folders: dict[Path, bool] = {}
     for item in items:
-        root = Path(item).expanduser()
-        found, bad = discover([root])
+        root = Path(os.path.abspath(Path(item).expanduser()))
+        found, bad = discover([root], resolve=False)
         skipped.extend(bad)
         for path in found:
-            if path == out_resolved or out_resolved in path.parents:
+            if any(path == o or o in path.parents or path.resolve() == o or o in path.resolve().parents for o in out_paths):
                 continue
-            if path in seen:
-                skipped.append(Skipped(str(path), "given more than once"))
+            real = path.resolve()
+            if real in seen:
+                reason = "given more than once" if seen[real] == path else f"same file as {seen[real]}"
+                skipped.append(Skipped(str(path), reason))
                 continue
-            seen.add(path)
-            if root.is_dir() and path != root.resolve():
-                relative = path.relative_to(root.resolve()).as_posix()
-                name = _strip_volume_suffix(relative)
+            seen[real] = path
+            if root.is_dir() and path != root:
+                if not _inside_embed_output(path, root, embed_folders):
+                    in_folders.append((path, root))
             else:
-                name = _strip_volume_suffix(path.name)
-            sources.append(EmbedSource(path=path, name=name))
-    by_name: dict[str, Path] = {}
+                loose.append(path)
+
+    sources = [EmbedSource(path, _strip_volume_suffix(path.relative_to(root).as_posix())) for path, root in in_folders]
+    if loose:
+        common = Path(os.path.commonpath([str(p.parent) for p in loose]))
+        sources += [EmbedSource(path, _strip_volume_suffix(path.relative_to(common).as_posix())) for path in loose]
+    if include:
+        sources = [s for s in sources if _matches(s, include)]
+    if exclude:
+        sources = [s for s in sources if not _matches(s, exclude)]
+
+    by_name: dict[str, list[EmbedSource]] = {}
     for source in sources:
-        other = by_name.setdefault(source.name, source.path)
-        if other != source.path:
-            raise InputError(
-                f"{other} and {source.path} would both write the outputs named {source.name!r}",
-                hint="give their common parent folder instead (outputs then keep the sub-folder path), or embed them in separate runs with different -o",
-            )
-    return sources, skipped
+        by_name.setdefault(source.name, []).append(source)
+    unique = []
+    for name, group in by_name.items():
+        if len(group) == 1:
+            unique.append(group[0])
+            continue
+        for source in group:
+            others = ", ".join(str(o.path) for o in group if o is not source)
+            skipped.append(Skipped(str(source.path), f"takes the output name {name!r} as {others} does (use --exclude to leave one out)"))
+    return unique, skipped
 
 
 def shard_of(sources: Sequence[EmbedSource], shard: tuple[int, int]) -> list[EmbedSource]:
@@ -254,8 +307,15 @@ class FeatureExtractor:
             return {"dense": self.unet(windows).local}
 
     def __call__(self, path: Path, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
-        """Read ``path``, prepare it with the weights' contract, and compute its features."""
-        return self.features_of(read_and_prepare(path, self.preprocess), on_window)
+        """Read ``path``, prepare it with the weights' contract, and compute its features.
+
+        Raises:
+            InputError: unreadable, or constant on the canonical grid (e.g. a single slice
+                that falls between the grid's planes): its features would mean nothing.
+        """
+        prepared = read_and_prepare(path, self.preprocess)
+        check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
+        return self.features_of(prepared, on_window)
 
     def features_of(self, prepared, on_window: Callable[[int, int], None] | None = None) -> VolumeFeatures:
         """Features of a ``preprocess.PreparedVolume``; ``on_window(done, total)`` counts the
@@ -309,7 +369,7 @@ def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
 # --------------------------------------------------------------------------- outputs
 
 
-def run_description(weights, config: EmbedConfig, window: int) -> dict:
+def run_description(weights, config: EmbedConfig, window: int, precision: str) -> dict:
     """What ``embed.json`` records: everything that decides the outputs' values."""
     return {
         "gvsl_version": __version__,
@@ -317,6 +377,7 @@ def run_description(weights, config: EmbedConfig, window: int) -> dict:
         "weights_checksum": _weights_checksum(weights),
         "model_config": weights.model_config.to_dict(),
         "preprocess": weights.preprocess.to_dict(),
+        "precision": precision,
         "global_vector": {
             "feature": "global average pool of the U-Net bottleneck f_g of the whole canonical volume",
             "max_side_per_pass": GLOBAL_MAX_SIDE,
@@ -337,67 +398,106 @@ def _weights_checksum(weights) -> str:
 
 
 #: Entries of embed.json that must agree for two runs to share an output folder (the
-#: outputs' values depend on them; the version and the weights' spelling do not matter).
-#: "dense" is compared only when both runs write dense maps.
-_MUST_AGREE = ("weights_checksum", "model_config", "preprocess", "global_vector", "format")
+#: outputs' values depend on them; the version and the weights' spelling do not matter),
+#: with the words the refusal uses. "dense" is compared only when both runs write dense maps.
+_MUST_AGREE = {
+    "weights_checksum": "weights (checksum {stored} here, {given} given)",
+    "model_config": "network shape",
+    "preprocess": "preprocessing (spacing, intensity mapping)",
+    "precision": "precision ({stored} here, {given} given)",
+    "global_vector": "global-vector definition (another gvsl version)",
+    "format": "format ({stored} here, {given} given)",
+}
 
 
-def claim_output_folder(out_dir: Path, description: dict) -> None:
-    """Create ``out_dir`` and its ``embed.json``, or check that an existing one agrees.
+def _holds_outputs(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds any vector, JSON line or dense map of an earlier run."""
+    for pattern in ("**/*.npy", f"**/*{DENSE_SUFFIX}"):
+        if next(out_dir.glob(pattern), None) is not None:
+            return True
+    return any(path.stat().st_size > 0 for path in out_dir.glob("embeddings*.jsonl"))
+
+
+def check_output_folder(out_dir: Path, description: dict) -> bool:
+    """Refuse ``out_dir`` if it holds outputs made with other weights or settings.
+
+    Returns:
+        True when ``embed.json`` must be (re)written before the first output: there is
+        none, it belongs to a folder without outputs (a first run that failed or was
+        stopped early), or this run adds the first dense maps to a folder of vectors.
 
     Raises:
-        InputError: the folder holds outputs of other weights or settings.
+        InputError: naming what differs.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = out_dir / RUN_FILE
+    if not record.exists():
+        return True
+    try:
+        stored = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{record}: not a readable gvsl embed record", hint="choose another -o folder, or remove that file") from None
     description = json.loads(json.dumps(description))  # tuples as lists, as stored
-    if record.exists():
-        try:
-            stored = json.loads(record.read_text())
-        except (OSError, ValueError):
-            raise InputError(f"{record}: not a readable gvsl embed record", hint="choose another -o folder, or remove that file") from None
-        differing = [key for key in _MUST_AGREE if stored.get(key) != description.get(key)]
-        if stored.get("dense") and description.get("dense") and stored["dense"] != description["dense"]:
-            differing.append("dense-map settings")
-        if differing:
-            raise InputError(
-                f"{out_dir} holds embeddings made with other {', '.join(differing)} (see {RUN_FILE})",
-                hint="choose another -o folder, or give the same weights and settings",
-            )
-        if stored.get("dense") or not description.get("dense"):
-            return
-        # The first dense maps in a folder of vectors: record their settings.
-    with atomic_path(record) as tmp:
+    if not _holds_outputs(out_dir):
+        return True
+    differing = [words.format(stored=stored.get(key), given=description.get(key)) for key, words in _MUST_AGREE.items() if stored.get(key) != description.get(key)]
+    if stored.get("dense") and description.get("dense") and stored["dense"] != description["dense"]:
+        differing.append("dense-map settings (window, overlap, grid)")
+    if differing:
+        raise InputError(
+            f"{out_dir} holds embeddings made with other {'; other '.join(differing)} (see {RUN_FILE})",
+            hint="choose another -o folder, or give the same weights and settings",
+        )
+    return bool(description.get("dense")) and not stored.get("dense")
+
+
+def write_description(out_dir: Path, description: dict) -> None:
+    with atomic_path(out_dir / RUN_FILE) as tmp:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
 
 
-class JsonLinesOutput:
-    """``embeddings.jsonl``: one line per volume, appended and flushed to disk as each is done.
+def _complete_lines(data: bytes) -> tuple[set[str], int]:
+    """Names on the whole lines of JSON-lines ``data`` and the length of its complete part
+    (everything up to the last newline). Lines that are not a gvsl row are ignored."""
+    names: set[str] = set()
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        try:
+            names.add(json.loads(line)["name"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return names, end
 
-    A line torn by a kill (no final newline, or not JSON) is cut off when the file is
-    opened again, so the file always holds whole lines only.
+
+class JsonLinesOutput:
+    """One shard's ``embeddings*.jsonl``: a line per volume, appended and flushed to disk
+    as each volume finishes, by one process at a time (a lock file next to it).
+
+    A last line torn by a kill (no final newline) is cut off when the file is opened again.
+    ``done`` holds the names on the complete lines of every ``embeddings*.jsonl`` in the
+    folder, so a run with other shards (or none) skips what any shard wrote.
+
+    Raises:
+        InputError: another process is writing this file.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fresh: bool = False) -> None:
         self.path = path
+        self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        if not try_lock(self._lock_fd):
+            os.close(self._lock_fd)
+            raise InputError(f"{path}: another gvsl embed is writing this file now", hint="wait for it, or give each run its own --shard or -o")
+        if fresh:
+            path.unlink(missing_ok=True)
         self.done: set[str] = set()
-        if path.exists():
-            self._drop_torn_tail()
-
-    def _drop_torn_tail(self) -> None:
-        data = self.path.read_bytes()
-        keep = 0
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                self.done.add(json.loads(line)["name"])
-            except (ValueError, KeyError, TypeError):
-                break
-            keep += len(line)
-        if keep != len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
+        for other in sorted(path.parent.glob("embeddings*.jsonl")):
+            data = other.read_bytes()
+            names, end = _complete_lines(data)
+            if other == path and end != len(data):
+                with open(path, "r+b") as handle:
+                    handle.truncate(end)
+            if other != path and fresh:
+                continue  # --overwrite: this run computes its volumes again
+            self.done |= names
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -405,6 +505,12 @@ class JsonLinesOutput:
             handle.flush()
             os.fsync(handle.fileno())
         self.done.add(row["name"])
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            unlock(self._lock_fd)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def jsonl_name(shard: tuple[int, int]) -> str:
@@ -431,6 +537,8 @@ class EmbedSummary:
 class Reporter:
     """Progress of an embedding run (the CLI renders it; the default prints nothing)."""
 
+    def inputs_skipped(self, skipped: Sequence[Skipped]) -> None: ...
+
     def start(self, total: int, already_done: int) -> None: ...
 
     def volume_started(self, index: int, total: int, source: EmbedSource) -> None: ...
@@ -441,7 +549,14 @@ class Reporter:
 
     def volume_failed(self, source: EmbedSource, reason: str) -> None: ...
 
-    def note(self, text: str) -> None: ...
+
+def _volume_failure(exc: Exception, source: EmbedSource, device: torch.device) -> str:
+    """One line saying why ``source`` could not be embedded."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return f"the {device.type.upper()} ran out of memory for this volume (try --device cpu, or --dense-grid canonical)"
+    return failure_reason(exc, source.path)
 
 
 def embed(
@@ -460,31 +575,47 @@ def embed(
         weights: a ``checkpoint.LoadedWeights``.
 
     Raises:
-        InputError: no volume to embed, colliding names, or an output folder of other
-            weights/settings. Volumes that fail to read are reported and counted in the
-            summary, not raised: the others are still done.
+        InputError: no volume to embed, an output folder that cannot be written or holds
+            outputs of other weights/settings, or another process writing the same JSON
+            lines. A volume that fails (unreadable, constant, out of memory) is reported
+            through ``reporter`` and listed in the summary, not raised: the others are
+            still done.
     """
     reporter = reporter or Reporter()
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
-    sources, skipped_inputs = collect_sources(inputs, out_dir, stdin_lines)
+    sources, skipped_inputs = collect_sources(inputs, out_dir, stdin_lines, include=config.include, exclude=config.exclude)
+    reporter.inputs_skipped(skipped_inputs)
     if not sources:
-        raise InputError("no volume to embed" + (f": {len(skipped_inputs)} input(s) skipped" if skipped_inputs else ""), hint="give NIfTI, NRRD, MHA/MHD files, DICOM folders, folders holding them, or - with paths on stdin")
+        raise InputError("no volume to embed" + (f": {len(skipped_inputs)} input(s) skipped (listed above)" if skipped_inputs else ""), hint="give NIfTI, NRRD, MHA/MHD files, DICOM folders, folders holding them, or - with paths on stdin")
     mine = shard_of(sources, config.shard)
     extractor = FeatureExtractor(weights, config, device)
-    claim_output_folder(out_dir, run_description(weights, config, extractor.window))
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[extractor.autocast_dtype]
+    description = run_description(weights, config, extractor.window, precision)
+    created = ensure_writable_folder(out_dir)
+    try:
+        describe_first = check_output_folder(out_dir, description)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     summary = EmbedSummary(skipped_inputs=skipped_inputs, dim=16 * extractor.width)
 
     lines = None
     if config.format == "jsonl":
-        lines_path = out_dir / jsonl_name(config.shard)
-        if config.overwrite:
-            lines_path.unlink(missing_ok=True)  # every volume of the shard is computed again
-        lines = JsonLinesOutput(lines_path)
+        lines = JsonLinesOutput(out_dir / jsonl_name(config.shard), fresh=config.overwrite)
     summary.outputs = str(lines.path) if lines else str(out_dir)
+    try:
+        _embed_all(mine, extractor, config, out_dir, lines, summary, reporter, description if describe_first else None)
+    finally:
+        if lines is not None:
+            lines.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
 
+
+def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: Path, lines, summary: EmbedSummary, reporter: Reporter, description: dict | None) -> None:
     def vector_path(source: EmbedSource) -> Path:
         return out_dir / f"{source.name}.npy"
 
@@ -507,25 +638,24 @@ def embed(
         began = time.perf_counter()
         try:
             features = extractor(source.path, on_window=reporter.windows_done)
-        except (InputError, OSError, EOFError) as exc:
-            # A volume that cannot be read or prepared; the others are still embedded.
-            reason = failure_reason(exc, source.path)
+        except Exception as exc:  # noqa: BLE001 - one volume's failure must not end a run over thousands
+            reason = _volume_failure(exc, source, extractor.device)
             summary.failed.append(Skipped(str(source.path), reason))
             reporter.volume_failed(source, reason)
             continue
+        if description is not None:
+            # Written with the first output, so a run that embedded nothing leaves no claim.
+            write_description(out_dir, description)
+            description = None
         # The dense map first: a volume counts as done when its vector exists, so the
         # vector is written last.
         if features.dense is not None:
-            dense_path(source).parent.mkdir(parents=True, exist_ok=True)
             write_volume(dense_image(features, config.dense_grid), dense_path(source))
         if lines is not None:
             lines.write({"name": source.name, "input": str(source.path), "modality": features.modality, "vector": [float(v) for v in features.vector]})
         else:
-            vector_path(source).parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(vector_path(source)) as tmp:
                 with open(tmp, "wb") as handle:
                     np.save(handle, features.vector)
         summary.computed.append(source.name)
         reporter.volume_done(source, time.perf_counter() - began)
-    summary.seconds = time.perf_counter() - start
-    return summary

@@ -56,3 +56,11 @@ class DeviceError(GvslError):
     """The requested device is unavailable or ran out of memory."""
 
     exit_code = 5
+
+
+class IncompleteError(GvslError):
+    """A command over many inputs finished, but some inputs could not be processed (each
+    reported on its own line); a distinct code lets a pipeline tell this from a run that
+    did nothing."""
+
+    exit_code = 7

@@ -123,13 +123,19 @@ def resample(
     )
 
 
+#: ITK's recursive Gaussian needs at least this many voxels along an axis it blurs.
+RECURSIVE_GAUSSIAN_MIN_VOXELS = 4
+
+
 def _gaussian_blur(image: sitk.Image, sigmas: list[float]) -> sitk.Image:
     """Blur a float image with a Gaussian of ``sigmas`` mm along its index axes (x, y, z).
 
     A sigma of 0 leaves that axis alone: an axis already as coarse as the target (the 3 mm
     slices of a 0.7 x 0.7 x 3 mm CT resampled to 1 mm) needs no anti-aliasing, and ITK's
-    recursive Gaussian refuses sigma 0 ("Sigma must be greater than zero").
+    recursive Gaussian refuses sigma 0 ("Sigma must be greater than zero"). So is an axis
+    of fewer than 4 voxels (a 1-3 slice localizer), which the filter cannot process.
     """
+    sigmas = [sigma if n >= RECURSIVE_GAUSSIAN_MIN_VOXELS else 0.0 for sigma, n in zip(sigmas, image.GetSize())]
     if all(sigma > 0 for sigma in sigmas):
         # One filter for all axes: the result stays bit-identical to earlier gvsl versions
         # (and so do cached preprocessing results); the per-axis path differs by ~1e-7.

@@ -122,9 +122,40 @@ def test_names_keep_sub_folders_and_files_take_their_stem(tmp_path, volumes):
     assert [s.reason for s in skipped] == ["given more than once"]
 
 
-def test_two_volumes_with_one_name_are_refused(tmp_path, volumes):
-    with pytest.raises(InputError, match="would both write the outputs named 'scan'"):
-        collect_sources([str(volumes / "p1" / "scan.nii.gz"), str(volumes / "p2" / "scan.nii.gz")], tmp_path / "out")
+def test_loose_files_are_named_from_their_common_folder(tmp_path, volumes):
+    # What find | gvsl embed - or a quoted glob gives: p1/scan and p2/scan, not two "scan".
+    sources, skipped = collect_sources([str(volumes / "p1" / "scan.nii.gz"), str(volumes / "p2" / "scan.nii.gz")], tmp_path / "out")
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan"] and not skipped
+    sources, _ = collect_sources([str(volumes / "p1" / "scan.nii.gz")], tmp_path / "out")
+    assert [s.name for s in sources] == ["scan"]
+
+
+def test_volumes_taking_one_name_are_skipped_and_the_others_kept(tmp_path, volumes):
+    shutil.copy(volumes / "p3.mha", volumes / "p3.nii.gz")
+    sources, skipped = collect_sources([str(volumes)], tmp_path / "out")
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan"]
+    assert sorted(Path(s.path).name for s in skipped) == ["p3.mha", "p3.nii.gz"]
+    assert all("takes the output name 'p3'" in s.reason for s in skipped)
+    sources, skipped = collect_sources([str(volumes)], tmp_path / "out", exclude=("*.mha",))
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan", "p3"] and not skipped
+
+
+def test_include_and_exclude_match_names_and_file_names(tmp_path, volumes):
+    sources, _ = collect_sources([str(volumes)], tmp_path / "out", include=("p1/*", "*.mha"))
+    assert sorted(s.name for s in sources) == ["p1/scan", "p3"]
+    sources, _ = collect_sources([str(volumes)], tmp_path / "out", exclude=("scan.nii.gz",))
+    assert [s.name for s in sources] == ["p3"]
+
+
+def test_names_follow_symbolic_links_as_given(tmp_path, volumes):
+    # A DataLad/git-annex data set: every file a link into a hidden store elsewhere.
+    store = tmp_path / "store" / ".git" / "annex"
+    store.mkdir(parents=True)
+    shutil.move(volumes / "p3.mha", store / "MD5E-s1--abc.mha")
+    (volumes / "p3.mha").symlink_to(store / "MD5E-s1--abc.mha")
+    sources, _ = collect_sources([str(volumes)], tmp_path / "out")
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan", "p3"]
+    assert (volumes / "p3.mha") in [s.path for s in sources]
 
 
 def test_outputs_inside_an_input_folder_are_not_read_back(tmp_path, weights_file, volumes, capsys):
@@ -135,6 +166,9 @@ def test_outputs_inside_an_input_folder_are_not_read_back(tmp_path, weights_file
     # Run again: all three are already done, and the features written into the input folder are not inputs.
     assert run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32"]) == 0
     assert "3 volume(s) already embedded" in capsys.readouterr().err
+    # Nor for a run with another output folder: a folder holding an embed.json is an output.
+    sources, _ = collect_sources([str(volumes)], tmp_path / "elsewhere")
+    assert sorted(s.name for s in sources) == ["p1/scan", "p2/scan", "p3"]
 
 
 def test_shards_split_the_work_and_give_the_same_vectors(tmp_path, weights_file, volumes):
@@ -164,6 +198,26 @@ def test_finished_volumes_are_skipped_and_overwrite_computes_them_again(tmp_path
     np.testing.assert_array_equal(np.load(out / "p3.npy"), good)
 
 
+def test_json_lines_of_other_shards_count_as_done_and_a_second_writer_is_refused(tmp_path, weights_file, volumes):
+    loaded = load_weights(weights_file)
+    out = tmp_path / "out"
+    first = embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl", shard=(0, 2)), torch.device("cpu"))
+    # An unsharded clean-up run computes only what shard 0 did not.
+    rest = embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl"), torch.device("cpu"))
+    assert sorted(rest.computed + first.computed) == ["p1/scan", "p2/scan", "p3"]
+    assert sorted(rest.already_done) == sorted(first.computed)
+
+    from gvsl_cli.embedding import JsonLinesOutput as Lines
+
+    holder = Lines(out / "embeddings.jsonl")
+    try:
+        with pytest.raises(InputError, match="another gvsl embed is writing this file now"):
+            Lines(out / "embeddings.jsonl")
+    finally:
+        holder.close()
+    Lines(out / "embeddings.jsonl").close()  # free again once the first writer is done
+
+
 def test_json_lines_hold_one_line_per_volume_and_a_torn_line_is_dropped(tmp_path, weights_file, volumes):
     loaded = load_weights(weights_file)
     out = tmp_path / "out"
@@ -178,10 +232,17 @@ def test_json_lines_hold_one_line_per_volume_and_a_torn_line_is_dropped(tmp_path
     text = path.read_text()
     torn = text[: text.rindex("\n", 0, len(text) - 1) + 1] + '{"name": "p3", "vec'
     path.write_text(torn)
-    assert JsonLinesOutput(path).done == {"p1/scan", "p2/scan"}
+    lines = JsonLinesOutput(path)
+    assert lines.done == {"p1/scan", "p2/scan"}
+    lines.close()
     again = embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl"), torch.device("cpu"))
     assert again.computed == ["p3"]
     assert path.read_text() == text
+    # A damaged line in the middle costs that volume only, not the lines after it.
+    rows = text.splitlines(keepends=True)
+    path.write_text(rows[0] + "garbage\n" + "".join(rows[2:]))
+    again = embed([str(volumes)], out, loaded, EmbedConfig(format="jsonl"), torch.device("cpu"))
+    assert again.computed == ["p2/scan"]
 
 
 def _npy_of(tmp_path, loaded, source) -> Path:
@@ -195,7 +256,26 @@ def test_a_folder_of_other_weights_is_refused(tmp_path, weights_file, volumes, c
     other = _checkpoint(tmp_path / "other.pt", seed=1)
     assert run(["embed", str(volumes / "p3.mha"), "--weights", str(other), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {out} holds embeddings made with other weights_checksum")
+    assert err[-1].startswith(f"error: {out} holds embeddings made with other weights (checksum ")
+
+
+def test_a_folder_without_outputs_is_not_claimed(tmp_path, weights_file, volumes, capsys):
+    out = tmp_path / "out"
+    (volumes / "bad.nii.gz").write_bytes(b"not an image")
+    assert run(["embed", str(volumes / "bad.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 7
+    assert not (out / "embed.json").exists()
+    # A failed first run with other weights does not lock the folder either.
+    (out / "embed.json").write_text(json.dumps({"weights_checksum": "0" * 16}))
+    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "embed.json").read_text())["weights_checksum"] != "0" * 16
+
+
+def test_precision_is_recorded_and_must_agree(tmp_path, weights_file, volumes, capsys):
+    out = tmp_path / "out"
+    assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 0
+    assert json.loads((out / "embed.json").read_text())["precision"] == "fp32"
+    assert run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--precision", "bf16", "-q"]) == 2
+    assert "other precision (fp32 here, bf16 given)" in capsys.readouterr().err
 
 
 def test_dense_maps_of_other_settings_are_refused_vectors_alone_are_not(tmp_path, weights_file, volumes, capsys):
@@ -213,29 +293,37 @@ def test_dense_maps_of_other_settings_are_refused_vectors_alone_are_not(tmp_path
 def test_unreadable_volumes_are_reported_and_the_others_done(tmp_path, weights_file, volumes, capsys):
     (volumes / "p4.nii.gz").write_bytes(b"not an image at all")
     out = tmp_path / "out"
+    # A localizer of 3 slices (ITK's blur used to raise on it and end the run) is embedded;
+    # one of 1 slice between the grid's planes is constant on the canonical grid: skipped.
+    for slices, name in ((3, "p5.nii.gz"), (1, "p6.nii.gz")):
+        image = sitk.GetImageFromArray(np.random.default_rng(0).random((slices, 40, 40)).astype(np.float32) * 100)
+        image.SetSpacing((1.0, 1.0, 3.0))  # 6 mm thick: the 4 mm grid has planes inside it
+        sitk.WriteImage(image, str(volumes / name))
     code = run(["embed", str(volumes), str(tmp_path / "missing.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"])
-    assert code == 2
+    assert code == 7
     err = capsys.readouterr().err
     assert f"skipped {volumes / 'p4.nii.gz'}:" in err
     assert f"skipped {tmp_path / 'missing.nii.gz'}: no such file or folder" in err
-    assert "error: 2 input(s) could not be embedded" in err
+    assert f"skipped {volumes / 'p6.nii.gz'}: constant intensity" in err
+    assert "error: 3 input(s) could not be embedded" in err
     assert "Traceback" not in err
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy", "p5.npy"]
 
 
 def test_paths_from_stdin_and_quoted_globs(tmp_path, weights_file, volumes, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"# a list\n{volumes / 'p3.mha'}\n\n"))
-    assert run(["embed", "-", str(volumes / "p*" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 2
-    # The two scan.nii.gz files matched by the glob take the same name: refused before any work.
-    assert not (tmp_path / "out").exists()
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{volumes / 'p3.mha'}\n"))
-    assert run(["embed", "-", str(volumes / "p1" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.npy")) == ["p3.npy", "scan.npy"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"# a list\r\n{volumes / 'p3.mha'}\r\n\n"))
+    assert run(["embed", "-", str(volumes / "p*" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 0
+    names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.npy"))
+    assert names == ["p1/scan.npy", "p2/scan.npy", "p3.npy"]
 
 
 def test_a_pattern_matching_nothing_is_reported(tmp_path, weights_file, capsys):
-    assert run(["embed", str(tmp_path / "nothing*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out")]) == 2
-    assert "error: no volume to embed: 1 input(s) skipped" in capsys.readouterr().err
+    assert run(["embed", str(tmp_path / "nothing*.nii.gz"), str(tmp_path / "typo"), "--weights", str(weights_file), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"skipped {tmp_path / 'nothing*.nii.gz'}: no file matches this pattern" in err
+    assert f"skipped {tmp_path / 'typo'}: no such file or folder" in err
+    assert "error: no volume to embed: 2 input(s) skipped (listed above)" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -244,6 +332,7 @@ def test_a_pattern_matching_nothing_is_reported(tmp_path, weights_file, capsys):
         (["--shard", "2/2"], "shard must be I/N with 0 <= I < N"),
         (["--shard", "a/b"], "shard must be I/N (two whole numbers)"),
         (["--window", "40"], "window must be a multiple of 16"),
+        (["--window", "0"], "at least 16"),
         (["--format", "csv"], "format must be one of npy, jsonl"),
         (["--dense-grid", "fixed"], "dense grid must be one of input, canonical"),
     ],

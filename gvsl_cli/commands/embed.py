@@ -28,9 +28,16 @@ class ConsoleReporter:
         self.volume_task = None
         self.window_task = None
         self.started = time.monotonic()
+        self.position = ""
 
     def _print(self, text: str) -> None:
         (self.progress.console if self.progress is not None else self.console).print(text, markup=False)
+
+    def inputs_skipped(self, skipped) -> None:
+        for item in skipped:
+            duplicate = item.reason.startswith(("given more than once", "same file as"))
+            if not (duplicate and self.quiet):
+                self._print(f"skipped {item.path}: {item.reason}")
 
     def start(self, total: int, already_done: int) -> None:
         if already_done and not self.quiet:
@@ -46,10 +53,9 @@ class ConsoleReporter:
             self.window_task = self.progress.add_task("windows", total=1)
 
     def volume_started(self, index: int, total: int, source) -> None:
+        self.position = f"{index}/{total}"
         if self.progress is not None:
             self.progress.update(self.window_task, completed=0, total=1, description=f"  {source.name}"[-40:])
-        elif not self.quiet:
-            self._print(f"[{time.monotonic() - self.started:7.1f} s] {index}/{total} {source.name}")
 
     def windows_done(self, done: int, total: int) -> None:
         if self.progress is not None:
@@ -58,15 +64,13 @@ class ConsoleReporter:
     def volume_done(self, source, seconds: float) -> None:
         if self.progress is not None:
             self.progress.advance(self.volume_task)
+        elif not self.quiet:
+            self._print(f"[{time.monotonic() - self.started:7.1f} s] {self.position} {source.name} ({seconds:.1f} s)")
 
     def volume_failed(self, source, reason: str) -> None:
         self._print(f"skipped {source.path}: {reason}")
         if self.progress is not None:
             self.progress.advance(self.volume_task)
-
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            self._print(text)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -81,6 +85,8 @@ def embed_command(
     output_format: str = typer.Option("npy", "--format", help="npy (one float32 vector file per volume) or jsonl (one JSON line per volume in embeddings.jsonl)."),
     dense: bool = typer.Option(False, "--dense", help="Also write the dense feature map (the U-Net's last decoder feature, width channels) as a vector image with geometry."),
     dense_grid: str = typer.Option("input", "--dense-grid", help="Grid of the dense maps: input (the volume's own grid) or canonical (the network's isotropic grid; smaller for fine CTs)."),
+    include: List[str] = typer.Option([], "--include", help="Only volumes whose name (e.g. p1/ct) or file name matches this glob pattern; repeatable."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Leave out volumes whose name or file name matches this glob pattern (e.g. '*seg*', 'labelsTr/*'); repeatable."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: embed every N-th volume of the sorted list from the I-th (0-based), e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
     window: Optional[int] = typer.Option(None, "--window", help="Dense maps: sliding-window side in voxels, a multiple of 16 (default: the weights' training patch, else 128). The global vector always pools the whole volume."),
     overlap: float = typer.Option(0.5, "--overlap", help="Dense maps: fraction shared by neighbouring windows."),
@@ -94,9 +100,11 @@ def embed_command(
     Volumes already embedded in the output folder are skipped, so a run can be resumed and
     split over SLURM array tasks with --shard.
     """
+    import signal
+
     from gvsl_cli.device import resolve_device
     from gvsl_cli.embedding import EmbedConfig, embed, parse_shard
-    from gvsl_cli.errors import InputError
+    from gvsl_cli.errors import IncompleteError
     from gvsl_cli.weights import load_weights_spec
 
     config = EmbedConfig(
@@ -108,23 +116,32 @@ def embed_command(
         precision=precision,
         shard=parse_shard(shard),
         overwrite=overwrite,
+        include=tuple(include),
+        exclude=tuple(exclude),
     )
+    reporter = ConsoleReporter(quiet)
+    if not dense and (window is not None or overlap != 0.5 or dense_grid != "input") and not quiet:
+        reporter.console.print("note: --window, --overlap and --dense-grid apply to dense maps; without --dense they are not used", markup=False)
     torch_device = resolve_device(device)
     loaded = load_weights_spec(weights)
-    reporter = ConsoleReporter(quiet)
     stdin_lines = sys.stdin if "-" in inputs else ()
+
+    def terminated(signum, frame):
+        # SLURM's time limit and preemption send SIGTERM: stop like Ctrl-C, so the write in
+        # progress removes its temporary file; finished volumes are kept and skipped next time.
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         summary = embed(inputs, out_dir, loaded, config, torch_device, stdin_lines=stdin_lines, reporter=reporter)
     finally:
         reporter.close()
-    for skipped in summary.skipped_inputs:
-        reporter.console.print(f"skipped {skipped.path}: {skipped.reason}", markup=False)
+        signal.signal(signal.SIGTERM, previous)
     problems = [s for s in summary.skipped_inputs if not s.reason.startswith(("given more than once", "same file as"))]
     problems += summary.failed
-    done = len(summary.computed)
-    line = f"embedded {done} volume(s) ({summary.dim} values each) in {summary.seconds:.1f} s on {torch_device}"
+    line = f"embedded {len(summary.computed)} volume(s) ({summary.dim} values each) in {summary.seconds:.1f} s on {torch_device}"
     if summary.already_done:
         line += f"; {len(summary.already_done)} already done"
     typer.echo(f"{line} -> {summary.outputs}", err=True)
     if problems:
-        raise InputError(f"{len(problems)} input(s) could not be embedded (listed above); the others were", hint="fix or remove them and run again: finished volumes are skipped")
+        raise IncompleteError(f"{len(problems)} input(s) could not be embedded (listed above)", hint="fix or remove them and run again: finished volumes are skipped")
