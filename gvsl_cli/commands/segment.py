@@ -30,7 +30,7 @@ def segment(
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, InputError
     from gvsl_cli.io import ensure_writable_folder
-    from gvsl_cli.segmentation import check_overlap, load_segmenter, segment_files
+    from gvsl_cli.segmentation import check_overlap, load_segmenter, plan_outputs, segment_files
 
     check_overlap(overlap)
     if batch < 1:
@@ -44,6 +44,7 @@ def segment(
         console.print(f"skipped {item.path}: {item.reason}", markup=False)
     if not sources:
         raise InputError(f"no image among {len(inputs)} input(s)", hint="give NIfTI, NRRD, MHA/MHD files, folders of them or DICOM series folders")
+    plan_outputs(sources, output)  # refuses two inputs with one output name, before any work
     ensure_writable_folder(output, what="output folder")
     if not quiet:
         console.print(f"model {segmenter.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(segmenter.label_names, segmenter.label_values)), markup=False)
