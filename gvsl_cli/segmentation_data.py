@@ -41,6 +41,8 @@ DATASET_JSON = "dataset.json"
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 #: Fraction of training patches centred on a foreground voxel (nnU-Net's 0.33).
 FOREGROUND_FRACTION = 1.0 / 3.0
+#: Class indices are stored as uint8.
+MAX_CLASSES = 256
 #: At most this many voxel positions are kept per class and case for foreground sampling
 #: (a random subset, as nnU-Net does): enough to reach every part of a structure.
 MAX_FOREGROUND_POSITIONS = 10000
@@ -63,7 +65,9 @@ class LabelSet:
         if len(self.names) != len(self.values) or len(self.values) < 2:
             raise InputError(f"a label set needs a background and at least one class, got {dict(zip(self.names, self.values))}")
         if self.values[0] != 0 or list(self.values) != sorted(set(self.values)):
-            raise InputError(f"label values must be distinct, with background 0, got {list(self.values)}")
+            raise InputError(f"label values must be distinct and >= 0, with background 0, got {list(self.values)}")
+        if len(self.values) > MAX_CLASSES:
+            raise InputError(f"{len(self.values)} classes; gvsl finetune handles at most {MAX_CLASSES}")
 
     @property
     def count(self) -> int:
@@ -118,6 +122,8 @@ def read_dataset_json(path: Path) -> LabelSet:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{path}: label {key!r} has value {value!r}; expected an integer")
         labels[str(key)] = value
+    if "ignore" in labels:
+        raise InputError(f"{path}: nnU-Net's \"ignore\" label (partial annotations) is not supported by gvsl finetune", hint="label every voxel, or leave those cases out")
     if 0 not in labels.values():
         raise InputError(f"{path}: no label with value 0 (the background)", hint='add "background": 0 to "labels"')
     if len(set(labels.values())) != len(labels):

@@ -290,3 +290,26 @@ def test_patch_sampler_centres_a_third_of_the_patches_on_foreground():
     again, _ = sampler.sample(7, 1)
     first, _ = PatchSampler([case], (16, 16, 16), seed=0).sample(7, 1)
     assert np.array_equal(again, first)
+
+
+def test_augmented_patches_keep_images_and_labels_aligned():
+    # The image encodes its label (intensity = class / 4): after the random rotation and
+    # scaling (trilinear for the image, nearest for the labels) they must still agree,
+    # except on a thin layer along class boundaries.
+    from gvsl_cli.finetuning import FinetuneTask
+
+    z, y, x = np.mgrid[:64, :64, :64]
+    target = ((z // 8 + y // 16 + x // 32) % 3).astype(np.uint8)
+    case = PreparedCase(name="a", image=(target / 4.0).astype(np.float32), values=np.empty(0), modality="mr", target=target)
+    sampler = PatchSampler([case], (32, 32, 32), seed=0, margin=4)
+    task = FinetuneTask(sampler, 2, seed=0, device=torch.device("cpu"), augment=True)
+    plain = FinetuneTask(PatchSampler([case], (32, 32, 32), seed=0, margin=4), 2, seed=0, device=torch.device("cpu"), augment=False)
+    for iteration in (1, 2, 3):
+        images, targets = task.batch(iteration)
+        assert images.shape == (2, 1, 32, 32, 32) and targets.shape == (2, 32, 32, 32) and targets.dtype == torch.int64
+        agree = (images[:, 0] - targets / 4.0).abs() < 0.05
+        assert agree.float().mean() > 0.8
+        # ...and it did move voxels: the centre of the un-augmented crop (patch + margins) differs.
+        region, _ = plain.batch(iteration)
+        assert region.shape == (2, 1, 40, 40, 40)
+        assert not torch.allclose(images, region[:, :, 4:36, 4:36, 4:36], atol=1e-3)
