@@ -311,12 +311,16 @@ def prepare_cases(
     not silently trained on without it).
     """
     prepared: list[PreparedCase] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = [pool.submit(prepare_case, case, preprocess, label_set) for case in cases]
         for done, future in enumerate(futures, start=1):
             prepared.append(future.result())
             if on_progress is not None:
                 on_progress(done, len(futures))
+    finally:
+        # On the first error, cases not yet started are dropped rather than read for nothing.
+        pool.shutdown(wait=True, cancel_futures=True)
     if label_set is None:
         label_set = LabelSet.from_values(np.unique(np.concatenate([np.unique(p.values) for p in prepared])).tolist())
     for case in prepared:
