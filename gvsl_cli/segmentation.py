@@ -15,6 +15,7 @@ label map would give staircases).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -222,8 +223,6 @@ def segment_files(
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
     """Segment each source into ``out_dir``; a failing input is reported and the others done."""
-    import time
-
     from gvsl_cli.io import read_volume, write_volume
 
     results = []
