@@ -93,6 +93,7 @@ class FinetuneConfig:
         workers: threads preparing cases.
         resume: continue the run in ``run_dir``.
         log_every: iterations between metric flushes.
+        time_limit_s: stop cleanly (validation, checkpoint) after this many seconds of training.
         explicit: names of the options the user set (on resume the rest come from the run).
     """
 
@@ -119,6 +120,7 @@ class FinetuneConfig:
     workers: int = 2
     resume: bool = False
     log_every: int = 10
+    time_limit_s: float | None = None
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -136,6 +138,8 @@ class FinetuneConfig:
         check_overlap(self.overlap)
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
         if self.spacing is not None:
             check_spacing(self.spacing)
         if self.modality is not None and self.modality not in ("ct", "mr", "auto"):
@@ -306,6 +310,9 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         TrainingError: the loss became NaN.
     """
     reporter = reporter or SilentReporter()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # Several processes would each train their own copy into the same run folder.
+        raise ConfigError("gvsl finetune runs as one process on one device; it was launched as several (WORLD_SIZE > 1)", hint="run it without torchrun")
     run_dir = Path(config.run_dir)
     last_path = run_dir / LAST_FILE
     if run_dir.exists() and not run_dir.is_dir():
@@ -447,7 +454,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
 
     sampler = PatchSampler(train_cases, patch, seed=config.seed, margin=(max(patch) // 8) if config.augment else 0)
     task = FinetuneTask(sampler, config.batch, seed=config.seed, device=device, augment=config.augment)
-    options = LoopOptions(iters=config.iters, save_every=config.val_every, log_every=config.log_every, autocast_dtype=autocast_dtype)
+    options = LoopOptions(iters=config.iters, save_every=config.val_every, log_every=config.log_every, time_limit_s=config.time_limit_s, autocast_dtype=autocast_dtype)
     result = run_training(
         model,
         optimizer,

@@ -167,6 +167,24 @@ def test_resumed_run_repeats_the_uninterrupted_one(itk_folders, weights, tmp_pat
     assert run(["finetune", *common, "-o", str(tmp_path / "parts"), "--iters", "4"]) == 2
 
 
+def test_time_limit_stops_with_a_validated_checkpoint(itk_folders, weights, tmp_path):
+    images, labels = itk_folders
+    run_dir = tmp_path / "limited"
+    args = ["finetune", "--images", str(images), "--labels", str(labels), "--weights", str(weights), "-o", str(run_dir), "--batch", "1", "--log-every", "1", *SMALL]
+    assert run([*args, "--iters", "5", "--val-every", "5", "--time-limit", "0.001"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "time limit" and summary["iteration"] == 1 and summary["last"]["iteration"] == 1
+    assert load_weights(run_dir / "last.pt").extra["training"]["iteration"] == 1
+
+
+def test_several_processes_are_refused(itk_folders, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    images, labels = itk_folders
+    assert run(["finetune", "--images", str(images), "--labels", str(labels), "--weights", str(weights), "-o", str(tmp_path / "r")]) == 2
+    assert "launched as several" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- dataset errors
 
 

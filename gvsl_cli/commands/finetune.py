@@ -70,11 +70,12 @@ def finetune(
     workers: int = typer.Option(2, "--workers", help="Threads that read and prepare cases."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from last.pt (a complete run: nothing to do, exit 0)."),
     log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly (validation, checkpoint) after this long (3600, 90m, 2h, 1:30:00); continue with --resume."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary table (warnings are still shown)."),
 ) -> None:
     """Train a segmentation network from GVSL weights on labelled images (nnU-Net layout or two folders)."""
     from gvsl_cli.commands.output import table_console
-    from gvsl_cli.commands.pretrain import RichReporter
+    from gvsl_cli.commands.pretrain import RichReporter, parse_duration
     from gvsl_cli.finetuning import FinetuneConfig, finetune as run_finetune
 
     given = {
@@ -107,6 +108,7 @@ def finetune(
         workers=workers,
         resume=resume,
         log_every=log_every,
+        time_limit_s=parse_duration(time_limit) if time_limit else None,
         explicit=explicit,
     )
 
