@@ -4,7 +4,7 @@
 them with the weights' preprocessing contract, splits off validation cases, builds a
 ``SegmentationNet`` (the GVSL U-Net + a 1³ head) and trains it with ``FinetuneTask``:
 
-    patches (1/3 centred on foreground)  --(device)-->  small rotation/scaling
+    patches (1/3 centred on foreground)  --(device)-->  small rotation/scaling, brightness, gamma
     logits = SegmentationNet(patch);  loss = CE + (1 - mean foreground soft Dice)
 
 Modes: ``finetune`` trains everything from the pre-trained U-Net, ``linear`` freezes the
@@ -68,6 +68,36 @@ SUMMARY_FILE = "summary.json"
 #: Random rotation (±15° about each axis) and scaling (0.85-1.15 per axis) of training
 #: patches; no flips (left/right labels) and no elastic deformation.
 AUGMENTATION = SpatialConfig(rotation=math.pi / 12, scale=(0.85, 1.15), translation=0.0, shear=0.0, elastic_alpha=(0.0, 0.0))
+#: Intensity augmentation of training patches (nnU-Net's multiplicative brightness and
+#: gamma, each applied to a patch with its probability): subjects' intensities differ even
+#: after the percentile mapping, and a network trained on few cases otherwise learns the
+#: training cases' exact grey levels (seen in docs/finetuning.md's example).
+BRIGHTNESS = (0.75, 1.25)
+BRIGHTNESS_PROBABILITY = 0.3
+GAMMA = (0.7, 1.5)
+GAMMA_PROBABILITY = 0.3
+
+
+def augment_intensities(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random brightness (x·b) and gamma (x^γ on [0, 1]) per patch of (B, 1, D, H, W) images.
+
+    Each patch gets each change with its probability (per-item masks, no host branching);
+    gamma acts on the patch's own [min, max] range so CT and MR alike keep their range.
+    """
+    batch, device = images.shape[0], images.device
+    shape = (batch, 1, 1, 1, 1)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    brightness = torch.where(torch.rand(shape, generator=generator, device=device) < BRIGHTNESS_PROBABILITY, uniform(*BRIGHTNESS), torch.ones(shape, device=device))
+    gamma = torch.where(torch.rand(shape, generator=generator, device=device) < GAMMA_PROBABILITY, uniform(*GAMMA), torch.ones(shape, device=device))
+    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
+    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
+    images = low + span * ((images - low) / span).clamp(0.0, 1.0) ** gamma
+    return images * brightness
+
+
 #: Settings that define a run; on --resume they come from the checkpoint and may not change.
 RUN_DEFINING = ("dataset", "images", "labels", "weights", "mode", "width", "spacing", "modality", "batch", "patch", "lr", "val_fraction", "augment", "seed")
 
@@ -88,7 +118,7 @@ class FinetuneConfig:
         val_fraction: share of the cases held out for validation (deterministic from seed).
         val_every: validate (and checkpoint) every this many iterations.
         overlap: sliding-window overlap of validation predictions.
-        augment: random rotation and scaling of training patches.
+        augment: random rotation, scaling, brightness and gamma of training patches.
         device, precision: see ``gvsl_cli.device``.
         workers: threads preparing cases.
         resume: continue the run in ``run_dir``.
@@ -240,7 +270,7 @@ class FinetuneTask:
         patch = self.sampler.patch
         params = draw_spatial(AUGMENTATION, images.shape[0], patch, self.generator, self.device)
         grid = spatial_grid(params, patch, self.sampler.region)
-        images = apply_spatial(images, grid)
+        images = augment_intensities(apply_spatial(images, grid), self.generator)
         # Labels by nearest neighbour: a class index is never averaged with its neighbour's.
         targets = spatial.sample(targets[:, None].float(), grid, mode="nearest")[:, 0].long()
         return images, targets

@@ -310,11 +310,15 @@ def test_patch_sampler_centres_a_third_of_the_patches_on_foreground():
     assert np.array_equal(again, first)
 
 
-def test_augmented_patches_keep_images_and_labels_aligned():
+def test_augmented_patches_keep_images_and_labels_aligned(monkeypatch):
     # The image encodes its label (intensity = class / 4): after the random rotation and
     # scaling (trilinear for the image, nearest for the labels) they must still agree,
-    # except on a thin layer along class boundaries.
+    # except on a thin layer along class boundaries. (Intensity changes off for this.)
+    from gvsl_cli import finetuning
     from gvsl_cli.finetuning import FinetuneTask
+
+    monkeypatch.setattr(finetuning, "BRIGHTNESS_PROBABILITY", 0.0)
+    monkeypatch.setattr(finetuning, "GAMMA_PROBABILITY", 0.0)
 
     z, y, x = np.mgrid[:64, :64, :64]
     target = ((z // 8 + y // 16 + x // 32) % 3).astype(np.uint8)
@@ -331,3 +335,17 @@ def test_augmented_patches_keep_images_and_labels_aligned():
         region, _ = plain.batch(iteration)
         assert region.shape == (2, 1, 40, 40, 40)
         assert not torch.allclose(images, region[:, :, 4:36, 4:36, 4:36], atol=1e-3)
+
+
+def test_intensity_augmentation_keeps_the_range_and_order_and_is_seeded():
+    from gvsl_cli.finetuning import augment_intensities
+
+    images = torch.linspace(0.0, 1.0, 8 * 4**3).view(8, 1, 4, 4, 4)
+    out = augment_intensities(images, torch.Generator().manual_seed(0))
+    again = augment_intensities(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    flat_in, flat_out = images.view(8, -1), out.view(8, -1)
+    assert (flat_out.diff(dim=1) >= 0).all()  # monotone: tissue contrast keeps its order
+    changed = ~torch.isclose(flat_out, flat_in, atol=1e-6).all(dim=1)
+    assert 0 < int(changed.sum()) < 8  # some patches changed (probabilities 0.3 each), not all
+    assert (flat_out.min(dim=1).values >= flat_in.min(dim=1).values * 0.75 - 1e-6).all()

@@ -63,7 +63,7 @@ def finetune(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the cases held out for validation, drawn with --seed (default: 0.2; at least one case when there are two or more)."),
     val_every: int = typer.Option(250, "--val-every", help="Validate (per-class Dice, sliding window) and checkpoint every this many iterations."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap of validation predictions, in [0, 1)."),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random rotation (±15°) and scaling (0.85-1.15) of training patches; no flips (default: on)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random rotation (±15°), scaling (0.85-1.15), brightness and gamma of training patches; no flips (default: on)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the split, the head's initial weights and every random draw (default: 0)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
