@@ -93,7 +93,7 @@ def test_finetune_raises_validation_dice_and_keeps_the_best_checkpoint(trained_r
     assert [r["iteration"] for r in losses] == list(range(1, ITERS + 1))
     assert [r["iteration"] for r in validations] == [0, 20, 40]
     assert set(validations[0]["val_dice"]) == {"white_matter", "grey_matter"}
-    # Validation here is on the two training cases (--val-fraction 0). Seen: 0.156 -> 0.470.
+    # Validation here is on the two training cases (--val-fraction 0). Seen: 0.156 -> 0.459.
     initial, best = validations[0]["val_mean_dice"], max(r["val_mean_dice"] for r in validations)
     assert best > initial + 0.2
     summary = json.loads((trained_run / "summary.json").read_text())
@@ -114,9 +114,10 @@ def test_segmenting_a_training_image_reproduces_its_labels(trained_run, dataset,
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "colin.nii.gz")))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / "labelsTr" / "colin.nii.gz")))
     assert predicted.shape == truth.shape
-    dice_wm = 2 * np.sum((predicted == 1) & (truth == 1)) / (np.sum(predicted == 1) + np.sum(truth == 1))
-    # Seen after 40 iterations: white-matter Dice 0.62, voxel agreement 0.85.
-    assert dice_wm > 0.5
+    dice = [2 * np.sum((predicted == k) & (truth == k)) / (np.sum(predicted == k) + np.sum(truth == k)) for k in (1, 2)]
+    # Seen after 40 iterations: white matter 0.62, grey matter 0.41, voxel agreement 0.84
+    # (all background would agree on 0.76 of the voxels).
+    assert dice[0] > 0.5 and dice[1] > 0.3
     assert np.mean(predicted == truth) > 0.8
 
 
