@@ -59,7 +59,7 @@ def finetune(
     iters: Optional[int] = typer.Option(None, "--iters", help="Train up to this iteration (default: 5000; with --resume, the run's own)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Patches per step (default: 2, as nnU-Net)."),
     patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16; also the inference window (default: 128)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: 1e-4 finetune, 1e-3 linear, 3e-4 scratch)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default: 1e-4 finetune, 1e-2 linear, 3e-4 scratch)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the cases held out for validation, drawn with --seed (default: 0.2; at least one case when there are two or more)."),
     val_every: int = typer.Option(250, "--val-every", help="Validate (per-class Dice, sliding window) and checkpoint every this many iterations."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap of validation predictions, in [0, 1)."),
