@@ -392,6 +392,15 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
     modalities = sorted({c.modality for c in prepared})
     reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
+    misfits = [c.name for c in prepared if c.detected is not None and c.detected != c.modality]
+    if misfits:
+        # E.g. official GVSL weights (CT, Hounsfield window) fine-tuned on MR: the window
+        # squeezes MR intensities into a sliver of [0, 1].
+        imposed = contract.modality.upper()
+        reporter.note(
+            f"warning: the weights' contract maps intensities as {imposed}, but {len(misfits)} of {len(prepared)} case(s) look like "
+            f"{'MR' if imposed == 'CT' else 'CT'} ({', '.join(misfits[:3])}{' ...' if len(misfits) > 3 else ''}); give --modality if the contract does not fit the data"
+        )
     if resumed is not None:
         stored = resumed.extra[SEGMENTATION_KEY]
         if list(stored["label_values"]) != list(label_set.values):

@@ -234,6 +234,8 @@ class PreparedCase:
         values: (D, H, W) int64 label values (file values, not yet class indices).
         target: (D, H, W) uint8 class indices (set by ``index_cases``).
         modality: the intensity mapping used ("ct" or "mr").
+        detected: what ``preprocess.detect_modality`` makes of the raw intensities (differs
+            from ``modality`` when the contract imposes a mapping that does not fit).
     """
 
     name: str
@@ -241,6 +243,7 @@ class PreparedCase:
     values: np.ndarray
     modality: str
     target: np.ndarray | None = None
+    detected: str | None = None
 
 
 def _check_label_map(label, image, case: Case):
@@ -277,7 +280,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     """
     import SimpleITK as sitk
 
-    from gvsl_cli.preprocess import prepare, resample
+    from gvsl_cli.preprocess import detect_modality, prepare, resample
 
     image = read_volume(case.image)
     label = read_volume(case.label)
@@ -293,7 +296,8 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     label_image = sitk.GetImageFromArray(values.astype(np.int32))
     label_image.CopyInformation(label)
     on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
-    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality)
+    detected = detect_modality(sitk.GetArrayViewFromImage(image))
+    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality, detected=detected)
 
 
 def prepare_cases(

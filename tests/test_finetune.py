@@ -350,3 +350,16 @@ def test_intensity_augmentation_keeps_the_range_and_order_and_is_seeded():
     changed = ~torch.isclose(flat_out, flat_in, atol=1e-6).all(dim=1)
     assert 0 < int(changed.sum()) < 8  # some patches changed (probabilities 0.3 each), not all
     assert (flat_out.min(dim=1).values >= flat_in.min(dim=1).values * 0.75 - 1e-6).all()
+
+
+def test_a_contract_that_does_not_fit_the_images_is_warned_about(itk_folders, tmp_path, capsys):
+    # Official GVSL weights carry a CT contract; fine-tuned on MR as is, the HU window
+    # would squeeze the MR intensities: the run says so (and still runs, as asked).
+    torch.manual_seed(0)
+    ct_weights = save_checkpoint(tmp_path / "ct.pt", GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0, modality="ct"))
+    images, labels = itk_folders
+    args = ["finetune", "--images", str(images), "--labels", str(labels), "-o", str(tmp_path / "r"), "--iters", "1", "--val-every", "1", *SMALL]
+    assert run([*args, "--weights", str(ct_weights)]) == 0
+    assert "maps intensities as CT, but 1 of 1 case(s) look like MR (knee)" in capsys.readouterr().err
+    assert run([*args, "--weights", str(ct_weights), "--modality", "mr", "-o", str(tmp_path / "r2")]) == 0
+    assert "look like" not in capsys.readouterr().err
