@@ -176,6 +176,8 @@ class FinetuneConfig:
         if self.modality is not None and self.modality not in ("ct", "mr", "auto"):
             raise ConfigError(f"--modality must be one of ct, mr, auto; got {self.modality!r}")
         ModelConfig(width=self.width)  # a width that is no multiple of 8: one line, now
+        if not self.resume and self.dataset is None and (self.images is None or self.labels is None):
+            raise ConfigError("no dataset given", hint="gvsl finetune DATASET_FOLDER (nnU-Net layout), or --images DIR --labels DIR")
         if self.mode == "scratch" and self.weights is not None:
             raise ConfigError("--mode scratch starts from random weights; drop --weights (or use --mode finetune)")
         if self.mode != "scratch" and self.weights is None and not self.resume:
@@ -210,8 +212,18 @@ class Validation:
         return float(np.mean(values)) if values else 0.0
 
     def to_row(self) -> dict[str, Any]:
-        clean = {k: (None if math.isnan(v) else round(v, 6)) for k, v in self.dice.items()}
-        return {"iteration": self.iteration, "val_mean_dice": round(self.mean, 6), "val_dice": clean}
+        """A metrics.jsonl row: mean, per-class and per-case Dice (NaN written as null)."""
+
+        def clean(value: float):
+            return None if math.isnan(value) else round(value, 6)
+
+        names = list(self.dice)
+        return {
+            "iteration": self.iteration,
+            "val_mean_dice": round(self.mean, 6),
+            "val_dice": {k: clean(v) for k, v in self.dice.items()},
+            "val_case_dice": {case: dict(zip(names, map(clean, scores))) for case, scores in self.per_case.items()},
+        }
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Validation":

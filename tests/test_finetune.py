@@ -93,6 +93,9 @@ def test_finetune_raises_validation_dice_and_keeps_the_best_checkpoint(trained_r
     assert [r["iteration"] for r in losses] == list(range(1, ITERS + 1))
     assert [r["iteration"] for r in validations] == [0, 20, 40]
     assert set(validations[0]["val_dice"]) == {"white_matter", "grey_matter"}
+    assert set(validations[0]["val_case_dice"]) == {"colin", "icbm"}
+    per_case = validations[-1]["val_case_dice"]  # the class Dice is the mean over the cases
+    assert abs(validations[-1]["val_dice"]["white_matter"] - (per_case["colin"]["white_matter"] + per_case["icbm"]["white_matter"]) / 2) < 1e-5
     # Validation here is on the two training cases (--val-fraction 0). Seen: 0.156 -> 0.459.
     initial, best = validations[0]["val_mean_dice"], max(r["val_mean_dice"] for r in validations)
     assert best > initial + 0.2
