@@ -260,7 +260,7 @@ class FinetuneSummary:
 
 
 class FinetuneTask:
-    """One supervised step: sampled patches, device-side rotation/scaling, Dice + CE."""
+    """One supervised step: sampled patches, device-side rotation/scaling/brightness/gamma, Dice + CE."""
 
     loss_names = ("loss", "dice", "ce")
 
@@ -318,7 +318,7 @@ def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any]) -> Finetun
         if name in ("dataset", "images", "labels") and mine is not None:
             mine = os.path.abspath(mine)
         if name in config.explicit and mine != value:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from the run being resumed ({value})", hint=f"drop it, or start a new run in another folder")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from the run being resumed ({value})", hint="drop it, or start a new run in another folder")
         changes[name] = value
     return dataclasses.replace(config, **changes)
 
