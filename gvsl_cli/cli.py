@@ -23,7 +23,7 @@ from gvsl_cli.errors import DeviceError, GvslError, InputError
 
 app = typer.Typer(
     name="gvsl",
-    help="GVSL for 3D medical images: pre-train, register, apply transforms, embed, fetch weights (CT and MR; NIfTI, NRRD, MHA, DICOM).",
+    help="GVSL for 3D medical images: pre-train, register, apply transforms, embed, fine-tune and apply segmentation, fetch weights (CT and MR; NIfTI, NRRD, MHA, DICOM).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

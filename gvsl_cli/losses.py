@@ -174,3 +174,44 @@ def smoothness_loss(displacement: torch.Tensor) -> torch.Tensor:
     dy = u[:, :, :, 1:] - u[:, :, :, :-1]
     dx = u[:, :, :, :, 1:] - u[:, :, :, :, :-1]
     return ((dz * dz).mean() + (dy * dy).mean() + (dx * dx).mean()) / 3.0
+
+
+#: Added to the numerator and denominator of the soft Dice (nnU-Net's smoothing): a class
+#: absent from both prediction and target scores 1 instead of 0/0.
+DICE_SMOOTH = 1e-5
+
+
+def soft_dice(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """Soft Dice of each class over the whole batch (nnU-Net's "batch Dice"), shape (K,).
+
+    Args:
+        logits: (B, K, D, H, W) unnormalised class scores.
+        target: (B, D, H, W) integer class indices in [0, K).
+
+    Dice_k = (2·Σ p_k·t_k + smooth) / (Σ p_k + Σ t_k + smooth), p = softmax(logits),
+    t = one-hot(target), sums over the batch and all voxels; computed in float32.
+    """
+    if logits.dim() != 5 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"logits must be (B, K, D, H, W) and target (B, D, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    probabilities = torch.softmax(logits.float(), dim=1)
+    one_hot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    dims = (0, 2, 3, 4)
+    intersection = (probabilities * one_hot).sum(dims)
+    total = probabilities.sum(dims) + one_hot.sum(dims)
+    return (2.0 * intersection + smooth) / (total + smooth)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nnU-Net's segmentation loss: cross-entropy + (1 - mean soft Dice of the foreground classes).
+
+    Args:
+        logits: (B, K, D, H, W) unnormalised class scores (class 0 is the background).
+        target: (B, D, H, W) integer class indices in [0, K).
+
+    Returns:
+        (total, dice_loss, ce): scalar tensors, total = dice_loss + ce. The background is
+        left out of the Dice term (as nnU-Net does), since it dominates the voxel count.
+    """
+    dice_loss = 1.0 - soft_dice(logits, target, smooth=smooth)[1:].mean()
+    ce = F.cross_entropy(logits.float(), target.long())
+    return dice_loss + ce, dice_loss, ce

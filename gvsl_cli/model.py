@@ -419,3 +419,32 @@ class GVSL(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())
+
+
+class SegmentationNet(nn.Module):
+    """The GVSL U-Net with a segmentation head: logits of ``n_classes`` classes per voxel.
+
+    The head is a Conv3d 1³ (width -> n_classes) on the last decoder feature f_l, the
+    smallest head the pre-trained features can be read by (``gvsl finetune --mode linear``
+    trains it alone). Parameter names: ``unet.*`` as in ``GVSL`` (so pre-trained U-Net
+    weights load unchanged), ``head.*``.
+    """
+
+    def __init__(self, config: ModelConfig, n_classes: int) -> None:
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"a segmentation needs at least 2 classes (background and one more), got {n_classes}")
+        self.config = config
+        self.n_classes = n_classes
+        self.unet = UNet3D(config)
+        self.head = nn.Conv3d(config.width, n_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_classes, D, H, W) of images ``x`` (B, C, D, H, W); any size."""
+        return self.head(self.unet(x).local)
+
+    def load_unet(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the ``unet.*`` entries of a GVSL (or segmentation) state_dict, strictly."""
+        prefix = "unet."
+        unet_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.unet.load_state_dict(unet_state, strict=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from gvsl_cli import losses
@@ -91,3 +94,38 @@ def test_ncc_analytic_gradient_matches_autograd_of_the_definition(generator):
     dense_fixed, dense_moving = torch.autograd.grad(losses.local_ncc_loss_dense(fixed, moving, 5), (fixed, moving))
     assert torch.allclose(fast_moving, dense_moving, atol=1e-10)
     assert torch.allclose(fast_fixed, dense_fixed, atol=1e-10)
+
+
+def test_dice_ce_of_uniform_logits_has_the_known_value():
+    # p = 1/2 everywhere, half the voxels of class 1: Dice_1 = 2·(N/4) / (N/2 + N/2) = 1/2,
+    # cross-entropy = ln 2.
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    target[..., :2] = 1
+    total, dice_loss, ce = losses.dice_ce_loss(logits, target, smooth=0.0)
+    assert abs(dice_loss.item() - 0.5) < 1e-6
+    assert abs(ce.item() - math.log(2)) < 1e-6
+    assert abs(total.item() - (0.5 + math.log(2))) < 1e-6
+
+
+def test_dice_ce_of_a_confident_right_answer_is_near_zero_and_wrong_one_high():
+    target = torch.randint(0, 3, (2, 6, 6, 6), generator=torch.Generator().manual_seed(1))
+    one_hot = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    right, _, _ = losses.dice_ce_loss(30.0 * one_hot, target)
+    wrong, wrong_dice, _ = losses.dice_ce_loss(30.0 * one_hot.roll(1, dims=1), target)
+    assert right.item() < 1e-6
+    assert wrong_dice.item() > 0.99 and wrong.item() > 29
+
+
+def test_soft_dice_per_class_and_smoothing_of_absent_classes():
+    # Class 2 absent from target and (nearly) from the prediction: smoothing gives ~1, not 0/0.
+    target = torch.zeros(1, 2, 2, 2, dtype=torch.long)
+    target[0, 0] = 1
+    logits = torch.full((1, 3, 2, 2, 2), -50.0)
+    logits[:, 0][target == 0] = 50.0
+    logits[:, 1][target == 1] = 50.0
+    dice = losses.soft_dice(logits, target)
+    assert dice.shape == (3,)
+    assert torch.allclose(dice, torch.ones(3), atol=1e-4)
+    with pytest.raises(ValueError):
+        losses.soft_dice(logits, target[0])

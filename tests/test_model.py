@@ -212,3 +212,18 @@ def test_affine_head_is_float32_under_bf16_autocast(generator):
     assert out.match.theta.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in out.match.parameters.values())
     assert [grid.dtype for grid in grids] == [torch.float32]  # the head's warp of the moving features
+
+
+def test_segmentation_net_gives_class_logits_on_the_input_grid_and_loads_gvsl_unet_weights():
+    from gvsl_cli.model import SegmentationNet
+
+    gvsl = GVSL(ModelConfig(width=8))
+    net = SegmentationNet(ModelConfig(width=8), n_classes=4)
+    net.load_unet(gvsl.state_dict())
+    for name, value in gvsl.unet.state_dict().items():
+        assert torch.equal(net.unet.state_dict()[name], value)
+    assert set(net.state_dict()) == {f"unet.{k}" for k in gvsl.unet.state_dict()} | {"head.weight", "head.bias"}
+    logits = net(torch.rand(2, 1, 20, 17, 16))  # any size: padded inside the U-Net
+    assert logits.shape == (2, 4, 20, 17, 16)
+    with pytest.raises(ValueError):
+        SegmentationNet(ModelConfig(width=8), n_classes=1)

@@ -4,6 +4,6 @@ To add a command: write ``gvsl_cli/commands/<name>.py`` with a ``register(app)``
 and append the module to ``COMMAND_MODULES`` (order = order in ``gvsl --help``).
 """
 
-from gvsl_cli.commands import apply, demo, embed, fetch_weights, info, pretrain, register
+from gvsl_cli.commands import apply, demo, embed, fetch_weights, finetune, info, pretrain, register, segment
 
-COMMAND_MODULES = [pretrain, register, apply, embed, fetch_weights, demo, info]
+COMMAND_MODULES = [pretrain, register, apply, embed, finetune, segment, fetch_weights, demo, info]

@@ -48,9 +48,13 @@ class RichReporter:
     every ``log_interval_s`` seconds, so a long job's log shows where it is.
     """
 
-    def __init__(self, quiet: bool, console=None, log_interval_s: float = 60.0) -> None:
+    def __init__(self, quiet: bool, console=None, log_interval_s: float = 60.0, *, label: str = "pretrain", describe=None) -> None:
+        """``label`` names the run in the progress line; ``describe(row)`` renders a metrics
+        row's losses (default: pre-training's loss terms)."""
         from rich.console import Console
 
+        self.label = label
+        self.describe = describe or _losses_text
         self.quiet = quiet
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.log_interval_s = log_interval_s
@@ -82,7 +86,7 @@ class RichReporter:
             return Column(no_wrap=True)  # never squeezed: the loss text gives way first
 
         self.progress = Progress(
-            TextColumn("pretrain", table_column=fixed()),
+            TextColumn(self.label, table_column=fixed()),
             BarColumn(bar_width=10),
             MofNCompleteColumn(table_column=fixed()),
             TextColumn("{task.fields[rate]}", table_column=fixed()),
@@ -94,7 +98,7 @@ class RichReporter:
             transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("pretrain", total=total, completed=first_iteration, rate="", eta="-:--:--", losses="")
+        self.task = self.progress.add_task(self.label, total=total, completed=first_iteration, rate="", eta="-:--:--", losses="")
 
     def update(self, iteration: int, row: dict) -> None:
         if self.quiet:
@@ -103,15 +107,15 @@ class RichReporter:
         # The rate of the last log block: it follows the run's real speed (compile, warm-up).
         eta = _clock((self.total - iteration) / rate) if rate > 0 else "-:--:--"
         if self.progress is not None:
-            self.progress.update(self.task, completed=iteration, rate=f"{rate:.2f} it/s", eta=eta, losses=_losses_text(row))
+            self.progress.update(self.task, completed=iteration, rate=f"{rate:.2f} it/s", eta=eta, losses=self.describe(row))
             return
         now = time.monotonic()
         if self.last_line_at is not None and now - self.last_line_at < self.log_interval_s and iteration < self.total:
             return
         self.last_line_at = now
         self.console.print(
-            f"pretrain {iteration}/{self.total} ({100 * iteration / self.total:.1f} %)  {rate:.2f} it/s  "
-            f"elapsed {_clock(now - self.started_at)}  eta {eta}  {_losses_text(row)}",
+            f"{self.label} {iteration}/{self.total} ({100 * iteration / self.total:.1f} %)  {rate:.2f} it/s  "
+            f"elapsed {_clock(now - self.started_at)}  eta {eta}  {self.describe(row)}",
             markup=False,
         )
 

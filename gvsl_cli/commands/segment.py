@@ -1,0 +1,63 @@
+"""``gvsl segment``: apply a ``gvsl finetune`` model to new images, label maps with geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)
+
+
+def segment(
+    inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders or .txt lists of paths."),
+    model: str = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    overlap: float = typer.Option(0.5, "--overlap", help="Overlap of neighbouring sliding windows, in [0, 1) (more: smoother, slower)."),
+    batch: int = typer.Option(1, "--batch", help="Windows per network call."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps already in the output folder (default: skip them)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only failures are reported."),
+) -> None:
+    """Segment images with a model trained by gvsl finetune; labels on each input's own grid."""
+    from rich.console import Console
+
+    from gvsl_cli.data import discover
+    from gvsl_cli.device import resolve_device, resolve_precision
+    from gvsl_cli.errors import ConfigError, InputError
+    from gvsl_cli.io import ensure_writable_folder
+    from gvsl_cli.segmentation import check_overlap, load_segmenter, plan_outputs, segment_files
+
+    check_overlap(overlap)
+    if batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {batch}")
+    torch_device = resolve_device(device)
+    autocast_dtype = resolve_precision(precision, torch_device)
+    sources, skipped = discover(inputs)
+    segmenter = load_segmenter(model)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    for item in skipped:
+        console.print(f"skipped {item.path}: {item.reason}", markup=False)
+    if not sources:
+        raise InputError(f"no image among {len(inputs)} input(s)", hint="give NIfTI, NRRD, MHA/MHD files, folders of them or DICOM series folders")
+    plan_outputs(sources, output)  # refuses two inputs with one output name, before any work
+    ensure_writable_folder(output, what="output folder")
+    if not quiet:
+        console.print(f"model {segmenter.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(segmenter.label_names, segmenter.label_values)), markup=False)
+
+    def report(result) -> None:
+        if result.status == "failed":
+            console.print(f"failed {result.input}: {result.reason}", markup=False)
+        elif not quiet:
+            detail = f" ({result.seconds:.1f} s)" if result.status == "written" else f" ({result.reason})"
+            console.print(f"{result.status} {result.output}{detail}", markup=False)
+
+    results = segment_files(segmenter, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
+    failed = [r for r in results if r.status == "failed"]
+    if failed or skipped:
+        written = sum(r.status == "written" for r in results)
+        raise InputError(f"{len(failed) + len(skipped)} of {len(results) + len(skipped)} input(s) could not be segmented ({written} written)", hint="see the lines above")

@@ -1,0 +1,548 @@
+"""Supervised segmentation from GVSL weights (``gvsl finetune``) on ``training.run_training``.
+
+``finetune(config)`` finds and checks the labelled cases (``segmentation_data``), prepares
+them with the weights' preprocessing contract, splits off validation cases, builds a
+``SegmentationNet`` (the GVSL U-Net + a 1³ head) and trains it with ``FinetuneTask``:
+
+    patches (1/3 centred on foreground)  --(device)-->  small rotation/scaling, brightness, gamma
+    logits = SegmentationNet(patch);  loss = CE + (1 - mean foreground soft Dice)
+
+Modes: ``finetune`` trains everything from the pre-trained U-Net, ``linear`` freezes the
+U-Net and trains the head alone, ``scratch`` starts from random weights.
+
+Every ``val_every`` iterations (and at the end) the validation cases are predicted whole
+by sliding windows and scored by per-class Dice on the canonical grid; that is done in the
+loop's checkpoint callback, so the loop itself is the one pre-training uses.
+
+Run folder (``-o``): ``best.pt`` (highest mean foreground Dice; what ``gvsl segment``
+uses), ``last.pt`` (resumable: model, optimizer, scaler, RNG, iteration, settings),
+``metrics.jsonl`` (a loss row per iteration, a validation row per validation),
+``run.json`` (settings and split), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from gvsl_cli import spatial
+from gvsl_cli.augment import SpatialConfig, apply_spatial, draw_spatial, spatial_grid
+from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
+from gvsl_cli.config import ModelConfig, PreprocessConfig, check_spacing
+from gvsl_cli.data import STREAM_AUGMENT, iteration_seed
+from gvsl_cli.device import resolve_device, resolve_precision
+from gvsl_cli.distributed import DistContext
+from gvsl_cli.errors import CheckpointError, ConfigError, InputError
+from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
+from gvsl_cli.losses import dice_ce_loss
+from gvsl_cli.model import SegmentationNet
+from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
+from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, prepare_cases, split_cases
+from gvsl_cli.training import (
+    METRICS_FILE,
+    LoopOptions,
+    Reporter,
+    SilentReporter,
+    check_loop_counts,
+    restore_training_state,
+    run_training,
+    training_state,
+    truncate_metrics,
+)
+
+MODES = ("finetune", "linear", "scratch")
+#: Adam learning rates by mode: a pre-trained U-Net is moved gently; a network from
+#: scratch takes larger steps; a lone 1³ head (a few dozen weights) needs much larger ones
+#: (docs/finetuning.md: 1e-3 barely moved it in 300 iterations, 1e-2 did).
+DEFAULT_LR = {"finetune": 1e-4, "linear": 1e-2, "scratch": 3e-4}
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+#: Random rotation (±15° about each axis) and scaling (0.85-1.15 per axis) of training
+#: patches; no flips (left/right labels) and no elastic deformation.
+AUGMENTATION = SpatialConfig(rotation=math.pi / 12, scale=(0.85, 1.15), translation=0.0, shear=0.0, elastic_alpha=(0.0, 0.0))
+#: Intensity augmentation of training patches (nnU-Net's multiplicative brightness and
+#: gamma, each applied to a patch with its probability): subjects' intensities differ even
+#: after the percentile mapping, and a network trained on few cases otherwise learns the
+#: training cases' exact grey levels (seen in docs/finetuning.md's example).
+BRIGHTNESS = (0.75, 1.25)
+BRIGHTNESS_PROBABILITY = 0.3
+GAMMA = (0.7, 1.5)
+GAMMA_PROBABILITY = 0.3
+
+
+def augment_intensities(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random brightness (x·b) and gamma (x^γ on [0, 1]) per patch of (B, 1, D, H, W) images.
+
+    Each patch gets each change with its probability (per-item masks, no host branching);
+    gamma acts on the patch's own [min, max] range so CT and MR alike keep their range.
+    """
+    batch, device = images.shape[0], images.device
+    shape = (batch, 1, 1, 1, 1)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+    brightness = torch.where(torch.rand(shape, generator=generator, device=device) < BRIGHTNESS_PROBABILITY, uniform(*BRIGHTNESS), torch.ones(shape, device=device))
+    gamma = torch.where(torch.rand(shape, generator=generator, device=device) < GAMMA_PROBABILITY, uniform(*GAMMA), torch.ones(shape, device=device))
+    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
+    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
+    images = low + span * ((images - low) / span).clamp(0.0, 1.0) ** gamma
+    return images * brightness
+
+
+#: Settings that define a run; on --resume they come from the checkpoint and may not change.
+RUN_DEFINING = ("dataset", "images", "labels", "weights", "mode", "width", "spacing", "modality", "batch", "patch", "lr", "val_fraction", "augment", "seed")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Options of one ``gvsl finetune`` run.
+
+    Attributes:
+        dataset: nnU-Net raw dataset folder; or ``images`` and ``labels`` folders.
+        run_dir: run folder.
+        weights: pre-trained weights (manifest name, file, URL); None for ``mode="scratch"``.
+        mode: "finetune", "linear" or "scratch".
+        width: U-Net width for scratch (weights fix it otherwise).
+        spacing, modality: override the weights' preprocessing contract (None: keep it;
+            scratch defaults to 1 mm and auto).
+        iters, batch, patch, lr (None: ``DEFAULT_LR[mode]``), seed: training.
+        val_fraction: share of the cases held out for validation (deterministic from seed).
+        val_every: validate (and checkpoint) every this many iterations.
+        overlap: sliding-window overlap of validation predictions.
+        augment: random rotation, scaling, brightness and gamma of training patches.
+        device, precision: see ``gvsl_cli.device``.
+        workers: threads preparing cases.
+        resume: continue the run in ``run_dir``.
+        log_every: iterations between metric flushes.
+        time_limit_s: stop cleanly (validation, checkpoint) after this many seconds of training.
+        explicit: names of the options the user set (on resume the rest come from the run).
+    """
+
+    dataset: str | None = None
+    images: str | None = None
+    labels: str | None = None
+    run_dir: str = "gvsl-finetune"
+    weights: str | None = None
+    mode: str = "finetune"
+    width: int = 32
+    spacing: float | None = None
+    modality: str | None = None
+    iters: int = 5000
+    batch: int = 2
+    patch: int = 128
+    lr: float | None = None
+    val_fraction: float = 0.2
+    val_every: int = 250
+    overlap: float = 0.5
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    resume: bool = False
+    log_every: int = 10
+    time_limit_s: float | None = None
+    explicit: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        check_loop_counts(self.iters, self.val_every, self.log_every)
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
+        if self.patch < 16 or self.patch % 16:
+            raise ConfigError(f"--patch must be a multiple of 16 and >= 16 (the U-Net halves it four times), got {self.patch}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
+        check_overlap(self.overlap)
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
+        if self.spacing is not None:
+            check_spacing(self.spacing)
+        if self.modality is not None and self.modality not in ("ct", "mr", "auto"):
+            raise ConfigError(f"--modality must be one of ct, mr, auto; got {self.modality!r}")
+        ModelConfig(width=self.width)  # a width that is no multiple of 8: one line, now
+        if not self.resume and self.dataset is None and (self.images is None or self.labels is None):
+            raise ConfigError("no dataset given", hint="gvsl finetune DATASET_FOLDER (nnU-Net layout), or --images DIR --labels DIR")
+        if self.mode == "scratch" and self.weights is not None:
+            raise ConfigError("--mode scratch starts from random weights; drop --weights (or use --mode finetune)")
+        if self.mode != "scratch" and self.weights is None and not self.resume:
+            raise ConfigError(f"--mode {self.mode} needs --weights (a manifest name, a file or a URL)", hint="or use --mode scratch to train from random weights")
+        if self.mode != "scratch" and "width" in self.explicit:
+            raise ConfigError("--width is for --mode scratch; the weights decide the width otherwise")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    def run_settings(self) -> dict[str, Any]:
+        settings = {name: getattr(self, name) for name in RUN_DEFINING}
+        for name in ("dataset", "images", "labels"):
+            if settings[name] is not None:
+                settings[name] = os.path.abspath(settings[name])  # --resume from any folder
+        return settings
+
+
+@dataclass
+class Validation:
+    """Per-class Dice of one validation pass (NaN: class absent from prediction and truth)."""
+
+    iteration: int
+    dice: dict[str, float]
+    per_case: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        """Mean foreground Dice over the classes (0 when no class was scored)."""
+        values = [v for v in self.dice.values() if not math.isnan(v)]
+        return float(np.mean(values)) if values else 0.0
+
+    def to_row(self) -> dict[str, Any]:
+        """A metrics.jsonl row: mean, per-class and per-case Dice (NaN written as null)."""
+
+        def clean(value: float):
+            return None if math.isnan(value) else round(value, 6)
+
+        names = list(self.dice)
+        return {
+            "iteration": self.iteration,
+            "val_mean_dice": round(self.mean, 6),
+            "val_dice": {k: clean(v) for k, v in self.dice.items()},
+            "val_case_dice": {case: dict(zip(names, map(clean, scores))) for case, scores in self.per_case.items()},
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Validation":
+        return cls(iteration=int(row["iteration"]), dice={k: (float("nan") if v is None else float(v)) for k, v in row["val_dice"].items()})
+
+
+@dataclass
+class FinetuneSummary:
+    """What a run did (also written to summary.json)."""
+
+    run_dir: str
+    mode: str
+    iteration: int
+    start_iteration: int
+    stopped: str | None
+    seconds: float
+    iterations_per_second: float
+    device: str
+    precision: str
+    patch: tuple[int, int, int]
+    labels: dict[str, int]
+    train_cases: list[str]
+    val_cases: list[str]
+    validated_on_training_cases: bool
+    initial: dict[str, Any]
+    best: dict[str, Any]
+    last: dict[str, Any]
+    last_losses: dict[str, float]
+    best_checkpoint: str
+    last_checkpoint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class FinetuneTask:
+    """One supervised step: sampled patches, device-side rotation/scaling/brightness/gamma, Dice + CE."""
+
+    loss_names = ("loss", "dice", "ce")
+
+    def __init__(self, sampler: PatchSampler, batch: int, *, seed: int, device: torch.device, augment: bool) -> None:
+        self.sampler = sampler
+        self.batch_size = batch
+        self.seed = seed
+        self.device = device
+        self.augment = augment
+        self.generator = torch.Generator(device=device)
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 1, *patch) float32 and class indices (B, *patch) int64 on the device."""
+        images, targets = self.sampler.sample(iteration, self.batch_size)
+        images = torch.from_numpy(images).to(self.device, non_blocking=True)
+        targets = torch.from_numpy(targets).to(self.device, non_blocking=True)
+        if not self.augment:
+            return images, targets
+        self.generator.manual_seed(iteration_seed(self.seed, 0, iteration, STREAM_AUGMENT))
+        patch = self.sampler.patch
+        params = draw_spatial(AUGMENTATION, images.shape[0], patch, self.generator, self.device)
+        grid = spatial_grid(params, patch, self.sampler.region)
+        images = augment_intensities(apply_spatial(images, grid), self.generator)
+        # Labels by nearest neighbour: a class index is never averaged with its neighbour's.
+        targets = spatial.sample(targets[:, None].float(), grid, mode="nearest")[:, 0].long()
+        return images, targets
+
+    def losses(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        total, dice, ce = dice_ce_loss(model(images), targets)
+        return {"loss": total, "dice": dice, "ce": ce}
+
+
+def validate(model: SegmentationNet, cases: list[PreparedCase], label_set: LabelSet, *, iteration: int, patch, device, autocast_dtype, overlap: float) -> Validation:
+    """Per-class Dice (mean over ``cases``) of whole-volume predictions on the canonical grid."""
+    per_case = {}
+    for case in cases:
+        logits = predict_logits(model, case.image, patch=patch, device=device, autocast_dtype=autocast_dtype, overlap=overlap)
+        prediction = logits.argmax(dim=0).numpy()
+        per_case[case.name] = dice_per_class(prediction, case.target, label_set.count)
+    scores = np.array(list(per_case.values()), dtype=np.float64)  # (cases, K-1)
+    with np.errstate(all="ignore"):
+        means = [float(np.nanmean(column)) if not np.all(np.isnan(column)) else float("nan") for column in scores.T]
+    return Validation(iteration=iteration, dice=dict(zip(label_set.names[1:], means)), per_case=per_case)
+
+
+def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any]) -> FinetuneConfig:
+    """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused."""
+    changes = {}
+    for name in RUN_DEFINING:
+        if name not in stored:
+            continue
+        value = stored[name]
+        mine = getattr(config, name)
+        if name in ("dataset", "images", "labels") and mine is not None:
+            mine = os.path.abspath(mine)
+        if name in config.explicit and mine != value:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from the run being resumed ({value})", hint="drop it, or start a new run in another folder")
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
+
+
+def _initial_state(config: FinetuneConfig) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor] | None]:
+    """(model config, contract, pre-trained state_dict or None for scratch)."""
+    if config.mode == "scratch":
+        contract = PreprocessConfig(spacing=config.spacing or 1.0, modality=config.modality or "auto")
+        return ModelConfig(width=config.width), contract, None
+    from gvsl_cli.weights import load_weights_spec
+
+    loaded = load_weights_spec(config.weights)
+    if not any(k.startswith("unet.") for k in loaded.state_dict):
+        raise CheckpointError(f"{loaded.extra.get('path', config.weights)}: holds no GVSL U-Net weights (unet.*)")
+    contract = dataclasses.replace(
+        loaded.preprocess,
+        spacing=config.spacing if config.spacing is not None else loaded.preprocess.spacing,
+        modality=config.modality if config.modality is not None else loaded.preprocess.modality,
+    )
+    return loaded.model_config, contract, loaded.state_dict
+
+
+def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should_stop: Callable[[], bool] = lambda: False) -> FinetuneSummary | None:
+    """Run (or resume) a fine-tuning run as ``config`` says.
+
+    Returns None, after a note, when ``config.resume`` finds the run already complete.
+
+    Raises:
+        InputError: dataset problems (named file, one line), unusable run folder.
+        ConfigError: contradictory options; a run in the folder without --resume.
+        CheckpointError, WeightsError: unusable --weights.
+        TrainingError: the loss became NaN.
+    """
+    reporter = reporter or SilentReporter()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # Several processes would each train their own copy into the same run folder.
+        raise ConfigError("gvsl finetune runs as one process on one device; it was launched as several (WORLD_SIZE > 1)", hint="run it without torchrun")
+    run_dir = Path(config.run_dir)
+    last_path = run_dir / LAST_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
+    resumed = None
+    if config.resume:
+        if not last_path.is_file():
+            raise ConfigError(f"--resume: {last_path} does not exist", hint="start without --resume, or point -o at the run folder")
+        resumed = load_weights(last_path)
+        if "training" not in resumed.extra or "run" not in resumed.extra or SEGMENTATION_KEY not in resumed.extra:
+            raise ConfigError(f"--resume: {last_path} holds no fine-tuning state")
+        config = _resolve_settings(config, resumed.extra["run"])
+        if "iters" not in config.explicit:
+            config = dataclasses.replace(config, iters=int(resumed.extra.get("iters", config.iters)))
+        reached = int(resumed.extra["training"]["iteration"])
+        if reached == config.iters:
+            reporter.note(f"nothing to do: the run in {run_dir} is already complete (iteration {reached} of --iters {config.iters})")
+            return None
+        if reached > config.iters:
+            raise ConfigError(f"--iters {config.iters} is below the iteration the run in {run_dir} already reached ({reached})", hint=f"give --iters above {reached} to train further")
+    elif last_path.is_file():
+        raise ConfigError(f"{run_dir} already holds a run ({LAST_FILE})", hint="add --resume to continue it, or choose another -o")
+
+    device = resolve_device(config.device)
+    autocast_dtype = resolve_precision(config.precision, device)
+    cases, label_set = find_cases(config.dataset, images=config.images, labels=config.labels)
+    if resumed is not None:
+        model_config, contract, init_state = resumed.model_config, resumed.preprocess, None
+    else:
+        model_config, contract, init_state = _initial_state(config)
+    created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
+    try:
+        return _train(config, reporter, should_stop, resumed, cases, label_set, model_config, contract, init_state, device, autocast_dtype)
+    except BaseException:
+        # A new run that fails before its first full checkpoint leaves nothing behind.
+        if resumed is None and not last_path.is_file():
+            for name in (RUN_FILE, METRICS_FILE, BEST_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+            remove_empty_folders(created)
+        raise
+
+
+def _train(config, reporter, should_stop, resumed, cases, label_set, model_config, contract, init_state, device, autocast_dtype) -> FinetuneSummary:
+    run_dir = Path(config.run_dir)
+    started_preparing = time.monotonic()
+    prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
+    modalities = sorted({c.modality for c in prepared})
+    reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
+    misfits = [c.name for c in prepared if c.detected is not None and c.detected != c.modality]
+    if misfits:
+        # E.g. official GVSL weights (CT, Hounsfield window) fine-tuned on MR: the window
+        # squeezes MR intensities into a sliver of [0, 1].
+        imposed = contract.modality.upper()
+        reporter.note(
+            f"warning: the weights' contract maps intensities as {imposed}, but {len(misfits)} of {len(prepared)} case(s) look like "
+            f"{'MR' if imposed == 'CT' else 'CT'} ({', '.join(misfits[:3])}{' ...' if len(misfits) > 3 else ''}); give --modality if the contract does not fit the data"
+        )
+    if resumed is not None:
+        stored = resumed.extra[SEGMENTATION_KEY]
+        if list(stored["label_values"]) != list(label_set.values):
+            raise ConfigError(f"the label values of the data ({list(label_set.values)}) differ from the run being resumed ({list(stored['label_values'])})")
+    elif contract.modality == "auto" and len(modalities) == 1:
+        contract = dataclasses.replace(contract, modality=modalities[0])  # what segment will use
+    train_names, val_names = split_cases([c.name for c in prepared], config.val_fraction, config.seed)
+    by_name = {c.name: c for c in prepared}
+    train_cases = [by_name[n] for n in train_names]
+    val_cases = [by_name[n] for n in val_names] or train_cases
+    on_training = not val_names
+    if on_training:
+        reporter.note("warning: no validation case (one case, or --val-fraction 0): Dice is measured on the training cases")
+    patch = effective_patch(prepared, config.patch)
+    if patch != (config.patch,) * 3:
+        reporter.note(f"--patch {config.patch}: the cases are smaller, using {'×'.join(map(str, patch))} (smaller cases are padded)")
+
+    torch.manual_seed(config.seed)  # the head's (and for scratch the U-Net's) initial weights
+    model = SegmentationNet(model_config, label_set.count)
+    if resumed is not None:
+        load_state_strict(model, resumed.state_dict, source=str(run_dir / LAST_FILE))
+    elif init_state is not None:
+        model.load_unet(init_state)
+    if config.mode == "linear":
+        model.unet.requires_grad_(False)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch and batch: the search pays off
+
+    meta = {
+        "label_names": list(label_set.names),
+        "label_values": list(label_set.values),
+        "labels": label_set.to_dict(),
+        "patch": list(patch),
+        "mode": config.mode,
+        "weights": config.weights,
+        "split": {"train": train_names, "val": val_names},
+    }
+    run_record = {"run": config.run_settings(), "iters": config.iters}
+    metrics_path = run_dir / METRICS_FILE
+    state: dict[str, Any] = {}
+    start_iteration = 0
+
+    def validate_now(iteration: int) -> Validation:
+        result = validate(model, val_cases, label_set, iteration=iteration, patch=patch, device=device, autocast_dtype=autocast_dtype, overlap=config.overlap)
+        with open(metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result.to_row()) + "\n")
+        return result
+
+    def save_best(result: Validation) -> None:
+        state["best"] = result
+        save_checkpoint(run_dir / BEST_FILE, model, contract, affine_trained=False, extra={SEGMENTATION_KEY: meta, "iteration": result.iteration, "validation": result.to_row()})
+
+    if resumed is not None:
+        start_iteration = restore_training_state(resumed.extra["training"], optimizer, scaler, device)
+        truncate_metrics(metrics_path, start_iteration)
+        state["initial"] = Validation.from_row(resumed.extra["initial"])
+        state["best"] = Validation.from_row(resumed.extra["best"])
+        state["last"] = Validation.from_row(resumed.extra["last"])
+        reporter.note(f"resuming {run_dir} after iteration {start_iteration} (best mean Dice {state['best'].mean:.4f} at iteration {state['best'].iteration})")
+    else:
+        metrics_path.unlink(missing_ok=True)  # rows of an earlier attempt that never saved a checkpoint
+    with atomic_path(run_dir / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps({**run_record, **meta, "preprocess": contract.to_dict(), "model_config": model_config.to_dict(), "cases": {c.name: str(c.image) for c in cases}}, indent=2), encoding="utf-8")
+    if resumed is None:
+        initial = validate_now(0)
+        state["initial"] = state["last"] = initial
+        save_best(initial)
+        reporter.note(f"validation before training ({len(val_cases)} case(s)): mean Dice {initial.mean:.4f}")
+
+    def save(iteration: int, final: bool) -> None:
+        result = validate_now(iteration)
+        state["last"] = result
+        if result.mean > state["best"].mean:
+            save_best(result)
+        best = state["best"]
+        reporter.note(f"validation at iteration {iteration}: mean Dice {result.mean:.4f} (best {best.mean:.4f} at iteration {best.iteration})")
+        extra = {
+            **run_record,
+            SEGMENTATION_KEY: meta,
+            "iteration": iteration,
+            "training": training_state(optimizer, scaler, iteration, device),
+            "initial": state["initial"].to_row(),
+            "best": best.to_row(),
+            "last": result.to_row(),
+        }
+        save_checkpoint(run_dir / LAST_FILE, model, contract, affine_trained=False, extra=extra)
+
+    sampler = PatchSampler(train_cases, patch, seed=config.seed, margin=(max(patch) // 8) if config.augment else 0)
+    task = FinetuneTask(sampler, config.batch, seed=config.seed, device=device, augment=config.augment)
+    options = LoopOptions(iters=config.iters, save_every=config.val_every, log_every=config.log_every, time_limit_s=config.time_limit_s, autocast_dtype=autocast_dtype)
+    result = run_training(
+        model,
+        optimizer,
+        task,
+        options=options,
+        context=DistContext(device=device),
+        start_iteration=start_iteration,
+        scaler=scaler,
+        save=save,
+        metrics_path=metrics_path,
+        reporter=reporter,
+        should_stop=should_stop,
+    )
+    done = result.iteration - start_iteration
+    summary = FinetuneSummary(
+        run_dir=str(run_dir),
+        mode=config.mode,
+        iteration=result.iteration,
+        start_iteration=start_iteration,
+        stopped=result.stopped,
+        seconds=round(result.seconds, 3),
+        iterations_per_second=round(done / result.seconds, 4) if result.seconds > 0 else 0.0,
+        device=str(device),
+        precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        patch=patch,
+        labels=label_set.to_dict(),
+        train_cases=train_names,
+        val_cases=val_names,
+        validated_on_training_cases=on_training,
+        initial=state["initial"].to_row(),
+        best=state["best"].to_row(),
+        last=state["last"].to_row(),
+        last_losses=result.last_row,
+        best_checkpoint=str(run_dir / BEST_FILE),
+        last_checkpoint=str(run_dir / LAST_FILE),
+    )
+    with atomic_path(run_dir / SUMMARY_FILE) as tmp:
+        tmp.write_text(json.dumps({**summary.to_dict(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2), encoding="utf-8")
+    return summary

@@ -1,0 +1,252 @@
+"""Applying a segmentation model: whole-volume prediction and label maps on the input's grid.
+
+``predict_logits`` runs a ``SegmentationNet`` over a prepared (canonical-grid) volume with
+sliding windows of the training patch (Gaussian blending of the logits, as nnU-Net does).
+``segment_image`` does the whole job for one image: preprocessing with the model's
+contract, prediction, softmax, each class probability resampled linearly onto the input's
+own grid, argmax there, class indices turned back into the dataset's label values. Mapping
+probabilities rather than a label map back keeps boundaries smooth and sub-voxel accurate
+where the input grid is finer than the canonical one (nearest-neighbour resampling of a
+label map would give staircases).
+
+``load_segmenter`` reads a model written by ``gvsl finetune`` (a run folder or a checkpoint);
+``segment_files`` is ``gvsl segment``: many inputs, one label map each, atomic writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.device import autocast
+from gvsl_cli.errors import CheckpointError, ConfigError, GvslError
+from gvsl_cli.model import SegmentationNet
+from gvsl_cli.sliding_window import sliding_window_inference
+
+#: The checkpoint entry that makes a gvsl checkpoint a segmentation model.
+SEGMENTATION_KEY = "segmentation"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    patch: tuple[int, int, int],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    overlap: float = 0.5,
+    batch: int = 1,
+) -> torch.Tensor:
+    """Class logits (K, D, H, W) float32 on the CPU of a prepared volume (D, H, W).
+
+    The volume's sides must be multiples of 16 (canonical grids are); windows of ``patch``
+    overlap by ``overlap`` and are blended with Gaussian weights.
+    """
+    volume = torch.as_tensor(image, dtype=torch.float32)[None]
+
+    def predict(windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(device, autocast_dtype):
+            return {"logits": model(windows).float()}
+
+    was_training = model.training
+    model.eval()
+    try:
+        return sliding_window_inference(volume, predict, patch=patch, overlap=overlap, device=device, batch=batch)["logits"]
+    finally:
+        model.train(was_training)
+
+
+def dice_per_class(prediction: np.ndarray, target: np.ndarray, n_classes: int) -> list[float]:
+    """Dice of classes 1..n_classes-1 between two class-index arrays of the same shape.
+
+    A class absent from both scores NaN (nothing to find, nothing found), as in nnU-Net.
+    """
+    scores = []
+    for k in range(1, n_classes):
+        a, b = prediction == k, target == k
+        total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+        scores.append(float(2.0 * np.count_nonzero(a & b) / total) if total else float("nan"))
+    return scores
+
+
+@dataclass
+class Segmenter:
+    """A trained segmentation model ready to apply.
+
+    Attributes:
+        model: the network (eval mode, on the CPU until ``segment_image`` moves it).
+        preprocess: the contract the model was trained with (its modality resolved when
+            all training cases agreed).
+        label_names, label_values: class index i is ``label_names[i]``, written as
+            ``label_values[i]``.
+        patch: the training patch, used as the sliding window.
+        source: where it was loaded from.
+    """
+
+    model: SegmentationNet
+    preprocess: PreprocessConfig
+    label_names: tuple[str, ...]
+    label_values: tuple[int, ...]
+    patch: tuple[int, int, int]
+    source: str
+    info: dict = field(default_factory=dict)
+
+
+def _checkpoint_of(spec: str) -> str:
+    """A run folder means its best.pt (last.pt when there is none yet)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for name in (BEST_FILE, LAST_FILE):
+            if (path / name).is_file():
+                return str(path / name)
+        raise CheckpointError(f"{path}: folder holds no {BEST_FILE} or {LAST_FILE}", hint="give a gvsl finetune run folder or one of its checkpoints")
+    return spec
+
+
+def load_segmenter(spec: str) -> Segmenter:
+    """The segmentation model of a ``gvsl finetune`` run folder, checkpoint file or URL.
+
+    Raises:
+        CheckpointError: not a segmentation checkpoint (e.g. GVSL pre-trained weights), or
+            damaged.
+        WeightsError: no such file.
+    """
+    from gvsl_cli.checkpoint import load_state_strict
+    from gvsl_cli.weights import load_weights_spec
+
+    loaded = load_weights_spec(_checkpoint_of(spec))
+    meta = loaded.extra.get(SEGMENTATION_KEY)
+    where = loaded.extra.get("path", spec)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: not a segmentation model (GVSL pre-trained weights?)", hint="train one with gvsl finetune and give its run folder or best.pt")
+    try:
+        names = tuple(str(n) for n in meta["label_names"])
+        values = tuple(int(v) for v in meta["label_values"])
+        patch = tuple(int(p) for p in meta["patch"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: incomplete segmentation entry in the checkpoint", hint="save it again with gvsl finetune") from None
+    model = SegmentationNet(loaded.model_config, len(values))
+    load_state_strict(model, loaded.state_dict, source=str(where))
+    return Segmenter(model=model.eval(), preprocess=loaded.preprocess, label_names=names, label_values=values, patch=patch, source=str(where), info=meta)
+
+
+def segment_image(
+    segmenter: Segmenter,
+    image,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    overlap: float = 0.5,
+    batch: int = 1,
+):
+    """The label map (SimpleITK image on ``image``'s own grid, label values) of ``image``."""
+    import SimpleITK as sitk
+
+    from gvsl_cli.preprocess import prepare, to_original_grid
+
+    prepared = prepare(image, segmenter.preprocess)
+    segmenter.model.to(device)
+    logits = predict_logits(segmenter.model, prepared.array, patch=segmenter.patch, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
+    probabilities = torch.softmax(logits, dim=0).numpy()
+    del logits
+    # Class by class, keeping a running maximum: memory of two input-sized volumes, not K.
+    best_probability = None
+    best_class = None
+    for k in range(probabilities.shape[0]):
+        on_grid = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[k]))
+        prepared.grid.apply_to(on_grid)
+        resampled = sitk.GetArrayFromImage(to_original_grid(on_grid, prepared.original))
+        if best_probability is None:
+            best_probability, best_class = resampled, np.zeros(resampled.shape, dtype=np.int64)
+        else:
+            better = resampled > best_probability
+            best_probability = np.where(better, resampled, best_probability)
+            best_class[better] = k
+    values = np.asarray(segmenter.label_values)
+    dtype = np.uint8 if values.max() < 256 else (np.uint16 if values.max() < 65536 else np.int32)
+    labels = sitk.GetImageFromArray(values[best_class].astype(dtype))
+    labels.CopyInformation(image)
+    return labels
+
+
+def output_name(path: Path) -> str:
+    """CASE.nii.gz for an input CASE_0000.nii.gz or CASE.mha (nnU-Net's naming)."""
+    from gvsl_cli.segmentation_data import case_name
+
+    name, channel = case_name(path)
+    if channel not in (None, 0):
+        name = f"{name}_{channel:04d}"
+    return f"{name}.nii.gz"
+
+
+@dataclass
+class SegmentResult:
+    """What ``segment_files`` did with one input: "written", "skipped" (output present) or
+    "failed" (``reason`` says why)."""
+
+    input: str
+    output: str
+    status: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def plan_outputs(sources: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, output path) pairs; two inputs that would write the same file are refused."""
+    planned: dict[Path, Path] = {}
+    for source in sources:
+        target = out_dir / output_name(source)
+        if target in planned:
+            raise ConfigError(f"{source} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders")
+        planned[target] = source
+    return [(source, target) for target, source in planned.items()]
+
+
+def segment_files(
+    segmenter: Segmenter,
+    sources: Sequence[Path],
+    out_dir: Path,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    overlap: float = 0.5,
+    batch: int = 1,
+    overwrite: bool = False,
+    on_result: Callable[[SegmentResult], None] | None = None,
+) -> list[SegmentResult]:
+    """Segment each source into ``out_dir``; a failing input is reported and the others done."""
+    from gvsl_cli.io import read_volume, write_volume
+
+    results = []
+    for source, target in plan_outputs(sources, out_dir):
+        started = time.perf_counter()
+        if target.exists() and not overwrite:
+            result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
+        else:
+            try:
+                image = read_volume(source)
+                labels = segment_image(segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
+                write_volume(labels, target)
+                result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3))
+            except GvslError as exc:
+                text = str(exc)
+                prefix = f"{source}: "
+                result = SegmentResult(str(source), str(target), "failed", text[len(prefix):] if text.startswith(prefix) else text)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def check_overlap(overlap: float) -> None:
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"--overlap must be in [0, 1), got {overlap:g}")
+

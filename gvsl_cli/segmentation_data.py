@@ -1,0 +1,432 @@
+"""Labelled training data for ``gvsl finetune``: finding cases, checking and preparing them,
+splitting them, and sampling training patches.
+
+1. ``find_cases`` reads an nnU-Net raw dataset folder (``imagesTr/CASE_0000.nii.gz``,
+   ``labelsTr/CASE.nii.gz``, ``dataset.json``) or two folders matched by case name, and
+   returns the (image, label) pairs and the label set, refusing anything nnU-Net would
+   refuse (multi-channel data, an image without its label) in one line naming the file.
+2. ``prepare_cases`` reads every pair once, checks the label map (same grid as its image,
+   integer values, values of the label set) and brings both onto the canonical grid of
+   the weights' preprocessing contract: the image through ``preprocess.prepare``, the
+   labels by nearest neighbour onto the same grid. Prepared cases are kept in memory
+   (a dataset of tens of cases at 1 mm is a few GiB at most); nothing is cached on disk.
+3. ``split_cases`` makes a deterministic training/validation split from a seed.
+4. ``PatchSampler`` draws the training patches of iteration ``i`` from a generator seeded
+   by (seed, i) alone (so a resumed run draws what an uninterrupted one would), one third
+   of them centred on a foreground voxel (nnU-Net's oversampling).
+
+Arrays are (z, y, x) = (D, H, W). Class *indices* 0..K-1 are what the network predicts;
+label *values* are what the files hold (``LabelSet`` maps one to the other).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.data import STREAM_DATA, discover, iteration_seed
+from gvsl_cli.errors import InputError
+from gvsl_cli.io import read_volume, volume_suffix
+
+DATASET_JSON = "dataset.json"
+#: nnU-Net's channel suffix of an image file name: CASE_0000.nii.gz is channel 0 of CASE.
+CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: Fraction of training patches centred on a foreground voxel (nnU-Net's 0.33).
+FOREGROUND_FRACTION = 1.0 / 3.0
+#: Class indices are stored as uint8.
+MAX_CLASSES = 256
+#: At most this many voxel positions are kept per class and case for foreground sampling
+#: (a random subset, as nnU-Net does): enough to reach every part of a structure.
+MAX_FOREGROUND_POSITIONS = 10000
+
+
+# --------------------------------------------------------------------------- label sets
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes of a dataset: class index i has ``names[i]`` and file value ``values[i]``.
+
+    ``values[0]`` is 0, the background; values are sorted and distinct.
+    """
+
+    names: tuple[str, ...]
+    values: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.values) or len(self.values) < 2:
+            raise InputError(f"a label set needs a background and at least one class, got {dict(zip(self.names, self.values))}")
+        if self.values[0] != 0 or list(self.values) != sorted(set(self.values)):
+            raise InputError(f"label values must be distinct and >= 0, with background 0, got {list(self.values)}")
+        if len(self.values) > MAX_CLASSES:
+            raise InputError(f"{len(self.values)} classes; gvsl finetune handles at most {MAX_CLASSES}")
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+    def to_dict(self) -> dict[str, int]:
+        """{name: value}, the form of nnU-Net's dataset.json "labels"."""
+        return dict(zip(self.names, self.values))
+
+    @classmethod
+    def from_dict(cls, labels: dict[str, int]) -> "LabelSet":
+        ordered = sorted(labels.items(), key=lambda item: item[1])
+        return cls(names=tuple(n for n, _ in ordered), values=tuple(int(v) for _, v in ordered))
+
+    @classmethod
+    def from_values(cls, values: Sequence[int]) -> "LabelSet":
+        """Names for values found in label files (no dataset.json): background, label_1, ..."""
+        values = sorted(set(int(v) for v in values) | {0})
+        return cls(names=tuple("background" if v == 0 else f"label_{v}" for v in values), values=tuple(values))
+
+    def indices(self, label_values: np.ndarray) -> np.ndarray:
+        """Class indices (uint8) of an array of label values, all of which are in the set."""
+        return np.searchsorted(np.asarray(self.values), label_values).astype(np.uint8)
+
+
+def read_dataset_json(path: Path) -> LabelSet:
+    """The label set of an nnU-Net dataset.json (v2 {"name": value} or v1 {"value": "name"}).
+
+    Raises:
+        InputError: unreadable JSON, no "labels", region-based labels, non-integer values,
+            no background 0, or more than one input channel.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read dataset.json ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("labels"), dict) or not data["labels"]:
+        raise InputError(f"{path}: no \"labels\" in dataset.json", hint='add "labels": {"background": 0, "organ": 1, ...}')
+    channels = data.get("channel_names", data.get("modality", {"0": "image"}))
+    if isinstance(channels, dict) and len(channels) > 1:
+        raise InputError(
+            f"{path}: the dataset has {len(channels)} input channels ({', '.join(map(str, channels.values()))}); gvsl finetune supports single-channel datasets only",
+            hint="make one dataset per channel, or give one channel with --images/--labels",
+        )
+    raw = data["labels"]
+    labels: dict[str, int] = {}
+    for key, value in raw.items():
+        if isinstance(value, list):
+            raise InputError(f"{path}: label {key!r} is a region (a list of values); gvsl finetune supports plain labels only")
+        if isinstance(value, str) and str(key).lstrip("-").isdigit():
+            key, value = value, int(key)  # nnU-Net v1: {"0": "background", "1": "liver"}
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{path}: label {key!r} has value {value!r}; expected an integer")
+        labels[str(key)] = value
+    if "ignore" in labels:
+        raise InputError(f"{path}: nnU-Net's \"ignore\" label (partial annotations) is not supported by gvsl finetune", hint="label every voxel, or leave those cases out")
+    if 0 not in labels.values():
+        raise InputError(f"{path}: no label with value 0 (the background)", hint='add "background": 0 to "labels"')
+    if len(set(labels.values())) != len(labels):
+        raise InputError(f"{path}: two labels share a value ({labels})")
+    return LabelSet.from_dict(labels)
+
+
+# --------------------------------------------------------------------------- finding cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: its name (nnU-Net's case identifier), image and label map."""
+
+    name: str
+    image: Path
+    label: Path
+
+
+def case_name(path: Path) -> tuple[str, int | None]:
+    """(case name, channel or None) of an image or label path: the volume ending dropped,
+    then nnU-Net's channel suffix (``liver_3_0000.nii.gz`` -> ("liver_3", 0))."""
+    suffix = volume_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    match = CHANNEL_SUFFIX.match(stem)
+    if match:
+        return match.group("case"), int(match.group("channel"))
+    return stem, None
+
+
+def _by_case(paths: list[Path], folder: Path, *, images: bool) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in paths:
+        name, channel = case_name(path)
+        if not images and channel is not None:
+            name = f"{name}_{channel:04d}"  # a label file's name is the case name as is
+        if images and channel not in (None, 0):
+            raise InputError(
+                f"{path}: channel {channel} of case {name}; gvsl finetune supports single-channel datasets only",
+                hint="give a dataset with one image (CASE_0000) per case",
+            )
+        if name in found:
+            raise InputError(f"{path}: case {name} appears twice in {folder} (also {found[name].name})")
+        found[name] = path
+    return found
+
+
+def _volumes_in(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder ({what})")
+    sources, _ = discover([folder])
+    if not sources:
+        raise InputError(f"{folder}: holds no volume ({what})", hint="NIfTI, NRRD, MHA/MHD files or DICOM series folders")
+    return sources
+
+
+def _pair(images: dict[str, Path], labels: dict[str, Path], labels_folder: Path) -> list[Case]:
+    for name, path in images.items():
+        if name not in labels:
+            raise InputError(f"{path}: no label map for case {name} in {labels_folder}", hint=f"add {labels_folder / (name + '.nii.gz')} or remove the image")
+    for name, path in labels.items():
+        if name not in images:
+            raise InputError(f"{path}: label map without an image (case {name})", hint="add the image or remove the label map")
+    return [Case(name=name, image=images[name], label=labels[name]) for name in sorted(images)]
+
+
+def find_cases(dataset: str | Path | None = None, *, images: str | Path | None = None, labels: str | Path | None = None) -> tuple[list[Case], LabelSet | None]:
+    """The cases of an nnU-Net dataset folder, or of an image folder and a label folder.
+
+    Returns the cases sorted by name and the label set of dataset.json (None for two
+    folders without one: the label set then comes from the values in the label maps).
+
+    Raises:
+        InputError: a missing folder or dataset.json, a multi-channel dataset, an image
+            without a label map or a label map without an image, a case given twice.
+    """
+    if dataset is not None:
+        if images is not None or labels is not None:
+            raise InputError("give either a dataset folder or --images and --labels, not both")
+        root = Path(dataset)
+        if not root.is_dir():
+            raise InputError(f"{root}: no such dataset folder", hint="give an nnU-Net raw dataset folder (imagesTr, labelsTr, dataset.json)")
+        json_path = root / DATASET_JSON
+        if not json_path.is_file():
+            raise InputError(f"{root}: no {DATASET_JSON} (not an nnU-Net raw dataset folder)", hint="give one, or use --images DIR --labels DIR")
+        label_set = read_dataset_json(json_path)
+        image_dir, label_dir = root / "imagesTr", root / "labelsTr"
+    else:
+        if images is None or labels is None:
+            raise InputError("no dataset given", hint="gvsl finetune DATASET_FOLDER, or --images DIR --labels DIR")
+        image_dir, label_dir = Path(images), Path(labels)
+        label_set = None
+    image_paths = _by_case(_volumes_in(image_dir, "images"), image_dir, images=True)
+    label_paths = _by_case(_volumes_in(label_dir, "label maps"), label_dir, images=False)
+    return _pair(image_paths, label_paths, label_dir), label_set
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+@dataclass
+class PreparedCase:
+    """A case on the canonical grid.
+
+    Attributes:
+        name: the case name.
+        image: (D, H, W) float32 intensities in about [0, 1].
+        values: (D, H, W) int64 label values (file values, not yet class indices).
+        target: (D, H, W) uint8 class indices (set by ``index_cases``).
+        modality: the intensity mapping used ("ct" or "mr").
+        detected: what ``preprocess.detect_modality`` makes of the raw intensities (differs
+            from ``modality`` when the contract imposes a mapping that does not fit).
+    """
+
+    name: str
+    image: np.ndarray
+    values: np.ndarray
+    modality: str
+    target: np.ndarray | None = None
+    detected: str | None = None
+
+
+def _check_label_map(label, image, case: Case):
+    """The label map's values as an int64 array, after checking grid and integrality."""
+    import SimpleITK as sitk
+
+    from gvsl_cli.geometry import Geometry
+
+    image_grid, label_grid = Geometry.of(image), Geometry.of(label)
+    if image_grid.size != label_grid.size:
+        raise InputError(f"{case.label}: label grid {label_grid.size} does not match its image {case.image.name} {image_grid.size} (x, y, z voxels)")
+    if not label_grid.is_close(image_grid, atol=1e-3):
+        raise InputError(
+            f"{case.label}: label spacing/origin/direction differ from its image {case.image.name} "
+            f"(spacing {label_grid.spacing} vs {image_grid.spacing}, origin {label_grid.origin} vs {image_grid.origin})",
+            hint="resample the label map onto its image's grid",
+        )
+    array = sitk.GetArrayFromImage(label)
+    if not np.issubdtype(array.dtype, np.integer):
+        rounded = np.round(array)
+        if not np.array_equal(rounded, array):
+            bad = array[rounded != array].flat[0]
+            raise InputError(f"{case.label}: label map holds non-integer values (e.g. {bad:g}); expected integer labels")
+        array = rounded
+    return array.astype(np.int64)
+
+
+def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet | None) -> PreparedCase:
+    """Read, check and bring one case onto the canonical grid (see the module docstring).
+
+    Raises:
+        InputError: unreadable files, a label map on another grid than its image, non-integer
+            labels, label values not in ``label_set``.
+    """
+    import SimpleITK as sitk
+
+    from gvsl_cli.preprocess import detect_modality, prepare, resample
+
+    image = read_volume(case.image)
+    label = read_volume(case.label)
+    values = _check_label_map(label, image, case)
+    if label_set is not None:
+        unknown = np.setdiff1d(np.unique(values), np.asarray(label_set.values))
+        if unknown.size:
+            raise InputError(
+                f"{case.label}: label value(s) {', '.join(map(str, unknown[:5].tolist()))} not in dataset.json's labels ({', '.join(map(str, label_set.values))})",
+                hint="fix the label map or add the value to dataset.json",
+            )
+    prepared = prepare(image, preprocess)
+    label_image = sitk.GetImageFromArray(values.astype(np.int32))
+    label_image.CopyInformation(label)
+    on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
+    detected = detect_modality(sitk.GetArrayViewFromImage(image))
+    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality, detected=detected)
+
+
+def prepare_cases(
+    cases: Sequence[Case],
+    preprocess: PreprocessConfig,
+    label_set: LabelSet | None,
+    *,
+    workers: int = 2,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[PreparedCase], LabelSet]:
+    """Prepare every case (``prepare_case``, in ``workers`` threads) and set class indices.
+
+    Without a label set, it is made of the values found in all label maps. The first
+    failing case stops everything with its error (a training set with a broken case is
+    not silently trained on without it).
+    """
+    prepared: list[PreparedCase] = []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        futures = [pool.submit(prepare_case, case, preprocess, label_set) for case in cases]
+        for done, future in enumerate(futures, start=1):
+            prepared.append(future.result())
+            if on_progress is not None:
+                on_progress(done, len(futures))
+    finally:
+        # On the first error, cases not yet started are dropped rather than read for nothing.
+        pool.shutdown(wait=True, cancel_futures=True)
+    if label_set is None:
+        label_set = LabelSet.from_values(np.unique(np.concatenate([np.unique(p.values) for p in prepared])).tolist())
+    for case in prepared:
+        case.target = label_set.indices(case.values)
+        case.values = np.empty(0, dtype=np.int64)  # the indices are all that is needed now
+    return prepared, label_set
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_cases(names: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(training, validation) case names: a random ``val_fraction`` of the cases, drawn
+    with ``seed`` from the sorted names (so the split does not depend on file order).
+
+    At least one validation case when there are two cases or more and the fraction is
+    above 0; with one case, or fraction 0, there is no validation case.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction:g}")
+    ordered = sorted(names)
+    count = 0 if (len(ordered) < 2 or val_fraction == 0) else min(len(ordered) - 1, max(1, round(val_fraction * len(ordered))))
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    validation = sorted(ordered[i] for i in order[:count])
+    return [n for n in ordered if n not in validation], validation
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int], out: np.ndarray) -> None:
+    """Copy the box ``start``..``start + size`` of ``array`` into ``out`` (0 where it overhangs)."""
+    src, dst = [], []
+    for n, s, p in zip(array.shape, start, size):
+        lo, hi = max(s, 0), min(s + p, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out.fill(0)
+    out[tuple(dst)] = array[tuple(src)]
+
+
+class PatchSampler:
+    """Random training patches of prepared cases, one third centred on foreground.
+
+    A patch of ``patch`` voxels is drawn at a uniform position (inside the volume along
+    axes longer than the patch, the volume at a uniform offset inside the patch along
+    shorter ones), or, with probability ``foreground_fraction``, centred on a random voxel
+    of a random foreground class present in the case. ``margin`` voxels are added on each
+    side of the returned crops, around the same centre, for spatial augmentation.
+    """
+
+    def __init__(self, cases: Sequence[PreparedCase], patch: tuple[int, int, int], *, seed: int, margin: int = 0, foreground_fraction: float = FOREGROUND_FRACTION) -> None:
+        self.cases = list(cases)
+        self.patch = tuple(patch)
+        self.seed = seed
+        self.margin = margin
+        self.foreground_fraction = foreground_fraction
+        rng = np.random.default_rng(seed)
+        # Per case: (class index, flat voxel positions) of each foreground class present.
+        self.foreground: list[list[tuple[int, np.ndarray]]] = []
+        for case in self.cases:
+            classes = []
+            for k in np.unique(case.target):
+                if k == 0:
+                    continue
+                positions = np.flatnonzero(case.target == k)
+                if positions.size > MAX_FOREGROUND_POSITIONS:
+                    positions = np.sort(rng.choice(positions, MAX_FOREGROUND_POSITIONS, replace=False))
+                classes.append((int(k), positions))
+            self.foreground.append(classes)
+
+    @property
+    def region(self) -> tuple[int, int, int]:
+        return tuple(p + 2 * self.margin for p in self.patch)
+
+    def _start(self, rng: np.random.Generator, case: int, forced: bool) -> list[int]:
+        shape = self.cases[case].target.shape
+        classes = self.foreground[case]
+        if forced and classes:
+            _, positions = classes[int(rng.integers(len(classes)))]
+            centre = np.unravel_index(int(positions[int(rng.integers(positions.size))]), shape)
+            # Centred on the voxel, moved (not past it) so the patch stays inside the volume.
+            return [int(np.clip(c - p // 2, min(0, n - p), max(0, n - p))) for c, p, n in zip(centre, self.patch, shape)]
+        return [int(rng.integers(0, n - p + 1)) if n >= p else -int(rng.integers(0, p - n + 1)) for n, p in zip(shape, self.patch)]
+
+    def sample(self, iteration: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images (batch, 1, *region) float32 and class indices (batch, *region) int64."""
+        rng = np.random.default_rng(iteration_seed(self.seed, 0, iteration, STREAM_DATA))
+        region = self.region
+        images = np.zeros((batch, 1, *region), dtype=np.float32)
+        targets = np.zeros((batch, *region), dtype=np.uint8)
+        for item in range(batch):
+            case = int(rng.integers(len(self.cases)))
+            forced = bool(rng.random() < self.foreground_fraction)
+            start = [s - self.margin for s in self._start(rng, case, forced)]
+            _crop(self.cases[case].image, start, region, images[item, 0])
+            _crop(self.cases[case].target, start, region, targets[item])
+        return images, targets.astype(np.int64)
+
+
+def effective_patch(cases: Sequence[PreparedCase], patch: int, multiple: int = 16) -> tuple[int, int, int]:
+    """``patch``³ shrunk along axes where every case is smaller (canonical sides are
+    multiples of 16, so the result is too); smaller cases are padded."""
+    largest = [max(c.target.shape[axis] for c in cases) for axis in range(3)]
+    return tuple(min(patch, int(math.ceil(n / multiple)) * multiple) for n in largest)
