@@ -59,7 +59,7 @@ def predict_logits(
     was_training = model.training
     model.eval()
     try:
-        return sliding_window_inference(volume, predict, patch=patch, overlap=overlap, device=device, batch=batch)["logits"]
+        return sliding_window_inference(volume, predict, patch=patch, overlap=overlap, device=device, batch=batch, accumulate_device=device)["logits"]
     finally:
         model.train(was_training)
 
