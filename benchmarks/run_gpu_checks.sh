@@ -65,12 +65,14 @@ if [ "$what" = next2 ]; then
   # inductor's autotuned kernels (Triton templates against cuBLAS/cuDNN; a long compile).
   step pretrain-compile-step 100 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-scope step
   step pretrain-autotune 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-mode max-autotune-no-cudagraphs
-  # gvsl embed at the paper's width on the full-resolution volumes (.gpudata/, carried).
+  # Lower priority than the pre-training rows above (issue 3): gvsl embed, finetune and
+  # segment at the paper's width on the full-resolution volumes (.gpudata/, carried).
   data=${GVSL_BENCH_DATA:-.gpudata}
-  step embed-bench 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps 0 0.5 \
+  step embed-bench 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps \
     "$data/mr_colin27_t1.nii.gz" "$data/mr_icbm152_t1.nii.gz" "$data/ct_head_scaled.nii.gz"
-  step embed-bench-dense 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps 0.5 --dense \
+  step embed-bench-dense 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps 0.5 \
     "$data/mr_colin27_t1.nii.gz" "$data/ct_head_scaled.nii.gz"
+  step finetune-bench 90 python3 benchmarks/bench_finetune.py --device cuda --repeats 5 --image "$data/mr_colin27_t1.nii.gz"
 fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}
