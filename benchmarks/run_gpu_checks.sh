@@ -68,10 +68,10 @@ if [ "$what" = next2 ]; then
   # Lower priority than the pre-training rows above (issue 3): gvsl embed, finetune and
   # segment at the paper's width on the full-resolution volumes (.gpudata/, carried).
   data=${GVSL_BENCH_DATA:-.gpudata}
-  step embed-bench 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps \
-    "$data/mr_colin27_t1.nii.gz" "$data/mr_icbm152_t1.nii.gz" "$data/ct_head_scaled.nii.gz"
-  step embed-bench-dense 90 python3 benchmarks/bench_embed.py --device cuda --repeats 3 --overlaps 0.5 \
-    "$data/mr_colin27_t1.nii.gz" "$data/ct_head_scaled.nii.gz"
+  step embed-bench 90 python3 benchmarks/bench_embed.py \
+    "$data/mr_colin27_t1.nii.gz" "$data/mr_icbm152_t1.nii.gz" "$data/ct_head_scaled.nii.gz" --device cuda --repeats 3 --overlaps
+  step embed-bench-dense 90 python3 benchmarks/bench_embed.py \
+    "$data/mr_colin27_t1.nii.gz" "$data/ct_head_scaled.nii.gz" --device cuda --repeats 3 --overlaps 0.5
   step finetune-bench 90 python3 benchmarks/bench_finetune.py --device cuda --repeats 5 --image "$data/mr_colin27_t1.nii.gz"
 fi
 if [ "$what" = final ]; then
