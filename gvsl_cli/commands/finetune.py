@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -112,27 +111,14 @@ def finetune(
         explicit=explicit,
     )
 
-    # Ctrl-C or SIGTERM while training: validate, checkpoint and stop after this iteration;
-    # a second Ctrl-C (or one before training starts) aborts.
-    stop_requested = {"flag": False}
+    # Ctrl-C or SIGTERM while training: validate, checkpoint and stop after this iteration.
+    from gvsl_cli.commands.stopping import stop_requests
+
     reporter = RichReporter(quiet, label="finetune", describe=_losses_text)
-
-    def request_stop(signum, frame) -> None:
-        stop_requested["flag"] = True
-
-    def interrupt(signum, frame) -> None:
-        if stop_requested["flag"] or not reporter.training_started:
-            raise KeyboardInterrupt
-        stop_requested["flag"] = True
-        reporter.note("warning: stopping after this iteration with a checkpoint (Ctrl-C again to abort without one)")
-
-    previous_term = signal.signal(signal.SIGTERM, request_stop)
-    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
-        summary = run_finetune(config, reporter=reporter, should_stop=lambda: stop_requested["flag"])
+        with stop_requests(reporter) as should_stop:
+            summary = run_finetune(config, reporter=reporter, should_stop=should_stop)
     finally:
         reporter.stop()
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
     if summary is not None and not quiet:
         table_console().print(_summary_table(summary))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -195,29 +194,14 @@ def pretrain(
 
     PreprocessConfig(spacing=config.spacing, modality=config.modality)  # validate early, one-line errors
 
-    # SIGTERM (SLURM's warning before the time limit, or `kill`): checkpoint and stop.
-    # Ctrl-C while training does the same, and a second Ctrl-C aborts at once; before
-    # training starts (preprocessing) Ctrl-C aborts, as there is nothing to save.
-    stop_requested = {"flag": False}
+    from gvsl_cli.commands.stopping import stop_requests
+
     reporter = RichReporter(quiet)
-
-    def request_stop(signum, frame) -> None:
-        stop_requested["flag"] = True
-
-    def interrupt(signum, frame) -> None:
-        if stop_requested["flag"] or not reporter.training_started:
-            raise KeyboardInterrupt
-        stop_requested["flag"] = True
-        reporter.note("warning: stopping after this iteration with a checkpoint (Ctrl-C again to abort without one)")
-
-    previous_term = signal.signal(signal.SIGTERM, request_stop)
-    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
-        summary = run_pretrain(config, reporter=reporter, should_stop=lambda: stop_requested["flag"])
+        with stop_requests(reporter) as should_stop:
+            summary = run_pretrain(config, reporter=reporter, should_stop=should_stop)
     finally:
         reporter.stop()
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
     if summary is not None and not quiet and summary.rank_weight_checksums and _is_main_process():
         table_console().print(_summary_table(summary))
 
