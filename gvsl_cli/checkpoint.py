@@ -33,6 +33,8 @@ FORMAT = "gvsl-checkpoint"
 FORMAT_VERSION = 1
 #: The key that identifies an official GVSL state_dict (first convolution of the U-Net).
 OFFICIAL_PROBE_KEY = "unet.inc.double_conv.0.weight"
+#: The checkpoint entry that makes a gvsl checkpoint a segmentation model (gvsl finetune).
+SEGMENTATION_KEY = "segmentation"
 #: The official code trains with CT mapped as clip(HU+1024, 0, 2048)/2048 at 1 mm.
 OFFICIAL_PREPROCESS = PreprocessConfig(spacing=1.0, modality="ct")
 
@@ -59,7 +61,16 @@ class LoadedWeights:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self, device: torch.device | str = "cpu") -> GVSL:
-        """A ``GVSL`` with these weights loaded strictly, in eval mode, on ``device``."""
+        """A ``GVSL`` with these weights loaded strictly, in eval mode, on ``device``.
+
+        Raises:
+            CheckpointError: the weights are a segmentation model (no Z-matching heads).
+        """
+        if SEGMENTATION_KEY in self.extra:
+            raise CheckpointError(
+                f"{self.extra.get('path', 'weights')}: is a gvsl finetune segmentation model, not GVSL pre-trained weights",
+                hint="use it with gvsl segment (or as --weights of gvsl finetune); give pre-trained weights here",
+            )
         model = GVSL(self.model_config)
         load_state_strict(model, self.state_dict, source=self.extra.get("path", "weights"))
         return model.to(device).eval()

@@ -155,7 +155,7 @@ class FinetuneConfig:
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        check_loop_counts(self.iters, self.val_every, self.log_every)
+        check_loop_counts(self.iters, self.val_every, self.log_every, save_flag="--val-every")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch < 1:
@@ -190,11 +190,21 @@ class FinetuneConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
 
     def run_settings(self) -> dict[str, Any]:
-        settings = {name: getattr(self, name) for name in RUN_DEFINING}
-        for name in ("dataset", "images", "labels"):
-            if settings[name] is not None:
-                settings[name] = os.path.abspath(settings[name])  # --resume from any folder
+        settings = {name: _comparable(name, getattr(self, name)) for name in RUN_DEFINING}
+        settings["lr"] = self.learning_rate  # the effective value, so an explicit default matches
         return settings
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A run-defining setting as stored and compared on --resume: folders and a weights file
+    as absolute paths (a requeue may start in another folder); everything else as given."""
+    if value is None:
+        return None
+    if name in ("dataset", "images", "labels"):
+        return os.path.abspath(value)
+    if name == "weights" and Path(value).expanduser().is_file():
+        return os.path.abspath(Path(value).expanduser())
+    return value
 
 
 @dataclass
@@ -307,20 +317,51 @@ def validate(model: SegmentationNet, cases: list[PreparedCase], label_set: Label
     return Validation(iteration=iteration, dice=dict(zip(label_set.names[1:], means)), per_case=per_case)
 
 
-def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any]) -> FinetuneConfig:
-    """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused."""
+def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any], contract: PreprocessConfig) -> FinetuneConfig:
+    """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused.
+
+    An explicit option equal to the run's effective value is accepted: the same learning
+    rate as the mode's default, the contract's spacing or modality (``contract``, the
+    resumed checkpoint's), the same weights file given by another relative path.
+    """
     changes = {}
     for name in RUN_DEFINING:
         if name not in stored:
             continue
         value = stored[name]
-        mine = getattr(config, name)
-        if name in ("dataset", "images", "labels") and mine is not None:
-            mine = os.path.abspath(mine)
-        if name in config.explicit and mine != value:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from the run being resumed ({value})", hint="drop it, or start a new run in another folder")
+        if name in config.explicit:
+            mine = _comparable(name, getattr(config, name))
+            if name == "lr" and value is None:  # runs stored before the effective lr was
+                value = DEFAULT_LR[stored.get("mode", config.mode)]
+            if name in ("spacing", "modality") and value is None:  # the contract's, unchanged
+                accepted = mine == getattr(contract, name)
+                value = getattr(contract, name)
+            else:
+                accepted = mine == value
+            if not accepted:
+                shown = "the default" if value is None else value
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} differs from the run being resumed ({shown})", hint="drop it, or start a new run in another folder")
         changes[name] = value
     return dataclasses.replace(config, **changes)
+
+
+def _stored_split(split: dict[str, list[str]], available: dict, reporter: Reporter) -> tuple[list[str], list[str]]:
+    """The split a resumed run started with (so "best" keeps comparing one validation set).
+
+    Raises:
+        InputError: cases of the run are no longer in the dataset.
+    """
+    train_names, val_names = list(split["train"]), list(split["val"])
+    missing = [n for n in train_names + val_names if n not in available]
+    if missing:
+        raise InputError(
+            f"the dataset no longer holds {len(missing)} case(s) of the run being resumed: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+            hint="restore them, or start a new run in another folder",
+        )
+    added = sorted(set(available) - set(train_names) - set(val_names))
+    if added:
+        reporter.note(f"note: {len(added)} case(s) added since the run started are not used ({', '.join(added[:5])}{' ...' if len(added) > 5 else ''}): a resumed run keeps its split")
+    return train_names, val_names
 
 
 def _initial_state(config: FinetuneConfig) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor] | None]:
@@ -367,7 +408,7 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         resumed = load_weights(last_path)
         if "training" not in resumed.extra or "run" not in resumed.extra or SEGMENTATION_KEY not in resumed.extra:
             raise ConfigError(f"--resume: {last_path} holds no fine-tuning state")
-        config = _resolve_settings(config, resumed.extra["run"])
+        config = _resolve_settings(config, resumed.extra["run"], resumed.preprocess)
         if "iters" not in config.explicit:
             config = dataclasses.replace(config, iters=int(resumed.extra.get("iters", config.iters)))
         reached = int(resumed.extra["training"]["iteration"])
@@ -419,8 +460,11 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
             raise ConfigError(f"the label values of the data ({list(label_set.values)}) differ from the run being resumed ({list(stored['label_values'])})")
     elif contract.modality == "auto" and len(modalities) == 1:
         contract = dataclasses.replace(contract, modality=modalities[0])  # what segment will use
-    train_names, val_names = split_cases([c.name for c in prepared], config.val_fraction, config.seed)
     by_name = {c.name: c for c in prepared}
+    if resumed is not None and "split" in resumed.extra[SEGMENTATION_KEY]:
+        train_names, val_names = _stored_split(resumed.extra[SEGMENTATION_KEY]["split"], by_name, reporter)
+    else:
+        train_names, val_names = split_cases([c.name for c in prepared], config.val_fraction, config.seed)
     train_cases = [by_name[n] for n in train_names]
     val_cases = [by_name[n] for n in val_names] or train_cases
     on_training = not val_names

@@ -23,14 +23,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from gvsl_cli.checkpoint import SEGMENTATION_KEY
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
-from gvsl_cli.errors import CheckpointError, ConfigError, GvslError
+from gvsl_cli.errors import CheckpointError, ConfigError
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.sliding_window import sliding_window_inference
 
-#: The checkpoint entry that makes a gvsl checkpoint a segmentation model.
-SEGMENTATION_KEY = "segmentation"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 
@@ -89,6 +88,8 @@ class Segmenter:
             ``label_values[i]``.
         patch: the training patch, used as the sliding window.
         source: where it was loaded from.
+        trained_for: the training iteration the weights are from (None if not recorded).
+        validation_dice: the run's validation mean foreground Dice for them, if recorded.
     """
 
     model: SegmentationNet
@@ -98,6 +99,8 @@ class Segmenter:
     patch: tuple[int, int, int]
     source: str
     info: dict = field(default_factory=dict)
+    trained_for: int | None = None
+    validation_dice: float | None = None
 
 
 def _checkpoint_of(spec: str) -> str:
@@ -135,7 +138,20 @@ def load_segmenter(spec: str) -> Segmenter:
         raise CheckpointError(f"{where}: incomplete segmentation entry in the checkpoint", hint="save it again with gvsl finetune") from None
     model = SegmentationNet(loaded.model_config, len(values))
     load_state_strict(model, loaded.state_dict, source=str(where))
-    return Segmenter(model=model.eval(), preprocess=loaded.preprocess, label_names=names, label_values=values, patch=patch, source=str(where), info=meta)
+    iteration = loaded.extra.get("iteration")
+    validation = loaded.extra.get("validation")
+    dice = validation.get("val_mean_dice") if isinstance(validation, dict) else None
+    return Segmenter(
+        model=model.eval(),
+        preprocess=loaded.preprocess,
+        label_names=names,
+        label_values=values,
+        patch=patch,
+        source=str(where),
+        info=meta,
+        trained_for=int(iteration) if isinstance(iteration, int) else None,
+        validation_dice=float(dice) if isinstance(dice, (int, float)) else None,
+    )
 
 
 def segment_image(
@@ -223,6 +239,7 @@ def segment_files(
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
     """Segment each source into ``out_dir``; a failing input is reported and the others done."""
+    from gvsl_cli.data import failure_reason
     from gvsl_cli.io import read_volume, write_volume
 
     results = []
@@ -236,10 +253,8 @@ def segment_files(
                 labels = segment_image(segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
                 write_volume(labels, target)
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3))
-            except GvslError as exc:
-                text = str(exc)
-                prefix = f"{source}: "
-                result = SegmentResult(str(source), str(target), "failed", text[len(prefix):] if text.startswith(prefix) else text)
+            except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
+                result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
         results.append(result)
         if on_result is not None:
             on_result(result)

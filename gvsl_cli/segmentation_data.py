@@ -128,7 +128,10 @@ def read_dataset_json(path: Path) -> LabelSet:
         raise InputError(f"{path}: no label with value 0 (the background)", hint='add "background": 0 to "labels"')
     if len(set(labels.values())) != len(labels):
         raise InputError(f"{path}: two labels share a value ({labels})")
-    return LabelSet.from_dict(labels)
+    try:
+        return LabelSet.from_dict(labels)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}", hint=exc.hint) from None
 
 
 # --------------------------------------------------------------------------- finding cases
@@ -181,13 +184,19 @@ def _volumes_in(folder: Path, what: str) -> list[Path]:
 
 
 def _pair(images: dict[str, Path], labels: dict[str, Path], labels_folder: Path) -> list[Case]:
+    """Cases of images and label maps matched by case name. A label map may also carry the
+    image's file name (``CASE_0000.nii.gz`` in both folders, a common two-folder layout)."""
+    matched: dict[str, Path] = {}
     for name, path in images.items():
-        if name not in labels:
+        label = labels.get(name, labels.get(f"{name}_0000"))
+        if label is None:
             raise InputError(f"{path}: no label map for case {name} in {labels_folder}", hint=f"add {labels_folder / (name + '.nii.gz')} or remove the image")
+        matched[name] = label
+    used = set(matched.values())
     for name, path in labels.items():
-        if name not in images:
+        if path not in used:
             raise InputError(f"{path}: label map without an image (case {name})", hint="add the image or remove the label map")
-    return [Case(name=name, image=images[name], label=labels[name]) for name in sorted(images)]
+    return [Case(name=name, image=images[name], label=matched[name]) for name in sorted(images)]
 
 
 def find_cases(dataset: str | Path | None = None, *, images: str | Path | None = None, labels: str | Path | None = None) -> tuple[list[Case], LabelSet | None]:
@@ -204,6 +213,8 @@ def find_cases(dataset: str | Path | None = None, *, images: str | Path | None =
         if images is not None or labels is not None:
             raise InputError("give either a dataset folder or --images and --labels, not both")
         root = Path(dataset)
+        if root.is_file():
+            raise InputError(f"{root}: is a file; give the dataset folder (holding imagesTr, labelsTr and dataset.json)")
         if not root.is_dir():
             raise InputError(f"{root}: no such dataset folder", hint="give an nnU-Net raw dataset folder (imagesTr, labelsTr, dataset.json)")
         json_path = root / DATASET_JSON

@@ -73,13 +73,14 @@ class SilentReporter:
         pass
 
 
-def check_loop_counts(iters: int, save_every: int, log_every: int) -> None:
+def check_loop_counts(iters: int, save_every: int, log_every: int, *, save_flag: str = "--save-every") -> None:
     """Raise ConfigError unless the iteration counts of a run are all >= 1.
 
     Commands call this while reading their options, before any data is loaded;
-    ``LoopOptions`` calls it again for library users.
+    ``LoopOptions`` calls it again for library users. ``save_flag`` is the command's name
+    for the checkpoint interval (``--val-every`` for finetune).
     """
-    for flag, value in (("--iters", iters), ("--save-every", save_every), ("--log-every", log_every)):
+    for flag, value in (("--iters", iters), (save_flag, save_every), ("--log-every", log_every)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
 

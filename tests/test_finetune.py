@@ -171,6 +171,38 @@ def test_resumed_run_repeats_the_uninterrupted_one(itk_folders, weights, tmp_pat
     assert run(["finetune", *common, "-o", str(tmp_path / "parts"), "--iters", "4"]) == 2
 
 
+def test_resume_keeps_the_split_and_accepts_the_effective_settings(dataset, weights, tmp_path, capsys, monkeypatch):
+    grown = tmp_path / "grown"
+    shutil.copytree(dataset, grown)
+    run_dir = tmp_path / "run"
+    assert run(["finetune", str(grown), "-o", str(run_dir), "--weights", str(weights), "--iters", "2", "--val-every", "2", "--batch", "1", *SMALL]) == 0
+    split = json.loads((run_dir / "run.json").read_text())["split"]
+    assert len(split["val"]) == 1
+    # A case added to the dataset is not used; the validation case stays the same.
+    for sub, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
+        shutil.copy(grown / sub / f"colin{suffix}.nii.gz", grown / sub / f"added{suffix}.nii.gz")
+    # Explicit values equal to the run's effective ones (the mode's default lr, the
+    # contract's modality, the weights by another relative path) are accepted.
+    monkeypatch.chdir(weights.parent.parent)
+    relative = weights.relative_to(weights.parent.parent)
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "4", "--lr", "1e-4", "--modality", "mr", "--weights", str(relative)]) == 0
+    err = capsys.readouterr().err
+    assert "1 case(s) added since the run started are not used (added)" in err
+    assert json.loads((run_dir / "run.json").read_text())["split"] == split
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "6", "--lr", "1e-3", "--quiet"]) == 2
+    assert "--lr 0.001 differs from the run being resumed (0.0001)" in capsys.readouterr().err
+    # A case of the run gone from the dataset: refused, naming it.
+    (grown / "imagesTr" / f"{split['val'][0]}_0000.nii.gz").unlink()
+    (grown / "labelsTr" / f"{split['val'][0]}.nii.gz").unlink()
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "6", "--quiet"]) == 2
+    assert f"no longer holds 1 case(s) of the run being resumed: {split['val'][0]}" in capsys.readouterr().err
+
+
+def test_val_every_zero_names_its_own_option(dataset, weights, tmp_path, capsys):
+    assert run(["finetune", str(dataset), "-o", str(tmp_path / "r"), "--weights", str(weights), "--val-every", "0"]) == 2
+    assert "--val-every must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_time_limit_stops_with_a_validated_checkpoint(itk_folders, weights, tmp_path):
     images, labels = itk_folders
     run_dir = tmp_path / "limited"
@@ -282,9 +314,15 @@ def test_dataset_json_v1_and_v2_give_the_same_label_set(tmp_path):
         read_dataset_json(region)
 
 
-def test_two_folders_match_case_names_with_and_without_the_channel_suffix(itk_folders):
+def test_two_folders_match_case_names_with_and_without_the_channel_suffix(itk_folders, tmp_path):
     cases, label_set = find_cases(images=itk_folders[0], labels=itk_folders[1])
     assert [c.name for c in cases] == ["knee"] and label_set is None
+    # The same file name in both folders (CASE_0000.nii.gz) is a match too.
+    shutil.copytree(itk_folders[0], tmp_path / "images")
+    (tmp_path / "labels").mkdir()
+    shutil.copy(itk_folders[1] / "knee.nii.gz", tmp_path / "labels" / "knee_0000.nii.gz")
+    cases, _ = find_cases(images=tmp_path / "images", labels=tmp_path / "labels")
+    assert [(c.name, c.label.name) for c in cases] == [("knee", "knee_0000.nii.gz")]
 
 
 def test_split_is_deterministic_with_at_least_one_validation_case():

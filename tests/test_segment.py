@@ -125,7 +125,7 @@ def test_unreadable_input_is_one_line_the_others_are_done_and_the_exit_is_non_ze
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes((inputs / "colin_0000.nii.gz").read_bytes()[:2000])
     out = tmp_path / "out"
-    assert run(["segment", str(broken), str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "--quiet"]) == 2
+    assert run(["segment", str(broken), str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "--quiet"]) == 7
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(f"failed {broken}: ") and len(err) == 2 and err[1].startswith("error: 1 of 2 input(s)")
     assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz"]  # nothing half-written
@@ -151,3 +151,45 @@ def test_output_names_follow_nnunet():
     assert output_name(Path("a/liver_003_0000.nii.gz")) == "liver_003.nii.gz"
     assert output_name(Path("b/case.mha")) == "case.nii.gz"
     assert output_name(Path("c/ct_0001.nrrd")) == "ct_0001.nii.gz"
+
+
+def test_an_input_is_never_overwritten_by_its_label_map(model_path, tmp_path, capsys):
+    # scan.nii.gz segmented into its own folder: the output name is the input's own name.
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "colin27_t1_2mm.nii.gz", folder / "scan.nii.gz")
+    before = (folder / "scan.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert run(["segment", str(folder), "--model", str(model_path), "-o", str(folder), "-q", *extra]) == 2
+        assert "the output folder is (or holds) the input folder" in capsys.readouterr().err
+        assert run(["segment", str(folder / "scan.nii.gz"), "--model", str(model_path), "-o", str(folder), "-q", *extra]) == 2
+        assert "its label map would be written over it" in capsys.readouterr().err
+    assert (folder / "scan.nii.gz").read_bytes() == before
+
+
+def test_label_maps_in_an_output_folder_inside_the_inputs_are_not_inputs(model_path, inputs, tmp_path, capsys):
+    folder = tmp_path / "ts"
+    shutil.copytree(inputs, folder)
+    out = folder / "pred"
+    for _ in range(2):  # the second run finds the first run's label maps: not images, all skipped
+        assert run(["segment", str(folder), "--model", str(model_path), "-o", str(out), "--overlap", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped ") == 2 and "output exists" in err
+
+
+def test_a_file_given_twice_is_not_a_failure_and_the_model_iteration_is_shown(inputs, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SegmentationNet(ModelConfig(width=8), len(VALUES))
+    meta = {"label_names": ["background", "a", "b"], "label_values": VALUES, "patch": [32, 32, 32]}
+    path = save_checkpoint(tmp_path / "best.pt", model, PreprocessConfig(spacing=6.0, modality="mr"), affine_trained=False, extra={"segmentation": meta, "iteration": 0, "validation": {"val_mean_dice": 0.25}})
+    mha = str(inputs / "itk.mha")
+    assert run(["segment", mha, mha, "--model", str(tmp_path), "-o", str(tmp_path / "out"), "--overlap", "0"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {mha}: given more than once" in err
+    assert "model from iteration 0; validation mean Dice 0.250" in err
+    assert "warning: this model is untrained" in err
+
+
+def test_other_commands_refuse_a_segmentation_model(model_path, inputs, tmp_path, capsys):
+    assert run(["embed", str(inputs / "itk.mha"), "--weights", str(model_path), "-o", str(tmp_path / "e")]) == 3
+    assert "is a gvsl finetune segmentation model, not GVSL pre-trained weights" in capsys.readouterr().err

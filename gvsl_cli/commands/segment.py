@@ -24,11 +24,13 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only failures are reported."),
 ) -> None:
     """Segment images with a model trained by gvsl finetune; labels on each input's own grid."""
+    import os
+
     from rich.console import Console
 
     from gvsl_cli.data import discover
     from gvsl_cli.device import resolve_device, resolve_precision
-    from gvsl_cli.errors import ConfigError, InputError
+    from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder
     from gvsl_cli.segmentation import check_overlap, load_segmenter, plan_outputs, segment_files
 
@@ -37,17 +39,37 @@ def segment(
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
-    sources, skipped = discover(inputs)
+    out_real = Path(os.path.abspath(output)).resolve()
+    for item in inputs:
+        given = Path(item).expanduser()
+        if given.is_dir() and (given.resolve() == out_real or out_real in given.resolve().parents):
+            raise InputError(f"{output}: the output folder is (or holds) the input folder {item}; its label maps would be read as images by the next run", hint="choose another -o folder, e.g. a sub-folder of the input folder")
+    found, skipped = discover(inputs)
+    # Earlier label maps in an output folder inside an input folder are not images to
+    # segment; a file named on the command line is (the check below guards it).
+    named = {Path(item).expanduser().resolve() for item in inputs if Path(item).expanduser().is_file()}
+    sources = [s for s in found if s in named or (s != out_real and out_real not in s.parents)]
     segmenter = load_segmenter(model)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    for item in skipped:
+    duplicates = [s for s in skipped if s.reason.startswith(("given more than once", "same file as"))]
+    unusable = [s for s in skipped if s not in duplicates]
+    for item in unusable + ([] if quiet else duplicates):
         console.print(f"skipped {item.path}: {item.reason}", markup=False)
     if not sources:
         raise InputError(f"no image among {len(inputs)} input(s)", hint="give NIfTI, NRRD, MHA/MHD files, folders of them or DICOM series folders")
-    plan_outputs(sources, output)  # refuses two inputs with one output name, before any work
+    planned = plan_outputs(sources, output)  # refuses two inputs with one output name, before any work
+    for source, target in planned:
+        if Path(os.path.abspath(target)).resolve() == source.resolve():
+            # Without this, --overwrite would replace the image by its label map.
+            raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     ensure_writable_folder(output, what="output folder")
     if not quiet:
         console.print(f"model {segmenter.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(segmenter.label_names, segmenter.label_values)), markup=False)
+        if segmenter.trained_for is not None:
+            dice = "not recorded" if segmenter.validation_dice is None else f"{segmenter.validation_dice:.3f}"
+            console.print(f"model from iteration {segmenter.trained_for}; validation mean Dice {dice}", markup=False)
+    if segmenter.trained_for == 0:
+        console.print("warning: this model is untrained (iteration 0: the run's validation never improved on its start, or it was stopped before its first checkpoint)", markup=False)
 
     def report(result) -> None:
         if result.status == "failed":
@@ -58,6 +80,6 @@ def segment(
 
     results = segment_files(segmenter, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
     failed = [r for r in results if r.status == "failed"]
-    if failed or skipped:
+    if failed or unusable:
         written = sum(r.status == "written" for r in results)
-        raise InputError(f"{len(failed) + len(skipped)} of {len(results) + len(skipped)} input(s) could not be segmented ({written} written)", hint="see the lines above")
+        raise IncompleteError(f"{len(failed) + len(unusable)} of {len(results) + len(unusable)} input(s) could not be segmented ({written} written)", hint="see the lines above")
