@@ -36,7 +36,7 @@ import torch
 
 from gvsl_cli import spatial
 from gvsl_cli.augment import SpatialConfig, apply_spatial, draw_spatial, spatial_grid
-from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint
+from gvsl_cli.checkpoint import load_state_strict, save_checkpoint
 from gvsl_cli.config import ModelConfig, PreprocessConfig, check_spacing
 from gvsl_cli.data import STREAM_AUGMENT, iteration_seed
 from gvsl_cli.device import resolve_device, resolve_precision
@@ -53,6 +53,8 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_loop_counts,
+    iterations_remain,
+    open_run,
     restore_training_state,
     run_training,
     training_state,
@@ -399,26 +401,13 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         raise ConfigError("gvsl finetune runs as one process on one device; it was launched as several (WORLD_SIZE > 1)", hint="run it without torchrun")
     run_dir = Path(config.run_dir)
     last_path = run_dir / LAST_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
-    resumed = None
-    if config.resume:
-        if not last_path.is_file():
-            raise ConfigError(f"--resume: {last_path} does not exist", hint="start without --resume, or point -o at the run folder")
-        resumed = load_weights(last_path)
-        if "training" not in resumed.extra or "run" not in resumed.extra or SEGMENTATION_KEY not in resumed.extra:
-            raise ConfigError(f"--resume: {last_path} holds no fine-tuning state")
+    resumed = open_run(run_dir, last_path, resume=config.resume, required=("training", "run", SEGMENTATION_KEY), state="fine-tuning state")
+    if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"], resumed.preprocess)
         if "iters" not in config.explicit:
             config = dataclasses.replace(config, iters=int(resumed.extra.get("iters", config.iters)))
-        reached = int(resumed.extra["training"]["iteration"])
-        if reached == config.iters:
-            reporter.note(f"nothing to do: the run in {run_dir} is already complete (iteration {reached} of --iters {config.iters})")
+        if not iterations_remain(run_dir, int(resumed.extra["training"]["iteration"]), config.iters, reporter):
             return None
-        if reached > config.iters:
-            raise ConfigError(f"--iters {config.iters} is below the iteration the run in {run_dir} already reached ({reached})", hint=f"give --iters above {reached} to train further")
-    elif last_path.is_file():
-        raise ConfigError(f"{run_dir} already holds a run ({LAST_FILE})", hint="add --resume to continue it, or choose another -o")
 
     device = resolve_device(config.device)
     autocast_dtype = resolve_precision(config.precision, device)

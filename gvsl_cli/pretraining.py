@@ -30,7 +30,7 @@ import torch
 from gvsl_cli import data as data_mod
 from gvsl_cli import distributed, spatial
 from gvsl_cli.augment import PretrainAugmentation
-from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint, state_checksum
+from gvsl_cli.checkpoint import load_state_strict, save_checkpoint, state_checksum
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.device import autocast, resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
@@ -44,6 +44,8 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_loop_counts,
+    iterations_remain,
+    open_run,
     restore_training_state,
     run_training,
     training_state,
@@ -382,15 +384,8 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     """Checks everything that can be checked before any work, then trains (``_train``)."""
     run_dir = Path(config.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
-    resumed = None
-    if config.resume:
-        if not checkpoint_path.is_file():
-            raise ConfigError(f"--resume: {checkpoint_path} does not exist", hint="start without --resume, or point -o at the run folder")
-        resumed = load_weights(checkpoint_path)
-        if "training" not in resumed.extra or "run" not in resumed.extra:
-            raise ConfigError(f"--resume: {checkpoint_path} holds no training state")
+    resumed = open_run(run_dir, checkpoint_path, resume=config.resume)
+    if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"])
         if not config.inputs:
             config = dataclasses.replace(config, inputs=tuple(resumed.extra.get("inputs", ())))
@@ -398,15 +393,8 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
             # `--resume` alone continues the run to its own target (a stopped run's summary
             # says "continue with --resume"); --iters moves the target.
             config = dataclasses.replace(config, iters=int(resumed.extra["iters"]))
-        reached = int(resumed.extra["training"].get("iteration", 0))
-        if reached == config.iters:
-            # A re-queued job of a finished run (SLURM requeue, a job array): not a failure.
-            reporter.note(f"nothing to do: the run in {run_dir} is already complete (iteration {reached} of --iters {config.iters})")
+        if not iterations_remain(run_dir, int(resumed.extra["training"].get("iteration", 0)), config.iters, reporter):
             return None
-        if reached > config.iters:
-            raise ConfigError(f"--iters {config.iters} is below the iteration the run in {run_dir} already reached ({reached})", hint=f"give --iters above {reached} to train further")
-    elif checkpoint_path.is_file():
-        raise ConfigError(f"{run_dir} already holds a run ({CHECKPOINT_FILE})", hint="add --resume to continue it, or choose another -o")
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
     created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")

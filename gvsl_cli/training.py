@@ -32,7 +32,7 @@ import torch
 
 from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
-from gvsl_cli.errors import ConfigError, TrainingError
+from gvsl_cli.errors import ConfigError, InputError, TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -179,6 +179,45 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state.get("rng", {}), device)
     return int(state["iteration"])
+
+
+def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):
+    """The checkpoint a ``--resume`` run continues from, or None for a new run.
+
+    Raises:
+        InputError: ``run_dir`` is a file.
+        ConfigError: --resume without ``checkpoint_path`` or with one lacking any of the
+            ``required`` entries (named ``state`` in the message); a new run into a folder
+            already holding one.
+    """
+    from gvsl_cli.checkpoint import load_weights
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
+    if not resume:
+        if checkpoint_path.is_file():
+            raise ConfigError(f"{run_dir} already holds a run ({checkpoint_path.name})", hint="add --resume to continue it, or choose another -o")
+        return None
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"--resume: {checkpoint_path} does not exist", hint="start without --resume, or point -o at the run folder")
+    resumed = load_weights(checkpoint_path)
+    if any(key not in resumed.extra for key in required):
+        raise ConfigError(f"--resume: {checkpoint_path} holds no {state}")
+    return resumed
+
+
+def iterations_remain(run_dir: Path, reached: int, iters: int, reporter: "Reporter") -> bool:
+    """Whether a resumed run that reached ``reached`` has iterations left before ``iters``.
+
+    A complete run is not a failure (a re-queued SLURM job, a job array): False, after a
+    note. Raises ConfigError when ``iters`` is below what the run reached.
+    """
+    if reached == iters:
+        reporter.note(f"nothing to do: the run in {run_dir} is already complete (iteration {reached} of --iters {iters})")
+        return False
+    if reached > iters:
+        raise ConfigError(f"--iters {iters} is below the iteration the run in {run_dir} already reached ({reached})", hint=f"give --iters above {reached} to train further")
+    return True
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
