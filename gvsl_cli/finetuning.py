@@ -434,6 +434,11 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
     modalities = sorted({c.modality for c in prepared})
     reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
+    present = set().union(*(np.unique(c.target).tolist() for c in prepared))  # class indices
+    absent = [name for index, name in enumerate(label_set.names) if index not in present]
+    if absent:
+        # The model would still learn to predict them (from nothing): say so.
+        reporter.note(f"warning: no case holds any voxel of {', '.join(absent)}: the model cannot learn these classes; remove them from dataset.json or add cases that have them")
     misfits = [c.name for c in prepared if c.detected is not None and c.detected != c.modality]
     if misfits:
         # E.g. official GVSL weights (CT, Hounsfield window) fine-tuned on MR: the window

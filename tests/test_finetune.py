@@ -404,3 +404,9 @@ def test_a_contract_that_does_not_fit_the_images_is_warned_about(itk_folders, tm
     assert "maps intensities as CT, but 1 of 1 case(s) look like MR (knee)" in capsys.readouterr().err
     assert run([*args, "--weights", str(ct_weights), "--modality", "mr", "-o", str(tmp_path / "r2")]) == 0
     assert "look like" not in capsys.readouterr().err
+
+
+def test_a_class_no_case_holds_is_warned_about(weights, tmp_path, capsys):
+    root = make_dataset(tmp_path / "Dataset002", labels={**LABELS, "csf": 3})  # _write_case removes value 3
+    assert run(["finetune", str(root), "-o", str(tmp_path / "r"), "--weights", str(weights), "--iters", "1", "--val-every", "1", "--batch", "1", *SMALL]) == 0
+    assert "warning: no case holds any voxel of csf" in capsys.readouterr().err

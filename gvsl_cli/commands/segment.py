@@ -31,7 +31,7 @@ def segment(
     from gvsl_cli.data import discover
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
-    from gvsl_cli.io import ensure_writable_folder
+    from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
     from gvsl_cli.segmentation import check_overlap, load_segmenter, plan_outputs, segment_files
 
     check_overlap(overlap)
@@ -62,7 +62,7 @@ def segment(
         if Path(os.path.abspath(target)).resolve() == source.resolve():
             # Without this, --overwrite would replace the image by its label map.
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
-    ensure_writable_folder(output, what="output folder")
+    created = ensure_writable_folder(output, what="output folder")
     if not quiet:
         console.print(f"model {segmenter.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(segmenter.label_names, segmenter.label_values)), markup=False)
         if segmenter.trained_for is not None:
@@ -78,7 +78,11 @@ def segment(
             detail = f" ({result.seconds:.1f} s)" if result.status == "written" else f" ({result.reason})"
             console.print(f"{result.status} {result.output}{detail}", markup=False)
 
-    results = segment_files(segmenter, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
+    try:
+        results = segment_files(segmenter, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
+    except BaseException:
+        remove_empty_folders(created)  # stopped before writing anything: no empty folder left
+        raise
     failed = [r for r in results if r.status == "failed"]
     if failed or unusable:
         written = sum(r.status == "written" for r in results)
