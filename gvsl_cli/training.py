@@ -343,6 +343,9 @@ def run_training(
                 result.stopped = "time limit" if out_of_time else "stop requested"
             if save_now or stop:
                 save(iteration, last or stop)
+                # it/s (and the ETA drawn from it) count training steps only: a checkpoint
+                # (with finetune's validation) would otherwise drag the next rate down.
+                last_flush_time = time.perf_counter()
             if stop:
                 break
     finally:
