@@ -239,7 +239,9 @@ def segment_files(
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
     """Segment each source into ``out_dir``; a failing input is reported and the others done."""
-    from gvsl_cli.data import failure_reason
+    import SimpleITK as sitk
+
+    from gvsl_cli.data import check_not_constant, failure_reason
     from gvsl_cli.io import read_volume, write_volume
 
     results = []
@@ -250,6 +252,9 @@ def segment_files(
         else:
             try:
                 image = read_volume(source)
+                extremes = sitk.MinimumMaximumImageFilter()
+                extremes.Execute(image)
+                check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())  # nothing to segment
                 labels = segment_image(segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
                 write_volume(labels, target)
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3))

@@ -193,3 +193,11 @@ def test_a_file_given_twice_is_not_a_failure_and_the_model_iteration_is_shown(in
 def test_other_commands_refuse_a_segmentation_model(model_path, inputs, tmp_path, capsys):
     assert run(["embed", str(inputs / "itk.mha"), "--weights", str(model_path), "-o", str(tmp_path / "e")]) == 3
     assert "is a gvsl finetune segmentation model, not GVSL pre-trained weights" in capsys.readouterr().err
+
+
+def test_a_constant_image_is_reported_not_segmented(model_path, tmp_path, capsys):
+    blank = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    sitk.WriteImage(blank, str(tmp_path / "blank.nii.gz"))
+    assert run(["segment", str(tmp_path / "blank.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "out"), "-q"]) == 7
+    assert f"failed {tmp_path / 'blank.nii.gz'}: constant intensity (all voxels 0)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "blank.nii.gz").exists()
