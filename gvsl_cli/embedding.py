@@ -64,6 +64,8 @@ DEFAULT_WINDOW = 128
 #: The global vector's encoder pass takes whole volumes up to this side (voxels, a multiple
 #: of 16). At 256³ and width 32 its largest activation is 2 GiB in float32 (1 GiB in bf16).
 GLOBAL_MAX_SIDE = 256
+#: Overlap of the global pass's windows on volumes with a side above GLOBAL_MAX_SIDE.
+GLOBAL_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -323,14 +325,14 @@ class FeatureExtractor:
         volume = torch.from_numpy(prepared.array)[None]
         shape = tuple(prepared.array.shape)
         common = dict(device=self.device, pad_value=float(prepared.array.min()), accumulate_device=self.device)
-        global_windows = len(window_positions(shape, self.global_window(shape), 0.5))
+        global_windows = len(window_positions(shape, self.global_window(shape), GLOBAL_OVERLAP))
         dense_windows = len(window_positions(shape, (self.window,) * 3, self.config.overlap)) if self.config.dense else 0
         total = global_windows + dense_windows
 
         def progress(offset: int) -> Callable[[int, int], None]:
             return lambda done, _: on_window(offset + done, total) if on_window else None
 
-        pooled = sliding_window_inference(volume, self._global, patch=self.global_window(shape), overlap=0.5, on_window=progress(0), **common)
+        pooled = sliding_window_inference(volume, self._global, patch=self.global_window(shape), overlap=GLOBAL_OVERLAP, on_window=progress(0), **common)
         vector = pooled["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
         dense = None
         if self.config.dense:
@@ -381,6 +383,7 @@ def run_description(weights, config: EmbedConfig, window: int, precision: str) -
         "global_vector": {
             "feature": "global average pool of the U-Net bottleneck f_g of the whole canonical volume",
             "max_side_per_pass": GLOBAL_MAX_SIDE,
+            "overlap_above_it": GLOBAL_OVERLAP,
             "dim": 16 * weights.model_config.width,
             "dtype": "float32",
         },
