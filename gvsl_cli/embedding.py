@@ -351,12 +351,13 @@ def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
     """The dense features as a float32 vector image on the canonical or the input grid.
 
     Back on the input grid each component is interpolated linearly (the features are
-    smooth at the canonical spacing); outside the canonical grid the value is 0.
+    smooth at the canonical spacing); outside the canonical grid the value is 0. The
+    components are resampled one at a time into one channels-last array, so memory peaks
+    near the canonical map plus two input-grid maps, not several copies of each (a fine
+    CT's map on its own grid is gigabytes).
     """
-    channels_last = np.ascontiguousarray(np.moveaxis(features.dense, 0, -1))
-    image = image_from_array(channels_last, geometry=features.grid)
     if grid == "canonical":
-        return image
+        return image_from_array(np.ascontiguousarray(np.moveaxis(features.dense, 0, -1)), geometry=features.grid)
     original = features.original
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize([int(n) for n in original.size])
@@ -365,7 +366,14 @@ def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
     resampler.SetOutputDirection(original.direction)
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetDefaultPixelValue(0.0)
-    return resampler.Execute(image)
+    channels = features.dense.shape[0]
+    out = np.empty((*original.shape_zyx, channels), dtype=np.float32)
+    for channel in range(channels):
+        component = sitk.GetImageFromArray(features.dense[channel])
+        features.grid.apply_to(component)
+        resampled = resampler.Execute(component)  # kept alive: the view below reads its buffer
+        out[..., channel] = sitk.GetArrayViewFromImage(resampled)
+    return image_from_array(out, geometry=original)
 
 
 # --------------------------------------------------------------------------- outputs

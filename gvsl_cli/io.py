@@ -326,7 +326,7 @@ def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
 
 
 def image_from_array(array: np.ndarray, reference: sitk.Image | None = None, *, geometry=None) -> sitk.Image:
-    """A SimpleITK image from a (z, y, x) array (or (z, y, x, 3) vectors) with a grid.
+    """A SimpleITK image from a (z, y, x) array (or (z, y, x, C) vectors) with a grid.
 
     The grid is taken from ``reference`` or from a ``geometry.Geometry``.
     """

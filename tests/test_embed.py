@@ -364,3 +364,24 @@ def test_window_defaults_to_the_training_patch(tmp_path, volumes):
         save_checkpoint(path, GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0), extra={"patch": list(patch)} if patch else {})
         assert FeatureExtractor(load_weights(path), EmbedConfig(), torch.device("cpu")).window == window
     shutil.rmtree(tmp_path / "data")
+
+
+def test_dense_maps_resampled_by_component_equal_a_vector_resampling():
+    from gvsl_cli.embedding import VolumeFeatures, dense_image
+    from gvsl_cli.geometry import Geometry
+
+    rng = np.random.default_rng(3)
+    canonical = Geometry(size=(16, 32, 16), spacing=(2.0, 2.0, 2.0), origin=(-10.0, -20.0, -5.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    c, s = np.cos(0.4), np.sin(0.4)
+    original = Geometry(size=(20, 30, 11), spacing=(1.3, 1.5, 2.5), origin=(-8.0, -15.0, 0.0), direction=(c, -s, 0, s, c, 0, 0, 0, 1))
+    dense = rng.normal(size=(5, 16, 32, 16)).astype(np.float32)
+    features = VolumeFeatures(vector=np.zeros(1, np.float32), dense=dense, grid=canonical, original=original, modality="mr", windows=1)
+
+    written = dense_image(features, "input")
+    vector_image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(dense, 0, -1)), isVector=True)
+    canonical.apply_to(vector_image)
+    reference = sitk.Image([int(n) for n in original.size], sitk.sitkVectorFloat32, 5)
+    original.apply_to(reference)
+    expected = sitk.Resample(vector_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    assert written.GetNumberOfComponentsPerPixel() == 5 and Geometry.of(written) == Geometry.of(expected)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
