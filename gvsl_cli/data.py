@@ -99,7 +99,15 @@ def _read_path_list(list_file: Path) -> tuple[list[Path], list[Skipped]]:
     return entries, skipped
 
 
-def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True) -> tuple[list[Path], list[Skipped]]:
+def _inside(path: Path, folders: set[Path]) -> bool:
+    """Whether ``path`` (as given or resolved) is one of ``folders`` or below one."""
+    for candidate in {Path(os.path.abspath(path)), path.resolve()}:
+        if candidate in folders or any(parent in folders for parent in candidate.parents):
+            return True
+    return False
+
+
+def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True, skip_under: str | os.PathLike | None = None) -> tuple[list[Path], list[Skipped]]:
     """Volume sources named by ``inputs``, in a stable order, and the inputs skipped.
 
     Each input may be a folder (searched recursively for NIfTI, NRRD, MHA/MHD files and
@@ -113,8 +121,12 @@ def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True) -> tu
         resolve: return real paths (symbolic links resolved); False returns the paths as
             given or found, made absolute, so names derived from them follow the links'
             names (a DataLad/git-annex data set is all links into ``.git/annex``).
+        skip_under: a command's output folder: volumes found in it while searching a
+            folder or reading a list (an earlier run's outputs, when the output folder sits
+            inside an input folder) are left out silently; files given directly are kept.
     """
     sources: list[Path] = []
+    direct: set[Path] = set()  # volume files and DICOM folders named on the command line
     skipped: list[Skipped] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -133,6 +145,10 @@ def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True) -> tu
             skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .txt list)"))
         else:
             sources.append(path)
+            direct.add(path)
+    if skip_under is not None:
+        fence = {Path(os.path.abspath(skip_under)), Path(skip_under).resolve()}
+        sources = [s for s in sources if s in direct or not _inside(s, fence)]
     first_seen: dict[Path, Path] = {}  # resolved path -> the path it was first found as
     for source in sources:
         resolved = source.resolve()

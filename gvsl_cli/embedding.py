@@ -196,25 +196,23 @@ def collect_sources(
     so ``find ds -name ct.nii.gz | gvsl embed -`` names them ``p1/ct``, ``p2/ct``. Names
     follow the paths as given (symbolic links are not resolved for naming).
 
-    Left out silently: files inside ``out_dir`` or inside another folder holding an
-    ``embed.json`` (earlier outputs within a data folder), and with ``include`` /
+    Left out silently: volumes found inside ``out_dir`` (``data.discover``'s
+    ``skip_under``) or inside another folder holding an ``embed.json`` (earlier outputs
+    within a data folder), and with ``include`` /
     ``exclude`` (glob patterns matched against the name and the file name) the volumes
     not included or excluded. Volumes that would take the same name are all skipped, with
     a reason naming the other one.
     """
     items, skipped = expand_inputs(inputs, stdin_lines)
-    out_paths = {Path(os.path.abspath(out_dir)), out_dir.resolve()}
     seen: dict[Path, Path] = {}  # real path -> the path it was first found as
     in_folders: list[tuple[Path, Path]] = []  # (path as found, folder given)
     loose: list[Path] = []
     embed_folders: dict[Path, bool] = {}
     for item in items:
         root = Path(os.path.abspath(Path(item).expanduser()))
-        found, bad = discover([root], resolve=False)
+        found, bad = discover([root], resolve=False, skip_under=out_dir)
         skipped.extend(bad)
         for path in found:
-            if any(path == o or o in path.parents or path.resolve() == o or o in path.resolve().parents for o in out_paths):
-                continue
             real = path.resolve()
             if real in seen:
                 reason = "given more than once" if seen[real] == path else f"same file as {seen[real]}"
@@ -497,18 +495,26 @@ class JsonLinesOutput:
         if not try_lock(self._lock_fd):
             os.close(self._lock_fd)
             raise InputError(f"{path}: another gvsl embed is writing this file now", hint="wait for it, or give each run its own --shard or -o")
+        try:
+            self.done = self._read_done(fresh)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_done(self, fresh: bool) -> set[str]:
         if fresh:
-            path.unlink(missing_ok=True)
-        self.done: set[str] = set()
-        for other in sorted(path.parent.glob("embeddings*.jsonl")):
+            self.path.unlink(missing_ok=True)
+        done: set[str] = set()
+        for other in sorted(self.path.parent.glob("embeddings*.jsonl")):
             data = other.read_bytes()
             names, end = _complete_lines(data)
-            if other == path and end != len(data):
-                with open(path, "r+b") as handle:
+            if other == self.path and end != len(data):
+                with open(self.path, "r+b") as handle:
                     handle.truncate(end)
-            if other != path and fresh:
+            if other != self.path and fresh:
                 continue  # --overwrite: this run computes its volumes again
-            self.done |= names
+            done |= names
+        return done
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:

@@ -44,6 +44,13 @@ def test_discover_searches_folders_recursively_and_reads_path_lists(volume_folde
     assert "not a volume file" in reasons["notes.md"]
 
 
+def test_discover_leaves_out_what_it_finds_in_an_output_folder_but_not_files_given(volume_folder):
+    sources, _ = data.discover([volume_folder], skip_under=volume_folder / "sub")
+    assert sorted(p.name for p in sources) == ["broken.nii.gz", "colin.nii.gz", "flat.nrrd"]  # not sub/'s two
+    sources, _ = data.discover([volume_folder / "sub" / "colin_copy.mha"], skip_under=volume_folder / "sub")
+    assert [p.name for p in sources] == ["colin_copy.mha"]
+
+
 def test_unreadable_volumes_are_skipped_with_one_line_reasons(volume_folder, tmp_path):
     sources, _ = data.discover([volume_folder])
     dataset = data.prepare_dataset(sources, FAST, data.VolumeCache(tmp_path / "cache"), workers=2)

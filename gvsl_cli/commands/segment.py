@@ -44,11 +44,9 @@ def segment(
         given = Path(item).expanduser()
         if given.is_dir() and (given.resolve() == out_real or out_real in given.resolve().parents):
             raise InputError(f"{output}: the output folder is (or holds) the input folder {item}; its label maps would be read as images by the next run", hint="choose another -o folder, e.g. a sub-folder of the input folder")
-    found, skipped = discover(inputs)
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
-    named = {Path(item).expanduser().resolve() for item in inputs if Path(item).expanduser().is_file()}
-    sources = [s for s in found if s in named or (s != out_real and out_real not in s.parents)]
+    sources, skipped = discover(inputs, skip_under=output)
     segmenter = load_segmenter(model)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     duplicates = [s for s in skipped if s.reason.startswith(("given more than once", "same file as"))]
