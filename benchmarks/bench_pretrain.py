@@ -33,7 +33,7 @@ from layer_variants import use_matmul_first_conv  # noqa: E402
 from gvsl_cli import augment, data  # noqa: E402
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
 from gvsl_cli.device import autocast, resolve_precision  # noqa: E402
-from gvsl_cli.model import GROUPNORM_IMPLEMENTATIONS, GVSL, LAYOUTS, set_groupnorm_impl, set_layout  # noqa: E402
+from gvsl_cli.model import CHANNEL_PADDINGS, GROUPNORM_IMPLEMENTATIONS, GVSL, LAYOUTS, set_channel_padding, set_groupnorm_impl, set_layout  # noqa: E402
 from gvsl_cli.pretraining import PretrainTask, make_optimizer  # noqa: E402
 from gvsl_cli.resources import example_path  # noqa: E402
 
@@ -76,12 +76,13 @@ def cached_volumes(cache_dir: Path, spacing: float):
     return dataset.volumes
 
 
-def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto", layout="auto") -> list:
+def bench_case(args, device, volumes, size, batch, width, compile_model, groupnorm="auto", layout="auto", channel_padding="auto") -> list:
     autocast_dtype = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     model = GVSL(ModelConfig(width=width)).to(device)
     set_groupnorm_impl(model, groupnorm)
     set_layout(model, layout)
+    set_channel_padding(model, channel_padding)
     if args.first_conv == "matmul":
         use_matmul_first_conv(model)
     if args.compile_augmentation:
@@ -129,7 +130,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}") + (", first conv by matmul" if args.first_conv == "matmul" else "") + (", augmentation compiled" if args.compile_augmentation else "")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}") + ("" if channel_padding == "auto" else f", channel padding {channel_padding}") + (", first conv by matmul" if args.first_conv == "matmul" else "") + (", augmentation compiled" if args.compile_augmentation else "")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{augmentation_ms:.1f}", tflops, peak]
     if compile_model:
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
     parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
     parser.add_argument("--layout", nargs="+", default=["auto"], choices=LAYOUTS, help="activation layouts to compare (eager and compile rows)")
+    parser.add_argument("--channel-padding", nargs="+", default=["auto"], choices=CHANNEL_PADDINGS, help="convolution channel padding to multiples of 8 to compare (eager and compile rows; model.AlignedConv3d)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "step"], help="compile rows: the model only (as gvsl pretrain does) or the model with grid, warp and losses as one graph")
@@ -181,8 +183,9 @@ def main() -> None:
                 for batch in batches:
                     for groupnorm in args.groupnorm:
                         for layout in args.layout:
-                            rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm, layout))
-                            print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                            for padding in args.channel_padding:
+                                rows.append(bench_case(args, device, volumes, size, batch, width, False, groupnorm, layout, padding))
+                                print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
         if args.compile:
             if args.compile_batches:
                 cases = [(max(sizes), b) for b in args.compile_batches]
@@ -190,8 +193,9 @@ def main() -> None:
                 cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
             for size, batch in cases:
                 for layout in args.layout:
-                    rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0], layout))
-                    print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                    for padding in args.channel_padding:
+                        rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0], layout, padding))
+                        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
         ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "loading + augmentation alone (ms)", "TFLOP/s (model step)", "peak GiB"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|next2|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|next2|padding|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -48,22 +48,28 @@ if [ "$what" = compile ]; then
   step pretrain-compile 260 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --layout ncdhw ndhwc --compile --compile-batches 1 --no-eager
 fi
 if [ "$what" = next ]; then
-  # First of two calls (~520 s): correctness on the GPU, the current code's rows for
+  # First of two calls (~560 s): correctness on the GPU, the current code's rows for
   # docs/performance.md (96³ and 128³, batch 1 and 2; the compiled 128³ row now without
   # host syncs), the prepared variants (first convolution by im2col matrix product,
   # augmentation compiled: both separable in one run, the first changes the model step,
-  # the second the loading + augmentation column), and a profile of the compiled step.
+  # the second the loading + augmentation column), model + losses compiled as one graph,
+  # and a profile of the compiled step.
   step gpu-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step pretrain-rows 150 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 96 128 --batches 1 2 --compile --compile-batches 1
   step pretrain-variants 90 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --first-conv matmul --compile-augmentation
-  step layers-next 45 python3 benchmarks/bench_layers.py --sections convs warp --conv-variants "cuDNN 3D ndhwc" "cuDNN 3D ndhwc, Cout padded to 8" "matmul over 27 taps"
+  step pretrain-compile-step 100 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-scope step
   step profile-compiled 80 python3 benchmarks/bench_layers.py --sections profile --profile-compiled
   step pretrain-cli-compiled 80 python3 -m gvsl_cli pretrain gvsl_cli/examples -o /tmp/gvsl-run-c --iters 40 --patch 128 --log-every 10 --compile --cache-dir /tmp/gvsl-cache
 fi
+if [ "$what" = padding ]; then
+  # Convolutions with channel counts padded to multiples of 8 (model.AlignedConv3d) against
+  # unpadded ones, on the same machine in one process (~200 s).
+  step gpu-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step pretrain-padding 190 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --channel-padding off auto
+fi
 if [ "$what" = next2 ]; then
-  # Second call, on the same warm machine: model + losses compiled as one graph, and
-  # inductor's autotuned kernels (Triton templates against cuBLAS/cuDNN; a long compile).
-  step pretrain-compile-step 100 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-scope step
+  # Second call, on the same warm machine: inductor's autotuned kernels (Triton templates
+  # against cuBLAS/cuDNN; a long compile).
   step pretrain-autotune 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --compile-mode max-autotune-no-cudagraphs
   # Lower priority than the pre-training rows above (issue 3): gvsl embed, finetune and
   # segment at the paper's width on the full-resolution volumes (.gpudata/, carried).

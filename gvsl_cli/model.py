@@ -145,6 +145,64 @@ class GroupNorm(nn.GroupNorm):
         return x * channel_scale.reshape(shape).to(x.dtype) + channel_shift.reshape(shape).to(x.dtype)
 
 
+#: Channel padding of convolutions whose channel counts are not multiples of 8: "auto"
+#: (on CUDA), "on", "off". See ``AlignedConv3d``.
+CHANNEL_PADDINGS = ("auto", "on", "off")
+#: cuDNN's tensor-core kernels for bf16 want channel counts that are multiples of this.
+CHANNEL_MULTIPLE = 8
+
+
+class AlignedConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters, state_dict and result) that runs on CUDA with its
+    input and output channel counts padded with zeros to multiples of 8.
+
+    cuDNN has no tensor-core kernel for a channel count that is not a multiple of 8: the
+    U-Net's first convolution (1 input channel) and the flow and restoration outputs (3 and
+    1 output channels) fell back to a generic kernel, slower than convolutions doing 30×
+    their arithmetic (docs/performance.md). Zero input channels with zero filter taps, and
+    zero filters whose outputs are cut off again, add exactly nothing; the gradient of the
+    real weights is unchanged and the padded ones are dropped by the padding's backward.
+
+    Attributes:
+        channel_padding: one of ``CHANNEL_PADDINGS`` (see ``set_channel_padding``).
+    """
+
+    channel_padding: str = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra_in = (-self.in_channels) % CHANNEL_MULTIPLE
+        extra_out = (-self.out_channels) % CHANNEL_MULTIPLE
+        padding = self.channel_padding
+        if padding == "auto":
+            padding = "on" if x.device.type == "cuda" else "off"
+        if padding == "off" or not (extra_in or extra_out) or self.groups != 1:
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if extra_in:
+            # Channel stride 1 marks channels_last_3d also for one channel, which counts as
+            # contiguous in both layouts (``UNet3D._encode`` sets it for cuDNN's sake).
+            channels_last = x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last_3d)
+            # F.pad's last pair pads dimension 1 (channels) of (N, C, D, H, W).
+            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra_in))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, extra_in))
+        if extra_out:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra_out))
+            bias = F.pad(bias, (0, extra_out)) if bias is not None else None
+        y = self._conv_forward(x, weight, bias)
+        return y[:, : self.out_channels] if extra_out else y
+
+
+def set_channel_padding(model: nn.Module, padding: str) -> None:
+    """Choose the channel padding (one of ``CHANNEL_PADDINGS``) of every ``AlignedConv3d``."""
+    if padding not in CHANNEL_PADDINGS:
+        raise ValueError(f"channel padding must be one of {CHANNEL_PADDINGS}, got {padding!r}")
+    for module in model.modules():
+        if isinstance(module, AlignedConv3d):
+            module.channel_padding = padding
+
+
 def set_layout(model: nn.Module, layout: str) -> None:
     """Choose the activation layout (one of ``LAYOUTS``) of every U-Net in ``model``."""
     if layout not in LAYOUTS:
@@ -169,10 +227,10 @@ class DoubleConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.double_conv = nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1),
+            AlignedConv3d(in_channels, out_channels, kernel_size=3, padding=1),
             GroupNorm(out_channels // 8, out_channels),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1),
+            AlignedConv3d(out_channels, out_channels, kernel_size=3, padding=1),
             GroupNorm(out_channels // 8, out_channels),
             nn.LeakyReLU(0.2, inplace=True),
         )
@@ -334,13 +392,13 @@ class GVSL(nn.Module):
         self.fc_shear = nn.Linear(affine_channels, 6)
         # Deformable (local) head.
         self.sp_conv = DoubleConv(2 * w, h)
-        self.out_flow = nn.Conv3d(h, 3, kernel_size=3, padding=1)
+        self.out_flow = AlignedConv3d(h, 3, kernel_size=3, padding=1)
         # Restoration head.
         self.res_conv = nn.Sequential(
-            nn.Conv3d(w, h, kernel_size=3, padding=1),
+            AlignedConv3d(w, h, kernel_size=3, padding=1),
             GroupNorm(h // 4, h),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv3d(h, 1, kernel_size=1),
+            AlignedConv3d(h, 1, kernel_size=1),
         )
         self._init_heads()
 
@@ -437,7 +495,7 @@ class SegmentationNet(nn.Module):
         self.config = config
         self.n_classes = n_classes
         self.unet = UNet3D(config)
-        self.head = nn.Conv3d(config.width, n_classes, kernel_size=1)
+        self.head = AlignedConv3d(config.width, n_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_classes, D, H, W) of images ``x`` (B, C, D, H, W); any size."""

@@ -63,6 +63,28 @@ def test_model_layouts_agree_on_gpu():
     assert relative < 2e-2
 
 
+def test_channel_padding_agrees_on_gpu():
+    # cuDNN's tensor-core kernels (padded channels) against its generic ones, in bf16, with
+    # the weight gradients of the padded layers.
+    from gvsl_cli.model import set_channel_padding
+
+    torch.manual_seed(0)
+    model = GVSL(ModelConfig(width=8)).cuda()
+    fixed = torch.rand(1, 1, 32, 32, 32, device="cuda")
+    moving = torch.rand(1, 1, 32, 32, 32, device="cuda")
+    results = {}
+    for padding in ("off", "auto"):
+        set_channel_padding(model, padding)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(fixed, moving)
+            (out.restored.float().square().mean() + out.match.displacement.float().square().mean() * 1e6).backward()
+        results[padding] = (out.restored.float(), model.unet.inc.double_conv[0].weight.grad.clone(), model.out_flow.weight.grad.clone())
+    for ours, reference in zip(results["auto"], results["off"]):
+        assert ours.shape == reference.shape
+        assert (ours - reference).norm() / reference.norm() < 2e-2
+
+
 def test_training_step_does_not_wait_for_the_gpu():
     # A host-device synchronisation inside the step (e.g. torch.tensor(..., device="cuda"),
     # .item()) lets the GPU run dry while Python queues the next kernels. Losses are read

@@ -173,14 +173,66 @@ def test_channels_last_layout_computes_the_same_model(generator):
         set_layout(model, "nhwc")
 
 
+@pytest.mark.parametrize(("in_channels", "out_channels", "kernel_size", "channels_last"), [(1, 32, 3, True), (16, 3, 3, True), (16, 1, 1, False), (5, 3, 3, False), (16, 16, 3, True)])
+def test_channel_padded_convolution_computes_the_same_values_and_gradients(in_channels, out_channels, kernel_size, channels_last, generator):
+    # The CUDA path (padding "on"), forced on the CPU in float64, against nn.Conv3d.
+    from gvsl_cli.model import AlignedConv3d, is_channels_last
+
+    conv = AlignedConv3d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2).double()
+    reference = torch.nn.Conv3d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2).double()
+    reference.load_state_dict(conv.state_dict())
+    assert list(conv.state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, in_channels, 9, 10, 11, generator=generator, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)  # as UNet3D._encode does; ``contiguous`` keeps one channel's strides
+    x_ours = x.clone().requires_grad_()
+    x_reference = x.clone().requires_grad_()
+    conv.channel_padding = "on"
+    ours = conv(x_ours)
+    expected = reference(x_reference)
+    assert ours.shape == expected.shape == (2, out_channels, 9, 10, 11)
+    assert torch.allclose(ours, expected, atol=1e-12)
+    upstream = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    (ours * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    assert conv.weight.grad.shape == conv.weight.shape
+    assert torch.allclose(conv.weight.grad, reference.weight.grad, atol=1e-10)
+    assert torch.allclose(conv.bias.grad, reference.bias.grad, atol=1e-10)
+    assert torch.allclose(x_ours.grad, x_reference.grad, atol=1e-10)
+    if channels_last and out_channels % 8 == 0:
+        # The layout survives the input channels' padding (float32: the CPU's float64
+        # convolution ignores channels_last).
+        assert is_channels_last(conv.float()(x.float()))
+
+
+def test_channel_padding_computes_the_same_model(generator):
+    from gvsl_cli.model import AlignedConv3d, set_channel_padding
+
+    model = GVSL(ModelConfig(width=8)).eval()  # float32: the affine head computes in it
+    padded_layers = [m for m in model.modules() if isinstance(m, AlignedConv3d) and (m.in_channels % 8 or m.out_channels % 8)]
+    assert {(m.in_channels, m.out_channels) for m in padded_layers} == {(1, 8), (16, 3), (16, 1)}  # first conv, flow, restoration
+    fixed = torch.rand(1, 1, 32, 32, 32, generator=generator)
+    moving = torch.rand(1, 1, 32, 32, 32, generator=generator)
+    with torch.no_grad():
+        reference = model(fixed, moving)  # "auto": no padding on the CPU
+        set_channel_padding(model, "on")
+        ours = model(fixed, moving)
+    assert torch.allclose(ours.restored, reference.restored, atol=1e-5)
+    assert torch.allclose(ours.match.displacement, reference.match.displacement, atol=1e-7)
+    assert torch.allclose(ours.match.theta, reference.match.theta, atol=1e-5)
+    with pytest.raises(ValueError, match="channel padding must be one of"):
+        set_channel_padding(model, "yes")
+
+
 @pytest.mark.parametrize("layout", ["ncdhw", "ndhwc"])
 def test_model_compiles_as_one_graph(layout):
     # A graph break splits torch.compile's graph and stops kernel fusion across it: one in
     # GroupNorm (a generator expression) made the compiled 128³ step 30 ms slower on an H200.
-    from gvsl_cli.model import set_groupnorm_impl, set_layout
+    from gvsl_cli.model import set_channel_padding, set_groupnorm_impl, set_layout
 
     model = GVSL(ModelConfig(width=8))
     set_groupnorm_impl(model, "reduction")  # the CUDA path
+    set_channel_padding(model, "on")  # the CUDA path
     set_layout(model, layout)
     image = torch.rand(1, 1, 16, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
