@@ -1,7 +1,7 @@
 """Fine-tuning step and segmentation inference: how long `gvsl finetune` and `gvsl segment` take.
 
     python benchmarks/bench_finetune.py [--device cpu|cuda] [--width 32] [--patch 128]
-        [--batch 2] [--classes 3] [--image PATH] [--repeats 5]
+        [--batch 2] [--classes 3] [--image PATH] [--repeats 5] [--compile]
 
 Rows: one training step (sampling + augmentation + forward + backward + Adam) for each
 mode, with the precision `gvsl finetune` would use on the device (bf16 autocast on CUDA,
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, median_ms, print_table  # noqa: E402
+from common import device_name, median_ms, print_table, synchronize  # noqa: E402
 
 from gvsl_cli.config import ModelConfig, PreprocessConfig  # noqa: E402
 from gvsl_cli.device import autocast, resolve_precision  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=3)
     parser.add_argument("--image", type=Path, default=DATA / "mr_colin27_t1.nii.gz" if (DATA / "mr_colin27_t1.nii.gz").is_file() else EXAMPLE)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time the training steps with the network under torch.compile (as gvsl finetune does by default on CUDA); the compile time is reported")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = resolve_precision("auto", device)
@@ -54,10 +56,12 @@ def main() -> None:
     target = rng.integers(0, args.classes, (side, side, side)).astype(np.uint8)
     case = PreparedCase(name="synthetic", image=rng.random((side, side, side), dtype=np.float32), values=np.empty(0), modality="mr", target=target)
     rows = []
-    for mode in ("finetune", "linear"):
+    cases = [(mode, False) for mode in ("finetune", "linear")] + ([(mode, True) for mode in ("finetune", "linear")] if args.compile else [])
+    for mode, compiled in cases:
         model = SegmentationNet(ModelConfig(width=args.width), args.classes).to(device)
         if mode == "linear":
             model.unet.requires_grad_(False)
+        net = torch.compile(model) if compiled else model
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
         task = FinetuneTask(PatchSampler([case], patch, seed=0, margin=args.patch // 8), args.batch, seed=0, device=device, augment=True)
         counter = {"iteration": 0}
@@ -66,16 +70,22 @@ def main() -> None:
             counter["iteration"] += 1
             batch = task.batch(counter["iteration"])
             with autocast(device, dtype):
-                loss = task.losses(model, batch)["loss"]
+                loss = task.losses(net, batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
+        label = f"training step, --mode {mode}"
+        if compiled:
+            start = time.perf_counter()
+            step()  # compiles forward and backward
+            synchronize(device)
+            label += f", compiled ({time.perf_counter() - start:.0f} s compile)"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ms = median_ms(step, device, repeats=args.repeats, warmup=2)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
-        rows.append([f"training step, --mode {mode}", f"batch {args.batch} × {args.patch}³", f"{ms:.0f}", peak])
+        rows.append([label, f"batch {args.batch} × {args.patch}³", f"{ms:.0f}", peak])
     image = read_volume(args.image)
     model = SegmentationNet(ModelConfig(width=args.width), args.classes)
     segmenter = Segmenter(model=model, preprocess=PreprocessConfig(spacing=1.0, modality="mr"), label_names=tuple(f"c{k}" for k in range(args.classes)), label_values=tuple(range(args.classes)), patch=patch, source="random")

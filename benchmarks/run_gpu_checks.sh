@@ -78,7 +78,7 @@ if [ "$what" = next2 ]; then
     "$data/mr_colin27_t1.nii.gz" "$data/mr_icbm152_t1.nii.gz" "$data/ct_head_scaled.nii.gz" --device cuda --repeats 3 --overlaps
   step embed-bench-dense 90 python3 benchmarks/bench_embed.py \
     "$data/mr_colin27_t1.nii.gz" "$data/ct_head_scaled.nii.gz" --device cuda --repeats 3 --overlaps 0.5
-  step finetune-bench 90 python3 benchmarks/bench_finetune.py --device cuda --repeats 5 --image "$data/mr_colin27_t1.nii.gz"
+  step finetune-bench 200 python3 benchmarks/bench_finetune.py --device cuda --repeats 5 --compile --image "$data/mr_colin27_t1.nii.gz"
 fi
 if [ "$what" = final ]; then
   data=${GVSL_BENCH_DATA:-.gpudata}

@@ -50,6 +50,8 @@ from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, eff
 from gvsl_cli.training import (
     METRICS_FILE,
     LoopOptions,
+    compile_decision,
+    compiled_step_works,
     Reporter,
     SilentReporter,
     check_loop_counts,
@@ -127,6 +129,8 @@ class FinetuneConfig:
         resume: continue the run in ``run_dir``.
         log_every: iterations between metric flushes.
         time_limit_s: stop cleanly (validation, checkpoint) after this many seconds of training.
+        compile: ``torch.compile`` the network of the training step (validation and
+            checkpoints use the plain module); None decides (``training.compile_decision``).
         explicit: names of the options the user set (on resume the rest come from the run).
     """
 
@@ -154,6 +158,7 @@ class FinetuneConfig:
     resume: bool = False
     log_every: int = 10
     time_limit_s: float | None = None
+    compile: bool | None = None
     explicit: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
@@ -255,6 +260,7 @@ class FinetuneSummary:
     iterations_per_second: float
     device: str
     precision: str
+    compiled: bool
     patch: tuple[int, int, int]
     labels: dict[str, int]
     train_cases: list[str]
@@ -545,8 +551,21 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     sampler = PatchSampler(train_cases, patch, seed=config.seed, margin=(max(patch) // 8) if config.augment else 0)
     task = FinetuneTask(sampler, config.batch, seed=config.seed, device=device, augment=config.augment)
     options = LoopOptions(iters=config.iters, save_every=config.val_every, log_every=config.log_every, time_limit_s=config.time_limit_s, autocast_dtype=autocast_dtype)
+    net: torch.nn.Module = model
+    compiled = compile_decision(config.compile, device, config.iters - start_iteration)
+    if compiled:
+        reporter.note("compiling the network with torch.compile (about a minute before the first step; --no-compile skips it)")
+        compiled_net = torch.compile(model)
+        # A trial step compiles the graphs now: compiled by default, a machine where
+        # inductor fails trains eagerly instead; asked for, the failure is one line. It
+        # runs on the first batch itself (same shapes and strides; ``batch`` depends on the
+        # iteration only), without an optimizer step.
+        if not compiled_step_works(compiled_net, model, task, task.batch(start_iteration + 1), autocast_dtype, reporter, asked=config.compile):
+            compiled = False
+        else:
+            net = compiled_net
     result = run_training(
-        model,
+        net,
         optimizer,
         task,
         options=options,
@@ -569,6 +588,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
         iterations_per_second=round(done / result.seconds, 4) if result.seconds > 0 else 0.0,
         device=str(device),
         precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        compiled=compiled,
         patch=patch,
         labels=label_set.to_dict(),
         train_cases=train_names,

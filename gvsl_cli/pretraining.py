@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,15 @@ from gvsl_cli import distributed, spatial
 from gvsl_cli.augment import PretrainAugmentation
 from gvsl_cli.checkpoint import load_state_strict, save_checkpoint, state_checksum
 from gvsl_cli.config import ModelConfig, PreprocessConfig
-from gvsl_cli.device import autocast, resolve_device, resolve_precision
+from gvsl_cli.device import resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
 from gvsl_cli.model import GVSL
 from gvsl_cli.training import (
     METRICS_FILE,
+    compile_decision,
+    compiled_step_works,
     LoopOptions,
     LoopResult,
     Reporter,
@@ -85,7 +86,7 @@ class PretrainConfig:
         save_every: checkpoint period in iterations.
         log_every: iterations between metric flushes (one host sync each).
         time_limit_s: stop cleanly after this many seconds of training.
-        compile: wrap the model in ``torch.compile``; None decides (``compile_decision``).
+        compile: wrap the model in ``torch.compile``; None decides (``training.compile_decision``).
         cache_dir: preprocessed-volume cache (default ``data.default_cache_dir()``).
         explicit: names of the options the user set (the rest may come from a checkpoint).
     """
@@ -195,51 +196,18 @@ class PretrainTask:
         return {"loss": ncc + mse + smooth, "ncc": ncc, "mse": mse, "smooth": smooth}
 
 
-#: ``--compile`` by default for CUDA runs with at least this many iterations to go: the
-#: compile takes about a minute and then saves ~40 ms an iteration at 128³ on an H200
-#: (docs/performance.md), so it pays back after ~1500 iterations.
-COMPILE_MIN_ITERATIONS = 2000
-
-
-def compile_decision(asked: bool | None, device: torch.device, iterations_to_go: int) -> bool:
-    """Whether to ``torch.compile`` the model: as asked, or ``_compile_by_default``."""
-    return asked if asked is not None else _compile_by_default(device, iterations_to_go)
-
-
-def _compile_by_default(device: torch.device, iterations_to_go: int) -> bool:
-    """On CUDA (not on Windows, where inductor lacks its Triton backend) for runs of at
-    least ``COMPILE_MIN_ITERATIONS`` iterations."""
-    return device.type == "cuda" and sys.platform != "win32" and iterations_to_go >= COMPILE_MIN_ITERATIONS
-
-
-def _compiled_step_works(net: torch.nn.Module, model: torch.nn.Module, task: "PretrainTask", crop_shape: tuple[int, ...], autocast_dtype, reporter: Reporter) -> bool:
-    """Run one forward + backward of the compiled ``net`` on a synthetic batch.
-
-    This compiles the forward and the backward graphs now, so a machine where inductor
-    fails is found before training starts. The batch is made by the task's own
-    augmentation from synthetic crops of ``crop_shape`` (B, 1, *region), so its tensors
-    have the training batches' shapes *and strides* and the training step reuses the
-    graphs instead of compiling again. Its random draws come from a local generator (the
-    run's own are seeded per iteration); the weights are untouched (no optimizer step) and
-    the gradients are cleared. Returns False, with a warning, on failure.
+def _compiled_step_works(net: torch.nn.Module, model: torch.nn.Module, task: "PretrainTask", crop_shape: tuple[int, ...], autocast_dtype, reporter: Reporter, *, asked: bool | None) -> bool:
+    """``training.compiled_step_works`` on a synthetic batch made by the task's own
+    augmentation from synthetic crops of ``crop_shape`` (B, 1, *region), so its tensors have
+    the training batches' shapes *and strides* and the training step reuses the graphs.
+    Its random draws come from a local generator (the run's own are seeded per iteration).
     """
     device = task.device
     crops = torch.linspace(0.0, 1.0, math.prod(crop_shape), device=device).view(crop_shape)
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
     batch = task.augmentation(crops, crops.flip(-1), task.patch, generator)
-    try:
-        with autocast(device, autocast_dtype):
-            losses = task.losses(net, batch)
-        losses["loss"].backward()
-    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        reporter.note(f"warning: torch.compile failed on this machine ({type(exc).__name__}: {first_line}); training without it (--no-compile skips the attempt)")
-        torch._dynamo.reset()
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-    return True
+    return compiled_step_works(net, model, task, batch, autocast_dtype, reporter, asked=asked)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -500,10 +468,11 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
             with atomic_path(run_dir / RUN_FILE) as tmp:
                 tmp.write_text(json.dumps({**run_record, "dataset_sources": [v.source for v in dataset.volumes], "world_size": context.world_size}, indent=2), encoding="utf-8")
         if compiled_net is not None:
-            # Compiled by default: a machine where inductor fails trains eagerly instead.
+            # A trial step compiles the graphs now: compiled by default, a machine where
+            # inductor fails trains eagerly instead; asked for, the failure is one line.
             # Not under DDP, where a rank failing inside backward would leave the others
             # waiting in its gradient all-reduce; there the failure stops the run.
-            if config.compile is None and not context.enabled and not _compiled_step_works(compiled_net, model, task, (config.batch, 1, *region), autocast_dtype, reporter):
+            if not context.enabled and not _compiled_step_works(compiled_net, model, task, (config.batch, 1, *region), autocast_dtype, reporter, asked=config.compile):
                 compiled = False
             else:
                 net = compiled_net

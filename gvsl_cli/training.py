@@ -1,4 +1,4 @@
-"""The one training loop of gvsl (pre-training now; fine-tuning can plug in the same way).
+"""The one training loop of gvsl, shared by pre-training and fine-tuning.
 
 A *task* says what one iteration computes (``TrainingTask.losses``: a dict of scalar
 tensors, "loss" being the one minimised) and where batches come from
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class TrainingTask(Protocol):
 
     #: Names of the logged loss terms; the first is the total that is minimised.
     loss_names: tuple[str, ...]
+    #: Where the batches live and the step runs.
+    device: torch.device
 
     def batch(self, iteration: int) -> Any:
         """The inputs of ``iteration`` (1-based), already on the training device."""
@@ -246,6 +249,49 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+#: ``--compile`` by default for CUDA runs with at least this many iterations to go: the
+#: compile takes about a minute and then saves ~40 ms an iteration of pre-training at 128³
+#: on an H100 (docs/performance.md), so it pays back after ~1500 iterations.
+COMPILE_MIN_ITERATIONS = 2000
+
+
+def compile_decision(asked: bool | None, device: torch.device, iterations_to_go: int) -> bool:
+    """Whether to ``torch.compile`` the model: as asked, or ``_compile_by_default``."""
+    return asked if asked is not None else _compile_by_default(device, iterations_to_go)
+
+
+def _compile_by_default(device: torch.device, iterations_to_go: int) -> bool:
+    """On CUDA (not on Windows, where inductor lacks its Triton backend) for runs of at
+    least ``COMPILE_MIN_ITERATIONS`` iterations."""
+    return device.type == "cuda" and sys.platform != "win32" and iterations_to_go >= COMPILE_MIN_ITERATIONS
+
+
+def compiled_step_works(net: torch.nn.Module, model: torch.nn.Module, task: TrainingTask, batch: Any, autocast_dtype, reporter: Reporter, *, asked: bool | None) -> bool:
+    """Run one forward + backward of the compiled ``net`` on ``batch``; whether to train with it.
+
+    This compiles the forward and the backward graphs now, so a machine where inductor
+    fails is found before training starts; ``batch`` must have the training batches'
+    shapes and strides, so that the training step reuses the graphs instead of compiling
+    again. The weights are untouched (no optimizer step) and ``model``'s gradients are
+    cleared. On failure: with ``asked`` True (``--compile``) a ConfigError; otherwise
+    (compiled by default) a warning, and False: train without the compiler.
+    """
+    try:
+        with autocast(task.device, autocast_dtype):
+            losses = task.losses(net, batch)
+        losses[task.loss_names[0]].backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+        failure = f"torch.compile failed on this machine ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})"
+        torch._dynamo.reset()
+        if asked:
+            raise ConfigError(f"--compile: {failure}", hint="run without --compile") from exc
+        reporter.note(f"warning: {failure}; training without it (--no-compile skips the attempt)")
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+    return True
 
 
 def run_training(

@@ -410,3 +410,50 @@ def test_a_class_no_case_holds_is_warned_about(weights, tmp_path, capsys):
     root = make_dataset(tmp_path / "Dataset002", labels={**LABELS, "csf": 3})  # _write_case removes value 3
     assert run(["finetune", str(root), "-o", str(tmp_path / "r"), "--weights", str(weights), "--iters", "1", "--val-every", "1", "--batch", "1", *SMALL]) == 0
     assert "warning: no case holds any voxel of csf" in capsys.readouterr().err
+
+
+def test_default_compile_trains_compiled_with_the_warm_up_graphs_and_plain_checkpoints(itk_folders, weights, tmp_path, monkeypatch):
+    from gvsl_cli import training
+
+    images, labels = itk_folders
+    common = ["--images", str(images), "--labels", str(labels), "--weights", str(weights), "--val-every", "2", "--batch", "1", "--iters", "2", *SMALL]
+    monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+    # The trial step must compile the graphs the training step uses: no second compile.
+    # (dynamo's own patch: monkeypatch's undo deletes a torch config entry.)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run(["finetune", *common, "-o", str(tmp_path / "compiled")]) == 0
+    assert json.loads((tmp_path / "compiled" / "summary.json").read_text(encoding="utf-8"))["compiled"] is True
+    assert run(["finetune", *common, "-o", str(tmp_path / "plain"), "--no-compile"]) == 0
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
+    compiled = load_weights(tmp_path / "compiled" / "last.pt")
+    plain = load_weights(tmp_path / "plain" / "last.pt").state_dict
+    assert set(compiled.state_dict) == set(plain)  # no "_orig_mod." keys
+    # The trial step changed nothing: the same losses as the plain run, up to the compiler's rounding.
+    ours = [r["loss"] for r in read_metrics(tmp_path / "compiled" / "metrics.jsonl") if "loss" in r]
+    reference = [r["loss"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl") if "loss" in r]
+    assert len(ours) == len(reference) == 2
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(ours, reference))
+
+
+def test_a_failing_compiler_falls_back_to_eager_unless_compile_was_asked_for(itk_folders, weights, tmp_path, monkeypatch, capsys):
+    from gvsl_cli import training
+
+    images, labels = itk_folders
+    common = ["--images", str(images), "--labels", str(labels), "--weights", str(weights), "--val-every", "1", "--batch", "1", "--iters", "1", *SMALL]
+    monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+
+    class BrokenCompiler(torch.nn.Module):  # what a machine without a working inductor gives
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))
+    assert run(["finetune", *common, "-o", str(tmp_path / "fallback")]) == 0
+    assert json.loads((tmp_path / "fallback" / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
+    assert "warning: torch.compile failed on this machine (RuntimeError: no C compiler found); training without it" in capsys.readouterr().err
+    assert run(["finetune", *common, "-o", str(tmp_path / "explicit"), "--compile"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --compile: torch.compile failed on this machine (RuntimeError: no C compiler found) (hint: run without --compile)"
+    assert not (tmp_path / "explicit" / "last.pt").exists()

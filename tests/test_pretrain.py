@@ -324,7 +324,7 @@ def test_compiled_run_writes_plain_weights_and_resumes_uncompiled(volumes, cache
 
 
 def test_compile_is_chosen_for_long_cuda_runs_only(monkeypatch):
-    from gvsl_cli.pretraining import COMPILE_MIN_ITERATIONS, compile_decision
+    from gvsl_cli.training import COMPILE_MIN_ITERATIONS, compile_decision
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(sys, "platform", "linux")
@@ -337,9 +337,9 @@ def test_compile_is_chosen_for_long_cuda_runs_only(monkeypatch):
 
 
 def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(volumes, cache_dir, tmp_path, monkeypatch, capsys):
-    from gvsl_cli import pretraining
+    from gvsl_cli import training
 
-    monkeypatch.setattr(pretraining, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+    monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
     run_dir = tmp_path / "no-compile"
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "1", "--no-compile")) == 0
     assert json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
@@ -360,7 +360,9 @@ def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(
     # A warning that --quiet does not hide.
     assert "warning: torch.compile failed on this machine (RuntimeError: no C compiler found); training without it" in capsys.readouterr().err
     # Asked for explicitly, the failure is an error, not a silent fallback.
-    assert run(_args(volumes, tmp_path / "explicit", cache_dir, "--iters", "1", "--compile")) != 0
+    capsys.readouterr()
+    assert run(_args(volumes, tmp_path / "explicit", cache_dir, "--iters", "1", "--compile")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --compile: torch.compile failed on this machine (RuntimeError: no C compiler found) (hint: run without --compile)"
 
 
 @pytest.mark.parametrize("saved_fused, now_fused", [(False, True), (True, False)])
@@ -390,14 +392,14 @@ def test_resumed_optimizer_keeps_this_devices_adam_implementation(saved_fused, n
 
 
 def test_default_compile_warms_up_then_trains_compiled(volumes, cache_dir, tmp_path, monkeypatch):
-    from gvsl_cli import pretraining
+    from gvsl_cli import training
 
-    monkeypatch.setattr(pretraining, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
+    monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
     # The warm-up must compile the graphs the training step uses (same strides too):
     # a second compile would double the minute of compiling.
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     run_dir = tmp_path / "default-compiled"
-    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--log-every", "1")) == 0
+    with torch._dynamo.config.patch(error_on_recompile=True):  # monkeypatch's undo deletes a torch config entry
+        assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--log-every", "1")) == 0
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["compiled"] is True and summary["iteration"] == 2
     # The warm-up step left the weights alone: iteration 1's loss is that of the initial model.

@@ -39,7 +39,7 @@ def _summary_table(summary):
     table.add_row("mean", "", *(_dice(row["val_mean_dice"]) for row in (summary.initial, summary.best, summary.last)), style="bold")
     table.caption = (
         f"iterations {summary.start_iteration} → {summary.iteration} ({status}); {summary.seconds:.1f} s, "
-        f"{summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}); patch {'×'.join(map(str, summary.patch))}; "
+        f"{summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}{', compiled' if summary.compiled else ''}); patch {'×'.join(map(str, summary.patch))}; "
         f"{len(summary.train_cases)} training case(s); best model: {summary.best_checkpoint}"
     )
     return table
@@ -70,6 +70,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from last.pt (a complete run: nothing to do, exit 0)."),
     log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop cleanly (validation, checkpoint) after this long (3600, 90m, 2h, 1:30:00); continue with --resume."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step's network: faster steps after a compile of about a minute (default: on for CUDA runs of 2000 iterations or more)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary table (warnings are still shown)."),
 ) -> None:
     """Train a segmentation network from GVSL weights on labelled images (nnU-Net layout or two folders)."""
@@ -108,6 +109,7 @@ def finetune(
         resume=resume,
         log_every=log_every,
         time_limit_s=parse_duration(time_limit) if time_limit else None,
+        compile=compile_model,
         explicit=explicit,
     )
 
