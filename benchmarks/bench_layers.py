@@ -174,10 +174,50 @@ def profile_step(args, device, layout: str) -> None:
             step()
         synchronize(device)
     events = prof.key_averages()
+    kind = "compiled" if args.profile_compiled else "eager"
     for sort in ("self_cuda_time_total", "cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",):
-        kind = "compiled" if args.profile_compiled else "eager"
         print(f"\n### Profile of 3 {kind} steps ({layout} layout), sorted by {sort}\n")
-        print(events.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+        print(events.table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=90))
+    if device.type == "cuda":
+        print_kernels(events, steps=3, title=f"GPU kernels of one {kind} step ({layout} layout), full names")
+    if args.profile_trace:
+        prof.export_chrome_trace(str(args.profile_trace))
+        print(f"\nchrome trace: {args.profile_trace}")
+
+
+#: Kernel-name patterns of the categories in ``print_kernels``, first match wins.
+KERNEL_CATEGORIES = (
+    # cuDNN's convolution kernels are implicit GEMMs; cuBLAS's plain GEMMs come next.
+    ("convolution (cuDNN)", ("implicit_gemm", "implicit_convolve", "cudnn", "conv2d_", "conv3d_", "wgrad", "dgrad", "fprop")),
+    ("grid sampling", ("grid_sampler",)),
+    ("matrix products (cuBLAS)", ("gemm", "cutlass", "cublas", "splitk", "nvjet")),
+    ("inductor reductions", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("max-pooling", ("max_pool",)),
+    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p.lower() in lowered for p in patterns):
+            return category
+    return "other"
+
+
+def print_kernels(events, steps: int, title: str) -> None:
+    """GPU kernels only (``self_device_time_total`` of the events that ran on the device),
+    per step, with untruncated names, then totals by ``kernel_category``."""
+    kernels = [e for e in events if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_us = sum(e.self_device_time_total for e in kernels) / steps
+    rows = [[f"{e.self_device_time_total / steps / 1000:.3f}", f"{e.count / steps:g}", f"{100 * e.self_device_time_total / steps / total_us:.1f}", e.key[:240]] for e in kernels]
+    print_table(f"{title}: {total_us / 1000:.1f} ms of kernels a step", ["ms / step", "calls / step", "%", "kernel"], rows)
+    by_category: dict[str, float] = {}
+    for e in kernels:
+        by_category[kernel_category(e.key)] = by_category.get(kernel_category(e.key), 0.0) + e.self_device_time_total / steps
+    print_table("By category", ["category", "ms / step", "%"], [[c, f"{t / 1000:.2f}", f"{100 * t / total_us:.1f}"] for c, t in sorted(by_category.items(), key=lambda item: -item[1])])
 
 
 def main() -> None:
@@ -189,6 +229,8 @@ def main() -> None:
     parser.add_argument("--conv-variants", nargs="+", default=list(CONV_VARIANTS), choices=list(CONV_VARIANTS), metavar="NAME", help=f"convs section: implementations to compare (default: all of {list(CONV_VARIANTS)})")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--side", type=int, default=128, help="patch side of the profile section")
+    parser.add_argument("--profile-rows", type=int, default=40, help="rows of the profiler's operator tables")
+    parser.add_argument("--profile-trace", type=Path, default=None, help="also write the profile as a Chrome trace (JSON) here")
     parser.add_argument("--benchmark-limit", type=int, default=None, help="torch.backends.cudnn.benchmark_limit (0: try every algorithm)")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the loader")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (128³ and the largest batch only with --quick)")
-    parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager rows)")
+    parser.add_argument("--groupnorm", nargs="+", default=["auto"], choices=GROUPNORM_IMPLEMENTATIONS, help="GroupNorm implementations to compare (eager and compile rows)")
     parser.add_argument("--layout", nargs="+", default=["auto"], choices=LAYOUTS, help="activation layouts to compare (eager and compile rows)")
     parser.add_argument("--channel-padding", nargs="+", default=["auto"], choices=CHANNEL_PADDINGS, help="convolution channel padding to multiples of 8 to compare (eager and compile rows; model.AlignedConv3d)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="torch.compile mode of the compile rows")
@@ -192,10 +192,11 @@ def main() -> None:
             else:
                 cases = [(max(sizes), max(batches))] if args.quick else [(s, b) for s in sizes for b in batches]
             for size, batch in cases:
-                for layout in args.layout:
-                    for padding in args.channel_padding:
-                        rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, args.groupnorm[0], layout, padding))
-                        print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
+                for groupnorm in args.groupnorm:
+                    for layout in args.layout:
+                        for padding in args.channel_padding:
+                            rows.append(bench_case(args, device, volumes, size, batch, widths[0], True, groupnorm, layout, padding))
+                            print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     print_table(
         f"GVSL pre-training, median of {args.repeats} — {device_name(device)}, torch {torch.__version__}",
         ["patch", "batch", "width", "variant", "full iteration (ms)", "model step (ms)", "loading + augmentation alone (ms)", "TFLOP/s (model step)", "peak GiB"],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything gvsl checks on a lent GPU, in one call (the device time is short):
-#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|next2|padding|final|all]
+#   bash benchmarks/run_gpu_checks.sh [pretrain|register|graphs|layers|layout|compile|next|next2|next3|padding|final|all]
 # Installs the carried wheels (.whl: SimpleITK, platformdirs) when present, then runs the GPU
 # tests and the benchmarks, each under its own time limit. Logs go to $OUT (or /tmp/gvsl-gpu).
 set -u -o pipefail
@@ -66,6 +66,16 @@ if [ "$what" = padding ]; then
   # unpadded ones, on the same machine in one process (~200 s).
   step gpu-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
   step pretrain-padding 190 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --channel-padding off auto
+fi
+if [ "$what" = next3 ]; then
+  # For the model-step target (~420 s): a profile of the compiled step with every kernel
+  # named in full, inductor's generated code (which operations each fused kernel holds)
+  # and a Chrome trace, all under $OUT; then GroupNorm statistics from per-channel sums
+  # against per-group ones, compiled, in one process.
+  step gpu-tests 40 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  step profile-kernels 150 env TORCH_LOGS=output_code python3 benchmarks/bench_layers.py --sections profile --profile-compiled --profile-rows 60 --profile-trace "$out/compiled-step-trace.json"
+  gzip -f "$out/compiled-step-trace.json" 2>/dev/null
+  step pretrain-groupnorm 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --groupnorm auto channels
 fi
 if [ "$what" = next2 ]; then
   # Second call, on the same warm machine: inductor's autotuned kernels (Triton templates

@@ -27,8 +27,10 @@ MAX_SHEAR = math.pi / 18
 
 
 #: GroupNorm implementations: "native" (PyTorch's kernel), "reduction" (statistics by a
-#: parallel reduction), "auto" (reduction on CUDA, native elsewhere).
-GROUPNORM_IMPLEMENTATIONS = ("auto", "native", "reduction")
+#: parallel reduction over each group), "channels" (the same statistics from per-channel
+#: sums, which read channels_last memory contiguously; a candidate, see ``GroupNorm``),
+#: "auto" (reduction on CUDA, native elsewhere).
+GROUPNORM_IMPLEMENTATIONS = ("auto", "native", "reduction", "channels")
 
 #: Memory layouts of the activations: "ncdhw" (contiguous (N, C, D, H, W)), "ndhwc"
 #: (channels_last_3d: channels innermost), "auto" (ndhwc on CUDA, ncdhw elsewhere). The
@@ -103,8 +105,8 @@ class GroupNorm(nn.GroupNorm):
     reduced with float32 accumulators (``sum``/``vector_norm`` with ``dtype``), which saves
     a full read+write pass and keeps the autograd graph from storing a 4-byte copy of every
     activation. Channels_last_3d inputs are reduced in place over an (N, S, G, C/G) view,
-    without a layout change. On the CPU the native kernel is already parallel and is used
-    as is.
+    without a layout change (``_group_statistics``). On the CPU the native kernel is already
+    parallel and is used as is.
 
     Attributes:
         impl: one of ``GROUPNORM_IMPLEMENTATIONS`` (see ``set_groupnorm_impl``).
@@ -120,20 +122,8 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         n, c = x.shape[:2]
         groups = self.num_groups
-        if is_channels_last(x):
-            grouped = x.permute(0, 2, 3, 4, 1).reshape(n, -1, groups, c // groups)  # a view
-            dims = (1, 3)
-        else:
-            grouped = x.reshape(n, groups, -1)  # (N, G, C/G·S): one row per group
-            dims = (2,)
-        # mean, var: (N, G), statistics of each group over its channels and voxels.
-        if x.dtype in (torch.float32, torch.float64):
-            var, mean = torch.var_mean(grouped, dim=dims, unbiased=False)
-        else:
-            count = grouped.numel() // (n * groups)  # values per group
-            mean = grouped.sum(dim=dims, dtype=torch.float32) / count
-            norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
-            var = (norm * norm / count - mean * mean).clamp(min=0.0)
+        statistics = _group_statistics_from_channels if impl == "channels" else _group_statistics
+        mean, var = statistics(x, groups)  # (N, G) each
         scale = torch.rsqrt(var + self.eps)[:, :, None]
         mean = mean[:, :, None]
         # Fold normalisation and affine into one multiply-add per channel.
@@ -192,6 +182,46 @@ class AlignedConv3d(nn.Conv3d):
             bias = F.pad(bias, (0, extra_out)) if bias is not None else None
         y = self._conv_forward(x, weight, bias)
         return y[:, : self.out_channels] if extra_out else y
+
+
+def _group_statistics(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, var), each (N, G), of the groups of ``x`` (N, C, *spatial) by one parallel
+    reduction per group; float32 for bf16/fp16 inputs (accumulated without a float32 copy of
+    ``x``, var = E[x²] − E[x]²), the input's dtype for float32/float64 (``var_mean``).
+    Channels_last_3d inputs are reduced in place over an (N, S, G, C/G) view."""
+    n, c = x.shape[:2]
+    if is_channels_last(x):
+        grouped = x.permute(0, 2, 3, 4, 1).reshape(n, -1, groups, c // groups)  # a view
+        dims = (1, 3)
+    else:
+        grouped = x.reshape(n, groups, -1)  # (N, G, C/G·S): one row per group
+        dims = (2,)
+    if x.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(grouped, dim=dims, unbiased=False)
+        return mean, var
+    count = grouped.numel() // (n * groups)  # values per group
+    mean = grouped.sum(dim=dims, dtype=torch.float32) / count
+    norm = torch.linalg.vector_norm(grouped, 2, dim=dims, dtype=torch.float32)
+    return mean, (norm * norm / count - mean * mean).clamp(min=0.0)
+
+
+def _group_statistics_from_channels(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_group_statistics`` computed from per-channel sums and sums of squares over the
+    voxels (var = E[x²] − E[x]² in every dtype; float64 stays float64, the rest float32).
+
+    In channels_last memory a per-channel reduction reads every voxel's channels as one
+    contiguous run, where a per-group one reads runs of C/G channels at a stride of C; the
+    group totals are then sums of C/G numbers. A candidate for CUDA (profile: the per-group
+    statistics kernels read at about a third of the memory bandwidth), not yet measured.
+    """
+    n, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+    count = x[0, 0].numel() * (c // groups)  # values per group
+    sums = x.sum(dim=dims, dtype=accumulate).view(n, groups, c // groups)
+    norms = torch.linalg.vector_norm(x, 2, dim=dims, dtype=accumulate).view(n, groups, c // groups)
+    mean = sums.sum(dim=2) / count
+    return mean, ((norms * norms).sum(dim=2) / count - mean * mean).clamp(min=0.0)
 
 
 def set_channel_padding(model: nn.Module, padding: str) -> None:

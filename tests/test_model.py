@@ -81,11 +81,12 @@ def test_bad_width_is_refused(width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reduction_groupnorm_matches_native_values_and_gradients(dtype, generator):
+@pytest.mark.parametrize("impl", ["reduction", "channels"])
+def test_reduction_groupnorm_matches_native_values_and_gradients(dtype, impl, generator):
     from gvsl_cli.model import GroupNorm
 
     native, ours = GroupNorm(4, 32), GroupNorm(4, 32)
-    ours.impl = "reduction"
+    ours.impl = impl
     native.impl = "native"
     with torch.no_grad():
         native.weight.normal_(generator=generator)
@@ -127,11 +128,12 @@ def test_matrix_upsampling_matches_trilinear_interpolate(shape, channels_last, g
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reduction_groupnorm_on_channels_last_input(dtype, generator):
+@pytest.mark.parametrize("impl", ["reduction", "channels"])
+def test_reduction_groupnorm_on_channels_last_input(dtype, impl, generator):
     from gvsl_cli.model import GroupNorm, is_channels_last
 
     norm = GroupNorm(4, 32)
-    norm.impl = "reduction"
+    norm.impl = impl
     with torch.no_grad():
         norm.weight.normal_(generator=generator)
         norm.bias.normal_(generator=generator)
