@@ -52,6 +52,12 @@ STREAM_AUGMENT = 2
 # --------------------------------------------------------------------------- discovery
 
 
+class CacheWriteError(InputError):
+    """The preprocessed-volume cache cannot be written. Not a property of one input (every
+    later volume would fail the same way), so it stops the whole preparation instead of
+    skipping the volume."""
+
+
 @dataclass(frozen=True)
 class Skipped:
     """An input that cannot be used, and why (one line)."""
@@ -315,15 +321,26 @@ class VolumeCache:
         return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]), value_range=value_range)
 
     def put(self, key: str, source: Path, array: np.ndarray, modality: str, grid: dict) -> "CachedVolume":
-        """Store a prepared (D, H, W) array under ``key``; returns the entry."""
+        """Store a prepared (D, H, W) array under ``key``; returns the entry.
+
+        Raises:
+            CacheWriteError: the entry could not be written (a full disk, a quota); nothing
+                of it is left behind (atomic writes).
+        """
         array_path, meta_path = self._paths(key)
-        with atomic_path(array_path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
         value_range = (float(array.min()), float(array.max()))
         meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "range": list(value_range), "grid": grid, "format": CACHE_FORMAT}
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps(meta), encoding="utf-8")
+        try:
+            with atomic_path(array_path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+            with atomic_path(meta_path) as tmp:
+                tmp.write_text(json.dumps(meta), encoding="utf-8")
+        except OSError as exc:
+            raise CacheWriteError(
+                f"cannot write the preprocessed-volume cache in {self.root}: {exc.strerror or exc}",
+                hint="free disk space there, or give another folder with --cache-dir",
+            ) from exc
         return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape), value_range=value_range)
 
     def record_range(self, entry: "CachedVolume") -> tuple[float, float]:
@@ -519,6 +536,8 @@ def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedV
     def job(source: Path) -> "CachedVolume | Skipped":
         try:
             return _prepare_one(source, config, cache)
+        except CacheWriteError:
+            raise  # the cache's problem, not this input's: stop (see CacheWriteError)
         except (GvslError, RuntimeError, OSError, ValueError, MemoryError) as exc:
             return Skipped(str(source), failure_reason(exc, source))
 
@@ -529,11 +548,17 @@ def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedV
             if on_progress:
                 on_progress(done, len(sources))
         return results
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
         for done, result in enumerate(pool.map(job, sources), start=1):
             results.append(result)
             if on_progress:
                 on_progress(done, len(sources))
+    except BaseException:
+        # Do not prepare the thousands of volumes still queued before reporting the error.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return results
 
 

@@ -214,6 +214,34 @@ def test_unusable_cache_folder_is_named_not_blamed_on_the_volumes(volumes, tmp_p
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_cache_disk_stops_the_run_instead_of_skipping_every_volume(volumes, tmp_path, capsys, monkeypatch, workers):
+    import errno
+
+    import numpy as np
+
+    real_save = np.save
+    saved = []
+
+    def save_then_fill_the_disk(handle, array, *args, **kwargs):
+        if saved:  # the second entry finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(handle.name))
+        saved.append(1)
+        return real_save(handle, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_then_fill_the_disk)
+    cache = tmp_path / "cache"
+    args = _args(volumes, tmp_path / "run", cache, "--iters", "1")
+    args[args.index("--workers") + 1] = workers
+    assert run(args) == 2
+    line = _one_line_error(capsys)
+    assert line == f"error: cannot write the preprocessed-volume cache in {cache}: No space left on device (hint: free disk space there, or give another folder with --cache-dir)"
+    assert not (tmp_path / "run").exists()
+    # Nothing half-written: one complete entry (array + metadata), no temporary files.
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file() and p.parent.name != "stat")
+    assert len(entries) == 2 and {Path(e).suffix for e in entries} == {".npy", ".json"}, entries
+
+
 def test_fewer_than_two_different_volumes_leave_no_run_record(volumes, cache_dir, tmp_path, capsys):
     one = volumes / "colin27_t1_2mm.nii.gz"
     copy = tmp_path / "copy.nii.gz"
