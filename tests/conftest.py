@@ -42,3 +42,20 @@ def generator():
     import torch
 
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def broken_compiler(monkeypatch):
+    """``torch.compile`` as on a machine without a working inductor: the compiled module
+    raises "no C compiler found" when called."""
+    import torch
+
+    class BrokenCompiler(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            raise RuntimeError("no C compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))

@@ -435,22 +435,12 @@ def test_default_compile_trains_compiled_with_the_warm_up_graphs_and_plain_check
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(ours, reference))
 
 
-def test_a_failing_compiler_falls_back_to_eager_unless_compile_was_asked_for(itk_folders, weights, tmp_path, monkeypatch, capsys):
+def test_a_failing_compiler_falls_back_to_eager_unless_compile_was_asked_for(itk_folders, weights, tmp_path, monkeypatch, capsys, broken_compiler):
     from gvsl_cli import training
 
     images, labels = itk_folders
     common = ["--images", str(images), "--labels", str(labels), "--weights", str(weights), "--val-every", "1", "--batch", "1", "--iters", "1", *SMALL]
     monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
-
-    class BrokenCompiler(torch.nn.Module):  # what a machine without a working inductor gives
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args):
-            raise RuntimeError("no C compiler found")
-
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))
     assert run(["finetune", *common, "-o", str(tmp_path / "fallback")]) == 0
     assert json.loads((tmp_path / "fallback" / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
     assert "warning: torch.compile failed on this machine (RuntimeError: no C compiler found); training without it" in capsys.readouterr().err

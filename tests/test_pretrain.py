@@ -364,7 +364,7 @@ def test_compile_is_chosen_for_long_cuda_runs_only(monkeypatch):
     assert compile_decision(None, cuda, 10**6) is False
 
 
-def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(volumes, cache_dir, tmp_path, monkeypatch, capsys):
+def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(volumes, cache_dir, tmp_path, monkeypatch, capsys, request):
     from gvsl_cli import training
 
     monkeypatch.setattr(training, "_compile_by_default", lambda device, iterations: True)  # as on a GPU
@@ -372,15 +372,7 @@ def test_default_compile_is_kept_off_by_no_compile_and_falls_back_when_it_fails(
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "1", "--no-compile")) == 0
     assert json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["compiled"] is False
 
-    class BrokenCompiler(torch.nn.Module):  # what a machine without a working inductor gives
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args):
-            raise RuntimeError("no C compiler found")
-
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))
+    request.getfixturevalue("broken_compiler")  # from here on, as on a machine without a working inductor
     run_dir = tmp_path / "fallback"
     assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--log-every", "1")) == 0
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
