@@ -46,7 +46,7 @@ from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folder
 from gvsl_cli.losses import dice_ce_loss
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
-from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, prepare_cases, split_cases
+from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, fold_split, prepare_cases, read_split_file, split_cases
 from gvsl_cli.training import (
     METRICS_FILE,
     LoopOptions,
@@ -104,7 +104,7 @@ def augment_intensities(images: torch.Tensor, generator: torch.Generator) -> tor
 
 
 #: Settings that define a run; on --resume they come from the checkpoint and may not change.
-RUN_DEFINING = ("dataset", "images", "labels", "weights", "mode", "width", "spacing", "modality", "batch", "patch", "lr", "val_fraction", "augment", "seed")
+RUN_DEFINING = ("dataset", "images", "labels", "weights", "mode", "width", "spacing", "modality", "batch", "patch", "lr", "val_fraction", "fold", "folds", "splits", "augment", "seed")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,9 @@ class FinetuneConfig:
             scratch defaults to 1 mm and auto).
         iters, batch, patch, lr (None: ``DEFAULT_LR[mode]``), seed: training.
         val_fraction: share of the cases held out for validation (deterministic from seed).
+        fold, folds: validate on cross-validation fold ``fold`` of ``folds`` instead
+            (``segmentation_data.fold_split``); with ``splits``, entry ``fold`` of that
+            nnU-Net ``splits_final.json`` (``segmentation_data.read_split_file``).
         val_every: validate (and checkpoint) every this many iterations.
         overlap: sliding-window overlap of validation predictions.
         augment: random rotation, scaling, brightness and gamma of training patches.
@@ -148,6 +151,9 @@ class FinetuneConfig:
     patch: int = 128
     lr: float | None = None
     val_fraction: float = 0.2
+    fold: int | None = None
+    folds: int = 5
+    splits: str | None = None
     val_every: int = 250
     overlap: float = 0.5
     augment: bool = True
@@ -174,6 +180,17 @@ class FinetuneConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         check_overlap(self.overlap)
+        if self.splits is not None and self.fold is None:
+            raise ConfigError("--splits needs --fold (which entry of the splits file to validate on)")
+        if self.fold is not None:
+            if "val_fraction" in self.explicit:
+                raise ConfigError("--fold and --val-fraction both choose the validation cases; give one of them")
+            if self.fold < 0:
+                raise ConfigError(f"--fold must be >= 0, got {self.fold}")
+            if self.splits is None and not 0 <= self.fold < self.folds:
+                raise ConfigError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
@@ -207,7 +224,7 @@ def _comparable(name: str, value: Any) -> Any:
     as absolute paths (a requeue may start in another folder); everything else as given."""
     if value is None:
         return None
-    if name in ("dataset", "images", "labels"):
+    if name in ("dataset", "images", "labels", "splits"):
         return os.path.abspath(value)
     if name == "weights" and Path(value).expanduser().is_file():
         return os.path.abspath(Path(value).expanduser())
@@ -353,23 +370,51 @@ def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any], contract: 
     return dataclasses.replace(config, **changes)
 
 
-def _stored_split(split: dict[str, list[str]], available: dict, reporter: Reporter) -> tuple[list[str], list[str]]:
-    """The split a resumed run started with (so "best" keeps comparing one validation set).
+def _split_of_named_cases(train_names: list[str], val_names: list[str], available: dict, reporter: Reporter, *, missing: str, hint: str, unused: str) -> tuple[list[str], list[str]]:
+    """A split given by case names (a resumed run's, or a splits file's) checked against the
+    cases of the dataset; ``missing`` and ``unused`` are message templates with {count}
+    and {names}.
 
     Raises:
-        InputError: cases of the run are no longer in the dataset.
+        InputError: cases of the split are not in the dataset.
     """
-    train_names, val_names = list(split["train"]), list(split["val"])
-    missing = [n for n in train_names + val_names if n not in available]
-    if missing:
-        raise InputError(
-            f"the dataset no longer holds {len(missing)} case(s) of the run being resumed: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
-            hint="restore them, or start a new run in another folder",
-        )
-    added = sorted(set(available) - set(train_names) - set(val_names))
-    if added:
-        reporter.note(f"note: {len(added)} case(s) added since the run started are not used ({', '.join(added[:5])}{' ...' if len(added) > 5 else ''}): a resumed run keeps its split")
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+    absent = [n for n in train_names + val_names if n not in available]
+    if absent:
+        raise InputError(missing.format(count=len(absent), names=listed(absent)), hint=hint)
+    left_out = sorted(set(available) - set(train_names) - set(val_names))
+    if left_out:
+        reporter.note("note: " + unused.format(count=len(left_out), names=listed(left_out)))
     return train_names, val_names
+
+
+def _stored_split(split: dict[str, list[str]], available: dict, reporter: Reporter) -> tuple[list[str], list[str]]:
+    """The split a resumed run started with (so "best" keeps comparing one validation set)."""
+    return _split_of_named_cases(
+        list(split["train"]), list(split["val"]), available, reporter,
+        missing="the dataset no longer holds {count} case(s) of the run being resumed: {names}",
+        hint="restore them, or start a new run in another folder",
+        unused="{count} case(s) added since the run started are not used ({names}): a resumed run keeps its split",
+    )
+
+
+def _new_split(config: FinetuneConfig, available: dict, reporter: Reporter) -> tuple[list[str], list[str]]:
+    """(training, validation) names of a new run: a splits file's fold, a fold of our own,
+    or a random share of the cases."""
+    if config.splits is not None:
+        train_names, val_names = read_split_file(config.splits, config.fold)
+        where = f"{config.splits} fold {config.fold}".replace("{", "{{").replace("}", "}}")
+        return _split_of_named_cases(
+            train_names, val_names, available, reporter,
+            missing="the dataset does not hold {count} case(s) of " + where + ": {names}",
+            hint="give the splits file made for this dataset",
+            unused="{count} case(s) in neither list of " + where + " are not used ({names})",
+        )
+    if config.fold is not None:
+        return fold_split(list(available), config.fold, config.folds, config.seed)
+    return split_cases(list(available), config.val_fraction, config.seed)
 
 
 def _initial_state(config: FinetuneConfig) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor] | None]:
@@ -464,7 +509,10 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     if resumed is not None and "split" in resumed.extra[SEGMENTATION_KEY]:
         train_names, val_names = _stored_split(resumed.extra[SEGMENTATION_KEY]["split"], by_name, reporter)
     else:
-        train_names, val_names = split_cases([c.name for c in prepared], config.val_fraction, config.seed)
+        train_names, val_names = _new_split(config, by_name, reporter)
+    if config.fold is not None:
+        source = config.splits if config.splits is not None else f"{config.folds} folds (--seed {config.seed})"
+        reporter.note(f"validation: fold {config.fold} of {source}: {len(val_names)} case(s), {len(train_names)} for training")
     train_cases = [by_name[n] for n in train_names]
     val_cases = [by_name[n] for n in val_names] or train_cases
     on_training = not val_names

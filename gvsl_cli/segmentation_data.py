@@ -363,6 +363,47 @@ def split_cases(names: Sequence[str], val_fraction: float, seed: int) -> tuple[l
     return [n for n in ordered if n not in validation], validation
 
 
+def fold_split(names: Sequence[str], fold: int, folds: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training, validation) case names of cross-validation fold ``fold`` of ``folds``.
+
+    The sorted names are shuffled with ``seed`` and cut into ``folds`` parts of nearly equal
+    size; part ``fold`` is the validation set. Every case is validated in exactly one fold.
+    """
+    ordered = sorted(names)
+    if folds < 2:
+        raise InputError(f"--folds must be >= 2, got {folds}")
+    if not 0 <= fold < folds:
+        raise InputError(f"--fold must be in 0..{folds - 1} (with --folds {folds}), got {fold}")
+    if len(ordered) < folds:
+        raise InputError(f"{folds}-fold cross-validation needs at least {folds} cases; the dataset has {len(ordered)}", hint="use fewer --folds, or --val-fraction")
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    validation = sorted(ordered[i] for i in np.array_split(order, folds)[fold])
+    return [n for n in ordered if n not in validation], validation
+
+
+def read_split_file(path: str | Path, fold: int) -> tuple[list[str], list[str]]:
+    """(training, validation) case names of entry ``fold`` of an nnU-Net ``splits_final.json``
+    (a JSON list of {"train": [...], "val": [...]}), so that a run validates on exactly the
+    cases an nnU-Net fold does.
+
+    Raises:
+        InputError: unreadable file, not that layout, or no entry ``fold``.
+    """
+    path = Path(path).expanduser()
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the splits file ({exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__})", hint="give nnU-Net's splits_final.json") from None
+    layout_ok = isinstance(splits, list) and all(
+        isinstance(entry, dict) and all(isinstance(entry.get(key), list) and all(isinstance(n, str) for n in entry[key]) for key in ("train", "val")) for entry in splits
+    )
+    if not layout_ok or not splits:
+        raise InputError(f"{path}: not an nnU-Net splits file (a list of {{\"train\": [case, ...], \"val\": [case, ...]}})", hint="give nnU-Net's splits_final.json")
+    if not 0 <= fold < len(splits):
+        raise InputError(f"{path}: holds folds 0..{len(splits) - 1}, not --fold {fold}")
+    return sorted(splits[fold]["train"]), sorted(splits[fold]["val"])
+
+
 # --------------------------------------------------------------------------- sampling
 
 

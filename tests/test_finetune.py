@@ -22,7 +22,7 @@ from gvsl_cli.cli import run
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.errors import InputError
 from gvsl_cli.model import GVSL, SegmentationNet
-from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, find_cases, read_dataset_json, split_cases
+from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, find_cases, fold_split, read_dataset_json, read_split_file, split_cases
 from gvsl_cli.training import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "gvsl_cli" / "examples"
@@ -447,3 +447,62 @@ def test_a_failing_compiler_falls_back_to_eager_unless_compile_was_asked_for(itk
     assert run(["finetune", *common, "-o", str(tmp_path / "explicit"), "--compile"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --compile: torch.compile failed on this machine (RuntimeError: no C compiler found) (hint: run without --compile)"
     assert not (tmp_path / "explicit" / "last.pt").exists()
+
+
+def test_folds_validate_every_case_exactly_once():
+    names = [f"case{i:02d}" for i in range(12)]
+    validated = []
+    for fold in range(5):
+        train, val = fold_split(names, fold, 5, seed=0)
+        assert sorted(train + val) == names and not set(train) & set(val)
+        assert len(val) in (2, 3)  # 12 cases in 5 folds: sizes differ by one at most
+        validated += val
+        assert fold_split(list(reversed(names)), fold, 5, seed=0) == (train, val)  # file order does not matter
+    assert sorted(validated) == names
+    assert fold_split(names, 0, 5, seed=1) != fold_split(names, 0, 5, seed=0)
+    with pytest.raises(InputError, match="needs at least 5 cases; the dataset has 3"):
+        fold_split(names[:3], 0, 5, seed=0)
+    with pytest.raises(InputError, match=r"--fold must be in 0..4"):
+        fold_split(names, 5, 5, seed=0)
+
+
+def test_nnunet_splits_file_is_read_and_checked(tmp_path):
+    good = tmp_path / "splits_final.json"
+    good.write_text(json.dumps([{"train": ["b", "a"], "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]), encoding="utf-8")
+    assert read_split_file(good, 0) == (["a", "b"], ["c"])
+    assert read_split_file(good, 1) == (["c"], ["a", "b"])
+    with pytest.raises(InputError, match=r"holds folds 0..1, not --fold 2"):
+        read_split_file(good, 2)
+    bad = tmp_path / "bad.json"
+    for text in ('{"train": ["a"]}', "[]", '[{"train": ["a"], "val": [1]}]', "not json"):
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(InputError, match="not an nnU-Net splits file|cannot read the splits file"):
+            read_split_file(bad, 0)
+
+
+def test_finetune_validates_on_the_fold_of_an_nnunet_splits_file(dataset, weights, tmp_path, capsys):
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["colin"], "val": ["icbm"]}, {"train": ["icbm"], "val": ["colin"]}]), encoding="utf-8")
+    common = ["finetune", str(dataset), "--weights", str(weights), "--iters", "2", "--val-every", "2", *SMALL]
+    for fold, val in ((0, ["icbm"]), (1, ["colin"])):
+        run_dir = tmp_path / f"fold{fold}"
+        assert run([*common, "-o", str(run_dir), "--splits", str(splits), "--fold", str(fold)]) == 0
+        assert json.loads((run_dir / "run.json").read_text())["split"] == {"train": [n for n in ("colin", "icbm") if n not in val], "val": val}
+        assert load_weights(run_dir / "best.pt").extra["segmentation"]["split"]["val"] == val
+    # Our own folds: 2 cases in 2 folds validate each case once.
+    own = [json.loads((tmp_path / f"own{k}" / "run.json").read_text())["split"]["val"] for k in (0, 1) if run([*common, "-o", str(tmp_path / f"own{k}"), "--fold", str(k), "--folds", "2"]) == 0]
+    assert sorted(own) == [["colin"], ["icbm"]]
+    capsys.readouterr()
+    wrong = tmp_path / "other_dataset_splits.json"
+    wrong.write_text(json.dumps([{"train": ["colin"], "val": ["liver_007"]}]), encoding="utf-8")
+    refusals = (
+        (["--splits", str(wrong), "--fold", "0"], f"the dataset does not hold 1 case(s) of {wrong} fold 0: liver_007"),
+        (["--splits", str(splits)], "--splits needs --fold"),
+        (["--fold", "0", "--val-fraction", "0.5"], "--fold and --val-fraction both choose the validation cases"),
+        (["--fold", "2", "--folds", "2"], "--fold must be in 0..1 (with --folds 2), got 2"),
+        (["--fold", "0"], "5-fold cross-validation needs at least 5 cases; the dataset has 2"),
+    )
+    for extra, said in refusals:
+        assert run([*common, "-o", str(tmp_path / "refused"), *extra]) == 2, extra
+        assert said in _one_line_error(capsys)
+        assert not (tmp_path / "refused").exists()
