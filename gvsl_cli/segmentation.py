@@ -154,8 +154,29 @@ def load_segmenter(spec: str) -> Segmenter:
     )
 
 
+def check_ensemble(segmenters: Sequence[Segmenter]) -> None:
+    """Models whose probabilities can be averaged: the same classes (names and values) and
+    the same preprocessing contract (one canonical grid for all).
+
+    Raises:
+        ConfigError: naming the first model that differs and how.
+    """
+    first = segmenters[0]
+    for other in segmenters[1:]:
+        if (other.label_names, other.label_values) != (first.label_names, first.label_values):
+            raise ConfigError(
+                f"{other.source}: labels {dict(zip(other.label_names, other.label_values))} differ from {first.source}'s {dict(zip(first.label_names, first.label_values))}",
+                hint="an ensemble averages the probabilities of the same classes: give models trained on one dataset",
+            )
+        if other.preprocess.to_dict() != first.preprocess.to_dict():
+            raise ConfigError(
+                f"{other.source}: preprocessing {other.preprocess.to_dict()} differs from {first.source}'s {first.preprocess.to_dict()}",
+                hint="an ensemble averages on one grid: give models trained with the same --spacing and --modality",
+            )
+
+
 def segment_image(
-    segmenter: Segmenter,
+    segmenters: Segmenter | Sequence[Segmenter],
     image,
     *,
     device: torch.device,
@@ -163,16 +184,29 @@ def segment_image(
     overlap: float = 0.5,
     batch: int = 1,
 ):
-    """The label map (SimpleITK image on ``image``'s own grid, label values) of ``image``."""
+    """The label map (SimpleITK image on ``image``'s own grid, label values) of ``image``.
+
+    Several models (``check_ensemble``) form an ensemble, as nnU-Net's folds do: their
+    class probabilities are averaged on the canonical grid before the argmax.
+    """
     import SimpleITK as sitk
 
     from gvsl_cli.preprocess import prepare, to_original_grid
 
+    models = [segmenters] if isinstance(segmenters, Segmenter) else list(segmenters)
+    check_ensemble(models)
+    segmenter = models[0]
     prepared = prepare(image, segmenter.preprocess)
-    segmenter.model.to(device)
-    logits = predict_logits(segmenter.model, prepared.array, patch=segmenter.patch, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
-    probabilities = torch.softmax(logits, dim=0).numpy()
-    del logits
+    probabilities = None
+    for member in models:
+        member.model.to(device)
+        logits = predict_logits(member.model, prepared.array, patch=member.patch, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
+        softmax = torch.softmax(logits, dim=0)
+        del logits
+        probabilities = softmax if probabilities is None else probabilities.add_(softmax)
+        if len(models) > 1:
+            member.model.cpu()  # one model on the device at a time
+    probabilities = probabilities.div_(len(models)).numpy()
     # Class by class, keeping a running maximum: memory of two input-sized volumes, not K.
     best_probability = None
     best_class = None
@@ -227,7 +261,7 @@ def plan_outputs(sources: Sequence[Path], out_dir: Path) -> list[tuple[Path, Pat
 
 
 def segment_files(
-    segmenter: Segmenter,
+    segmenter: Segmenter | Sequence[Segmenter],
     sources: Sequence[Path],
     out_dir: Path,
     *,
@@ -238,7 +272,8 @@ def segment_files(
     overwrite: bool = False,
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
-    """Segment each source into ``out_dir``; a failing input is reported and the others done."""
+    """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``);
+    a failing input is reported and the others done."""
     import SimpleITK as sitk
 
     from gvsl_cli.data import check_not_constant, failure_reason

@@ -201,3 +201,43 @@ def test_a_constant_image_is_reported_not_segmented(model_path, tmp_path, capsys
     assert run(["segment", str(tmp_path / "blank.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "out"), "-q"]) == 7
     assert f"failed {tmp_path / 'blank.nii.gz'}: constant intensity (all voxels 0)" in capsys.readouterr().err
     assert not (tmp_path / "out" / "blank.nii.gz").exists()
+
+
+def _constant_checkpoint(path: Path, logits: list[float], *, values=VALUES, spacing: float = 6.0) -> Path:
+    """A model whose class logits are ``logits`` at every voxel (head weights zero)."""
+    torch.manual_seed(0)
+    model = SegmentationNet(ModelConfig(width=8), len(values))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor(logits))
+    names = ["background", "a", "b"][: len(values)]
+    meta = {"label_names": names, "label_values": list(values), "labels": dict(zip(names, values)), "patch": [32, 32, 32]}
+    return save_checkpoint(path, model, PreprocessConfig(spacing=spacing, modality="mr"), affine_trained=False, extra={"segmentation": meta})
+
+
+def test_an_ensemble_averages_class_probabilities(inputs, tmp_path, capsys):
+    sure_a = _constant_checkpoint(tmp_path / "sure_a.pt", [0.0, 100.0, 0.0])  # p(a) = 1
+    leaning_b = _constant_checkpoint(tmp_path / "leaning_b.pt", [0.0, 99.0, 100.0])  # p(a) = 0.27, p(b) = 0.73
+    image = inputs / "colin_0000.nii.gz"
+
+    def label(*models: Path) -> set[int]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        args = ["segment", str(image), "-o", str(out), "--quiet"]
+        for model in models:
+            args += ["--model", str(model)]
+        assert run(args) == 0
+        return set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "colin.nii.gz")))).tolist())
+
+    assert label(leaning_b) == {5}
+    # Mean p(a) = (1 + 0.27 + 0.27) / 3 = 0.51 > mean p(b) = 0.49, although two of the three
+    # models vote for b: probabilities are averaged, not votes.
+    assert label(sure_a, leaning_b, leaning_b) == {1}
+    assert label(leaning_b, leaning_b, sure_a) == {1}  # the order does not matter
+    capsys.readouterr()
+    other_labels = _constant_checkpoint(tmp_path / "two_classes.pt", [0.0, 1.0], values=[0, 1])
+    other_grid = _constant_checkpoint(tmp_path / "coarse.pt", [0.0, 1.0, 0.0], spacing=8.0)
+    for other, said in ((other_labels, "labels {'background': 0, 'a': 1} differ from"), (other_grid, "preprocessing")):
+        assert run(["segment", str(image), "-o", str(tmp_path / "refused"), "--model", str(sure_a), "--model", str(other)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {other}: ") and said in err[0], err
+        assert not (tmp_path / "refused").exists()

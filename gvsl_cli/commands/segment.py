@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 def segment(
     inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders or .txt lists of paths."),
-    model: str = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL. Give it several times for an ensemble (e.g. the runs of --fold 0..4): the class probabilities are averaged."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
@@ -32,7 +32,7 @@ def segment(
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
-    from gvsl_cli.segmentation import check_overlap, load_segmenter, plan_outputs, segment_files
+    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, segment_files
 
     check_overlap(overlap)
     if batch < 1:
@@ -47,7 +47,8 @@ def segment(
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
     sources, skipped = discover(inputs, skip_under=output)
-    segmenter = load_segmenter(model)
+    segmenters = [load_segmenter(spec) for spec in model]
+    check_ensemble(segmenters)  # before any work
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     duplicates = [s for s in skipped if s.reason.startswith(("given more than once", "same file as"))]
     unusable = [s for s in skipped if s not in duplicates]
@@ -62,12 +63,16 @@ def segment(
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     created = ensure_writable_folder(output, what="output folder")
     if not quiet:
-        console.print(f"model {segmenter.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(segmenter.label_names, segmenter.label_values)), markup=False)
-        if segmenter.trained_for is not None:
-            dice = "not recorded" if segmenter.validation_dice is None else f"{segmenter.validation_dice:.3f}"
-            console.print(f"model from iteration {segmenter.trained_for}; validation mean Dice {dice}", markup=False)
-    if segmenter.trained_for == 0:
-        console.print("warning: this model is untrained (iteration 0: the run's validation never improved on its start, or it was stopped before its first checkpoint)", markup=False)
+        if len(segmenters) > 1:
+            console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)
+        for member in segmenters:
+            console.print(f"model {member.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(member.label_names, member.label_values)), markup=False)
+            if member.trained_for is not None:
+                dice = "not recorded" if member.validation_dice is None else f"{member.validation_dice:.3f}"
+                console.print(f"model from iteration {member.trained_for}; validation mean Dice {dice}", markup=False)
+    for member in segmenters:
+        if member.trained_for == 0:
+            console.print(f"warning: {'this model' if len(segmenters) == 1 else member.source} is untrained (iteration 0: the run's validation never improved on its start, or it was stopped before its first checkpoint)", markup=False)
 
     def report(result) -> None:
         if result.status == "failed":
@@ -77,7 +82,7 @@ def segment(
             console.print(f"{result.status} {result.output}{detail}", markup=False)
 
     try:
-        results = segment_files(segmenter, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
+        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
     except BaseException:
         remove_empty_folders(created)  # stopped before writing anything: no empty folder left
         raise
