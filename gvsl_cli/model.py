@@ -181,7 +181,12 @@ class AlignedConv3d(nn.Conv3d):
             weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, 0, 0, extra_out))
             bias = F.pad(bias, (0, extra_out)) if bias is not None else None
         y = self._conv_forward(x, weight, bias)
-        return y[:, : self.out_channels] if extra_out else y
+        if not extra_out:
+            return y
+        # A dense tensor again (3 or K channels: a small copy), in the layout of the
+        # convolution's output, so code downstream may view or flatten it.
+        layout = torch.channels_last_3d if y.dim() == 5 and is_channels_last(y) else torch.contiguous_format
+        return y[:, : self.out_channels].contiguous(memory_format=layout)
 
 
 def _group_statistics(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,10 +201,12 @@ def test_channel_padded_convolution_computes_the_same_values_and_gradients(in_ch
     assert torch.allclose(conv.weight.grad, reference.weight.grad, atol=1e-10)
     assert torch.allclose(conv.bias.grad, reference.bias.grad, atol=1e-10)
     assert torch.allclose(x_ours.grad, x_reference.grad, atol=1e-10)
-    if channels_last and out_channels % 8 == 0:
-        # The layout survives the input channels' padding (float32: the CPU's float64
-        # convolution ignores channels_last).
-        assert is_channels_last(conv.float()(x.float()))
+    # The result is dense, and in the layout of the input: the padding and the cut keep it
+    # (float32: the CPU's float64 convolution ignores channels_last).
+    result = conv.float()(x.float())
+    assert result.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    if channels_last and out_channels > 1:
+        assert is_channels_last(result)
 
 
 def test_channel_padding_computes_the_same_model(generator):
