@@ -102,10 +102,29 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
     losses_fn = torch.compile(task.losses, mode=args.compile_mode) if compile_step else None
     step = make_step(net, optimizer, task, autocast_dtype, device, losses_fn)
     iteration = [0]
+    # --overlap-augmentation: the batch of iteration i + 1 (copy to the device, augmentation)
+    # is made on a side CUDA stream while step i runs, so its kernels can fill the step's gaps.
+    side = torch.cuda.Stream(device) if args.overlap_augmentation and device.type == "cuda" else None
+    pending: dict[int, tuple] = {}
 
     def full():
         iteration[0] += 1
-        step(task.batch(iteration[0]))
+        current = iteration[0]
+        if current in pending:
+            ready, batch_now = pending.pop(current)
+            main = torch.cuda.current_stream(device)
+            main.wait_event(ready)
+            for tensor in batch_now:
+                tensor.record_stream(main)  # made on the side stream, used on this one
+        else:
+            batch_now = task.batch(current)
+        step(batch_now)
+        if side is not None:
+            with torch.cuda.stream(side):
+                upcoming = task.batch(current + 1)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            pending[current + 1] = (ready, upcoming)
 
     try:
         reset_peak(device)
@@ -116,6 +135,9 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
             synchronize(device)
             compile_s = time.perf_counter() - start
         full_ms = median_ms(full, device, repeats=args.repeats, warmup=args.warmup)
+        if pending:  # the loader already gave the prefetched iteration's crops
+            pending.clear()
+            iteration[0] += 1
 
         def augmentation_only():
             iteration[0] += 1
@@ -130,7 +152,7 @@ def bench_case(args, device, volumes, size, batch, width, compile_model, groupno
         loader.close()
     # The 7.57 TFLOP count is for width 32; other widths would need their own count.
     tflops = f"{TFLOP_128_B1 * (size / 128) ** 3 * batch / (model_ms / 1000):.1f}" if width == 32 else "n/a"
-    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}") + ("" if channel_padding == "auto" else f", channel padding {channel_padding}") + (", first conv by matmul" if args.first_conv == "matmul" else "") + (", augmentation compiled" if args.compile_augmentation else "")
+    variant = ((f"compile {args.compile_mode}" if args.compile_mode != "default" else "compile") + (" (model + losses)" if compile_step else "") if compile_model else "eager") + ("" if groupnorm == "auto" else f", GroupNorm {groupnorm}") + ("" if layout == "auto" else f", {layout}") + ("" if channel_padding == "auto" else f", channel padding {channel_padding}") + (", first conv by matmul" if args.first_conv == "matmul" else "") + (", augmentation compiled" if args.compile_augmentation else "") + (", augmentation on a side stream" if side is not None else "")
     precision = str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"
     row = [f"{size}³", batch, width, f"{variant}, {precision}", f"{full_ms:.1f}", f"{model_ms:.1f}", f"{augmentation_ms:.1f}", tflops, peak]
     if compile_model:
@@ -156,6 +178,7 @@ def main() -> None:
     parser.add_argument("--compile-batches", type=int, nargs="+", help="batch sizes of the torch.compile rows (default: the largest; all without --quick)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "step"], help="compile rows: the model only (as gvsl pretrain does) or the model with grid, warp and losses as one graph")
     parser.add_argument("--first-conv", default="cudnn", choices=["cudnn", "matmul"], help="the U-Net's first convolution: cuDNN, or layer_variants.conv3d_by_matmul (im2col)")
+    parser.add_argument("--overlap-augmentation", action="store_true", help="CUDA: make the next iteration's batch on a side stream while the step runs (full-iteration column)")
     parser.add_argument("--compile-augmentation", action="store_true", help="also torch.compile the augmentation's apply functions (all rows)")
     parser.add_argument("--no-eager", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--quick", action="store_true", help="fewer repeats; finishes in under 3 minutes on one GPU")

@@ -68,7 +68,7 @@ if [ "$what" = padding ]; then
   step pretrain-padding 190 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --channel-padding off auto
 fi
 if [ "$what" = next3 ]; then
-  # For the model-step target (~420 s): a profile of the compiled step with every kernel
+  # For the model-step and full-iteration targets (~520 s): a profile of the compiled step with every kernel
   # named in full, inductor's generated code (which operations each fused kernel holds)
   # and a Chrome trace, all under $OUT; then GroupNorm statistics from per-channel sums
   # against per-group ones, compiled, in one process.
@@ -76,6 +76,8 @@ if [ "$what" = next3 ]; then
   step profile-kernels 150 env TORCH_LOGS=output_code python3 benchmarks/bench_layers.py --sections profile --profile-compiled --profile-rows 60 --profile-trace "$out/compiled-step-trace.json"
   gzip -f "$out/compiled-step-trace.json" 2>/dev/null
   step pretrain-groupnorm 200 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --groupnorm auto channels
+  # The full iteration with the next batch made on a side stream during the step.
+  step pretrain-overlap 100 python3 benchmarks/bench_pretrain.py --device cuda --quick --sizes 128 --batches 1 --compile --compile-batches 1 --no-eager --overlap-augmentation
 fi
 if [ "$what" = next2 ]; then
   # Second call, on the same warm machine: inductor's autotuned kernels (Triton templates
