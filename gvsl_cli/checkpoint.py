@@ -18,6 +18,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from gvsl_cli.config import ModelConfig, PreprocessConfig
-from gvsl_cli.errors import CheckpointError, ConfigError
+from gvsl_cli.errors import CheckpointError, ConfigError, InputError
 from gvsl_cli.io import atomic_path
 from gvsl_cli.model import GVSL
 
@@ -294,6 +295,24 @@ def save_checkpoint(
         "affine_trained": affine_trained,
         **(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:
+        # On a full disk torch.save raises a RuntimeError from its zip writer ("[enforce
+        # fail at inline_container.cc] unexpected pos ..."), which says nothing to a user.
+        raise InputError(f"{path}: cannot write the checkpoint ({_write_failure(exc, path.parent)})", hint="free disk space there; an earlier checkpoint of that name is left intact") from exc
     return path
+
+
+def _write_failure(exc: BaseException, folder: Path) -> str:
+    """Why writing into ``folder`` failed, in a few words."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"no space left on the device: {free // 2**20} MB free"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -254,7 +254,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:
+                # Writers given a file handle (np.save, json) raise without a path; name the
+                # output the user asked for, so "No space left on device" says where.
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
         # mkstemp creates the file private (0600); give it the permissions of a normal file.
         umask = os.umask(0)
         os.umask(umask)
@@ -296,7 +303,40 @@ def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool =
         return path
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti_complete(tmp, image, path)
     return path
+
+
+#: Size of a NIfTI-1 header; the voxels follow it (at vox_offset, 352 as ITK writes them).
+NIFTI_HEADER_BYTES = 348
+
+
+def _check_nifti_complete(written: Path, image: sitk.Image, path: Path) -> None:
+    """Raise when the NIfTI file ``written`` holds fewer bytes than ``image`` needs.
+
+    ITK's NIfTI writer (niftilib) does not raise when the disk fills up: it prints
+    "** ERROR: NWAD" and returns, leaving a short or empty file, which the rename would then
+    publish as a finished output. NRRD and MHA writers do raise. The check reads the size of
+    an uncompressed file, and decompresses a gzip file to its end (gzip checks its length
+    and CRC there, so a cut file fails too).
+    """
+    needed = NIFTI_HEADER_BYTES + sitk.GetArrayViewFromImage(image).nbytes
+    try:
+        if written.name.endswith(".gz"):
+            import gzip
+
+            size = 0
+            with gzip.open(written, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    size += len(block)
+        else:
+            size = written.stat().st_size
+    except (OSError, EOFError):  # gzip.BadGzipFile is an OSError; a cut stream is an EOFError
+        size = -1
+    if size < needed:
+        shown = "a damaged file" if size < 0 else f"{size} of {needed} bytes"
+        raise InputError(f"{path}: the NIfTI writer left {shown} (no space left on the device?)", hint="free disk space there, or write the output elsewhere")
 
 
 def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:

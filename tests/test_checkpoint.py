@@ -134,3 +134,25 @@ def test_unsafe_pickle_message_is_one_clean_sentence(tmp_path):
     message = str(refused.value)
     assert "\x1b" not in message and "\n" not in message
     assert message.endswith("needs arbitrary code to unpickle (it references pathlib.PurePosixPath)")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from gvsl_cli.errors import InputError
+
+    path = tmp_path / "last.pt"
+    model = GVSL(ModelConfig(width=8))
+    save_checkpoint(path, model, PreprocessConfig(spacing=4.0), extra={"iteration": 2})
+
+    def full_disk_save(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5939328 vs 5939248")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: namedtuple("usage", "total used free")(10 * 2**30, 10 * 2**30, 2**20))
+    with pytest.raises(InputError, match=r"last.pt: cannot write the checkpoint \(no space left on the device: 1 MB free\)"):
+        save_checkpoint(path, model, PreprocessConfig(spacing=4.0), extra={"iteration": 4})
+    monkeypatch.undo()
+    assert load_weights(path).extra["iteration"] == 2  # the earlier checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

@@ -307,3 +307,42 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert kinds == ["fsync", "replace", "fsync"], events
     assert events[0][1].startswith(str(tmp_path / ".out.json.")) and events[2][1] == str(tmp_path)
     assert target.read_text() == "{}"
+
+
+@pytest.mark.parametrize("name", ["out.nii", "out.nii.gz"])
+@pytest.mark.parametrize("keep", [0, 0.5])
+def test_a_short_nifti_write_is_an_error_not_a_finished_file(tmp_path, monkeypatch, name, keep):
+    # ITK's NIfTI writer prints "** ERROR: NWAD" on a full disk and returns normally,
+    # leaving an empty or cut file: that must not be renamed into place as the output.
+    from gvsl_cli.io import write_volume
+
+    image = sitk.GetImageFromArray(np.arange(16 * 16 * 16, dtype=np.float32).reshape(16, 16, 16))
+    target = tmp_path / name
+    write_volume(image, target)
+    previous = target.read_bytes()
+    real_write = sitk.WriteImage
+
+    def write_then_run_out_of_space(img, file_name, *args):
+        real_write(img, file_name, *args)
+        data = Path(file_name).read_bytes()
+        Path(file_name).write_bytes(data[: int(len(data) * keep)])
+
+    monkeypatch.setattr(sitk, "WriteImage", write_then_run_out_of_space)
+    with pytest.raises(InputError, match=r"the NIfTI writer left .* \(no space left on the device\?\)"):
+        write_volume(image, target)
+    assert target.read_bytes() == previous  # the earlier output is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+
+
+def test_an_error_without_a_path_inside_an_atomic_write_names_the_output(tmp_path):
+    import errno
+
+    from gvsl_cli.io import atomic_path
+
+    target = tmp_path / "vector.npy"
+    with pytest.raises(OSError) as raised:
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb"):
+                raise OSError(errno.ENOSPC, "No space left on device")  # as np.save on a full disk
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
