@@ -452,7 +452,7 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         raise ConfigError("gvsl finetune runs as one process on one device; it was launched as several (WORLD_SIZE > 1)", hint="run it without torchrun")
     run_dir = Path(config.run_dir)
     last_path = run_dir / LAST_FILE
-    resumed = open_run(run_dir, last_path, resume=config.resume, required=("training", "run", SEGMENTATION_KEY), state="fine-tuning state")
+    resumed = open_run(run_dir, last_path, resume=config.resume, command="finetune", required=("training", "run", SEGMENTATION_KEY), state="fine-tuning state")
     if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"], resumed.preprocess)
         if "iters" not in config.explicit:

@@ -352,7 +352,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     """Checks everything that can be checked before any work, then trains (``_train``)."""
     run_dir = Path(config.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    resumed = open_run(run_dir, checkpoint_path, resume=config.resume)
+    resumed = open_run(run_dir, checkpoint_path, resume=config.resume, command="pretrain")
     if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"])
         if not config.inputs:

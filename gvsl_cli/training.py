@@ -184,14 +184,15 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
     return int(state["iteration"])
 
 
-def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):
-    """The checkpoint a ``--resume`` run continues from, or None for a new run.
+def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, command: str, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):
+    """The checkpoint a ``--resume`` run of ``command`` ("pretrain" or "finetune") continues
+    from, or None for a new run.
 
     Raises:
         InputError: ``run_dir`` is a file.
-        ConfigError: --resume without ``checkpoint_path`` or with one lacking any of the
-            ``required`` entries (named ``state`` in the message); a new run into a folder
-            already holding one.
+        ConfigError: --resume without ``checkpoint_path``, with one of the other command's
+            runs, or with one lacking any of the ``required`` entries (named ``state`` in
+            the message); a new run into a folder already holding one.
     """
     from gvsl_cli.checkpoint import load_weights
 
@@ -199,14 +200,37 @@ def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, required: tu
         raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
     if not resume:
         if checkpoint_path.is_file():
-            raise ConfigError(f"{run_dir} already holds a run ({checkpoint_path.name})", hint="add --resume to continue it, or choose another -o")
+            other = _run_kind(checkpoint_path)
+            hint = "add --resume to continue it, or choose another -o" if other in (None, command) else f"it is a gvsl {other} run: choose another -o"
+            raise ConfigError(f"{run_dir} already holds a {'' if other is None else f'gvsl {other} '}run ({checkpoint_path.name})", hint=hint)
         return None
     if not checkpoint_path.is_file():
         raise ConfigError(f"--resume: {checkpoint_path} does not exist", hint="start without --resume, or point -o at the run folder")
     resumed = load_weights(checkpoint_path)
+    other = _kind_of(resumed.extra)
+    if other != command:
+        raise ConfigError(f"--resume: {run_dir} holds a gvsl {other} run, not a {command} run", hint=f"continue it with gvsl {other} --resume, or choose another -o")
     if any(key not in resumed.extra for key in required):
         raise ConfigError(f"--resume: {checkpoint_path} holds no {state}")
     return resumed
+
+
+def _kind_of(extra: dict) -> str:
+    """Which command wrote a run checkpoint: "finetune" (it holds a segmentation entry) or "pretrain"."""
+    from gvsl_cli.checkpoint import SEGMENTATION_KEY
+
+    return "finetune" if SEGMENTATION_KEY in extra else "pretrain"
+
+
+def _run_kind(checkpoint_path: Path) -> str | None:
+    """``_kind_of`` a checkpoint file; None when it cannot be read."""
+    from gvsl_cli.checkpoint import load_weights
+    from gvsl_cli.errors import GvslError
+
+    try:
+        return _kind_of(load_weights(checkpoint_path).extra)
+    except (GvslError, OSError, RuntimeError, ValueError):
+        return None
 
 
 def iterations_remain(run_dir: Path, reached: int, iters: int, reporter: "Reporter") -> bool:

@@ -506,3 +506,20 @@ def test_finetune_validates_on_the_fold_of_an_nnunet_splits_file(dataset, weight
         assert run([*common, "-o", str(tmp_path / "refused"), *extra]) == 2, extra
         assert said in _one_line_error(capsys)
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_run_folder_of_the_other_command_is_named_as_such(dataset, weights, tmp_path, capsys):
+    finetune_run, pretrain_run = tmp_path / "ft", tmp_path / "pt"
+    assert run(["finetune", str(dataset), "-o", str(finetune_run), "--weights", str(weights), "--iters", "1", "--val-every", "1", *SMALL]) == 0
+    assert run(["pretrain", str(EXAMPLES), "-o", str(pretrain_run), "--width", "8", "--patch", "32", "--spacing", "4", "--iters", "1", "--workers", "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in finetune_run.iterdir()}
+    capsys.readouterr()
+    cases = (
+        (["pretrain", "-o", str(finetune_run), "--resume"], f"error: --resume: {finetune_run} holds a gvsl finetune run, not a pretrain run (hint: continue it with gvsl finetune --resume, or choose another -o)"),
+        (["pretrain", str(EXAMPLES), "-o", str(finetune_run), "--cache-dir", str(tmp_path / "cache")], f"error: {finetune_run} already holds a gvsl finetune run (last.pt) (hint: it is a gvsl finetune run: choose another -o)"),
+        (["finetune", "-o", str(pretrain_run), "--resume"], f"error: --resume: {pretrain_run} holds a gvsl pretrain run, not a finetune run (hint: continue it with gvsl pretrain --resume, or choose another -o)"),
+    )
+    for args, said in cases:
+        assert run(args) == 2, args
+        assert _one_line_error(capsys) == said
+    assert {p.name: p.read_bytes() for p in finetune_run.iterdir()} == before  # untouched
