@@ -64,3 +64,10 @@ class IncompleteError(GvslError):
     did nothing."""
 
     exit_code = 7
+
+
+#: Exit code of a training run (pretrain, finetune) that stopped before its last iteration
+#: (SIGTERM, Ctrl-C, --time-limit) after writing a checkpoint: not an error, but not done
+#: either, so that ``gvsl pretrain ... && gvsl finetune ...`` does not go on with a half-
+#: trained model and a scheduler does not mark the job complete; ``--resume`` continues.
+STOPPED_EXIT_CODE = 8

@@ -430,13 +430,16 @@ def test_default_compile_warms_up_then_trains_compiled(volumes, cache_dir, tmp_p
     assert abs(first - reference) < 1e-4 * abs(reference)
 
 
-def test_resume_alone_continues_to_the_runs_own_target_from_another_folder(volumes, cache_dir, tmp_path, monkeypatch):
+def test_resume_alone_continues_to_the_runs_own_target_from_another_folder(volumes, cache_dir, tmp_path, monkeypatch, capsys):
     # The stopped run's summary says "continue with --resume": that alone must finish the run
     # it started (not train to the default 10000), also when a requeued job starts elsewhere.
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     relative = os.path.relpath(volumes, tmp_path)
-    assert run(["pretrain", relative, "-o", str(run_dir), "--cache-dir", str(cache_dir), *SMALL, "--iters", "4", "--log-every", "2", "--time-limit", "0.01"]) == 0
+    # Stopped is not finished: exit code 8 and one line that --quiet does not hide, so a
+    # shell chain (pretrain && finetune) does not go on with a half-trained model.
+    assert run(["pretrain", relative, "-o", str(run_dir), "--cache-dir", str(cache_dir), *SMALL, "--iters", "4", "--log-every", "2", "--time-limit", "0.01"]) == 8
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped at iteration 2 (time limit): the run is not finished; continue it with gvsl pretrain --resume"
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["stopped"] == "time limit" and summary["iteration"] == 2
     assert json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["inputs"] == [str(volumes)]
@@ -511,8 +514,9 @@ def test_ctrl_c_stops_training_with_a_checkpoint(volumes, cache_dir, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, err
+    assert process.returncode == 8, err
     assert "stopping after this iteration with a checkpoint" in err
+    assert "the run is not finished; continue it with gvsl pretrain --resume" in err
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["stopped"] == "stop requested"
     assert torch.load(run_dir / "last.pt", weights_only=True)["training"]["iteration"] == summary["iteration"]

@@ -120,7 +120,7 @@ def finetune(
     )
 
     # Ctrl-C or SIGTERM while training: validate, checkpoint and stop after this iteration.
-    from gvsl_cli.commands.stopping import stop_requests
+    from gvsl_cli.commands.stopping import exit_if_stopped, stop_requests
 
     reporter = RichReporter(quiet, label="finetune", describe=_losses_text)
     try:
@@ -130,3 +130,4 @@ def finetune(
         reporter.stop()
     if summary is not None and not quiet:
         table_console().print(_summary_table(summary))
+    exit_if_stopped(summary, "finetune")

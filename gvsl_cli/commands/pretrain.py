@@ -194,7 +194,7 @@ def pretrain(
 
     PreprocessConfig(spacing=config.spacing, modality=config.modality)  # validate early, one-line errors
 
-    from gvsl_cli.commands.stopping import stop_requests
+    from gvsl_cli.commands.stopping import exit_if_stopped, stop_requests
 
     reporter = RichReporter(quiet)
     try:
@@ -204,6 +204,7 @@ def pretrain(
         reporter.stop()
     if summary is not None and not quiet and summary.rank_weight_checksums and _is_main_process():
         table_console().print(_summary_table(summary))
+    exit_if_stopped(summary, "pretrain", announce=_is_main_process())
 
 
 def _is_main_process() -> bool:

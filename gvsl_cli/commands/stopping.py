@@ -20,6 +20,8 @@ def stop_requests(reporter) -> Iterator[Callable[[], bool]]:
     requested = {"flag": False}
 
     def request_stop(signum, frame) -> None:
+        if not requested["flag"]:
+            reporter.note("warning: SIGTERM: stopping after this iteration with a checkpoint")
         requested["flag"] = True
 
     def interrupt(signum, frame) -> None:
@@ -35,3 +37,17 @@ def stop_requests(reporter) -> Iterator[Callable[[], bool]]:
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def exit_if_stopped(summary, command: str, *, announce: bool = True) -> None:
+    """End a training command whose run stopped before its last iteration with
+    ``STOPPED_EXIT_CODE``, after one line on stderr that --quiet does not hide."""
+    import typer
+
+    from gvsl_cli.errors import STOPPED_EXIT_CODE
+
+    if summary is None or summary.stopped is None:
+        return
+    if announce:
+        typer.echo(f"stopped at iteration {summary.iteration} ({summary.stopped}): the run is not finished; continue it with gvsl {command} --resume", err=True)
+    raise typer.Exit(STOPPED_EXIT_CODE)
