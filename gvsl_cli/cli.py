@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import warnings
 
@@ -44,6 +45,17 @@ def root(
 ) -> None:
     """GVSL (Geometric Visual Similarity Learning, CVPR 2023) for CT and MR volumes."""
     # --debug is read in run() (it must still be known when an exception escapes).
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, SLURM's time limit or preemption) while a command runs. A
+    KeyboardInterrupt, so everything that cleans up after Ctrl-C (temporary files of atomic
+    writes, empty output folders) does the same here; training commands turn SIGTERM into a
+    clean stop with a checkpoint instead (``commands.stopping``)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 class _Escaped(Exception):
@@ -112,6 +124,10 @@ def run(argv: list[str] | None = None) -> int:
         # nothing a gvsl user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     try:
+        previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous_term = None
+    try:
         try:
             app(args=args, prog_name="gvsl")
         except _Escaped as escaped:
@@ -119,6 +135,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Terminated:
+        _error("aborted (SIGTERM)")
+        return 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by it
     except KeyboardInterrupt:
         _error("aborted")
         return 130
@@ -137,6 +156,9 @@ def run(argv: list[str] | None = None) -> int:
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         _error(f"internal error: {type(exc).__name__}: {first_line} (rerun with --debug for the traceback and report it)")
         return 1
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _one_of_several_processes() -> bool:

@@ -124,13 +124,15 @@ def test_info_describes_a_nan_volume_and_lists_the_others_past_a_bad_path(capsys
     nan = _nan_volume(tmp_path, colin_t1)
     code = run(["info", "--json", str(nan), str(tmp_path / "missing.nii.gz"), str(colin_t1)])
     captured = capsys.readouterr()
-    assert code == 2  # the failure still decides the exit code, at the end
+    assert code == 7  # some of several inputs failed, the others were described (conventions.md)
     rows = [json.loads(line) for line in captured.out.strip().splitlines()]
     assert [row["path"] for row in rows] == [str(nan), str(colin_t1)]
     assert rows[0]["nonfinite_voxels"] == 1 and rows[0]["max"] == 248.0 and rows[0]["modality"] == "mr"
     assert rows[1]["nonfinite_voxels"] == 0
     assert captured.err.strip().splitlines() == [f"error: {tmp_path / 'missing.nii.gz'}: no such file or folder"]
     # The table says so in words; other commands still refuse the volume.
+    assert run(["info", str(tmp_path / "missing.nii.gz"), str(tmp_path / "missing2.nii.gz")]) == 2  # all failed: the failure's code
+    capsys.readouterr()
     assert run(["info", str(nan)]) == 0
     assert "1 of 874800 voxels are NaN or infinite" in capsys.readouterr().out
     assert run(["register", str(nan), str(colin_t1), "-o", str(tmp_path / "out")]) == 2
@@ -184,3 +186,31 @@ def test_tables_are_not_cut_off_a_terminal(capsys):
     table_console().print(table)
     out = capsys.readouterr().out
     assert long_path in out and "ab" * 32 in out and "…" not in out
+
+
+def test_sigterm_aborts_any_command_with_143_and_cleans_up_like_ctrl_c(tmp_path, capsys, monkeypatch, colin_t1):
+    # kill / SLURM's time limit: the same clean-up as Ctrl-C (atomic writes drop their
+    # temporary file), one line, and the exit code a shell reports for SIGTERM.
+    import os
+    import signal
+
+    import SimpleITK as sitk
+
+    from gvsl_cli import io
+
+    real_write = sitk.WriteImage
+
+    def killed_while_writing(image, name, *args):
+        real_write(image, name, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sitk, "WriteImage", killed_while_writing)
+    image = io.read_volume(colin_t1)
+    from gvsl_cli.commands import info
+
+    monkeypatch.setattr(info, "describe_volume", lambda *args, **kwargs: io.write_volume(image, tmp_path / "out.nii.gz"))
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(["info", str(colin_t1)]) == 143
+    assert capsys.readouterr().err.strip() == "aborted (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone, no output under its name
+    assert signal.getsignal(signal.SIGTERM) is before  # run() leaves the handler as it found it

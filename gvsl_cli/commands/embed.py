@@ -100,7 +100,6 @@ def embed_command(
     Volumes already embedded in the output folder are skipped, so a run can be resumed and
     split over SLURM array tasks with --shard.
     """
-    import signal
 
     from gvsl_cli.device import resolve_device
     from gvsl_cli.embedding import EmbedConfig, embed, parse_shard
@@ -126,17 +125,12 @@ def embed_command(
     loaded = load_weights_spec(weights)
     stdin_lines = sys.stdin if "-" in inputs else ()
 
-    def terminated(signum, frame):
-        # SLURM's time limit and preemption send SIGTERM: stop like Ctrl-C, so the write in
-        # progress removes its temporary file; finished volumes are kept and skipped next time.
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminated)
+    # SIGTERM (SLURM's time limit, preemption) stops like Ctrl-C (cli.Terminated): the write
+    # in progress removes its temporary file; finished volumes are kept and skipped next time.
     try:
         summary = embed(inputs, out_dir, loaded, config, torch_device, stdin_lines=stdin_lines, reporter=reporter)
     finally:
         reporter.close()
-        signal.signal(signal.SIGTERM, previous)
     problems = [s for s in summary.skipped_inputs if not s.reason.startswith(("given more than once", "same file as"))]
     problems += summary.failed
     line = f"embedded {len(summary.computed)} volume(s) ({summary.dim} values each) in {summary.seconds:.1f} s on {torch_device}"

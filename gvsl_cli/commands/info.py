@@ -85,8 +85,9 @@ def info(
         try:
             rows.append(describe_volume(path, spacing))
         except GvslError as exc:
-            # One bad path does not hide the others: report it in one line, go on, and end
-            # with its exit code (the first failure's).
+            # One bad path does not hide the others: report it in one line and go on. The
+            # exit code is 7 when others were described (conventions.md), else the first
+            # failure's.
             if len(inputs) == 1 or _debug_requested(context):
                 raise
             err.print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
@@ -97,7 +98,9 @@ def info(
     elif rows:
         render_table(rows, spacing)
     if exit_code:
-        raise typer.Exit(exit_code)
+        from gvsl_cli.errors import IncompleteError
+
+        raise typer.Exit(IncompleteError.exit_code if rows else exit_code)
 
 
 def render_table(rows: list[dict], spacing: float) -> None:
