@@ -61,17 +61,22 @@ class LoadedWeights:
     affine_trained: bool
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def require_pretrained(self) -> None:
+        """Raise CheckpointError when these weights are a segmentation model (no Z-matching
+        heads): commands that need GVSL weights call it before any work."""
+        if SEGMENTATION_KEY in self.extra:
+            raise CheckpointError(
+                f"{self.extra.get('path', 'weights')}: is a gvsl finetune segmentation model, not GVSL pre-trained weights",
+                hint="use it with gvsl segment (or as --weights of gvsl finetune); give pre-trained weights here",
+            )
+
     def build_model(self, device: torch.device | str = "cpu") -> GVSL:
         """A ``GVSL`` with these weights loaded strictly, in eval mode, on ``device``.
 
         Raises:
             CheckpointError: the weights are a segmentation model (no Z-matching heads).
         """
-        if SEGMENTATION_KEY in self.extra:
-            raise CheckpointError(
-                f"{self.extra.get('path', 'weights')}: is a gvsl finetune segmentation model, not GVSL pre-trained weights",
-                hint="use it with gvsl segment (or as --weights of gvsl finetune); give pre-trained weights here",
-            )
+        self.require_pretrained()
         model = GVSL(self.model_config)
         load_state_strict(model, self.state_dict, source=self.extra.get("path", "weights"))
         return model.to(device).eval()

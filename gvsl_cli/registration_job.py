@@ -218,6 +218,12 @@ def run_registration(
     for path in (fixed_path, moving_path, moving_labels_path, fixed_labels_path):
         if path is not None and Path(path).resolve() in outputs_here:
             raise InputError(f"{path}: input is an output of gvsl register in {out_dir} and would be replaced", hint="choose another -o folder, or copy the input elsewhere first")
+    weights = None
+    if weights_spec:
+        from gvsl_cli.weights import load_weights_spec
+
+        weights = load_weights_spec(weights_spec)
+        weights.require_pretrained()  # a segmentation model: one line before reading the volumes
     fixed = read_volume(fixed_path)
     moving = read_volume(moving_path)
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
@@ -226,11 +232,7 @@ def run_registration(
     direction_warning = nonorthogonal_direction_warning(Geometry.of(fixed), "fixed image's")
     if direction_warning:
         log(f"warning: {direction_warning}")
-    weights = None
-    if weights_spec:
-        from gvsl_cli.weights import load_weights_spec
-
-        weights = load_weights_spec(weights_spec)
+    if weights is not None:
         log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
     prepare_output_dir(out_dir)
     removed = remove_previous_outputs(out_dir)

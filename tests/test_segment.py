@@ -193,6 +193,12 @@ def test_a_file_given_twice_is_not_a_failure_and_the_model_iteration_is_shown(in
 def test_other_commands_refuse_a_segmentation_model(model_path, inputs, tmp_path, capsys):
     assert run(["embed", str(inputs / "itk.mha"), "--weights", str(model_path), "-o", str(tmp_path / "e")]) == 3
     assert "is a gvsl finetune segmentation model, not GVSL pre-trained weights" in capsys.readouterr().err
+    # register says so before reading the volumes, and creates no output folder.
+    image = inputs / "colin_0000.nii.gz"
+    assert run(["register", str(image), str(image), "--weights", str(model_path), "-o", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {model_path}: is a gvsl finetune segmentation model, not GVSL pre-trained weights (hint: use it with gvsl segment (or as --weights of gvsl finetune); give pre-trained weights here)"], err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_constant_image_is_reported_not_segmented(model_path, tmp_path, capsys):
