@@ -297,7 +297,7 @@ class FinetuneSummary:
 class FinetuneTask:
     """One supervised step: sampled patches, device-side rotation/scaling/brightness/gamma, Dice + CE."""
 
-    loss_names = ("loss", "dice", "ce")
+    loss_names = ("loss", "dice_loss", "ce")  # dice_loss = 1 − soft Dice: it goes down
 
     def __init__(self, sampler: PatchSampler, batch: int, *, seed: int, device: torch.device, augment: bool) -> None:
         self.sampler = sampler
@@ -326,7 +326,7 @@ class FinetuneTask:
     def losses(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets = batch
         total, dice, ce = dice_ce_loss(model(images), targets)
-        return {"loss": total, "dice": dice, "ce": ce}
+        return {"loss": total, "dice_loss": dice, "ce": ce}
 
 
 def validate(model: SegmentationNet, cases: list[PreparedCase], label_set: LabelSet, *, iteration: int, patch, device, autocast_dtype, overlap: float) -> Validation:

@@ -91,6 +91,7 @@ def test_finetune_raises_validation_dice_and_keeps_the_best_checkpoint(trained_r
     losses = [r for r in rows if "loss" in r]
     validations = [r for r in rows if "val_mean_dice" in r]
     assert [r["iteration"] for r in losses] == list(range(1, ITERS + 1))
+    assert {"loss", "dice_loss", "ce"} <= set(losses[0]) and "dice" not in losses[0]  # a loss, named as one
     assert [r["iteration"] for r in validations] == [0, 20, 40]
     assert set(validations[0]["val_dice"]) == {"white_matter", "grey_matter"}
     assert set(validations[0]["val_case_dice"]) == {"colin", "icbm"}

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _losses_text(row: dict) -> str:
-    return f"loss {row['loss']:.4f} dice_loss {row['dice']:.4f} ce {row['ce']:.4f}"
+    return f"loss {row['loss']:.4f} dice_loss {row['dice_loss']:.4f} ce {row['ce']:.4f}"
 
 
 def _dice(value) -> str:
