@@ -37,12 +37,15 @@ def _summary_table(summary):
             continue
         table.add_row(name, str(value), *(_dice(row["val_dice"].get(name)) for row in (summary.initial, summary.best, summary.last)))
     table.add_row("mean", "", *(_dice(row["val_mean_dice"]) for row in (summary.initial, summary.best, summary.last)), style="bold")
-    table.caption = (
+    # Below the table, not as its caption: a caption wraps at the table's width and would
+    # cut the best model's path (what the user copies into gvsl segment) in a log.
+    footer = [
         f"iterations {summary.start_iteration} → {summary.iteration} ({status}); {summary.seconds:.1f} s, "
         f"{summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}{', compiled' if summary.compiled else ''}); patch {'×'.join(map(str, summary.patch))}; "
-        f"{len(summary.train_cases)} training case(s); best model: {summary.best_checkpoint}"
-    )
-    return table
+        f"{len(summary.train_cases)} training case(s)",
+        f"best model: {summary.best_checkpoint}",
+    ]
+    return table, footer
 
 
 def finetune(
@@ -129,5 +132,9 @@ def finetune(
     finally:
         reporter.stop()
     if summary is not None and not quiet:
-        table_console().print(_summary_table(summary))
+        console = table_console()
+        table, footer = _summary_table(summary)
+        console.print(table)
+        for line in footer:
+            console.print(line, markup=False, soft_wrap=True)
     exit_if_stopped(summary, "finetune")
