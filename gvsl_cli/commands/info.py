@@ -68,7 +68,7 @@ def _debug_requested(context: typer.Context) -> bool:
 
 def info(
     context: typer.Context,
-    inputs: List[Path] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders."),
+    inputs: List[str] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders; - reads their paths from stdin, one a line."),
     spacing: float = typer.Option(1.0, help="Target spacing (mm) used to show the canonical grid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per volume instead of a table."),
 ) -> None:
@@ -78,16 +78,23 @@ def info(
     from gvsl_cli.config import check_spacing
     from gvsl_cli.errors import GvslError
 
+    from gvsl_cli.commands.inputs import stdin_for
+    from gvsl_cli.data import inline_streams
+    from gvsl_cli.errors import InputError
+
     check_spacing(spacing)
+    paths = [Path(item) for item in inline_streams(inputs, stdin_for(inputs))]
+    if not paths:
+        raise InputError("no path on stdin", hint="pipe volume paths in, one a line")
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     rows, exit_code = [], 0
-    for path in inputs:
+    for path in paths:
         try:
             rows.append(describe_volume(path, spacing))
         except GvslError as exc:
             # One bad path does not hide the others: report it in one line, go on, and end
             # with its exit code (the first failure's).
-            if len(inputs) == 1 or _debug_requested(context):
+            if len(paths) == 1 or _debug_requested(context):
                 raise
             err.print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
             exit_code = exit_code or exc.exit_code
