@@ -75,26 +75,24 @@ def info(
     """Show a volume's grid, orientation, intensity range and the modality gvsl detects."""
     from rich.console import Console
 
-    from gvsl_cli.config import check_spacing
-    from gvsl_cli.errors import GvslError
-
     from gvsl_cli.commands.inputs import stdin_for
+    from gvsl_cli.config import check_spacing
     from gvsl_cli.data import inline_streams
-    from gvsl_cli.errors import InputError
+    from gvsl_cli.errors import GvslError, InputError
 
     check_spacing(spacing)
-    paths = [Path(item) for item in inline_streams(inputs, stdin_for(inputs))]
-    if not paths:
+    inputs = [Path(item) for item in inline_streams(inputs, stdin_for(inputs))]  # "-": the paths on stdin
+    if not inputs:
         raise InputError("no path on stdin", hint="pipe volume paths in, one a line")
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     rows, exit_code = [], 0
-    for path in paths:
+    for path in inputs:
         try:
             rows.append(describe_volume(path, spacing))
         except GvslError as exc:
             # One bad path does not hide the others: report it in one line, go on, and end
             # with its exit code (the first failure's).
-            if len(paths) == 1 or _debug_requested(context):
+            if len(inputs) == 1 or _debug_requested(context):
                 raise
             err.print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
             exit_code = exit_code or exc.exit_code
