@@ -2,9 +2,11 @@
 
 Three steps, each its own part of this module:
 
-1. ``discover`` turns what a user typed (folders searched recursively, volume files, DICOM
-   series folders, text files listing paths) into a list of volume sources, and lists what
-   it had to skip with the reason.
+1. ``discover`` / ``discover_named`` turn what a user typed (folders searched recursively,
+   volume files, DICOM series folders, lists of paths, pipes, glob patterns, ``-`` for
+   stdin) into a list of volume sources with names, filtered by ``--include``/``--exclude``
+   patterns, and list what they had to skip with the reason. Every command that takes many
+   inputs uses them.
 2. ``prepare_dataset`` brings every source through ``preprocess.prepare`` once and keeps the
    result in an on-disk cache (``VolumeCache``) keyed by the file's content and the
    preprocessing settings, so later epochs and later runs read no NIfTI/DICOM at all.
