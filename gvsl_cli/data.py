@@ -2,9 +2,11 @@
 
 Three steps, each its own part of this module:
 
-1. ``discover`` turns what a user typed (folders searched recursively, volume files, DICOM
-   series folders, text files listing paths) into a list of volume sources, and lists what
-   it had to skip with the reason.
+1. ``discover`` / ``discover_named`` turn what a user typed (folders searched recursively,
+   volume files, DICOM series folders, lists of paths, pipes, glob patterns, ``-`` for
+   stdin) into a list of volume sources with names, filtered by ``--include``/``--exclude``
+   patterns, and list what they had to skip with the reason. Every command that takes many
+   inputs uses them.
 2. ``prepare_dataset`` brings every source through ``preprocess.prepare`` once and keeps the
    result in an on-disk cache (``VolumeCache``) keyed by the file's content and the
    preprocessing settings, so later epochs and later runs read no NIfTI/DICOM at all.
@@ -22,14 +24,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
+import glob
 import hashlib
 import json
 import os
 import re
+import stat
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +45,10 @@ from gvsl_cli.resources import cache_root
 
 #: A given file with one of these endings is read as a list of paths, one a line.
 PATH_LIST_SUFFIXES = (".txt", ".lst", ".list")
+#: A file without a known suffix up to this size is read as a list of paths when it is text.
+LIST_MAX_BYTES = 64 * 2**20
+#: Characters that make an input a glob pattern (expanded by gvsl when the shell did not).
+GLOB_CHARACTERS = "*?["
 #: Files that never hold DICOM slices; a folder of only these is not probed for a series.
 NOT_DICOM_SUFFIXES = (".raw", ".zraw", ".txt", ".json", ".jsonl", ".md", ".csv", ".py", ".pt", ".pth", ".npy", ".png", ".jpg", ".gz", ".zip")
 #: Bump when the cached array layout or preprocessing code changes meaning.
@@ -86,13 +95,105 @@ def _walk_folder(folder: Path) -> list[Path]:
     return found
 
 
-def _read_path_list(list_file: Path) -> tuple[list[Path], list[Skipped]]:
+def _is_stream(path: Path) -> bool:
+    """True for a pipe or character device (``<(find ...)`` gives ``/dev/fd/63``): a list
+    that can be read once, whose relative paths are relative to the working folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _path_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, entry) of a list of paths: one a line, blank lines and ``#`` comments
+    ignored, surrounding spaces and CR line ends stripped."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append((number, line))
+    return entries
+
+
+def read_stream_lines(stream) -> list[str]:
+    """The paths in a text stream (stdin, a pipe): see ``_path_lines``."""
+    return [entry for _, entry in _path_lines("".join(stream))]
+
+
+def inline_streams(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> list[str]:
+    """``inputs`` with ``-`` replaced by the paths in ``stdin_lines`` and a pipe (``<(...)``)
+    replaced by the paths it holds, one a line; other inputs unchanged.
+
+    Paths read this way are relative to the working folder. ``-`` always means stdin (a
+    file named ``-`` is ``./-``); stdin is read once, at the first ``-``.
+    """
+    expanded: list[str] = []
+    stdin_read = False
+    for item in inputs:
+        text = os.fspath(item)
+        if text == "-":
+            if not stdin_read:
+                expanded.extend(read_stream_lines(stdin_lines))
+                stdin_read = True
+        elif _is_stream(Path(text)):
+            with open(text, encoding="utf-8", errors="replace") as handle:
+                expanded.extend(read_stream_lines(handle))
+        else:
+            expanded.append(text)
+    return expanded
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
+    """The inputs with ``-`` and pipes replaced by the paths they list (``inline_streams``)
+    and glob patterns the shell left alone expanded (``**`` matches sub-folders); a pattern
+    that matches nothing is skipped with a reason."""
+    expanded: list[str] = []
+    skipped: list[Skipped] = []
+    for item in inline_streams(inputs, stdin_lines):
+        if any(c in item for c in GLOB_CHARACTERS) and not Path(item).expanduser().exists():
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if matches:
+                expanded.extend(matches)
+            else:
+                skipped.append(Skipped(item, "no file matches this pattern"))
+        else:
+            expanded.append(item)
+    return expanded, skipped
+
+
+def _text_list(path: Path) -> str | None:
+    """The content of ``path`` when it reads as a list of paths (UTF-8 text, no NUL byte,
+    at most ``LIST_MAX_BYTES``, at least one entry that exists), else None.
+
+    Lets a list without a .txt suffix be given; a binary file (a DICOM slice without a
+    suffix, a zip) or a text file of other things (a README) is not a list.
+    """
+    try:
+        if path.stat().st_size > LIST_MAX_BYTES:
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in data:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    for _, entry in _path_lines(text):
+        candidate = Path(entry).expanduser()
+        if (candidate if candidate.is_absolute() else path.parent / candidate).exists():
+            return text
+    return None
+
+
+def _read_path_list(list_file: Path, text: str | None = None) -> tuple[list[Path], list[Skipped]]:
     entries: list[Path] = []
     skipped: list[Skipped] = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    if text is None:
+        text = list_file.read_text(encoding="utf-8", errors="replace")
+    for number, line in _path_lines(text):
         path = Path(line).expanduser()
         if not path.is_absolute():
             path = list_file.parent / path  # relative to the list, not to the working folder
@@ -113,60 +214,135 @@ def _inside(path: Path, folders: set[Path]) -> bool:
     return False
 
 
-def discover(inputs: Sequence[str | os.PathLike], *, resolve: bool = True, skip_under: str | os.PathLike | None = None) -> tuple[list[Path], list[Skipped]]:
-    """Volume sources named by ``inputs``, in a stable order, and the inputs skipped.
+@dataclass(frozen=True)
+class Source:
+    """A volume found by ``discover_named``.
+
+    Attributes:
+        path: absolute, as given or found (symbolic links not resolved).
+        name: the path relative to the input folder it was found in (or, for volumes given
+            as files, listed or read from stdin, to the deepest folder holding all of
+            them), without the volume suffix: ``p1/ct`` for ``data/p1/ct.nii.gz``.
+        folder: the input folder it was found in; None for a volume not found in a folder
+            given as input.
+    """
+
+    path: Path
+    name: str
+    folder: Path | None
+
+
+def strip_volume_suffix(name: str) -> str:
+    """``p1/ct.nii.gz`` -> ``p1/ct`` (any volume suffix of ``io.volume_suffix``)."""
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def matches_any(source: Source, patterns: Sequence[str]) -> bool:
+    """Whether a glob pattern matches the source's name (``p1/ct``) or its file name
+    (``ct.nii.gz``); ``*`` also matches ``/``, as in ``fnmatch``."""
+    return any(fnmatch.fnmatchcase(source.name, p) or fnmatch.fnmatchcase(source.path.name, p) for p in patterns)
+
+
+def select(sources: Sequence[Source], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[Source]:
+    """``sources`` matching one of ``include`` (all when empty) and none of ``exclude``."""
+    chosen = [s for s in sources if matches_any(s, include)] if include else list(sources)
+    return [s for s in chosen if not matches_any(s, exclude)] if exclude else chosen
+
+
+def discover_named(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    stdin_lines: Iterable[str] = (),
+    skip_under: str | os.PathLike | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> tuple[list[Source], list[Skipped]]:
+    """Volumes named by ``inputs`` with their names (``Source``), and the inputs skipped.
 
     Each input may be a folder (searched recursively for NIfTI, NRRD, MHA/MHD files and
-    DICOM series folders), a volume file, a DICOM series folder, or a text file
-    (``.txt``/``.lst``) listing such paths one a line (relative paths are relative to the
-    list; ``#`` starts a comment). A file reached twice (given twice, ``d/../d/a.nii.gz``, a
-    symbolic link, a folder and a file in it) is used once; the later paths are reported as
-    skipped ("same file as ..."), so that every path given is either used or reported.
+    DICOM series folders), a volume file, a DICOM series folder, a text file listing such
+    paths one a line (``.txt``/``.lst``/``.list``, or any other text file whose entries
+    exist; relative paths are relative to the list; ``#`` starts a comment), a glob pattern
+    the shell did not expand, ``-`` (the paths in ``stdin_lines``) or a pipe such as
+    ``<(find ...)`` (paths relative to the working folder). A file reached twice (given
+    twice, ``d/../d/a.nii.gz``, a symbolic link, a folder and a file in it) is used once;
+    the later paths are reported as skipped ("same file as ..."), so that every path given
+    is either used or reported.
+
+    Args:
+        skip_under: a command's output folder: volumes found in it while searching a
+            folder or reading a list (an earlier run's outputs, when the output folder sits
+            inside an input folder) are left out silently; files given directly are kept.
+        include, exclude: glob patterns (``matches_any``): only volumes matching one of
+            ``include`` are kept, then those matching one of ``exclude`` are left out,
+            silently.
+    """
+    items, skipped = expand_inputs(inputs, stdin_lines)
+    found: list[tuple[Path, Path | None, bool]] = []  # (path made absolute, input folder, given directly)
+    for item in items:
+        path = Path(item).expanduser()
+        if not path.exists():
+            skipped.append(Skipped(str(path), "no such file or folder"))
+        elif path.is_dir():
+            walked = _walk_folder(path)
+            if not walked:
+                skipped.append(Skipped(str(path), "folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"))
+            folder = Path(os.path.abspath(path))
+            found.extend((p, folder if p != path else None, p == path) for p in walked)
+        elif path.name.lower().endswith(PATH_LIST_SUFFIXES):
+            listed, bad = _read_path_list(path)
+            found.extend((p, None, False) for p in listed)
+            skipped.extend(bad)
+        elif volume_suffix(path) is None:
+            text = _text_list(path)
+            if text is None:
+                skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a list of paths)"))
+            else:
+                listed, bad = _read_path_list(path, text)
+                found.extend((p, None, False) for p in listed)
+                skipped.extend(bad)
+        else:
+            found.append((path, None, True))
+    if skip_under is not None:
+        fence = {Path(os.path.abspath(skip_under)), Path(skip_under).resolve()}
+        found = [f for f in found if f[2] or not _inside(f[0], fence)]
+    first_seen: dict[Path, Path] = {}  # resolved path -> the path it was first found as
+    unique: list[tuple[Path, Path | None]] = []
+    for path, folder, _ in found:
+        resolved = path.resolve()
+        if resolved not in first_seen:
+            first_seen[resolved] = path
+            unique.append((Path(os.path.abspath(path)), folder))
+        elif str(first_seen[resolved]) == str(path):
+            skipped.append(Skipped(str(path), "given more than once"))
+        else:
+            skipped.append(Skipped(str(path), f"same file as {first_seen[resolved]}"))
+    loose = [path for path, folder in unique if folder is None]
+    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
+    sources = [Source(path, strip_volume_suffix(path.relative_to(folder if folder is not None else common).as_posix()), folder) for path, folder in unique]
+    return select(sources, include, exclude), skipped
+
+
+def discover(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    resolve: bool = True,
+    skip_under: str | os.PathLike | None = None,
+    stdin_lines: Iterable[str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> tuple[list[Path], list[Skipped]]:
+    """The paths of the volumes of ``discover_named`` (same arguments), in a stable order,
+    and the inputs skipped.
 
     Args:
         resolve: return real paths (symbolic links resolved); False returns the paths as
             given or found, made absolute, so names derived from them follow the links'
             names (a DataLad/git-annex data set is all links into ``.git/annex``).
-        skip_under: a command's output folder: volumes found in it while searching a
-            folder or reading a list (an earlier run's outputs, when the output folder sits
-            inside an input folder) are left out silently; files given directly are kept.
     """
-    sources: list[Path] = []
-    direct: set[Path] = set()  # volume files and DICOM folders named on the command line
-    skipped: list[Skipped] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if not path.exists():
-            skipped.append(Skipped(str(path), "no such file or folder"))
-        elif path.is_dir():
-            found = _walk_folder(path)
-            if not found:
-                skipped.append(Skipped(str(path), "folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"))
-            sources.extend(found)
-        elif path.name.lower().endswith(PATH_LIST_SUFFIXES):
-            found, bad = _read_path_list(path)
-            sources.extend(found)
-            skipped.extend(bad)
-        elif volume_suffix(path) is None:
-            skipped.append(Skipped(str(path), "not a volume file (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .txt list)"))
-        else:
-            sources.append(path)
-            direct.add(path)
-    if skip_under is not None:
-        fence = {Path(os.path.abspath(skip_under)), Path(skip_under).resolve()}
-        sources = [s for s in sources if s in direct or not _inside(s, fence)]
-    first_seen: dict[Path, Path] = {}  # resolved path -> the path it was first found as
-    for source in sources:
-        resolved = source.resolve()
-        if resolved not in first_seen:
-            first_seen[resolved] = source
-        elif str(first_seen[resolved]) == str(source):
-            skipped.append(Skipped(str(source), "given more than once"))
-        else:
-            skipped.append(Skipped(str(source), f"same file as {first_seen[resolved]}"))
-    if resolve:
-        return list(first_seen), skipped
-    return [Path(os.path.abspath(found)) for found in first_seen.values()], skipped
+    sources, skipped = discover_named(inputs, stdin_lines=stdin_lines, skip_under=skip_under, include=include, exclude=exclude)
+    return [s.path.resolve() if resolve else s.path for s in sources], skipped
 
 
 # --------------------------------------------------------------------------- cache
@@ -403,10 +579,41 @@ def check_not_constant(low: float, high: float, where: str = "") -> None:
         raise InputError(f"constant intensity (all voxels {low:g}{where})", hint="leave out empty or blank volumes")
 
 
-def read_and_prepare(source: Path, config: PreprocessConfig):
+#: An integer volume with at most this many distinct values is taken for a label map.
+LABEL_MAP_MAX_VALUES = 64
+#: Voxels looked at first by ``label_map_values``: a CT or MR stored as integers shows more
+#: than LABEL_MAP_MAX_VALUES values among them, so only a likely label map is read whole.
+LABEL_MAP_SAMPLE = 100_000
+
+
+def label_map_values(image) -> int | None:
+    """How many distinct values ``image`` holds when it looks like a label map (an integer
+    pixel type and at most ``LABEL_MAP_MAX_VALUES`` distinct values), else None.
+
+    Cheap: nothing is computed for a float image, and an integer one is first sampled
+    (every n-th voxel); the whole array is counted only when the sample has few values.
+    A CT in int16 Hounsfield units holds hundreds of values; an nnU-Net labelsTr map, a
+    tissue classification or a k-means segmentation a handful.
+    """
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind not in "iu":
+        return None
+    flat = array.reshape(-1)
+    step = max(1, flat.size // LABEL_MAP_SAMPLE)
+    if np.unique(flat[::step]).size > LABEL_MAP_MAX_VALUES:
+        return None
+    count = int(np.unique(flat).size)
+    return count if count <= LABEL_MAP_MAX_VALUES else None
+
+
+def read_and_prepare(source: Path, config: PreprocessConfig, *, refuse_label_maps: bool = False):
     """Read ``source`` and run ``preprocess.prepare``; the one place training data is decoded.
 
-    Raises InputError for a constant volume (see ``check_not_constant``).
+    Raises InputError for a constant volume (see ``check_not_constant``) and, with
+    ``refuse_label_maps``, for a volume that looks like a label map (``label_map_values``):
+    pre-training on one teaches the network nothing about images.
     """
     import SimpleITK as sitk
 
@@ -416,14 +623,19 @@ def read_and_prepare(source: Path, config: PreprocessConfig):
     extremes = sitk.MinimumMaximumImageFilter()
     extremes.Execute(image)
     check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())
+    if refuse_label_maps:
+        values = label_map_values(image)
+        if values is not None:
+            raise InputError(f"looks like a label map ({values} distinct integer values)", hint="leave label maps out, e.g. --exclude 'labelsTr/*'")
     return prepare(image, config)
 
 
-def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache) -> CachedVolume:
+def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache, refuse_label_maps: bool = False) -> CachedVolume:
     key = cache.key(source, config)
     entry = cache.get(key)
     if entry is None:
-        prepared = read_and_prepare(source, config)
+        # Checked only here, when the volume is read anyway: a cache hit reads no voxel.
+        prepared = read_and_prepare(source, config, refuse_label_maps=refuse_label_maps)
         # Resampling and the intensity mapping can flatten a volume that was not constant
         # (e.g. a CT wholly above the +1024 HU clip); it is as useless then.
         check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
@@ -494,6 +706,7 @@ def prepare_dataset(
     shard: tuple[int, int] = (0, 1),
     barrier: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    refuse_label_maps: bool = False,
 ) -> Dataset:
     """Preprocess (or find in ``cache``) every source; unreadable ones are skipped with reasons.
 
@@ -505,6 +718,8 @@ def prepare_dataset(
     Args:
         workers: threads used to read and resample (SimpleITK releases the GIL).
         on_progress: called with (done, total = len(sources)) after each source.
+        refuse_label_maps: skip volumes that look like label maps (``label_map_values``),
+            checked when a volume is prepared (a cached volume passed the check before).
 
     Returns:
         The volumes (each says whether it came from the cache, see ``Dataset.prepared``)
@@ -521,21 +736,21 @@ def prepare_dataset(
         mine = [i for i in range(len(sources)) if i % world == rank]
         # Keep these results: looking them up again after the barrier would re-hash them
         # and re-read the ones that failed.
-        results.update(zip(mine, _prepare_many([sources[i] for i in mine], config, cache, workers, progress)))
+        results.update(zip(mine, _prepare_many([sources[i] for i in mine], config, cache, workers, progress, refuse_label_maps)))
         if barrier is not None:
             barrier()
     rest = [i for i in range(len(sources)) if i not in results]
-    results.update(zip(rest, _prepare_many([sources[i] for i in rest], config, cache, workers, progress)))
+    results.update(zip(rest, _prepare_many([sources[i] for i in rest], config, cache, workers, progress, refuse_label_maps)))
     ordered = [results[i] for i in range(len(sources))]
     volumes = [r for r in ordered if isinstance(r, CachedVolume)]
     skipped = [r for r in ordered if isinstance(r, Skipped)]
     return Dataset(volumes=volumes, skipped=skipped)
 
 
-def _prepare_many(sources, config, cache, workers, on_progress) -> list["CachedVolume | Skipped"]:
+def _prepare_many(sources, config, cache, workers, on_progress, refuse_label_maps=False) -> list["CachedVolume | Skipped"]:
     def job(source: Path) -> "CachedVolume | Skipped":
         try:
-            return _prepare_one(source, config, cache)
+            return _prepare_one(source, config, cache, refuse_label_maps)
         except CacheWriteError:
             raise  # the cache's problem, not this input's: stop (see CacheWriteError)
         except (GvslError, RuntimeError, OSError, ValueError, MemoryError) as exc:

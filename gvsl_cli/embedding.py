@@ -29,8 +29,7 @@ never mix.
 
 from __future__ import annotations
 
-import fnmatch
-import glob
+import dataclasses
 import json
 import math
 import os
@@ -45,11 +44,12 @@ import torch
 
 from gvsl_cli import __version__
 from gvsl_cli.config import PreprocessConfig
-from gvsl_cli.data import Skipped, check_not_constant, discover, failure_reason, read_and_prepare
+from gvsl_cli.data import Skipped, check_not_constant, discover_named, failure_reason, read_and_prepare
 from gvsl_cli.device import autocast, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, volume_suffix, write_volume
+from gvsl_cli.preprocess import modality_misfit
+from gvsl_cli.io import atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, write_volume
 from gvsl_cli.locking import try_lock, unlock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
@@ -57,8 +57,6 @@ FORMATS = ("npy", "jsonl")
 DENSE_GRIDS = ("input", "canonical")
 RUN_FILE = "embed.json"
 DENSE_SUFFIX = "_features.nii.gz"
-#: Characters that make an input a glob pattern (expanded by gvsl when the shell did not).
-GLOB_CHARACTERS = "*?["
 #: Dense-map window side when the weights do not record their training patch (the paper's 128³).
 DEFAULT_WINDOW = 128
 #: The global vector's encoder pass takes whole volumes up to this side (voxels, a multiple
@@ -85,6 +83,8 @@ class EmbedConfig:
         overwrite: compute and write again volumes whose outputs exist.
         include: glob patterns; when given, only volumes whose name or file name matches one.
         exclude: glob patterns; volumes whose name or file name matches one are left out.
+        modality: intensity mapping "ct", "mr" or "auto" replacing the weights' contract's;
+            None keeps the contract's.
     """
 
     format: Literal["npy", "jsonl"] = "npy"
@@ -97,8 +97,11 @@ class EmbedConfig:
     overwrite: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    modality: str | None = None
 
     def __post_init__(self) -> None:
+        if self.modality is not None and self.modality not in ("ct", "mr", "auto"):
+            raise ConfigError(f"modality must be one of ct, mr, auto; got {self.modality!r}")
         if self.format not in FORMATS:
             raise ConfigError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
         if self.dense_grid not in DENSE_GRIDS:
@@ -133,34 +136,6 @@ class EmbedSource:
     name: str
 
 
-def _strip_volume_suffix(name: str) -> str:
-    suffix = volume_suffix(name)
-    return name[: -len(suffix)] if suffix else name
-
-
-def expand_inputs(inputs: Sequence[str], stdin_lines: Iterable[str] = ()) -> tuple[list[str], list[Skipped]]:
-    """The inputs with ``-`` replaced by the paths read from stdin (one a line, blank lines
-    and ``#`` comments ignored) and glob patterns the shell left alone expanded (``**``
-    matches sub-folders); a pattern that matches nothing is skipped with a reason."""
-    expanded: list[str] = []
-    skipped: list[Skipped] = []
-    for item in inputs:
-        if item == "-":
-            for line in stdin_lines:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    expanded.append(line)
-        elif any(c in item for c in GLOB_CHARACTERS) and not Path(item).expanduser().exists():
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
-            if matches:
-                expanded.extend(matches)
-            else:
-                skipped.append(Skipped(item, "no file matches this pattern"))
-        else:
-            expanded.append(item)
-    return expanded, skipped
-
-
 def _inside_embed_output(path: Path, root: Path, cache: dict[Path, bool]) -> bool:
     """True when a folder between ``root`` (excluded) and ``path`` holds an ``embed.json``:
     the output folder of an earlier ``gvsl embed`` run inside a data folder."""
@@ -174,11 +149,6 @@ def _inside_embed_output(path: Path, root: Path, cache: dict[Path, bool]) -> boo
     return False
 
 
-def _matches(source: EmbedSource, patterns: Sequence[str]) -> bool:
-    """Whether any glob pattern matches the source's name (``p1/ct``) or its file name."""
-    return any(fnmatch.fnmatchcase(source.name, p) or fnmatch.fnmatchcase(source.path.name, p) for p in patterns)
-
-
 def collect_sources(
     inputs: Sequence[str],
     out_dir: Path,
@@ -187,52 +157,24 @@ def collect_sources(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
 ) -> tuple[list[EmbedSource], list[Skipped]]:
-    """Volumes named by ``inputs`` (folders, files, DICOM folders, .txt lists, globs, ``-``)
-    with their output names, and the inputs skipped with reasons.
+    """Volumes named by ``inputs`` (folders, files, DICOM folders, lists, globs, ``-``,
+    pipes; ``data.discover_named``) with their output names, and the inputs skipped.
 
-    Names (see the module docstring): a volume found in a folder given as input is named
-    by its path relative to that folder; every other volume (a file given, a glob match, a
+    Names are ``data.Source.name``: a volume found in a folder given as input is named by
+    its path relative to that folder; every other volume (a file given, a glob match, a
     list or stdin entry) by its path relative to the deepest folder holding all of them,
     so ``find ds -name ct.nii.gz | gvsl embed -`` names them ``p1/ct``, ``p2/ct``. Names
     follow the paths as given (symbolic links are not resolved for naming).
 
-    Left out silently: volumes found inside ``out_dir`` (``data.discover``'s
-    ``skip_under``) or inside another folder holding an ``embed.json`` (earlier outputs
-    within a data folder), and with ``include`` /
-    ``exclude`` (glob patterns matched against the name and the file name) the volumes
-    not included or excluded. Volumes that would take the same name are all skipped, with
-    a reason naming the other one.
+    Left out silently: volumes found inside ``out_dir`` (``skip_under``) or inside another
+    folder holding an ``embed.json`` (earlier outputs within a data folder), and with
+    ``include`` / ``exclude`` (``data.select``) the volumes not included or excluded.
+    Volumes that would take the same name are all skipped, with a reason naming the other
+    one.
     """
-    items, skipped = expand_inputs(inputs, stdin_lines)
-    seen: dict[Path, Path] = {}  # real path -> the path it was first found as
-    in_folders: list[tuple[Path, Path]] = []  # (path as found, folder given)
-    loose: list[Path] = []
+    found, skipped = discover_named(inputs, stdin_lines=stdin_lines, skip_under=out_dir, include=include, exclude=exclude)
     embed_folders: dict[Path, bool] = {}
-    for item in items:
-        root = Path(os.path.abspath(Path(item).expanduser()))
-        found, bad = discover([root], resolve=False, skip_under=out_dir)
-        skipped.extend(bad)
-        for path in found:
-            real = path.resolve()
-            if real in seen:
-                reason = "given more than once" if seen[real] == path else f"same file as {seen[real]}"
-                skipped.append(Skipped(str(path), reason))
-                continue
-            seen[real] = path
-            if root.is_dir() and path != root:
-                if not _inside_embed_output(path, root, embed_folders):
-                    in_folders.append((path, root))
-            else:
-                loose.append(path)
-
-    sources = [EmbedSource(path, _strip_volume_suffix(path.relative_to(root).as_posix())) for path, root in in_folders]
-    if loose:
-        common = Path(os.path.commonpath([str(p.parent) for p in loose]))
-        sources += [EmbedSource(path, _strip_volume_suffix(path.relative_to(common).as_posix())) for path in loose]
-    if include:
-        sources = [s for s in sources if _matches(s, include)]
-    if exclude:
-        sources = [s for s in sources if not _matches(s, exclude)]
+    sources = [EmbedSource(s.path, s.name) for s in found if s.folder is None or not _inside_embed_output(s.path, s.folder, embed_folders)]
 
     by_name: dict[str, list[EmbedSource]] = {}
     for source in sources:
@@ -269,6 +211,7 @@ class VolumeFeatures:
         original: the grid of the volume as read.
         modality: the intensity mapping used ("ct" or "mr").
         windows: network passes run (global, then dense).
+        detected: what the raw intensities look like ("ct" or "mr", ``preprocess.detect_modality``).
     """
 
     vector: np.ndarray
@@ -277,6 +220,7 @@ class VolumeFeatures:
     original: Geometry
     modality: str
     windows: int
+    detected: str = ""
 
 
 class FeatureExtractor:
@@ -285,7 +229,9 @@ class FeatureExtractor:
     def __init__(self, weights, config: EmbedConfig, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.preprocess: PreprocessConfig = weights.preprocess
+        # The weights' contract, with --modality's intensity mapping when given.
+        self.preprocess: PreprocessConfig = weights.preprocess if config.modality is None else dataclasses.replace(weights.preprocess, modality=config.modality)
+        self.mapping_source = "the weights' contract" if config.modality is None else "--modality"
         self.unet = weights.build_model(device).unet
         self.width = weights.model_config.width
         self.autocast_dtype = resolve_precision(config.precision, device)
@@ -336,7 +282,7 @@ class FeatureExtractor:
         if self.config.dense:
             blended = sliding_window_inference(volume, self._dense, patch=(self.window,) * 3, overlap=self.config.overlap, on_window=progress(global_windows), **common)
             dense = blended["dense"].numpy()
-        return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=total)
+        return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=total, detected=prepared.detected)
 
     @staticmethod
     def global_window(shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -377,14 +323,19 @@ def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
 # --------------------------------------------------------------------------- outputs
 
 
-def run_description(weights, config: EmbedConfig, window: int, precision: str) -> dict:
-    """What ``embed.json`` records: everything that decides the outputs' values."""
+def run_description(weights, config: EmbedConfig, window: int, precision: str, preprocess: PreprocessConfig | None = None) -> dict:
+    """What ``embed.json`` records: everything that decides the outputs' values.
+
+    ``preprocess`` is the contract in effect (the weights' with ``--modality`` applied;
+    default the weights'), so a folder made with another intensity mapping is refused.
+    """
+    preprocess = weights.preprocess if preprocess is None else preprocess
     return {
         "gvsl_version": __version__,
         "weights": weights.extra.get("weights_spec"),
         "weights_checksum": _weights_checksum(weights),
         "model_config": weights.model_config.to_dict(),
-        "preprocess": weights.preprocess.to_dict(),
+        "preprocess": preprocess.to_dict(),
         "precision": precision,
         "global_vector": {
             "feature": "global average pool of the U-Net bottleneck f_g of the whole canonical volume",
@@ -566,6 +517,8 @@ class Reporter:
 
     def volume_failed(self, source: EmbedSource, reason: str) -> None: ...
 
+    def volume_warning(self, source: EmbedSource, text: str) -> None: ...
+
 
 def _volume_failure(exc: Exception, source: EmbedSource, device: torch.device) -> str:
     """One line saying why ``source`` could not be embedded."""
@@ -610,7 +563,7 @@ def embed(
     mine = shard_of(sources, config.shard)
     extractor = FeatureExtractor(weights, config, device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[extractor.autocast_dtype]
-    description = run_description(weights, config, extractor.window, precision)
+    description = run_description(weights, config, extractor.window, precision, extractor.preprocess)
     created = ensure_writable_folder(out_dir)
     try:
         describe_first = check_output_folder(out_dir, description)
@@ -660,6 +613,9 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
             summary.failed.append(Skipped(str(source.path), reason))
             reporter.volume_failed(source, reason)
             continue
+        misfit = modality_misfit(extractor.preprocess.modality, features.detected)
+        if misfit:
+            reporter.volume_warning(source, f"{misfit} ({extractor.mapping_source}); give --modality if the contract does not fit the data")
         if description is not None:
             # Written with the first output, so a run that embedded nothing leaves no claim.
             write_description(out_dir, description)

@@ -29,7 +29,28 @@ def detect_modality(array: np.ndarray) -> str:
     A CT rescaled to 0..1 is not in HU, so it is treated as "mr" (percentile mapping), which
     is the right mapping for it.
     """
-    return "ct" if float(np.min(array)) < CT_MINIMUM_HU else "mr"
+    return modality_of_minimum(float(np.min(array)))
+
+
+def modality_of_minimum(minimum: float) -> str:
+    """``detect_modality`` from a volume's minimum intensity alone (e.g. from SimpleITK's
+    MinimumMaximumImageFilter, without an array)."""
+    return "ct" if minimum < CT_MINIMUM_HU else "mr"
+
+
+def modality_misfit(mapping: str, detected: str) -> str | None:
+    """Why a fixed intensity ``mapping`` ("ct"/"mr", e.g. the weights' contract) does not fit
+    a volume whose intensities look like ``detected``, in words; None when it fits or when
+    ``mapping`` is "auto" (decided per volume, so it always fits).
+
+    The one wording of this warning, used by finetune, embed, segment and register: a HU
+    CT mapped with MR percentiles (or an MR squeezed by the CT window) gives features and
+    predictions of a network that never saw such inputs.
+    """
+    if mapping not in ("ct", "mr") or detected == mapping:
+        return None
+    looks = "CT (minimum below -500: Hounsfield units)" if detected == "ct" else "MR (no Hounsfield-unit minimum)"
+    return f"looks like {looks}, but its intensities are mapped as {mapping.upper()}"
 
 
 def map_intensities(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
@@ -155,12 +176,15 @@ class PreparedVolume:
         grid: the canonical grid (identity direction, isotropic spacing, sides % 16 == 0).
         original: the grid of the volume as read.
         modality: "ct" or "mr", the mapping actually used.
+        detected: "ct" or "mr", what ``detect_modality`` makes of the raw intensities
+            (differs from ``modality`` when a fixed mapping does not fit the volume).
     """
 
     array: np.ndarray
     grid: Geometry
     original: Geometry
     modality: str
+    detected: str = ""
 
     def to_image(self) -> sitk.Image:
         """The prepared intensities as a SimpleITK image on the canonical grid."""
@@ -172,13 +196,14 @@ class PreparedVolume:
 def prepare(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume:
     """Bring a 3D scalar image onto the canonical grid and map its intensities."""
     raw = sitk.GetArrayViewFromImage(image)
-    modality = detect_modality(raw) if config.modality == "auto" else config.modality
+    detected = detect_modality(raw)
+    modality = detected if config.modality == "auto" else config.modality
     original = Geometry.of(image)
     grid = canonical_geometry(original, config.spacing, config.multiple)
     default = -1024.0 if modality == "ct" else float(np.min(raw))
     resampled = resample(sitk.Cast(image, sitk.sitkFloat32), grid, default_value=default)
     array = map_intensities(sitk.GetArrayFromImage(resampled), modality, config.mr_percentiles)
-    return PreparedVolume(array=array, grid=grid, original=original, modality=modality)
+    return PreparedVolume(array=array, grid=grid, original=original, modality=modality, detected=detected)
 
 
 def to_original_grid(image_on_grid: sitk.Image, original: Geometry, *, labels: bool = False) -> sitk.Image:

@@ -70,6 +70,8 @@ class PretrainConfig:
     Attributes:
         inputs: folders, files or path lists (see ``data.discover``); may be empty on resume
             (the run stores them as absolute paths, so --resume works from any folder).
+        include, exclude: glob patterns selecting volumes (``data.select``), as ``gvsl
+            embed``'s; stored with the inputs and used on resume when no input is given.
         run_dir: run folder.
         iters: last iteration of the run (a resumed run continues up to it; unless set
             explicitly, a resumed run keeps the one it was started with).
@@ -92,6 +94,8 @@ class PretrainConfig:
     """
 
     inputs: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     run_dir: str = "gvsl-pretrain"
     iters: int = 10000
     batch: int = 1
@@ -276,11 +280,13 @@ def _preparation_progress(reporter: Reporter) -> Callable[[int, int], None]:
 
 
 def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context: distributed.DistContext, reporter: Reporter, cache_root: Path) -> data_mod.Dataset:
-    sources, skipped = data_mod.discover(config.inputs)
+    sources, skipped = data_mod.discover(config.inputs, include=config.include, exclude=config.exclude)
     cache = data_mod.VolumeCache(cache_root)
+    # Label maps next to their images (nnU-Net's labelsTr, tissue classes) are not images
+    # to learn from: skipped, each with its reason.
     dataset = data_mod.prepare_dataset(
         sources, preprocess, cache, workers=max(1, config.workers), shard=(context.rank, context.world_size), barrier=context.barrier,
-        on_progress=_preparation_progress(reporter),
+        on_progress=_preparation_progress(reporter), refuse_label_maps=True,
     )
     dataset.skipped = skipped + dataset.skipped
     for item in dataset.skipped:
@@ -289,7 +295,7 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
     if not dataset.volumes:
         raise InputError(
             f"no usable volume among {given} input(s) ({len(dataset.skipped)} skipped)",
-            hint="give folders or files of NIfTI, NRRD, MHA/MHD or DICOM series",
+            hint="check --include/--exclude" if config.include or config.exclude else "give folders or files of NIfTI, NRRD, MHA/MHD or DICOM series",
         )
     # Files with the same content (copies) are one volume: a pair of them is no pair.
     first_of: dict[str, data_mod.CachedVolume] = {}
@@ -356,7 +362,13 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"])
         if not config.inputs:
-            config = dataclasses.replace(config, inputs=tuple(resumed.extra.get("inputs", ())))
+            stored = resumed.extra
+            config = dataclasses.replace(
+                config,
+                inputs=tuple(stored.get("inputs", ())),
+                include=config.include or tuple(stored.get("include", ())),
+                exclude=config.exclude or tuple(stored.get("exclude", ())),
+            )
         if "iters" not in config.explicit and "iters" in resumed.extra:
             # `--resume` alone continues the run to its own target (a stopped run's summary
             # says "continue with --resume"); --iters moves the target.
@@ -436,6 +448,8 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     run_record = {
         "run": config.run_settings(),
         "inputs": [os.path.abspath(path) for path in config.inputs],
+        "include": list(config.include),
+        "exclude": list(config.exclude),
         "iters": config.iters,
         "dataset": keys,
         "patch": list(sampler_patch),

@@ -42,7 +42,7 @@ from gvsl_cli import spatial
 from gvsl_cli.config import PreprocessConfig, check_spacing
 from gvsl_cli.errors import ConfigError, DeviceError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.preprocess import canonical_geometry, detect_modality, map_intensities, prepare, resample
+from gvsl_cli.preprocess import canonical_geometry, detect_modality, map_intensities, modality_misfit, prepare, resample
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import grid_points
 
@@ -189,6 +189,11 @@ class RegistrationResult:
     similarity: dict[str, float]
     stages: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: One line each, e.g. an image the weights' intensity mapping does not fit.
+    warnings: list[str] = field(default_factory=list)
+    #: {"optimisation": {"fixed", "moving"}, "network": {"fixed", "moving", "from",
+    #: "spacing_mm"} or None, "detected": {"fixed", "moving"}}: "ct"/"mr" mappings used.
+    intensity_mapping: dict = field(default_factory=dict)
     working_spacing: float = 0.0
     seconds: float = 0.0
 
@@ -521,6 +526,8 @@ class NetworkFeatures:
     fixed_grid: Geometry
     moving_grid: Geometry
     autocast: torch.dtype | None
+    #: Intensity mapping used for the network's inputs: {"fixed": "ct"/"mr", "moving": ...}.
+    mapping: dict[str, str] = field(default_factory=dict)
 
     def _theta(self, affine: np.ndarray) -> torch.Tensor:
         theta = self.moving_grid.physical_to_normalized() @ affine @ self.fixed_grid.normalized_to_physical()
@@ -540,12 +547,13 @@ class NetworkFeatures:
             return self.model.deformable(self.fixed.local, self.moving.local, self._theta(affine)).float()
 
 
-def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image, device: torch.device, log: Log) -> tuple[NetworkFeatures, list[str]]:
+def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image, device: torch.device, log: Log, modality: str = "auto") -> tuple[NetworkFeatures, list[str]]:
     """Prepare both images as the weights were trained (``weights.preprocess``) and run the U-Net.
 
     The network runs at the checkpoint's spacing unless it would not fit the device's free
     memory; then at a coarser spacing (said in the notes), since instance optimisation
-    refines the result anyway.
+    refines the result anyway. ``modality`` "ct" or "mr" replaces the contract's intensity
+    mapping ("auto" keeps the contract's).
     """
     from gvsl_cli.device import resolve_precision
 
@@ -562,13 +570,14 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
     )
     if note:
         notes.append(note)
-    preprocess = PreprocessConfig(spacing=spacing, modality=contract.modality, mr_percentiles=contract.mr_percentiles, multiple=contract.multiple)
+    mapping = contract.modality if modality == "auto" else modality
+    preprocess = PreprocessConfig(spacing=spacing, modality=mapping, mr_percentiles=contract.mr_percentiles, multiple=contract.multiple)
     fixed = prepare(fixed_image, preprocess)
     # The Z-matching head compares the two images voxel by voxel (its affine head
     # concatenates their bottleneck features), so both go onto the fixed canonical grid, as
     # the pairs of pre-training were; the moving image is resampled there in physical space.
     moving_raw = sitk.GetArrayViewFromImage(moving_image)
-    modality = detect_modality(moving_raw) if contract.modality == "auto" else contract.modality
+    modality = detect_modality(moving_raw) if mapping == "auto" else mapping
     background = -1024.0 if modality == "ct" else float(np.min(moving_raw))
     moving_on_grid = resample(sitk.Cast(moving_image, sitk.sitkFloat32), fixed.grid, default_value=background)
     moving_array = map_intensities(sitk.GetArrayFromImage(moving_on_grid), modality, contract.mr_percentiles)
@@ -577,7 +586,7 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
     with torch.no_grad(), device_mod.autocast(device, autocast):
         fixed_features = model.unet(torch.from_numpy(fixed.array)[None, None].to(device))
         moving_features = model.unet(torch.from_numpy(moving_array)[None, None].to(device))
-    return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, fixed.grid, autocast), notes
+    return NetworkFeatures(model, fixed_features, moving_features, fixed.grid, fixed.grid, autocast, {"fixed": fixed.modality, "moving": modality}), notes
 
 
 # --------------------------------------------------------------------------- driver
@@ -629,6 +638,10 @@ def register(
         spacing, note = _fit_spacing(spacing, fixed_geometry, available_memory(device), lambda v: optimisation_bytes(v, channels), "instance optimisation", log)
         notes += [note] if note else []
     levels = build_levels(fixed_image, moving_image, config, spacing, similarity, device)
+    # The intensity mappings used, for the report (build_levels prepares with config.modality).
+    detected = {role: detect_modality(sitk.GetArrayViewFromImage(image)) for role, image in (("fixed", fixed_image), ("moving", moving_image))}
+    mapping: dict = {"optimisation": {role: d if config.modality == "auto" else config.modality for role, d in detected.items()}, "network": None, "detected": detected}
+    warnings: list[str] = []
     finest, coarsest = levels[0], levels[-1]
     log(f"working grids: {' -> '.join(f'{lv.fixed_grid.spacing[0]:.2f} mm' for lv in reversed(levels))} (fixed {'x'.join(map(str, finest.fixed_grid.size))} voxels)")
     identity = torch.eye(4, dtype=torch.float64, device=device)
@@ -637,8 +650,13 @@ def register(
 
     network = None
     if weights is not None:
-        network, network_notes = network_features(weights, fixed_image, moving_image, device, log)
+        network, network_notes = network_features(weights, fixed_image, moving_image, device, log, config.modality)
         notes += network_notes
+        mapping["network"] = {**network.mapping, "from": "the weights' contract" if config.modality == "auto" else "--modality", "spacing_mm": network.fixed_grid.spacing[0]}
+        for role, image in (("fixed", fixed_image), ("moving", moving_image)):
+            misfit = modality_misfit(network.mapping[role], mapping["detected"][role])
+            if misfit:
+                warnings.append(f"{role} image {misfit} for the network ({mapping['network']['from']}); give --modality if the contract does not fit the data")
     if network is not None and weights.affine_trained:
         affine = network.affine()
         stages.append("network affine")
@@ -681,6 +699,8 @@ def register(
         similarity=scores,
         stages=stages,
         notes=notes,
+        warnings=warnings,
+        intensity_mapping=mapping,
         working_spacing=spacing,
         seconds=time.perf_counter() - start,
     )

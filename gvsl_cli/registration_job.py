@@ -242,6 +242,8 @@ def run_registration(
     result = register(fixed, moving, config, weights=weights, device=device, log=log)
     for note in result.notes:
         log(f"note: {note}")
+    for warning in result.warnings:
+        log(f"warning: {warning}")
 
     log("writing outputs on the fixed grid")
     fixed_grid = Geometry.of(fixed)
@@ -301,9 +303,10 @@ def run_registration(
             "jacobian": jacobian,
             "seconds": {"registration": result.seconds, "total": time.perf_counter() - start},
             "working_spacing_mm": result.working_spacing,
+            "intensity_mapping": result.intensity_mapping,
             "iterations": config.iters,
             "stages": result.stages,
-            "notes": [*result.notes, *([direction_warning] if direction_warning else [])],
+            "notes": [*result.notes, *result.warnings, *([direction_warning] if direction_warning else [])],
             "affine": [[float(v) for v in row] for row in result.transform.affine],
             "outputs": outputs,
         }

@@ -240,13 +240,15 @@ def output_name(path: Path) -> str:
 @dataclass
 class SegmentResult:
     """What ``segment_files`` did with one input: "written", "skipped" (output present) or
-    "failed" (``reason`` says why)."""
+    "failed" (``reason`` says why); ``warning``: a remark on a written one (e.g. the model's
+    intensity mapping does not fit the image, ``preprocess.modality_misfit``)."""
 
     input: str
     output: str
     status: str
     reason: str = ""
     seconds: float = 0.0
+    warning: str = ""
 
 
 def plan_outputs(sources: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -278,6 +280,9 @@ def segment_files(
 
     from gvsl_cli.data import check_not_constant, failure_reason
     from gvsl_cli.io import read_volume, write_volume
+    from gvsl_cli.preprocess import modality_misfit, modality_of_minimum
+
+    mapping = (segmenter if isinstance(segmenter, Segmenter) else segmenter[0]).preprocess.modality
 
     results = []
     for source, target in plan_outputs(sources, out_dir):
@@ -292,7 +297,9 @@ def segment_files(
                 check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())  # nothing to segment
                 labels = segment_image(segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
                 write_volume(labels, target)
-                result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3))
+                misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
+                warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
+                result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
         results.append(result)

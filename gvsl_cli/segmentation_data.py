@@ -291,7 +291,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     """
     import SimpleITK as sitk
 
-    from gvsl_cli.preprocess import detect_modality, prepare, resample
+    from gvsl_cli.preprocess import prepare, resample
 
     image = read_volume(case.image)
     label = read_volume(case.label)
@@ -307,8 +307,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     label_image = sitk.GetImageFromArray(values.astype(np.int32))
     label_image.CopyInformation(label)
     on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
-    detected = detect_modality(sitk.GetArrayViewFromImage(image))
-    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality, detected=detected)
+    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality, detected=prepared.detected)
 
 
 def prepare_cases(

@@ -65,7 +65,7 @@ def test_second_preparation_reads_no_volume(colin_t1, icbm_t1, tmp_path, monkeyp
     cache = data.VolumeCache(tmp_path / "cache")
     reads = []
     original = data.read_and_prepare
-    monkeypatch.setattr(data, "read_and_prepare", lambda source, config: reads.append(source) or original(source, config))
+    monkeypatch.setattr(data, "read_and_prepare", lambda source, config, **kw: reads.append(source) or original(source, config, **kw))
     first = data.prepare_dataset([colin_t1, icbm_t1], FAST, cache)
     assert len(reads) == 2
     second = data.prepare_dataset([colin_t1, icbm_t1], FAST, cache)
@@ -164,7 +164,7 @@ def test_damaged_cache_entry_is_a_miss_and_is_rewritten(damage, colin_t1, tmp_pa
     cache = data.VolumeCache(tmp_path / "cache")
     reads = []
     original = data.read_and_prepare
-    monkeypatch.setattr(data, "read_and_prepare", lambda source, config: reads.append(source) or original(source, config))
+    monkeypatch.setattr(data, "read_and_prepare", lambda source, config, **kw: reads.append(source) or original(source, config, **kw))
     entry = data.prepare_dataset([colin_t1], FAST, cache).volumes[0]
     expected = np.load(entry.array_path)  # not memory-mapped: the damage below shrinks the file in place
     damage(entry)
@@ -194,7 +194,7 @@ def test_skipped_reasons_do_not_repeat_the_path(volume_folder, tmp_path, monkeyp
         assert item.path not in item.reason, item.reason
     assert dataset.skipped[1].reason.startswith("file is empty")
 
-    def denied(source, config):
+    def denied(source, config, **kw):
         raise PermissionError(13, "Permission denied", str(source))
 
     monkeypatch.setattr(data, "read_and_prepare", denied)
@@ -223,7 +223,7 @@ def test_dataset_says_how_many_volumes_came_from_the_cache(colin_t1, icbm_t1, tm
 def test_a_rank_keeps_its_shard_results_and_reports_progress_over_all_sources(volume_folder, tmp_path, monkeypatch):
     reads = []
     original = data.read_and_prepare
-    monkeypatch.setattr(data, "read_and_prepare", lambda source, config: reads.append(source.name) or original(source, config))
+    monkeypatch.setattr(data, "read_and_prepare", lambda source, config, **kw: reads.append(source.name) or original(source, config, **kw))
     sources = [volume_folder / "broken.nii.gz", volume_folder / "colin.nii.gz", volume_folder / "sub" / "colin_copy.mha"]
     progress = []
     barrier = []

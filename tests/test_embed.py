@@ -81,7 +81,7 @@ def test_only_sides_above_the_limit_are_split_for_the_global_pass(weights_file):
     class Prepared:  # a PreparedVolume's fields that features_of reads
         array = np.random.default_rng(0).random((32, 64, 32), dtype=np.float32)
         grid = original = None
-        modality = "mr"
+        modality = detected = "mr"
 
     counts = []
     features = extractor.features_of(Prepared(), on_window=lambda done, total: counts.append((done, total)))

@@ -122,7 +122,7 @@ def test_second_run_reads_no_volume(volumes, cache_dir, tmp_path, monkeypatch):
     first = PretrainConfig(inputs=(str(volumes),), run_dir=str(tmp_path / "first"), iters=1, width=8, patch=32, spacing=4.0, device="cpu", workers=0, cache_dir=str(cache_dir))
     assert pretrain(first).iteration == 1
 
-    def fail(source, config):
+    def fail(source, config, **kw):
         raise AssertionError(f"read {source} although it is cached")
 
     monkeypatch.setattr(data, "read_and_prepare", fail)
@@ -171,7 +171,7 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Fail the test if a volume is decoded: the checks must come before any preprocessing."""
-    def fail(source, config):
+    def fail(source, config, **kw):
         raise AssertionError(f"read {source} before the options were checked")
 
     monkeypatch.setattr(data, "read_and_prepare", fail)

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from gvsl_cli.commands.inputs import refuse_stdout_folder
+
 
 def register(app: typer.Typer) -> None:
     app.command("apply")(apply)
@@ -24,12 +26,13 @@ def output_name(path: Path) -> str:
 
 
 def apply(
-    images: Optional[List[Path]] = typer.Argument(None, help="Images to warp (linear interpolation, float32 output)."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Images to warp (linear interpolation, float32 output); - reads their paths from stdin, one a line."),
     transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain (the last is applied first, as antsApplyTransforms)."),
-    labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept); repeatable."),
+    labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept); repeatable; -l - reads their paths from stdin."),
     reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the displacement field's grid (the fixed image of gvsl register)."),
-    out_dir: Path = typer.Option(Path("."), "-o", "--out", help="Output folder; each output is named <input>_warped.<ext> (two inputs with the same file name are refused)."),
+    out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext> (two inputs with the same file name are refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors (the --json lines are still printed)."),
 ) -> None:
     """Warp IMAGES (and --labels maps) with a saved transform onto the fixed grid."""
     from rich.console import Console
@@ -40,7 +43,8 @@ def apply(
     from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
     from gvsl_cli.warping import read_transform_chain
 
-    jobs = [(path, False) for path in images or []] + [(path, True) for path in labels]
+    images, labels = _paths_read(images or [], labels)
+    jobs = [(path, False) for path in images] + [(path, True) for path in labels]
     if not jobs:
         raise InputError("nothing to warp", hint="give image paths and/or --labels label maps")
     # Everything is checked before the first output is written: output names and paths,
@@ -74,8 +78,23 @@ def apply(
     for (path, is_labels), target in zip(jobs, targets):
         if as_json:
             typer.echo(json.dumps({"input": str(path), "output": str(target), "labels": is_labels}))
-        else:
+        elif not quiet:
             err.print(f"{path} -> {target} ({'nearest, labels' if is_labels else 'linear'})", markup=False)
+
+
+def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``images`` and ``labels`` with ``-`` (stdin) and pipes (``<(...)``) replaced by the
+    paths they list, one a line; stdin can feed one of the two."""
+    from gvsl_cli.commands.inputs import stdin_for
+    from gvsl_cli.data import inline_streams
+    from gvsl_cli.errors import ConfigError
+
+    if "-" in map(str, images) and "-" in map(str, labels):
+        raise ConfigError("- is given both as an image and as --labels; stdin holds one list of paths", hint="give the other list through a pipe, e.g. -l <(cat labels.txt)")
+    return (
+        [Path(p) for p in inline_streams(images, stdin_for(images))],
+        [Path(p) for p in inline_streams(labels, stdin_for(labels))],
+    )
 
 
 def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform, grid) -> None:

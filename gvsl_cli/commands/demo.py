@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from gvsl_cli.commands.inputs import refuse_stdout_folder
+
 #: The example pair shipped in gvsl_cli/examples (2 mm copies; see NOTICE.md there).
 DEMO_FILES = {
     "moving": "colin27_t1_2mm.nii.gz",
@@ -20,10 +22,11 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    out_dir: Path = typer.Option(Path("gvsl_demo"), "-o", "--out", help="Output folder for the demo's registration outputs."),
+    out_dir: Path = typer.Option(Path("gvsl_demo"), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder for the demo's registration outputs."),
     iters: int = typer.Option(100, "--iters", min=0, help="Instance-optimisation iterations per stage."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings (and the --json report); no progress, no table."),
 ) -> None:
     """Register Colin27 onto the ICBM152 template (2 mm, shipped) and report the tissue Dice."""
     from gvsl_cli.commands.register import run_and_render
@@ -44,4 +47,5 @@ def demo(
         modality="auto",
         device=device,
         as_json=as_json,
+        quiet=quiet,
     )

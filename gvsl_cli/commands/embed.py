@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from gvsl_cli.commands.inputs import refuse_stdout_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -72,6 +73,9 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.advance(self.volume_task)
 
+    def volume_warning(self, source, text: str) -> None:
+        self._print(f"warning: {source.path} {text}")  # also under --quiet
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -79,9 +83,9 @@ class ConsoleReporter:
 
 
 def embed_command(
-    inputs: List[str] = typer.Argument(..., help="Volumes: files, folders (searched recursively), DICOM series folders, .txt lists of paths, glob patterns ('scans/**/*.nii.gz'), or - to read paths from stdin."),
+    inputs: List[str] = typer.Argument(..., help="Volumes: files, folders (searched recursively), DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns ('scans/**/*.nii.gz'), or - to read paths from stdin."),
     weights: str = typer.Option(..., "--weights", help="GVSL weights: a manifest name, a gvsl checkpoint (e.g. a pretrain run's model.pt) or official .pth file, or an http(s) URL."),
-    out_dir: Path = typer.Option(Path("gvsl_embeddings"), "-o", "--out", help="Output folder: NAME.npy per volume (or embeddings.jsonl), NAME_features.nii.gz with --dense, embed.json."),
+    out_dir: Path = typer.Option(Path("gvsl_embeddings"), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder: NAME.npy per volume (or embeddings.jsonl), NAME_features.nii.gz with --dense, embed.json."),
     output_format: str = typer.Option("npy", "--format", help="npy (one float32 vector file per volume) or jsonl (one JSON line per volume in embeddings.jsonl)."),
     dense: bool = typer.Option(False, "--dense", help="Also write the dense feature map (the U-Net's last decoder feature, width channels) as a vector image with geometry."),
     dense_grid: str = typer.Option("input", "--dense-grid", help="Grid of the dense maps: input (the volume's own grid) or canonical (the network's isotropic grid; smaller for fine CTs)."),
@@ -90,10 +94,11 @@ def embed_command(
     shard: str = typer.Option("0/1", "--shard", help="I/N: embed every N-th volume of the sorted list from the I-th (0-based), e.g. --shard $SLURM_ARRAY_TASK_ID/8."),
     window: Optional[int] = typer.Option(None, "--window", help="Dense maps: sliding-window side in voxels, a multiple of 16 (default: the weights' training patch, else 128). The global vector always pools the whole volume."),
     overlap: float = typer.Option(0.5, "--overlap", help="Dense maps: fraction shared by neighbouring windows."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Intensity mapping ct, mr or auto instead of the weights' contract (recorded in embed.json; default: the contract's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Compute again volumes whose outputs already exist (default: skip them)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only failures and the final line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only failures, warnings and the final line."),
 ) -> None:
     """One global feature vector per volume (and dense feature maps) from pre-trained GVSL weights.
 
@@ -101,6 +106,7 @@ def embed_command(
     split over SLURM array tasks with --shard.
     """
 
+    from gvsl_cli.commands.inputs import stdin_for
     from gvsl_cli.device import resolve_device
     from gvsl_cli.embedding import EmbedConfig, embed, parse_shard
     from gvsl_cli.errors import IncompleteError
@@ -117,13 +123,14 @@ def embed_command(
         overwrite=overwrite,
         include=tuple(include),
         exclude=tuple(exclude),
+        modality=modality.lower() if modality else None,
     )
     reporter = ConsoleReporter(quiet)
     if not dense and (window is not None or overlap != 0.5 or dense_grid != "input") and not quiet:
         reporter.console.print("note: --window, --overlap and --dense-grid apply to dense maps; without --dense they are not used", markup=False)
     torch_device = resolve_device(device)
     loaded = load_weights_spec(weights)
-    stdin_lines = sys.stdin if "-" in inputs else ()
+    stdin_lines = stdin_for(inputs)
 
     # SIGTERM (SLURM's time limit, preemption) stops like Ctrl-C (cli.Terminated): the write
     # in progress removes its temporary file; finished volumes are kept and skipped next time.

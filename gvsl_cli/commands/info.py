@@ -68,17 +68,22 @@ def _debug_requested(context: typer.Context) -> bool:
 
 def info(
     context: typer.Context,
-    inputs: List[Path] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders."),
+    inputs: List[str] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders; - reads their paths from stdin, one a line."),
     spacing: float = typer.Option(1.0, help="Target spacing (mm) used to show the canonical grid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per volume instead of a table."),
 ) -> None:
     """Show a volume's grid, orientation, intensity range and the modality gvsl detects."""
     from rich.console import Console
 
+    from gvsl_cli.commands.inputs import stdin_for
     from gvsl_cli.config import check_spacing
-    from gvsl_cli.errors import GvslError
+    from gvsl_cli.data import inline_streams
+    from gvsl_cli.errors import GvslError, InputError
 
     check_spacing(spacing)
+    inputs = [Path(item) for item in inline_streams(inputs, stdin_for(inputs))]  # "-": the paths on stdin
+    if not inputs:
+        raise InputError("no path on stdin", hint="pipe volume paths in, one a line")
     err = Console(stderr=True, soft_wrap=True, highlight=False)
     rows, exit_code = [], 0
     for path in inputs:

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 
+from gvsl_cli.commands.inputs import refuse_stdout_folder
 from gvsl_cli.errors import ConfigError
 
 
@@ -146,8 +147,10 @@ def _summary_table(summary):
 
 
 def pretrain(
-    inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders or .txt lists of paths. Optional with --resume."),
-    output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", help="Run folder: checkpoints, metrics.jsonl, summary."),
+    inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns, or - to read paths from stdin. Label maps (integer volumes of at most 64 values) are skipped. Optional with --resume."),
+    output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", "--out", callback=refuse_stdout_folder, help="Run folder: checkpoints, metrics.jsonl, summary."),
+    include: List[str] = typer.Option([], "--include", help="Only volumes whose name (e.g. p1/ct) or file name matches this glob pattern; repeatable."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Leave out volumes whose name or file name matches this glob pattern (e.g. '*seg*', 'labelsTr/*'); repeatable."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Train up to this iteration (default: 10000; with --resume, the run's own)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Pairs per step and per process (default: 1)."),
     patch: Optional[int] = typer.Option(None, "--patch", help="Training patch side in voxels, a multiple of 16 (default: 128)."),
@@ -169,14 +172,21 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings, skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
     """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
+    from gvsl_cli.commands.inputs import stdin_for
     from gvsl_cli.commands.output import table_console
+    from gvsl_cli.data import inline_streams
     from gvsl_cli.pretraining import PretrainConfig, pretrain as run_pretrain
+
+    # Paths on stdin or in a pipe are read now: the run stores its inputs for --resume.
+    inputs = inline_streams(inputs or (), stdin_for(inputs or ()))
 
     # Options left unset may come from --init or, on --resume, from the checkpoint.
     given = {"iters": iters, "batch": batch, "patch": patch, "spacing": spacing, "modality": modality.lower() if modality else None, "width": width, "lr": lr, "seed": seed, "init": init}
     explicit = frozenset(name for name, value in given.items() if value is not None)
     config = PretrainConfig(
-        inputs=tuple(inputs or ()),
+        inputs=tuple(inputs),
+        include=tuple(include),
+        exclude=tuple(exclude),
         run_dir=str(output),
         **{name: value for name, value in given.items() if value is not None},
         device=device,

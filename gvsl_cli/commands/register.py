@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from gvsl_cli.commands.inputs import refuse_stdout_folder
+
 
 def register(app: typer.Typer) -> None:
     app.command("register")(register_command)
@@ -28,11 +30,13 @@ def run_and_render(
     modality: str,
     device: str,
     as_json: bool,
+    quiet: bool = False,
 ) -> dict:
     """Run one registration and print its report (shared by ``register`` and ``demo``).
 
     Progress goes to stderr; the report goes to stdout, as JSON with ``as_json`` (nothing
-    else is printed on stdout then) or as a table.
+    else is printed on stdout then) or as a table. ``quiet``: only warnings on stderr and
+    no table (the JSON report is still printed).
     """
     import time
 
@@ -48,6 +52,8 @@ def run_and_render(
     start = time.perf_counter()
 
     def log(message: str) -> None:
+        if quiet and not message.startswith("warning:"):
+            return
         err.print(f"[{time.perf_counter() - start:5.1f} s] {message}", markup=False)
 
     report = run_registration(
@@ -64,7 +70,7 @@ def run_and_render(
     if as_json:
         # The report holds no NaN/Infinity (run_registration writes them as null): strict JSON.
         typer.echo(json.dumps(report, allow_nan=False))
-    else:
+    elif not quiet:
         render_report(report, out_dir)
     return report
 
@@ -103,7 +109,7 @@ def render_report(report: dict, out_dir: Path) -> None:
 def register_command(
     fixed: Path = typer.Argument(..., help="Fixed volume: the outputs live on its grid (NIfTI, NRRD, MHA/MHD or DICOM folder)."),
     moving: Path = typer.Argument(..., help="Moving volume, resampled onto the fixed grid. Sizes, spacings, origins and directions may differ."),
-    out_dir: Path = typer.Option(Path("gvsl_registration"), "-o", "--out", help="Output folder: moved.nii.gz, displacement.nii.gz, affine.tfm, moved_labels.nii.gz, report.json."),
+    out_dir: Path = typer.Option(Path("gvsl_registration"), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder: moved.nii.gz, displacement.nii.gz, affine.tfm, moved_labels.nii.gz, report.json."),
     weights: Optional[str] = typer.Option(None, "--weights", help="GVSL weights for a network prediction refined by optimisation: a manifest name, a gvsl checkpoint or official .pth file, or an http(s) URL; none = optimisation alone."),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="Label map on the moving grid, warped by nearest neighbour (values kept)."),
     fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map on the fixed grid, for Dice per label in the report (needs --moving-labels)."),
@@ -111,9 +117,10 @@ def register_command(
     similarity: str = typer.Option("ncc", "--similarity", help="ncc (same modality), mse (same intensity scale) or mind (MIND-SSC, CT-MR pairs)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Finest optimisation spacing in mm (default: automatic; for a 1 mm head 1.76 mm on a CPU, 1.0 mm on a GPU). Finer is more accurate and slower."),
     affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the affine stage (no deformable part)."),
-    modality: str = typer.Option("auto", "--modality", help="Intensity mapping: auto, ct or mr."),
+    modality: str = typer.Option("auto", "--modality", help="Intensity mapping: auto, ct or mr; ct or mr also replaces the --weights' contract for the network (auto keeps it)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (progress stays on stderr)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings (and the --json report); no progress, no table."),
 ) -> None:
     """Register MOVING onto FIXED in physical space: moved image, ITK displacement field, affine, warped labels, report."""
     run_and_render(
@@ -130,4 +137,5 @@ def register_command(
         modality=modality,
         device=device,
         as_json=as_json,
+        quiet=quiet,
     )

@@ -7,27 +7,30 @@ from typing import List
 
 import typer
 
+from gvsl_cli.commands.inputs import refuse_stdout_folder
+
 
 def register(app: typer.Typer) -> None:
     app.command("segment")(segment)
 
 
 def segment(
-    inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders or .txt lists of paths."),
+    inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns, or - to read paths from stdin."),
     model: List[str] = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL. Give it several times for an ensemble (e.g. the runs of --fold 0..4): the class probabilities are averaged."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
+    output: Path = typer.Option(..., "-o", "--output", "--out", callback=refuse_stdout_folder, help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     overlap: float = typer.Option(0.5, "--overlap", help="Overlap of neighbouring sliding windows, in [0, 1) (more: smoother, slower)."),
     batch: int = typer.Option(1, "--batch", help="Windows per network call."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps already in the output folder (default: skip them)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only failures are reported."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only failures and warnings are reported."),
 ) -> None:
     """Segment images with a model trained by gvsl finetune; labels on each input's own grid."""
     import os
 
     from rich.console import Console
 
+    from gvsl_cli.commands.inputs import stdin_for
     from gvsl_cli.data import discover
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
@@ -46,7 +49,7 @@ def segment(
             raise InputError(f"{output}: the output folder is (or holds) the input folder {item}; its label maps would be read as images by the next run", hint="choose another -o folder, e.g. a sub-folder of the input folder")
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
-    sources, skipped = discover(inputs, skip_under=output)
+    sources, skipped = discover(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
     segmenters = [load_segmenter(spec) for spec in model]
     check_ensemble(segmenters)  # before any work
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -80,6 +83,8 @@ def segment(
         elif not quiet:
             detail = f" ({result.seconds:.1f} s)" if result.status == "written" else f" ({result.reason})"
             console.print(f"{result.status} {result.output}{detail}", markup=False)
+        if result.warning:
+            console.print(f"warning: {result.input} {result.warning}", markup=False)
 
     try:
         results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)

@@ -1,0 +1,41 @@
+"""What the commands share in their input and output options.
+
+- ``-`` among a command's inputs reads paths from stdin, one a line (``find ... | gvsl
+  segment - ...``); ``stdin_for`` hands stdin to ``data.discover`` only then.
+- ``-o`` names a folder in every command; ``-o -`` (stdout) is refused by
+  ``refuse_stdout_folder`` before anything runs, rather than creating a folder named
+  ``-`` that a later ``-`` input would then not mean.
+- Every ``-o`` accepts both ``--output`` and ``--out`` (the command's own first).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+def stdin_for(inputs: Sequence[str | os.PathLike]) -> Iterable[str]:
+    """``sys.stdin`` when one of ``inputs`` is ``-``, else an empty tuple.
+
+    Raises:
+        InputError: ``-`` is given but stdin is a terminal (the command would wait for
+            typed paths, which is never what a ``-`` in a script means).
+    """
+    from gvsl_cli.errors import InputError
+
+    if not any(os.fspath(item) == "-" for item in inputs):
+        return ()
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InputError("-: reads paths from stdin, but stdin is a terminal", hint="pipe the paths in, e.g. find DIR -name '*.nii.gz' | gvsl COMMAND - ...")
+    return sys.stdin
+
+
+def refuse_stdout_folder(value: Optional[Path]) -> Optional[Path]:
+    """Typer callback of ``-o``: refuses ``-`` (gvsl writes files into a folder, never to
+    stdout); other values pass unchanged."""
+    from gvsl_cli.errors import InputError
+
+    if value is not None and os.fspath(value) == "-":
+        raise InputError("-o -: outputs are files written into a folder, not a stream on stdout", hint="give a folder name with -o")
+    return value
