@@ -389,6 +389,11 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith(("~", ".")) or spec.lower().endswith((".pt", ".pth", ".ckpt", ".tar"))
 
 
+#: What a run folder given as weights stands for, first found: the final weights of
+#: gvsl pretrain, the best model of gvsl finetune, the latest checkpoint of either.
+RUN_FOLDER_WEIGHTS = ("model.pt", "best.pt", "last.pt")
+
+
 def load_weights_spec(
     spec: str,
     *,
@@ -405,7 +410,8 @@ def load_weights_spec(
     resumable) and its cached copy is re-hashed before loading. A manifest entry's file must
     also have the entry's format and width. ``extra`` of the result gains ``weights_spec``
     and, for cached files, ``weights_sha256`` (and ``weights_name`` for manifest entries).
-    Order: a URL, then an existing file, then a manifest name.
+    Order: a URL, then a run folder (``RUN_FOLDER_WEIGHTS``), then an existing file, then a
+    manifest name.
 
     Args:
         spec: what the user gave to ``--weights``.
@@ -439,8 +445,12 @@ def load_weights_spec(
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            # A folder is never a manifest name the user meant; say what it is.
-            raise WeightsError(f"{spec}: is a folder, not a weights file", hint="give the path of a gvsl checkpoint or an official GVSL .pth file, a manifest name or a URL")
+            # A run folder means its weights: a pretrain run's model.pt (its final weights),
+            # a finetune run's best.pt, else the latest checkpoint of an unfinished run.
+            found = next((path / name for name in RUN_FOLDER_WEIGHTS if (path / name).is_file()), None)
+            if found is None:
+                raise WeightsError(f"{spec}: is a folder without {', '.join(RUN_FOLDER_WEIGHTS)}, not a run folder or a weights file", hint="give a gvsl run folder, the path of a gvsl checkpoint or an official GVSL .pth file, a manifest name or a URL")
+            path = found
         if path.is_file():
             loaded = load_weights(path)
         elif _looks_like_path(spec):

@@ -118,7 +118,7 @@ def test_apply_reuses_a_registration_for_other_files(tmp_path, capsys, icbm_t1, 
         (["{icbm}", "{colin}", "--fixed-labels", "{icbm_labels}"], "--fixed-labels needs --moving-labels", 2),
         (["{icbm}", "{colin}", "--spacing", "1e-3"], "working grid", 2),
         (["{icbm}", "{colin}", "--spacing", "inf"], "spacing must be a finite number > 0 mm", 2),
-        (["{icbm}", "{colin}", "--weights", "{folder}"], "is a folder, not a weights file", 4),
+        (["{icbm}", "{colin}", "--weights", "{folder}"], "is a folder without model.pt, best.pt, last.pt", 4),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch, args, message, exit_code, icbm_t1, icbm_labels, colin_t1):

@@ -384,9 +384,22 @@ def test_offline_look_up_writes_nothing_into_the_cache(tmp_path, server, cache_h
 
 
 def test_a_folder_given_as_weights_is_named_as_a_folder(tmp_path, cache_home, monkeypatch):
-    with pytest.raises(WeightsError, match=r"is a folder, not a weights file"):
+    with pytest.raises(WeightsError, match=r"is a folder without model.pt, best.pt, last.pt, not a run folder or a weights file"):
         load_weights_spec(str(tmp_path))
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WeightsError, match=r"data: is a folder"):  # a bare name too, not "no weights named"
         load_weights_spec("data")
+
+
+def test_a_run_folder_given_as_weights_means_its_final_or_best_weights(tmp_path, cache_home):
+    from gvsl_cli.checkpoint import save_checkpoint
+    from gvsl_cli.config import ModelConfig, PreprocessConfig
+    from gvsl_cli.model import GVSL
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "last.pt", GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0), extra={"iteration": 5})
+    assert load_weights_spec(str(run)).extra["iteration"] == 5  # an unfinished run: its latest checkpoint
+    save_checkpoint(run / "model.pt", GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0), extra={"iteration": 10})
+    loaded = load_weights_spec(str(run))
+    assert loaded.extra["iteration"] == 10 and loaded.extra["weights_spec"] == str(run)  # a finished pretrain run: model.pt
