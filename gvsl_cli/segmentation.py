@@ -139,7 +139,8 @@ def load_segmenter(spec: str) -> Segmenter:
     model = SegmentationNet(loaded.model_config, len(values))
     load_state_strict(model, loaded.state_dict, source=str(where))
     iteration = loaded.extra.get("iteration")
-    validation = loaded.extra.get("validation")
+    # best.pt holds its validation row as "validation"; last.pt holds it as "last".
+    validation = loaded.extra.get("validation") or loaded.extra.get("last")
     dice = validation.get("val_mean_dice") if isinstance(validation, dict) else None
     return Segmenter(
         model=model.eval(),

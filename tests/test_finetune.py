@@ -535,3 +535,12 @@ def test_the_summary_prints_the_best_model_path_whole_in_a_log(itk_folders, weig
             "--batch", "1", "--iters", "1", "--val-every", "1", "--patch", "32", "--overlap", "0"]
     assert run(args) == 0
     assert f"best model: {run_dir / 'best.pt'}" in capsys.readouterr().out.splitlines()
+
+
+def test_segment_with_last_pt_shows_its_validation_dice(trained_run, tmp_path):
+    from gvsl_cli.segmentation import load_segmenter
+
+    last = load_segmenter(str(trained_run / "last.pt"))
+    rows = read_metrics(trained_run / "metrics.jsonl")
+    final = [r for r in rows if "val_mean_dice" in r and r["iteration"] == ITERS][0]
+    assert last.trained_for == ITERS and last.validation_dice == pytest.approx(final["val_mean_dice"])
