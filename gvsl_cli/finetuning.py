@@ -627,7 +627,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     )
     done = result.iteration - start_iteration
     summary = FinetuneSummary(
-        run_dir=str(run_dir),
+        run_dir=os.path.abspath(run_dir),  # absolute: summary.json is read from anywhere
         mode=config.mode,
         iteration=result.iteration,
         start_iteration=start_iteration,
@@ -646,8 +646,8 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
         best=state["best"].to_row(),
         last=state["last"].to_row(),
         last_losses=result.last_row,
-        best_checkpoint=str(run_dir / BEST_FILE),
-        last_checkpoint=str(run_dir / LAST_FILE),
+        best_checkpoint=os.path.abspath(run_dir / BEST_FILE),
+        last_checkpoint=os.path.abspath(run_dir / LAST_FILE),
     )
     with atomic_path(run_dir / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps({**summary.to_dict(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2), encoding="utf-8")

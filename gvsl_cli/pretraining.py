@@ -511,7 +511,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         raise TrainingError(f"ranks ended with different weights ({', '.join(checksums)})", hint="report this with the launch command")
     done = result.iteration - start_iteration
     summary = PretrainSummary(
-        run_dir=str(run_dir),
+        run_dir=os.path.abspath(run_dir),  # absolute: summary.json is read from anywhere
         iteration=result.iteration,
         start_iteration=start_iteration,
         stopped=result.stopped,
@@ -528,8 +528,8 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         world_size=context.world_size,
         compiled=compiled,
         rank_weight_checksums=checksums,
-        checkpoint=str(checkpoint_path),
-        model=str(run_dir / MODEL_FILE),
+        checkpoint=os.path.abspath(checkpoint_path),
+        model=os.path.abspath(run_dir / MODEL_FILE),
     )
     if context.is_main:
         with atomic_path(run_dir / "summary.json") as tmp:

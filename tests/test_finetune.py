@@ -526,15 +526,19 @@ def test_a_run_folder_of_the_other_command_is_named_as_such(dataset, weights, tm
     assert {p.name: p.read_bytes() for p in finetune_run.iterdir()} == before  # untouched
 
 
-def test_the_summary_prints_the_best_model_path_whole_in_a_log(itk_folders, weights, tmp_path, capsys):
+def test_the_summary_prints_the_best_model_path_whole_in_a_log(itk_folders, weights, tmp_path, capsys, monkeypatch):
     # Off a terminal (SLURM logs, | tee) the path a user copies into gvsl segment must not be
     # wrapped at the table's width.
     images, labels = itk_folders
-    run_dir = tmp_path / ("a_rather_long_project_name_" * 4) / "experiment_2026_11_26_width8_spacing4_finetune"
-    args = ["finetune", "--images", str(images), "--labels", str(labels), "--weights", str(weights), "-o", str(run_dir),
+    monkeypatch.chdir(tmp_path)
+    relative = Path("a_rather_long_project_name_" * 4) / "experiment_2026_11_26_width8_spacing4_finetune"
+    run_dir = tmp_path / relative
+    args = ["finetune", "--images", str(images), "--labels", str(labels), "--weights", str(weights), "-o", str(relative),
             "--batch", "1", "--iters", "1", "--val-every", "1", "--patch", "32", "--overlap", "0"]
     assert run(args) == 0
     assert f"best model: {run_dir / 'best.pt'}" in capsys.readouterr().out.splitlines()
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["best_checkpoint"] == str(run_dir / "best.pt") and Path(summary["run_dir"]).is_absolute()
 
 
 def test_segment_with_last_pt_shows_its_validation_dice(trained_run, tmp_path):
