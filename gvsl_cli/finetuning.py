@@ -633,7 +633,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
         start_iteration=start_iteration,
         stopped=result.stopped,
         seconds=round(result.seconds, 3),
-        iterations_per_second=round(done / result.seconds, 4) if result.seconds > 0 else 0.0,
+        iterations_per_second=round(done / result.training_seconds, 4) if result.training_seconds > 0 else 0.0,  # training steps only, as the progress line
         device=str(device),
         precision=str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
         compiled=compiled,

@@ -516,7 +516,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         start_iteration=start_iteration,
         stopped=result.stopped,
         seconds=round(result.seconds, 3),
-        iterations_per_second=round(done / result.seconds, 4) if result.seconds > 0 else 0.0,
+        iterations_per_second=round(done / result.training_seconds, 4) if result.training_seconds > 0 else 0.0,  # training steps only, as the progress line
         last=result.last_row,
         mean_last=result.mean_rows,
         volumes=len(dataset.volumes),

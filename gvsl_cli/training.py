@@ -122,6 +122,8 @@ class LoopResult:
         stopped: None when ``iters`` was reached, else why it stopped early
             ("time limit", "stop requested").
         seconds: wall time of the loop.
+        training_seconds: the part of it spent in training steps (``seconds`` without the
+            checkpoints and the validations done in ``save``): the time its rate is from.
         last_row: the metrics of the last iteration (mean over ranks).
         mean_rows: mean of each loss over the last ``log_every`` iterations.
     """
@@ -129,6 +131,7 @@ class LoopResult:
     iteration: int
     stopped: str | None
     seconds: float
+    training_seconds: float = 0.0
     last_row: dict[str, float] = field(default_factory=dict)
     mean_rows: dict[str, float] = field(default_factory=dict)
 
@@ -354,6 +357,7 @@ def run_training(
     buffer: list[torch.Tensor] = []
     buffer_start = start_iteration + 1
     result = LoopResult(iteration=start_iteration, stopped=None, seconds=0.0)
+    saving_seconds = 0.0
     metrics = open(metrics_path, "a", encoding="utf-8") if (metrics_path is not None and context.is_main) else None
     last_flush_time = started
     try:
@@ -412,7 +416,9 @@ def run_training(
                 # Both flags are decided on this rank; "stop requested" wins if any rank asked.
                 result.stopped = "time limit" if out_of_time else "stop requested"
             if save_now or stop:
+                saving_started = time.perf_counter()
                 save(iteration, last or stop)
+                saving_seconds += time.perf_counter() - saving_started
                 # it/s (and the ETA drawn from it) count training steps only: a checkpoint
                 # (with finetune's validation) would otherwise drag the next rate down.
                 last_flush_time = time.perf_counter()
@@ -422,4 +428,5 @@ def run_training(
         if metrics is not None:
             metrics.close()
     result.seconds = time.perf_counter() - started
+    result.training_seconds = result.seconds - saving_seconds
     return result

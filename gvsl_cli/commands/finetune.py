@@ -42,8 +42,8 @@ def _summary_table(summary):
     # Below the table, not as its caption: a caption wraps at the table's width and would
     # cut the best model's path (what the user copies into gvsl segment) in a log.
     footer = [
-        f"iterations {summary.start_iteration} → {summary.iteration} ({status}); {summary.seconds:.1f} s, "
-        f"{summary.iterations_per_second:.2f} it/s on {summary.device} ({summary.precision}{', compiled' if summary.compiled else ''}); patch {'×'.join(map(str, summary.patch))}; "
+        f"iterations {summary.start_iteration} → {summary.iteration} ({status}); {summary.seconds:.1f} s with validations, "
+        f"{summary.iterations_per_second:.2f} it/s of training on {summary.device} ({summary.precision}{', compiled' if summary.compiled else ''}); patch {'×'.join(map(str, summary.patch))}; "
         f"{len(summary.train_cases)} training case(s)",
         f"best model: {summary.best_checkpoint}",
     ]
