@@ -172,8 +172,47 @@ def _one_of_several_processes() -> bool:
     return False
 
 
+class _ReaderGone:
+    """stdout or stderr that outlives its reader.
+
+    When the reader of a pipe goes away (``| head``, ``| less`` quit early, a closed ssh
+    session), the next write raises BrokenPipeError, and Click ends the command with exit
+    code 1: a training run of hours lost for a log line. From the first such error on, the
+    stream's file descriptor points at the null device and writing goes on there; the
+    command's real outputs are files (and its exit code still tells how it ended).
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _reader_gone(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the real stream
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     """Console-script entry point."""
+    sys.stdout, sys.stderr = _ReaderGone(sys.stdout), _ReaderGone(sys.stderr)
     code = run()
     if _one_of_several_processes():
         # Everything is written and closed by now. In 2 of ~220 two-process gloo runs,

@@ -532,3 +532,21 @@ def test_mixed_modality_decisions_name_the_smaller_group(volumes, cache_dir, tmp
     assert run(["pretrain", str(mixed), "-o", str(tmp_path / "run"), "--cache-dir", str(cache_dir), *SMALL[:-1], "--iters", "1"]) == 0
     note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("--modality auto"))
     assert note.startswith("--modality auto: 1 CT, 2 MR; CT: as_ct.nii.gz ("), note
+
+
+def test_a_closed_output_pipe_does_not_end_the_training(volumes, cache_dir, tmp_path):
+    # gvsl pretrain ... 2>&1 | head -1: once head has quit, every progress line would raise
+    # BrokenPipeError; the run must go on (its progress is in metrics.jsonl) and finish.
+    run_dir = tmp_path / "piped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = [a for a in _args(volumes, run_dir, cache_dir, "--iters", "6", "--log-every", "1") if a != "--quiet"]
+    process = subprocess.Popen([sys.executable, "-m", "gvsl_cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert process.stdout.readline()  # the first line, then the reader goes away
+        process.stdout.close()
+        assert process.wait(timeout=240) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["iteration"] == 6 and summary["stopped"] is None
