@@ -374,7 +374,7 @@ def moments_affine(fixed: torch.Tensor, fixed_grid: Geometry, moving: torch.Tens
     return affine
 
 
-def choose_start(level: Level, similarity: Similarity) -> tuple[np.ndarray, str, str]:
+def choose_start(level: Level, similarity: Similarity | MutualInformation) -> tuple[np.ndarray, str, str]:
     """The start of the affine stage without a trained network affine: (4, 4) affine, its
     stage name and a note saying which.
 
@@ -395,7 +395,7 @@ def choose_start(level: Level, similarity: Similarity) -> tuple[np.ndarray, str,
     chosen, other = ("identity", "moments") if use_identity else ("moments", "identity")
     names = {"identity": "the identity", "moments": f"the centre-of-mass translation ({shift} mm)"}
     note = (
-        f"affine start: {names[chosen]} (similarity loss at the coarse level {losses[chosen]:.4f}; "
+        f"affine start: {names[chosen]} (affine-stage loss at the coarse level {losses[chosen]:.4f}; "
         f"{names[other]}: {losses[other]:.4f})"
     )
     if use_identity:
