@@ -1,4 +1,5 @@
-"""Image similarity for registration: local NCC, MSE, and MIND-SSC for CT–MR pairs.
+"""Image similarity for registration: local NCC, MSE, and MIND-SSC for CT–MR pairs; Mattes
+mutual information for the affine stage.
 
 Every metric works in two steps so that expensive features are computed once per image:
 ``features(image)`` turns a (1, 1, D, H, W) image into (1, C, D, H, W) features (the image
@@ -18,6 +19,9 @@ from gvsl_cli.errors import ConfigError
 from gvsl_cli.losses import local_ncc_loss, mse_loss
 
 METRICS = ("ncc", "mse", "mind")
+
+#: Measures the affine stage accepts: the metrics above and Mattes mutual information.
+AFFINE_METRICS = ("mi", *METRICS)
 
 #: Displacements (z, y, x) of the six face neighbours, in units of the MIND dilation.
 _SIX_NEIGHBOURS = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
@@ -120,3 +124,78 @@ class Similarity:
     @property
     def higher_is_better(self) -> bool:
         return self.metric == "ncc"
+
+    #: Local windows (NCC) and descriptors (MIND) need the whole grid: no voxel sampling.
+    samplable = False
+
+
+def _cubic_bspline(x: torch.Tensor) -> torch.Tensor:
+    """The cubic B-spline kernel β³(x) (support |x| < 2, partition of unity on integer shifts)."""
+    a = x.abs()
+    inner = (4.0 - 6.0 * a**2 + 3.0 * a**3) / 6.0
+    outer = (2.0 - a).clamp(min=0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int = 32) -> torch.Tensor:
+    """Negative Mattes mutual information of two images at the same points (lower is better).
+
+    Mattes et al. (2003), as ITK and ANTs compute it: intensities (clipped to [0, 1]) fall into
+    ``bins`` bins; the fixed image's voxels count in their own bin (zero-order Parzen window),
+    the moved image's are spread over four neighbouring bins with a cubic B-spline, so the
+    joint histogram, and MI, are differentiable with respect to the moved intensities.
+    MI = Σ p(f, m) · log(p(f, m) / (p(f)·p(m))), in nats.
+
+    Args:
+        fixed, moved: (B, 1, D, H, W) images, intensities about [0, 1] (or samples of them
+            at the same points, any shape with one channel).
+        bins: histogram bins per image.
+    """
+    if fixed.shape != moved.shape or fixed.shape[1] != 1:
+        raise ValueError(f"fixed and moved must both be (B, 1, D, H, W); got {tuple(fixed.shape)} and {tuple(moved.shape)}")
+    width = bins + 2  # the B-spline of a value at either end reaches one bin beyond
+    fixed_bin = (fixed.detach().float().clamp(0.0, 1.0) * (bins - 1)).round().long().reshape(-1) + 1
+    position = moved.float().clamp(0.0, 1.0).reshape(-1) * (bins - 1)
+    first = position.detach().floor().long() - 1
+    joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
+    for offset in range(4):
+        moved_bin = first + offset
+        weight = _cubic_bspline(position - moved_bin.to(position.dtype))
+        joint = joint.index_add(0, fixed_bin * width + (moved_bin + 1).clamp(0, width - 1), weight)
+    p = joint.view(width, width) / joint.sum()
+    p_fixed = p.sum(dim=1, keepdim=True)
+    p_moved = p.sum(dim=0, keepdim=True)
+    ratio = p / (p_fixed * p_moved).clamp(min=1e-12)
+    return -(p * torch.log(ratio.clamp(min=1e-12))).sum()
+
+
+@dataclass(frozen=True)
+class MutualInformation:
+    """Mattes mutual information (``mutual_information_loss``), the affine stage's measure.
+
+    It compares the joint intensity histogram, not intensities voxel by voxel, so it is not
+    pulled by tissue one image has and the other lacks (a skull-stripped template against a
+    whole head), which biases local NCC towards a 3–4 % scale on such pairs (docs/registration.md).
+
+    Attributes:
+        bins: histogram bins per image.
+    """
+
+    bins: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bins < 4:
+            raise ConfigError(f"mutual information needs at least 4 bins, got {self.bins}")
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def loss(self, fixed: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        """Negative MI (lower is better) of (B, 1, ...) images on the same points."""
+        return mutual_information_loss(fixed, moved, self.bins)
+
+    #: Intensities are mapped so that background is 0 (see ``Similarity.padding_mode``).
+    padding_mode = "zeros"
+    #: A histogram of a random subset of voxels estimates the whole image's (as ITK's and
+    #: ANTs' sampling strategies do), so the affine stage may sample large levels.
+    samplable = True
