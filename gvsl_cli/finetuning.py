@@ -417,7 +417,7 @@ def _new_split(config: FinetuneConfig, available: dict, reporter: Reporter) -> t
     return split_cases(list(available), config.val_fraction, config.seed)
 
 
-def _initial_state(config: FinetuneConfig) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor] | None]:
+def _initial_state(config: FinetuneConfig, reporter: Reporter) -> tuple[ModelConfig, PreprocessConfig, dict[str, torch.Tensor] | None]:
     """(model config, contract, pre-trained state_dict or None for scratch)."""
     if config.mode == "scratch":
         contract = PreprocessConfig(spacing=config.spacing or 1.0, modality=config.modality or "auto")
@@ -427,6 +427,11 @@ def _initial_state(config: FinetuneConfig) -> tuple[ModelConfig, PreprocessConfi
     loaded = load_weights_spec(config.weights)
     if not any(k.startswith("unet.") for k in loaded.state_dict):
         raise CheckpointError(f"{loaded.extra.get('path', config.weights)}: holds no GVSL U-Net weights (unet.*)")
+    earlier = loaded.extra.get(SEGMENTATION_KEY)
+    if isinstance(earlier, dict) and "labels" in earlier:
+        # A fine-tuned model as the start: only its U-Net carries over; say so, since its
+        # classes may look like this dataset's.
+        reporter.note(f"note: {config.weights} is a segmentation model ({', '.join(f'{n}={v}' for n, v in earlier['labels'].items())}); its U-Net is the start, its head is not used: a new head is trained for this dataset's classes")
     contract = dataclasses.replace(
         loaded.preprocess,
         spacing=config.spacing if config.spacing is not None else loaded.preprocess.spacing,
@@ -466,7 +471,7 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
     if resumed is not None:
         model_config, contract, init_state = resumed.model_config, resumed.preprocess, None
     else:
-        model_config, contract, init_state = _initial_state(config)
+        model_config, contract, init_state = _initial_state(config, reporter)
     created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
     try:
         return _train(config, reporter, should_stop, resumed, cases, label_set, model_config, contract, init_state, device, autocast_dtype)
@@ -481,6 +486,7 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
 
 def _train(config, reporter, should_stop, resumed, cases, label_set, model_config, contract, init_state, device, autocast_dtype) -> FinetuneSummary:
     run_dir = Path(config.run_dir)
+    config = dataclasses.replace(config, width=model_config.width)  # the weights' width, as run.json records it
     started_preparing = time.monotonic()
     prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
     modalities = sorted({c.modality for c in prepared})

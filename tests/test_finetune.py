@@ -92,6 +92,7 @@ def test_finetune_raises_validation_dice_and_keeps_the_best_checkpoint(trained_r
     validations = [r for r in rows if "val_mean_dice" in r]
     assert [r["iteration"] for r in losses] == list(range(1, ITERS + 1))
     assert {"loss", "dice_loss", "ce"} <= set(losses[0]) and "dice" not in losses[0]  # a loss, named as one
+    assert json.loads((trained_run / "run.json").read_text())["run"]["width"] == 8  # the weights' width, not the default
     assert [r["iteration"] for r in validations] == [0, 20, 40]
     assert set(validations[0]["val_dice"]) == {"white_matter", "grey_matter"}
     assert set(validations[0]["val_case_dice"]) == {"colin", "icbm"}
@@ -548,3 +549,11 @@ def test_segment_with_last_pt_shows_its_validation_dice(trained_run, tmp_path):
     rows = read_metrics(trained_run / "metrics.jsonl")
     final = [r for r in rows if "val_mean_dice" in r and r["iteration"] == ITERS][0]
     assert last.trained_for == ITERS and last.validation_dice == pytest.approx(final["val_mean_dice"])
+
+
+def test_starting_from_a_segmentation_model_says_its_head_is_not_used(trained_run, dataset, tmp_path, capsys):
+    args = ["finetune", str(dataset), "--weights", str(trained_run / "best.pt"), "-o", str(tmp_path / "again"),
+            "--iters", "1", "--val-every", "1", "--patch", "32", "--overlap", "0"]
+    assert run(args) == 0
+    err = capsys.readouterr().err
+    assert f"note: {trained_run / 'best.pt'} is a segmentation model (background=0, white_matter=1, grey_matter=2); its U-Net is the start, its head is not used" in err
