@@ -127,14 +127,29 @@ def run(argv: list[str] | None = None) -> int:
         previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave signals alone
         previous_term = None
+    # Click's base exception, whether Typer vendors Click (0.20+) or depends on it.
+    ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
     try:
         try:
-            app(args=args, prog_name="gvsl")
+            # Not standalone: usage errors come here as exceptions (one line below, instead
+            # of Typer's boxed usage text), and --help, --version and typer.Exit(code)
+            # return their exit code.
+            code = app(args=args, prog_name="gvsl", standalone_mode=False)
         except _Escaped as escaped:
             raise escaped.original from None
-        return 0
+        return code if isinstance(code, int) else 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except ClickException as exc:  # an unknown option, a missing argument, a bad value
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "gvsl"
+        message = " ".join(exc.format_message().split())
+        _error(f"error: {message} (hint: {command} --help)")
+        return exc.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 1
     except Terminated:
         _error("aborted (SIGTERM)")
         return 128 + signal.SIGTERM  # 143, what a shell reports for a process killed by it

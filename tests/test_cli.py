@@ -214,3 +214,16 @@ def test_sigterm_aborts_any_command_with_143_and_cleans_up_like_ctrl_c(tmp_path,
     assert capsys.readouterr().err.strip() == "aborted (SIGTERM)"
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone, no output under its name
     assert signal.getsignal(signal.SIGTERM) is before  # run() leaves the handler as it found it
+
+
+def test_usage_errors_are_one_line_with_the_commands_help_as_hint(capsys):
+    assert run(["embed", "x.nii.gz", "--modalty", "ct"]) == 2
+    assert capsys.readouterr().err.strip() == "error: No such option: --modalty (Possible options: --modality) (hint: gvsl embed --help)"
+    assert run(["info", "--spacing", "abc", "x.nii.gz"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Invalid value for '--spacing'") and err[0].endswith("(hint: gvsl info --help)")
+    assert run(["nosuchcommand"]) == 2
+    assert capsys.readouterr().err.strip() == "error: No such command 'nosuchcommand'. (hint: gvsl --help)"
+    # Help and --version still print and succeed.
+    assert run(["register", "--help"]) == 0 and "Usage: gvsl register" in capsys.readouterr().out
+    assert run(["--version"]) == 0 and capsys.readouterr().out.startswith("gvsl ")
