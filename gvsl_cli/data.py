@@ -152,7 +152,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str
     skipped: list[Skipped] = []
     for item in inline_streams(inputs, stdin_lines):
         if any(c in item for c in GLOB_CHARACTERS) and not Path(item).expanduser().exists():
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            matches = _glob(os.path.expanduser(item))
             if matches:
                 expanded.extend(matches)
             else:
@@ -160,6 +160,24 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str
         else:
             expanded.append(item)
     return expanded, skipped
+
+
+def _glob(pattern: str) -> list[str]:
+    """The sorted matches of ``pattern`` (``**`` matches sub-folders).
+
+    Folders whose names hold glob characters (``run [1]``) are taken literally when the
+    pattern finds nothing as written: the longest leading part of the pattern that is an
+    existing folder is escaped, so ``/data/run [1]/*.nii.gz`` matches that folder's files.
+    """
+    matches = glob.glob(pattern, recursive=True)
+    if matches:
+        return sorted(matches)
+    parts = Path(pattern).parts
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = Path(*parts[:cut])
+        if any(c in str(prefix) for c in GLOB_CHARACTERS) and prefix.is_dir():
+            return sorted(glob.glob(os.path.join(glob.escape(str(prefix)), *parts[cut:]), recursive=True))
+    return []
 
 
 def _text_list(path: Path) -> str | None:

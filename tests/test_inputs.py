@@ -324,3 +324,15 @@ def test_every_output_option_takes_both_long_names_and_every_command_has_quiet()
         if name not in ("info", "fetch-weights"):
             assert {"-q", "--quiet"} <= options, name
     assert sorted(with_output) == ["apply", "demo", "embed", "finetune", "pretrain", "register", "segment"]
+
+
+def test_a_glob_inside_a_folder_whose_name_has_brackets(tmp_path):
+    # "run [1]" is a character class to glob; the folder exists, so it is meant literally.
+    folder = tmp_path / "run [1]" / "vols"
+    folder.mkdir(parents=True)
+    for name in ("a.nii.gz", "b.nii.gz", "c.txt"):
+        (folder / name).write_bytes(b"")
+    expanded, skipped = data.expand_inputs([str(folder / "*.nii.gz")])
+    assert expanded == [str(folder / "a.nii.gz"), str(folder / "b.nii.gz")] and skipped == []
+    expanded, skipped = data.expand_inputs([str(folder / "*.mha")])
+    assert expanded == [] and [s.reason for s in skipped] == ["no file matches this pattern"]
