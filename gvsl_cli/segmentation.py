@@ -190,6 +190,26 @@ def segment_image(
     Several models (``check_ensemble``) form an ensemble, as nnU-Net's folds do: their
     class probabilities are averaged on the canonical grid before the argmax.
     """
+    return segment_image_with_probabilities(segmenters, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=False)[0]
+
+
+def segment_image_with_probabilities(
+    segmenters: Segmenter | Sequence[Segmenter],
+    image,
+    *,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    overlap: float = 0.5,
+    batch: int = 1,
+    keep_probabilities: bool = True,
+):
+    """(label map, class probabilities) of ``image``, both SimpleITK images on its own grid.
+
+    The probabilities are a float32 vector image of K components, component k the
+    probability of class index k (the model's ``label_names[k]``), summing to 1 per voxel;
+    None unless ``keep_probabilities``, which costs K input-sized float32 volumes of memory
+    (the label map alone keeps a running maximum: two volumes).
+    """
     import SimpleITK as sitk
 
     from gvsl_cli.preprocess import prepare, to_original_grid
@@ -208,13 +228,17 @@ def segment_image(
         if len(models) > 1:
             member.model.cpu()  # one model on the device at a time
     probabilities = probabilities.div_(len(models)).numpy()
-    # Class by class, keeping a running maximum: memory of two input-sized volumes, not K.
+    # Class by class, keeping a running maximum: memory of two input-sized volumes, not K
+    # (unless the probabilities themselves are wanted).
     best_probability = None
     best_class = None
+    kept = []
     for k in range(probabilities.shape[0]):
         on_grid = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[k]))
         prepared.grid.apply_to(on_grid)
         resampled = sitk.GetArrayFromImage(to_original_grid(on_grid, prepared.original))
+        if keep_probabilities:
+            kept.append(resampled)
         if best_probability is None:
             best_probability, best_class = resampled, np.zeros(resampled.shape, dtype=np.int64)
         else:
@@ -225,7 +249,20 @@ def segment_image(
     dtype = np.uint8 if values.max() < 256 else (np.uint16 if values.max() < 65536 else np.int32)
     labels = sitk.GetImageFromArray(values[best_class].astype(dtype))
     labels.CopyInformation(image)
-    return labels
+    if not keep_probabilities:
+        return labels, None
+    stacked = np.stack(kept, axis=-1).astype(np.float32)
+    # Linear resampling keeps each voxel's sum at 1 up to rounding, except where the input
+    # reaches past the canonical grid; renormalise so the file is a distribution everywhere.
+    stacked /= np.maximum(stacked.sum(axis=-1, keepdims=True), np.float32(1e-12))
+    probability_image = sitk.GetImageFromArray(stacked, isVector=True)
+    probability_image.CopyInformation(image)
+    return labels, probability_image
+
+
+def probabilities_name(path: Path) -> str:
+    """CASE_probabilities.nii.gz next to ``output_name``'s CASE.nii.gz."""
+    return output_name(path)[: -len(".nii.gz")] + "_probabilities.nii.gz"
 
 
 def output_name(path: Path) -> str:
@@ -273,10 +310,13 @@ def segment_files(
     overlap: float = 0.5,
     batch: int = 1,
     overwrite: bool = False,
+    probabilities: bool = False,
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
     """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``);
-    a failing input is reported and the others done."""
+    a failing input is reported and the others done. ``probabilities``: also write each
+    input's class probabilities (``probabilities_name``); an input counts as done when all
+    its outputs exist."""
     import SimpleITK as sitk
 
     from gvsl_cli.data import check_not_constant, failure_reason
@@ -288,7 +328,8 @@ def segment_files(
     results = []
     for source, target in plan_outputs(sources, out_dir):
         started = time.perf_counter()
-        if target.exists() and not overwrite:
+        probability_target = target.with_name(probabilities_name(source)) if probabilities else None
+        if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
             result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
         else:
             try:
@@ -296,7 +337,11 @@ def segment_files(
                 extremes = sitk.MinimumMaximumImageFilter()
                 extremes.Execute(image)
                 check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())  # nothing to segment
-                labels = segment_image(segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch)
+                labels, probability_image = segment_image_with_probabilities(
+                    segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
+                )
+                if probability_image is not None:
+                    write_volume(probability_image, probability_target)  # first: the label map marks the input as done
                 write_volume(labels, target)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""

@@ -247,3 +247,23 @@ def test_an_ensemble_averages_class_probabilities(inputs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {other}: ") and said in err[0], err
         assert not (tmp_path / "refused").exists()
+
+
+def test_probabilities_are_written_on_the_input_grid_and_sum_to_one(inputs, tmp_path):
+    model = _constant_checkpoint(tmp_path / "leaning_b.pt", [0.0, 99.0, 100.0])  # softmax: 2e-44, 0.269, 0.731
+    source = inputs / "itk.mha"
+    out = tmp_path / "out"
+    assert run(["segment", str(source), "--model", str(model), "-o", str(out), "--probabilities", "--quiet"]) == 0
+    image, labels = sitk.ReadImage(str(source)), sitk.ReadImage(str(out / "itk.nii.gz"))
+    probabilities = sitk.ReadImage(str(out / "itk_probabilities.nii.gz"))
+    assert probabilities.GetNumberOfComponentsPerPixel() == 3 and probabilities.GetPixelID() == sitk.sitkVectorFloat32
+    assert Geometry.of(probabilities).is_close(Geometry.of(image), atol=1e-5)
+    values = sitk.GetArrayFromImage(probabilities)  # (z, y, x, 3)
+    expected = torch.softmax(torch.tensor([0.0, 99.0, 100.0]), dim=0).numpy()
+    assert np.allclose(values, expected, atol=1e-5)
+    assert np.allclose(values.sum(axis=-1), 1.0, atol=1e-6)
+    assert np.unique(sitk.GetArrayFromImage(labels)).tolist() == [5]  # class index 2, written as its value
+    # A folder with label maps but without probabilities is not done for a --probabilities run.
+    (out / "itk_probabilities.nii.gz").unlink()
+    assert run(["segment", str(source), "--model", str(model), "-o", str(out), "--probabilities", "--quiet"]) == 0
+    assert (out / "itk_probabilities.nii.gz").is_file()

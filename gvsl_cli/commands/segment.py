@@ -22,6 +22,7 @@ def segment(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     overlap: float = typer.Option(0.5, "--overlap", help="Overlap of neighbouring sliding windows, in [0, 1) (more: smoother, slower)."),
     batch: int = typer.Option(1, "--batch", help="Windows per network call."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write CASE_probabilities.nii.gz: the class probabilities on the input's grid, a float32 vector image (component k = class k of the model's labels), as nnU-Net's --save_probabilities."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace label maps already in the output folder (default: skip them)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only failures and warnings are reported."),
 ) -> None:
@@ -87,7 +88,7 @@ def segment(
             console.print(f"warning: {result.input} {result.warning}", markup=False)
 
     try:
-        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, on_result=report)
+        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report)
     except BaseException:
         remove_empty_folders(created)  # stopped before writing anything: no empty folder left
         raise
