@@ -89,6 +89,49 @@ for _command in app.registered_commands:
     _command.callback = _guarded(_command.callback)
 
 
+# Typer 0.29 labels option values as ``<int range>``, ``<str>`` or ``<path>``, and labels
+# on/off flags ``<bool>``, which reads as if the flag took a value. Click's plain labels.
+_VALUE_LABELS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "file": "FILE"}
+
+
+def _plain_value_labels(command) -> None:
+    """Give every option of ``command`` (and its subcommands) a Click-style value label.
+
+    Flags get none; options with a value get INTEGER, FLOAT, TEXT, PATH or their choices
+    (``a|b|c``). Options that set their own ``metavar`` keep it.
+    """
+    for subcommand in getattr(command, "commands", {}).values():
+        _plain_value_labels(subcommand)
+    make_help_option = command.get_help_option
+
+    def help_option_without_label(ctx):  # -h/--help is made per call, outside params
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option_without_label
+    for param in command.params:
+        if getattr(param, "param_type_name", None) != "option" or param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+            continue
+        display_type = getattr(param, "display_type", None)
+        if display_type is None:  # Typer before 0.29: Click's own labels are already plain
+            continue
+        label = display_type(None).strip("<>")
+        label = label.removeprefix("list[").removesuffix("]").removesuffix(" range")
+        param.metavar = _VALUE_LABELS.get(label, label)
+
+
+def _command():
+    """The Click command behind ``app``, with plain value labels in its help."""
+    command = typer.main.get_command(app)
+    _plain_value_labels(command)
+    return command
+
+
 def _error(message: str) -> None:
     # soft_wrap keeps the message on one line; markup off so paths with [brackets] survive.
     from rich.console import Console
@@ -135,7 +178,7 @@ def run(argv: list[str] | None = None) -> int:
             # Not standalone: usage errors come here as exceptions (one line below, instead
             # of Typer's boxed usage text), and --help, --version and typer.Exit(code)
             # return their exit code.
-            code = app(args=args, prog_name="gvsl", standalone_mode=False)
+            code = _command().main(args=args, prog_name="gvsl", standalone_mode=False)
         except _Escaped as escaped:
             raise escaped.original from None
         return code if isinstance(code, int) else 0

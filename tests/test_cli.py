@@ -227,3 +227,15 @@ def test_usage_errors_are_one_line_with_the_commands_help_as_hint(capsys):
     # Help and --version still print and succeed.
     assert run(["register", "--help"]) == 0 and "Usage: gvsl register" in capsys.readouterr().out
     assert run(["--version"]) == 0 and capsys.readouterr().out.startswith("gvsl ")
+
+
+def test_help_labels_values_plainly_and_flags_not_at_all(capsys, monkeypatch):
+    # Typer 0.29 would print "--json <bool>" (as if the flag took a value) and "<int range>".
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run(["register", "--help"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│ --")}
+    assert "<" not in "".join(rows.values())
+    assert rows["--iters"].split()[2:4] == ["INTEGER", "[x>=0]"]
+    assert rows["--spacing"].split()[2] == "FLOAT" and rows["--moving-labels"].split()[2] == "PATH"
+    assert rows["--json"].split()[2] == "Print"  # no label between the flag and its help
+    assert rows["--help"].split()[3] == "Show"  # after "-h"
