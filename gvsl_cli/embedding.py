@@ -50,7 +50,7 @@ from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import modality_misfit
 from gvsl_cli.io import atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, write_volume
-from gvsl_cli.locking import try_lock, unlock
+from gvsl_cli.locking import RemovableLock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
 FORMATS = ("npy", "jsonl")
@@ -430,7 +430,7 @@ def _complete_lines(data: bytes) -> tuple[set[str], int]:
 
 class JsonLinesOutput:
     """One shard's ``embeddings*.jsonl``: a line per volume, appended and flushed to disk
-    as each volume finishes, by one process at a time (a lock file next to it).
+    as each volume finishes, by one process at a time (a lock file next to it while it writes).
 
     A last line torn by a kill (no final newline) is cut off when the file is opened again.
     ``done`` holds the names on the complete lines of every ``embeddings*.jsonl`` in the
@@ -442,9 +442,8 @@ class JsonLinesOutput:
 
     def __init__(self, path: Path, *, fresh: bool = False) -> None:
         self.path = path
-        self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-        if not try_lock(self._lock_fd):
-            os.close(self._lock_fd)
+        self._lock = RemovableLock(path.with_name(path.name + ".lock"))
+        if not self._lock.try_acquire():
             raise InputError(f"{path}: another gvsl embed is writing this file now", hint="wait for it, or give each run its own --shard or -o")
         try:
             self.done = self._read_done(fresh)
@@ -475,10 +474,7 @@ class JsonLinesOutput:
         self.done.add(row["name"])
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            unlock(self._lock_fd)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
 
 def jsonl_name(shard: tuple[int, int]) -> str:

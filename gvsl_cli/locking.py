@@ -37,3 +37,47 @@ except ImportError:  # Windows
     def unlock(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+class RemovableLock:
+    """An exclusive lock file that is deleted when released, so it leaves nothing behind.
+
+    The file is removed while its lock is still held, and a process that takes the lock
+    checks that the file it locked is still the one at ``path``: a process that opened the
+    old file just before it was removed would otherwise lock a file nobody else can see,
+    and two processes would both hold "the" lock.
+    """
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; False if another process holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not try_lock(fd):
+                os.close(fd)
+                return False
+            try:
+                still_there = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_there = False
+            if still_there:
+                self._fd = fd
+                return True
+            # The previous holder removed this file after we opened it: lock the new one.
+            unlock(fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (no-op when not held)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:  # Windows cannot remove an open file; the lock still goes below
+            pass
+        unlock(self._fd)
+        os.close(self._fd)
+        self._fd = None

@@ -216,6 +216,45 @@ def test_json_lines_of_other_shards_count_as_done_and_a_second_writer_is_refused
     finally:
         holder.close()
     Lines(out / "embeddings.jsonl").close()  # free again once the first writer is done
+    assert sorted(p.name for p in out.glob("*.lock")) == []  # no lock file left behind
+
+
+def test_a_removable_lock_is_exclusive_and_a_lock_on_a_removed_file_is_not_taken(tmp_path, monkeypatch):
+    from gvsl_cli.locking import RemovableLock
+
+    path = tmp_path / "x.lock"
+    first, second = RemovableLock(path), RemovableLock(path)
+    assert first.try_acquire() and path.exists()
+    assert not second.try_acquire()
+    first.release()
+    assert not path.exists()
+    assert second.try_acquire()
+    second.release()
+
+    # A process that opened the file just before its holder removed it must not count
+    # the lock on that removed file as the lock: it takes the new file's lock instead.
+    import os
+    from gvsl_cli import locking
+
+    stale = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.unlink(path)
+    opened = []
+    real_open = os.open
+
+    def open_the_removed_file_first(name, flags, mode=0o777):
+        if not opened:
+            opened.append(name)
+            return os.dup(stale)
+        return real_open(name, flags, mode)
+
+    third = RemovableLock(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(locking.os, "open", open_the_removed_file_first)
+        assert third.try_acquire()
+    assert path.exists() and os.stat(path).st_ino != os.fstat(stale).st_ino
+    assert not RemovableLock(path).try_acquire()  # the lock is on the file at the path
+    third.release()
+    os.close(stale)
 
 
 def test_json_lines_hold_one_line_per_volume_and_a_torn_line_is_dropped(tmp_path, weights_file, volumes):
