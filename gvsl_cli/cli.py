@@ -112,17 +112,23 @@ def _plain_value_labels(command) -> None:
 
     command.get_help_option = help_option_without_label
     for param in command.params:
-        if getattr(param, "param_type_name", None) != "option" or param.metavar is not None:
-            continue
-        if getattr(param, "is_flag", False) or getattr(param, "count", False):
-            param.metavar = ""
-            continue
-        display_type = getattr(param, "display_type", None)
-        if display_type is None:  # Typer before 0.29: Click's own labels are already plain
-            continue
-        label = display_type(None).strip("<>")
-        label = label.removeprefix("list[").removesuffix("]").removesuffix(" range")
-        param.metavar = _VALUE_LABELS.get(label, label)
+        kind = getattr(param, "param_type_name", None)
+        if kind == "option" and param.metavar is None:
+            if getattr(param, "is_flag", False) or getattr(param, "count", False):
+                param.metavar = ""
+            elif hasattr(param, "display_type"):  # Typer before 0.29: Click's labels are plain
+                param.metavar = _plain_label(param.display_type(None))
+        elif kind == "argument" and hasattr(param, "display_type_rich"):
+            # An argument's metavar would rename it in the usage line; its type column is
+            # what reads "<list[Path]>".
+            label = _plain_label(param.display_type(None)) + ("..." if param.nargs != 1 else "")
+            param.display_type_rich = lambda ctx, label=label: label
+
+
+def _plain_label(typer_label: str) -> str:
+    """``<int range>`` -> INTEGER, ``<list[Path]>`` -> PATH, ``<a|b>`` -> a|b."""
+    label = typer_label.strip("<>").removeprefix("list[").removesuffix("]").removesuffix(" range")
+    return _VALUE_LABELS.get(label.lower(), label)
 
 
 def _command():

@@ -239,3 +239,7 @@ def test_help_labels_values_plainly_and_flags_not_at_all(capsys, monkeypatch):
     assert rows["--spacing"].split()[2] == "FLOAT" and rows["--moving-labels"].split()[2] == "PATH"
     assert rows["--json"].split()[2] == "Print"  # no label between the flag and its help
     assert rows["--help"].split()[3] == "Show"  # after "-h"
+    assert run(["apply", "--help"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert ["│", "images...", "PATH..."] in [words[:3] for words in lines]  # was <list[Path]>
+    assert ["--transform", "-t", "PATH"] in [words[2:5] for words in lines]  # was Path
