@@ -194,9 +194,10 @@ class AppearanceParams:
     noise: torch.Tensor
 
 
-def shuffle_tile_size(shape: tuple[int, int, int]) -> int:
-    """Side of the pixel-shuffling tiles: a twentieth of the patch (6 at 128³), at least 2."""
-    return max(2, min(shape) // 20)
+def shuffle_tile_size(patch: tuple[int, int, int]) -> int:
+    """Side of the pixel-shuffling tiles: a twentieth of the training patch (6 at 128³, the
+    official block), at least 2."""
+    return max(2, min(patch) // 20)
 
 
 def bezier_curve(control: torch.Tensor, samples: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +218,18 @@ def bezier_curve(control: torch.Tensor, samples: int = 1024) -> tuple[torch.Tens
     return curve[:, 0].sort(dim=1).values, curve[:, 1].sort(dim=1).values
 
 
-def draw_appearance(config: AppearanceConfig, batch: int, shape: tuple[int, int, int], generator: torch.Generator, device) -> AppearanceParams:
-    """Draw the appearance damage of a batch of images of ``shape`` (D, H, W)."""
+def draw_appearance(config: AppearanceConfig, batch: int, shape: tuple[int, int, int], generator: torch.Generator, device, *, patch: tuple[int, int, int] | None = None) -> AppearanceParams:
+    """Draw the appearance damage of a batch of images of ``shape`` (D, H, W).
+
+    ``patch`` (default ``shape``): the training patch centred in ``shape`` that the damage
+    is measured against. Pre-training damages the crop around the patch (``shape`` is the
+    patch plus the spatial transform's margin) before warping it to the patch, so tile and
+    box sizes follow the patch, as the official code's do (6³ tiles, boxes of 10–20 % of
+    the side at 128³), and boxes lie in the patch's part of the crop.
+    """
     g, dev = generator, device
-    tile = shuffle_tile_size(shape)
+    patch = shape if patch is None else patch
+    tile = shuffle_tile_size(patch)
     tiles = math.prod(n // tile for n in shape)
     shuffled_items = torch.rand(batch, 1, generator=g, device=dev) < config.shuffle_prob
     shuffle_tiles = (torch.rand(batch, tiles, generator=g, device=dev) < config.shuffle_fraction) & shuffled_items
@@ -230,13 +239,14 @@ def draw_appearance(config: AppearanceConfig, batch: int, shape: tuple[int, int,
     n = config.inpaint_boxes
     keep_going = torch.rand(batch, n, generator=g, device=dev) < config.inpaint_continue
     box_active = torch.cumprod(keep_going.to(torch.int32), dim=1).bool()  # stop at the first failure
-    sides = spatial.device_vector(shape, device=dev).view(1, 1, 3)
+    sides = spatial.device_vector(patch, device=dev).view(1, 1, 3)
+    margin = spatial.device_vector([(n - p) // 2 for n, p in zip(shape, patch)], device=dev).view(1, 1, 3)
     low = (sides * config.inpaint_size[0]).floor()
     high = (sides * config.inpaint_size[1]).floor().clamp(min=low + 1)
     size = (low + (high - low) * torch.rand(batch, n, 3, generator=g, device=dev)).floor().clamp(min=1)
-    # Start in [3, side - size - 3) like the official code (kept inside the image).
+    # Start in [3, side - size - 3) of the patch like the official code (kept inside it).
     room = (sides - size - 6).clamp(min=1)
-    start = (3 + room * torch.rand(batch, n, 3, generator=g, device=dev)).floor().clamp(max=sides - size).clamp(min=0)
+    start = margin + (3 + room * torch.rand(batch, n, 3, generator=g, device=dev)).floor().clamp(max=sides - size).clamp(min=0)
     boxes = torch.stack([start, start + size], dim=-1).long()
     noise = torch.rand(batch, 1, *shape, generator=g, device=dev)
     return AppearanceParams(tile, shuffle_keys, shuffle_tiles, curve_x, curve_y, bezier, boxes, box_active, noise)
@@ -313,7 +323,7 @@ class PretrainAugmentation:
         Every random number is drawn from ``generator`` (on the crops' device).
         """
         batch, region = a.shape[0], tuple(a.shape[2:])
-        appearance = draw_appearance(self.appearance, batch, region, generator, a.device)
+        appearance = draw_appearance(self.appearance, batch, region, generator, a.device, patch=output)
         params = draw_spatial(self.spatial, batch, output, generator, a.device)
         damaged = apply_appearance(a, appearance)
         grid = spatial_grid(params, output, region)

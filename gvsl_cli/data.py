@@ -363,6 +363,27 @@ def discover(
     return [s.path.resolve() if resolve else s.path for s in sources], skipped
 
 
+def volume_paths(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> tuple[list[Path], list[Skipped]]:
+    """The volumes named by ``inputs``, in the order given, for commands that take volumes
+    one by one (info, apply), and the inputs skipped.
+
+    A volume file or a DICOM series folder stays as given, so messages and outputs show the
+    user's path; a folder of volumes, a glob pattern, a list of paths, ``-`` and a pipe are
+    expanded as ``discover_named`` does.
+    """
+    paths: list[Path] = []
+    skipped: list[Skipped] = []
+    for item in inline_streams(inputs, stdin_lines):
+        path = Path(item).expanduser()
+        if (path.is_file() and volume_suffix(path) is not None) or (path.is_dir() and _walk_folder(path) == [path]):
+            paths.append(path)
+        else:
+            sources, bad = discover_named([item])
+            paths.extend(source.path for source in sources)
+            skipped.extend(bad)
+    return paths, skipped
+
+
 # --------------------------------------------------------------------------- cache
 
 

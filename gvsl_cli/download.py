@@ -72,8 +72,9 @@ class DownloadOptions:
 class Reporter:
     """Where progress and notices go. This base class is silent (used by tests and libraries)."""
 
-    def notice(self, message: str) -> None:
-        """One line for the user (a hash that was pinned, a file that was deleted...)."""
+    def notice(self, message: str, *, warning: bool = False) -> None:
+        """One line for the user: a state of the transfer (waiting, retrying) or, with
+        ``warning``, something to know (a hash that was pinned, a file that was deleted)."""
 
     def start(self, description: str, total: int | None, done: int) -> None:
         """A transfer begins; ``total`` bytes (None if unknown), ``done`` already on disk."""
@@ -86,22 +87,27 @@ class Reporter:
 
 
 class ConsoleReporter(Reporter):
-    """Notices and a rich progress bar (bytes, speed, time left) on stderr."""
+    """Notices and a rich progress bar (bytes, speed, time left) on stderr; ``quiet``: the
+    warnings only (``-q``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.quiet = quiet
         self._progress = None
         self._task = None
 
-    def notice(self, message: str) -> None:
-        self.console.print(message, markup=False)
+    def notice(self, message: str, *, warning: bool = False) -> None:
+        if warning or not self.quiet:
+            self.console.print(f"warning: {message}" if warning else message, markup=False)
 
     def start(self, description: str, total: int | None, done: int) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
         self.stop()
+        if self.quiet:
+            return
         self._progress = Progress(
             TextColumn("{task.description}", markup=False),
             BarColumn(),

@@ -265,12 +265,12 @@ def fetch(
                 if not trust_unverified:
                     raise _refuse_unverified(target)
                 _write_record(target, sha256=digest, size=size, url="(already in the cache)", hash_source=HASH_PINNED)
-                reporter.notice(_pin_notice(target, digest, size))
+                reporter.notice(_pin_notice(target, digest, size), warning=True)
                 return Fetched(target.path, digest, size, HASH_PINNED, downloaded=False, pinned_now=True)
             if digest == expected and (not target.size or size == target.size):
                 return Fetched(target.path, digest, size, source, downloaded=False)
             target.path.unlink()
-            reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it")
+            reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it", warning=True)
         if offline:  # the cached file failed its check and was deleted
             raise _offline_not_cached(target)
         if force and trust_unverified and source == HASH_PINNED:
@@ -290,7 +290,7 @@ def fetch(
         hash_source = source or HASH_PINNED
         _write_record(target, sha256=got.sha256, size=got.size, url=got.url, hash_source=hash_source)
         if source is None:
-            reporter.notice(_pin_notice(target, got.sha256, got.size))
+            reporter.notice(_pin_notice(target, got.sha256, got.size), warning=True)
         return Fetched(got.path, got.sha256, got.size, hash_source, downloaded=True, pinned_now=source is None)
 
 

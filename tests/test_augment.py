@@ -93,3 +93,26 @@ def test_elastic_field_is_smooth_and_in_the_official_amplitude(generator):
     # Official recipe (uniform noise, Gaussian σ 11.5, α 512) has a std of about 1.1 voxel.
     assert 0.5 < field.std().item() < 2.5
     assert (field[:, :, 1:] - field[:, :, :-1]).abs().max() < 0.5  # smooth: < 0.5 voxel per voxel
+
+
+def test_damage_sizes_follow_the_patch_not_the_crop_around_it(generator, monkeypatch):
+    # Pre-training damages the 160³ crop of a 128³ patch: tiles and boxes must have the
+    # official sizes at 128³ (6³ tiles, box sides 12-25 voxels) and lie in the patch's part.
+    config = AppearanceConfig(inpaint_boxes=30, inpaint_continue=1.0)
+    params = augment.draw_appearance(config, 2, (160, 160, 160), generator, "cpu", patch=(128, 128, 128))
+    assert params.tile == 6 and augment.shuffle_tile_size((160, 160, 160)) == 8
+    sizes = params.boxes[..., 1] - params.boxes[..., 0]
+    assert sizes.min() >= 12 and sizes.max() <= 25
+    assert params.boxes[..., 0].min() >= 16 + 3 and params.boxes[..., 1].max() <= 16 + 128 - 3
+    # The training augmentation measures the damage against its output patch.
+    seen = []
+    draw = augment.draw_appearance
+
+    def spy(*args, **kwargs):
+        seen.append((args[2], kwargs.get("patch")))
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(augment, "draw_appearance", spy)
+    crop = _images(generator, (1, 1, 20, 20, 20))
+    PretrainAugmentation()(crop, crop.clone(), (16, 16, 16), generator)
+    assert seen == [((20, 20, 20), (16, 16, 16))]

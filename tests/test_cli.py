@@ -52,11 +52,15 @@ def test_console_script_entry_point_runs():
     assert out.returncode == 0 and out.stdout.strip() == f"gvsl {__version__}"
 
 
-def test_folder_without_dicom_is_one_line_without_itk_warnings(capfd, tmp_path):
-    code = run(["info", str(tmp_path)])
+def test_folder_without_dicom_is_one_line_without_itk_warnings(capfd, tmp_path, colin_t1):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = run(["register", str(empty), str(colin_t1), "-o", str(tmp_path / "out")])  # read as a DICOM series
     err = capfd.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [err] and err.startswith("error: ") and "no DICOM series" in err
+    assert run(["info", str(empty)]) == 2  # searched for volumes first
+    assert capfd.readouterr().err.strip() == f"error: {empty}: folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"
 
 
 def test_file_system_errors_are_one_line_user_errors(capsys, monkeypatch, colin_t1):

@@ -104,3 +104,18 @@ def test_usage_errors(capsys, cache_home):
     assert run(["fetch-weights", "--force", "--list"]) == 2
     assert run(["fetch-weights", "unknown-weights"]) == 4
     assert "no weights named 'unknown-weights'" in capsys.readouterr().err
+
+
+def test_quiet_keeps_the_warning_and_the_result_line_only(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"nohash": body, "tiny": body}, unhashed=("nohash",))
+    assert run(["fetch-weights", "--manifest", str(manifest), "tiny"]) == 0
+    assert "tiny" in capsys.readouterr().err  # the progress bar, where -q shows nothing
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "--force", "tiny"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("tiny\t")
+    assert run(["fetch-weights", "--quiet", "--manifest", str(manifest), "--trust-unverified", "nohash"]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("warning: weights 'nohash': no published sha256; trusted on your request and pinned sha256")
+    assert captured.out.startswith("nohash\t")

@@ -336,3 +336,38 @@ def test_a_glob_inside_a_folder_whose_name_has_brackets(tmp_path):
     assert expanded == [str(folder / "a.nii.gz"), str(folder / "b.nii.gz")] and skipped == []
     expanded, skipped = data.expand_inputs([str(folder / "*.mha")])
     assert expanded == [] and [s.reason for s in skipped] == ["no file matches this pattern"]
+
+
+def test_info_and_apply_take_folders_globs_and_lists_like_the_other_commands(tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "colin27_t1_2mm.nii.gz", folder / "a.nii.gz")
+    shutil.copy(EXAMPLES / "icbm152_t1_2mm.nii.gz", folder / "sub" / "b.nii.gz")
+    listing = tmp_path / "list.txt"
+    listing.write_text("scans/sub/b.nii.gz\n")  # relative to the list
+    for inputs, names in (
+        ([str(folder)], ["a.nii.gz", "b.nii.gz"]),
+        ([str(folder / "*.nii.gz")], ["a.nii.gz"]),
+        ([str(listing), str(folder / "a.nii.gz")], ["b.nii.gz", "a.nii.gz"]),
+    ):
+        assert run(["info", "--json", *inputs]) == 0
+        assert [Path(json.loads(line)["path"]).name for line in capsys.readouterr().out.splitlines()] == names
+    # A file given directly keeps the path as written.
+    assert run(["info", "--json", str(folder / "sub" / ".." / "a.nii.gz")]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(folder / "sub" / ".." / "a.nii.gz")
+    # A pattern that matches nothing next to a good volume: reported, the rest described, 7.
+    assert run(["info", "--json", str(tmp_path / "*.mha"), str(folder / "a.nii.gz")]) == 7
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1
+    assert captured.err.strip() == f"error: {tmp_path / '*.mha'}: no file matches this pattern"
+
+    transform = tmp_path / "identity.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(3), str(transform))
+    reference = EXAMPLES / "colin27_t1_2mm.nii.gz"
+    code = run(["apply", str(folder), "-t", str(transform), "-r", str(reference), "-o", str(tmp_path / "out"), "--json", "-q"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and sorted(Path(r["output"]).name for r in rows) == ["a_warped.nii.gz", "b_warped.nii.gz"]
+    # All or nothing: a glob that matches nothing stops apply before it writes anything.
+    code = run(["apply", str(folder / "a.nii.gz"), str(tmp_path / "*.mha"), "-t", str(transform), "-r", str(reference), "-o", str(tmp_path / "out2")])
+    assert code == 2 and not (tmp_path / "out2").exists()
+    assert capsys.readouterr().err.strip().startswith(f"error: {tmp_path / '*.mha'}: no file matches this pattern")

@@ -32,7 +32,7 @@ class Recorder(Reporter):
         self.notices: list[str] = []
         self.starts: list[tuple[int | None, int]] = []
 
-    def notice(self, message: str) -> None:
+    def notice(self, message: str, *, warning: bool = False) -> None:
         self.notices.append(message)
 
     def start(self, description: str, total: int | None, done: int) -> None:

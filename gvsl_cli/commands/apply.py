@@ -26,9 +26,9 @@ def output_name(path: Path) -> str:
 
 
 def apply(
-    images: Optional[List[Path]] = typer.Argument(None, help="Images to warp (linear interpolation, float32 output); - reads their paths from stdin, one a line."),
+    images: Optional[List[Path]] = typer.Argument(None, help="Images to warp (linear interpolation, float32 output): files, DICOM series folders, folders of volumes, glob patterns or lists of paths; - reads their paths from stdin, one a line."),
     transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain (the last is applied first, as antsApplyTransforms)."),
-    labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept); repeatable; -l - reads their paths from stdin."),
+    labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept), named as the images are; repeatable; -l - reads their paths from stdin."),
     reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the displacement field's grid (the fixed image of gvsl register)."),
     out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext> (two inputs with the same file name are refused)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
@@ -83,18 +83,27 @@ def apply(
 
 
 def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list[Path], list[Path]]:
-    """``images`` and ``labels`` with ``-`` (stdin) and pipes (``<(...)``) replaced by the
-    paths they list, one a line; stdin can feed one of the two."""
+    """``images`` and ``labels`` with ``-`` (stdin), pipes (``<(...)``), folders of volumes,
+    glob patterns and lists replaced by the volumes they name (``data.volume_paths``); stdin
+    can feed one of the two.
+
+    Raises:
+        InputError: an input names no volume (nothing is warped then).
+    """
     from gvsl_cli.commands.inputs import stdin_for
-    from gvsl_cli.data import inline_streams
-    from gvsl_cli.errors import ConfigError
+    from gvsl_cli.data import volume_paths
+    from gvsl_cli.errors import ConfigError, InputError
 
     if "-" in map(str, images) and "-" in map(str, labels):
         raise ConfigError("- is given both as an image and as --labels; stdin holds one list of paths", hint="give the other list through a pipe, e.g. -l <(cat labels.txt)")
-    return (
-        [Path(p) for p in inline_streams(images, stdin_for(images))],
-        [Path(p) for p in inline_streams(labels, stdin_for(labels))],
-    )
+    found = []
+    for inputs in (images, labels):
+        paths, skipped = volume_paths(inputs, stdin_for(inputs))
+        if skipped:
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            raise InputError(f"{skipped[0].path}: {skipped[0].reason}{more}", hint="every input must be warped; remove or fix it")
+        found.append(paths)
+    return found[0], found[1]
 
 
 def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform, grid) -> None:

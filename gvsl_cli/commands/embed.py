@@ -129,7 +129,9 @@ def embed_command(
     if not dense and (window is not None or overlap != 0.5 or dense_grid != "input") and not quiet:
         reporter.console.print("note: --window, --overlap and --dense-grid apply to dense maps; without --dense they are not used", markup=False)
     torch_device = resolve_device(device)
-    loaded = load_weights_spec(weights)
+    from gvsl_cli.download import ConsoleReporter as DownloadReporter
+
+    loaded = load_weights_spec(weights, reporter=DownloadReporter(quiet=quiet))
     stdin_lines = stdin_for(inputs)
 
     # SIGTERM (SLURM's time limit, preemption) stops like Ctrl-C (cli.Terminated): the write

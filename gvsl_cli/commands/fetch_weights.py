@@ -81,6 +81,7 @@ def fetch_weights(
     trust_unverified: bool = typer.Option(
         False, "--trust-unverified", help="Download entries without a known sha256 anyway, print the hash received and pin it (also: GVSL_TRUST_UNVERIFIED=1)."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or waiting/retry notices; warnings, errors and the result lines on stdout stay."),
 ) -> None:
     """Download pretrained weights into the cache, verified by sha256 (GVSL_HOME, GVSL_OFFLINE: see docs/weights.md)."""
     from rich.console import Console
@@ -113,7 +114,7 @@ def fetch_weights(
         force=force,
         trust_unverified=trust_unverified or env_flag(TRUST_ENV),
         offline=env_flag(OFFLINE_ENV),
-        reporter=ConsoleReporter(),
+        reporter=ConsoleReporter(quiet=quiet),
     )
     targets = list(manifest.entries) if all_entries else names
     errors = Console(stderr=True, soft_wrap=True, highlight=False)

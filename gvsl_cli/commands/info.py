@@ -68,7 +68,7 @@ def _debug_requested(context: typer.Context) -> bool:
 
 def info(
     context: typer.Context,
-    inputs: List[str] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files or DICOM series folders; - reads their paths from stdin, one a line."),
+    inputs: List[str] = typer.Argument(..., help="Volumes: NIfTI, NRRD, MHA/MHD files, DICOM series folders, folders of volumes (searched recursively), glob patterns or lists of paths; - reads their paths from stdin, one a line."),
     spacing: float = typer.Option(1.0, help="Target spacing (mm) used to show the canonical grid."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per volume instead of a table."),
 ) -> None:
@@ -77,23 +77,27 @@ def info(
 
     from gvsl_cli.commands.inputs import stdin_for
     from gvsl_cli.config import check_spacing
-    from gvsl_cli.data import inline_streams
+    from gvsl_cli.data import volume_paths
     from gvsl_cli.errors import GvslError, InputError
 
     check_spacing(spacing)
-    inputs = [Path(item) for item in inline_streams(inputs, stdin_for(inputs))]  # "-": the paths on stdin
-    if not inputs:
+    paths, skipped = volume_paths(inputs, stdin_for(inputs))  # folders, globs, lists, "-"
+    if not paths and not skipped:
         raise InputError("no path on stdin", hint="pipe volume paths in, one a line")
+    if not paths and len(skipped) == 1:
+        raise InputError(f"{skipped[0].path}: {skipped[0].reason}")
     err = Console(stderr=True, soft_wrap=True, highlight=False)
-    rows, exit_code = [], 0
-    for path in inputs:
+    for bad in skipped:
+        err.print(f"error: {bad.path}: {bad.reason}", markup=False)
+    rows, exit_code = [], InputError.exit_code if skipped else 0
+    for path in paths:
         try:
             rows.append(describe_volume(path, spacing))
         except GvslError as exc:
             # One bad path does not hide the others: report it in one line and go on. The
             # exit code is 7 when others were described (conventions.md), else the first
             # failure's.
-            if len(inputs) == 1 or _debug_requested(context):
+            if (len(paths) == 1 and not skipped) or _debug_requested(context):
                 raise
             err.print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), markup=False)
             exit_code = exit_code or exc.exit_code
