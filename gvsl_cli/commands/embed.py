@@ -84,7 +84,7 @@ class ConsoleReporter:
 
 def embed_command(
     inputs: List[str] = typer.Argument(..., help="Volumes: files, folders (searched recursively), DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns ('scans/**/*.nii.gz'), or - to read paths from stdin."),
-    weights: str = typer.Option(..., "--weights", help="GVSL weights: a manifest name, a gvsl checkpoint (e.g. a pretrain run's model.pt) or official .pth file, or an http(s) URL."),
+    weights: str = typer.Option(..., "--weights", help="GVSL weights: a manifest name, a gvsl checkpoint (e.g. a pretrain run's model.pt) or run folder, an official .pth file, or an http(s) URL."),
     out_dir: Path = typer.Option(Path("gvsl_embeddings"), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder: NAME.npy per volume (or embeddings.jsonl), NAME_features.nii.gz with --dense, embed.json."),
     output_format: str = typer.Option("npy", "--format", help="npy (one float32 vector file per volume) or jsonl (one JSON line per volume in embeddings.jsonl)."),
     dense: bool = typer.Option(False, "--dense", help="Also write the dense feature map (the U-Net's last decoder feature, width channels) as a vector image with geometry."),

@@ -55,7 +55,7 @@ def finetune(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (instead of DATASET), matched to --labels by case name (CASE or CASE_0000)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label maps (CASE.nii.gz, integer values; 0 is the background)."),
     output: Path = typer.Option(Path("gvsl-finetune"), "-o", "--output", "--out", callback=refuse_stdout_folder, help="Run folder: best.pt, last.pt, metrics.jsonl, summary.json."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Pre-trained GVSL weights: a manifest name, a checkpoint or official .pth file, or a URL (not with --mode scratch)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Pre-trained GVSL weights: a manifest name, a gvsl checkpoint or run folder, an official .pth file, or a URL (not with --mode scratch)."),
     mode: str = typer.Option("finetune", "--mode", help="finetune (all weights from the pre-trained ones), linear (frozen U-Net, train the head only) or scratch (random weights)."),
     width: Optional[int] = typer.Option(None, "--width", help="U-Net width for --mode scratch (default: 32, the paper's)."),
     spacing: Optional[float] = typer.Option(None, "--spacing", help="Override the weights' resampling spacing in mm (default: the weights'; scratch: 1.0)."),

@@ -162,7 +162,7 @@ def pretrain(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     workers: int = typer.Option(2, "--workers", help="Threads that preprocess volumes and prefetch patches (0 = none)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw; the same seed gives the same run (default: 0)."),
-    init: Optional[str] = typer.Option(None, "--init", help="Start from weights: a manifest name (gvsl fetch-weights --list), a gvsl checkpoint or official GVSL .pth file, or an http(s) URL."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from weights: a manifest name (gvsl fetch-weights --list), a gvsl checkpoint or run folder, an official GVSL .pth file, or an http(s) URL."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint (a run already at --iters: nothing to do, exit 0)."),
     save_every: int = typer.Option(500, "--save-every", help="Write a checkpoint every this many iterations (and at the end)."),
     log_every: int = typer.Option(10, "--log-every", help="Read losses from the device and log them every this many iterations."),

@@ -110,7 +110,7 @@ def register_command(
     fixed: Path = typer.Argument(..., help="Fixed volume: the outputs live on its grid (NIfTI, NRRD, MHA/MHD or DICOM folder)."),
     moving: Path = typer.Argument(..., help="Moving volume, resampled onto the fixed grid. Sizes, spacings, origins and directions may differ."),
     out_dir: Path = typer.Option(Path("gvsl_registration"), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder: moved.nii.gz, displacement.nii.gz, affine.tfm, moved_labels.nii.gz, report.json."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="GVSL weights for a network prediction refined by optimisation: a manifest name, a gvsl checkpoint or official .pth file, or an http(s) URL; none = optimisation alone."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="GVSL weights for a network prediction refined by optimisation: a manifest name, a gvsl checkpoint or run folder, an official .pth file, or an http(s) URL; none = optimisation alone."),
     moving_labels: Optional[Path] = typer.Option(None, "--moving-labels", help="Label map on the moving grid, warped by nearest neighbour (values kept)."),
     fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map on the fixed grid, for Dice per label in the report (needs --moving-labels)."),
     iters: int = typer.Option(100, "--iters", min=0, help="Instance-optimisation iterations per stage (affine, each coarse level; the finest level runs 0.4x). 0 = network prediction only."),
