@@ -296,7 +296,8 @@ def fetch(
 
 @dataclass(frozen=True)
 class Verified:
-    """Outcome of re-hashing a cached file: status is ok, missing, unpinned or deleted."""
+    """Outcome of re-hashing a cached file: status is ok, missing, unpinned, deleted, or
+    mismatch (a damaged file in a read-only cache, left in place)."""
 
     status: str
     path: Path
@@ -305,19 +306,31 @@ class Verified:
 
 
 def verify(target: Target, *, options: DownloadOptions = DownloadOptions()) -> Verified:
-    """Re-hash the cached file of ``target``; a file that does not match is deleted."""
+    """Re-hash the cached file of ``target``; a file that does not match is deleted.
+
+    In a cache this process cannot write (a shared site cache) nothing is locked or
+    deleted: a file that does not match is reported with status ``mismatch``.
+    """
+    if target.path.is_file() and not os.access(target.path.parent, os.W_OK):
+        return _rehash(target, delete=False)
     with file_lock(target.lock_path, timeout=options.lock_timeout):
-        if not target.path.is_file():
-            return Verified("missing", target.path)
-        expected, _ = target.expected_hash()
-        digest = sha256_file(target.path)
-        if expected is None:
-            return Verified("unpinned", target.path, digest)
-        size_ok = not target.size or target.path.stat().st_size == target.size
-        if digest == expected and size_ok:
-            return Verified("ok", target.path, digest, expected)
-        target.path.unlink()
-        return Verified("deleted", target.path, digest, expected)
+        return _rehash(target, delete=True)
+
+
+def _rehash(target: Target, *, delete: bool) -> Verified:
+    if not target.path.is_file():
+        return Verified("missing", target.path)
+    expected, _ = target.expected_hash()
+    digest = sha256_file(target.path)
+    if expected is None:
+        return Verified("unpinned", target.path, digest)
+    size_ok = not target.size or target.path.stat().st_size == target.size
+    if digest == expected and size_ok:
+        return Verified("ok", target.path, digest, expected)
+    if not delete:
+        return Verified("mismatch", target.path, digest, expected)
+    target.path.unlink()
+    return Verified("deleted", target.path, digest, expected)
 
 
 def cached_url_targets(root: Path | None = None) -> list[Target]:

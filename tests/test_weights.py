@@ -357,6 +357,14 @@ def test_read_only_cache_is_verified_without_locking(tmp_path, server, cache_hom
     with pytest.raises(WeightsError, match="does not match its sha256 .* and the cache is read-only"):
         load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
     assert len(server.seen) == 1
+    # --verify of a read-only cache: re-hashed without a lock, the damaged file kept.
+    from gvsl_cli.manifest import load_manifest
+
+    target = weights.entry_target(load_manifest(manifest).get("tiny"))
+    assert weights.verify(target).status == "mismatch"
+    assert target.path.exists() and not target.lock_path.exists()
+    target.path.write_bytes(body)
+    assert weights.verify(target).status == "ok" and not target.lock_path.exists()
 
 
 def test_offline_look_up_writes_nothing_into_the_cache(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):

@@ -57,16 +57,22 @@ def _verify(manifest, names: list[str]) -> None:
         targets += [(t.label, t) for t in cached_url_targets()]
     table = Table("weights", "status", "sha256", "file")
     bad = []
-    words = {"ok": "ok", "missing": "not cached", "unpinned": "no known hash", "deleted": "MISMATCH: deleted"}
+    words = {"ok": "ok", "missing": "not cached", "unpinned": "no known hash", "deleted": "MISMATCH: deleted", "mismatch": "MISMATCH: read-only cache, kept"}
+    deleted, kept = [], []
     for label, target in targets:
         result = verify(target)
         table.add_row(label, words[result.status], result.sha256 or "-", str(result.path))
-        if result.status == "deleted":
-            bad.append(f"{label} (expected {result.expected}, got {result.sha256})")
+        if result.status in ("deleted", "mismatch"):
+            (deleted if result.status == "deleted" else kept).append(f"{label} (expected {result.expected}, got {result.sha256})")
     table_console().print(table if targets else "nothing in the cache to verify")
-    if bad:
+    if kept:
         raise WeightsError(
-            "sha256 mismatch, the damaged cached files were deleted: " + "; ".join(bad),
+            "sha256 mismatch in a read-only cache (not deleted): " + "; ".join(kept + deleted),
+            hint="ask whoever maintains the cache to run gvsl fetch-weights --verify with write access",
+        )
+    if deleted:
+        raise WeightsError(
+            "sha256 mismatch, the damaged cached files were deleted: " + "; ".join(deleted),
             hint="run gvsl fetch-weights NAME to download them again",
         )
 
