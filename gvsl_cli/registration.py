@@ -551,11 +551,13 @@ def optimise_deformable(level: Level, affine: np.ndarray, initial: torch.Tensor 
     theta = level.theta(torch.as_tensor(affine, dtype=torch.float64, device=device))
     base = spatial.affine_grid(theta, level.shape)
     offset = displacement_to_grid_offset(theta, level.shape)
+    # The fixed side of the similarity (NCC's fixed window sums) is computed once per level.
+    loss_against_fixed = similarity.against(level.fixed)
     displacement = initial.clone() if initial is not None else torch.zeros(1, 3, *level.shape, device=device)
     for iteration in range(iters):
         displacement.requires_grad_(True)
         grid = base + torch.einsum("ij,bjdhw->bdhwi", offset, displacement)
-        loss = similarity.loss(level.fixed, spatial.sample(level.moving, grid, padding_mode=similarity.padding_mode))
+        loss = loss_against_fixed(spatial.sample(level.moving, grid, padding_mode=similarity.padding_mode))
         (gradient,) = torch.autograd.grad(loss, displacement)
         with torch.no_grad():
             update = gaussian_smooth(gradient, config.fluid_sigma)

@@ -11,12 +11,13 @@ are computed on its own grid and then warped, as ConvexAdam does for MIND.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gvsl_cli.errors import ConfigError
-from gvsl_cli.losses import local_ncc_loss, mse_loss
+from gvsl_cli.losses import NCC_EPS, local_ncc_loss, mse_loss
 
 METRICS = ("ncc", "mse", "mind")
 
@@ -74,6 +75,101 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torc
     return torch.exp(-distance / variance)
 
 
+def box_sum(volumes: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a window³ box around every voxel, zero outside: (N, C, D, H, W) -> same.
+
+    Separable, by shifted in-place additions along each axis: no padded copy of the volume
+    (the padding and the strided window view of ``losses._sliding_box_sum`` cost more than
+    the additions themselves on a CPU; 3³ window on 5 × 1.6 M voxels, 2 threads: 68 ms
+    against 114 ms). Like it, each sum adds only the window's own values (no running
+    cumulative sum), so faint voxels next to bright ones keep their precision.
+    """
+    radius = window // 2
+    out = volumes
+    for dim in (2, 3, 4):
+        size = out.shape[dim]
+        summed = out.clone()
+        for shift in range(1, min(radius, size - 1) + 1):
+            summed.narrow(dim, shift, size - shift).add_(out.narrow(dim, 0, size - shift))
+            summed.narrow(dim, 0, size - shift).add_(out.narrow(dim, shift, size - shift))
+        out = summed
+    return out
+
+
+@dataclass(frozen=True)
+class FixedWindowStatistics:
+    """The fixed image's side of local NCC, computed once and reused for every moved image.
+
+    Attributes:
+        image: (B, 1, D, H, W) fixed intensities I (float32, or float64 if given so).
+        mean: window means Ī; variance: window sums of (I − Ī)², clamped at 0 (both same shape).
+        window: odd window side in voxels.
+    """
+
+    image: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    window: int
+
+    @classmethod
+    def of(cls, fixed: torch.Tensor, window: int) -> "FixedWindowStatistics":
+        image = fixed.detach().to(torch.float64 if fixed.dtype == torch.float64 else torch.float32)
+        sums = box_sum(torch.cat([image, image * image]), window)
+        i_sum, i2_sum = sums.split(image.shape[0])
+        mean = i_sum / float(window**3)
+        variance = (i2_sum - i_sum * mean).clamp_(min=0)
+        return cls(image, mean, variance, window)
+
+
+class _NCCAgainstFixed(torch.autograd.Function):
+    """``losses.local_ncc_loss(fixed, moved, window)`` with the fixed side precomputed
+    (``FixedWindowStatistics``) and a gradient for ``moved`` only.
+
+    Same formula and analytic gradient as ``losses._LocalNCC`` (see there): with window sums
+    of the moved image J, cross = ΣIJ − ΣI·J̄, var_J = ΣJ² − ΣJ·J̄, D = var_I·var_J + ε and
+    cc = cross²/D, d mean(cc)/dJ = (I·box(a) + J·box(b) + box(c))/N with a = 2·cross/D,
+    b = −2·cc·var_I/D, c = −(a·Ī + b·J̄). Per call: three box sums forward (J, J², IJ) and
+    three backward, instead of five and three.
+    """
+
+    @staticmethod
+    def forward(ctx, moved: torch.Tensor, fixed: FixedWindowStatistics) -> torch.Tensor:
+        count = float(fixed.window**3)
+        sums = box_sum(torch.cat([moved, moved * moved, fixed.image * moved]), fixed.window)
+        j_sum, j2_sum, ij_sum = sums.split(moved.shape[0])
+        j_mean = j_sum / count
+        i_sum = fixed.mean * count
+        cross = ij_sum - i_sum * j_mean
+        var_j = j2_sum - j_sum * j_mean
+        free_j = var_j > 0  # a clamped variance passes no gradient, as in losses._LocalNCC
+        var_j.clamp_(min=0)
+        denominator = fixed.variance * var_j + NCC_EPS
+        cc = cross * cross / denominator
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(moved, cross, denominator, cc, free_j, j_mean)
+            ctx.fixed = fixed
+        return 1.0 - cc.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        moved, cross, denominator, cc, free_j, j_mean = ctx.saved_tensors
+        fixed = ctx.fixed
+        a = 2.0 * cross / denominator
+        b = (-2.0 * cc * fixed.variance / denominator) * free_j
+        c = -(a * fixed.mean + b * j_mean)
+        box_a, box_b, box_c = box_sum(torch.cat([a, b, c]), fixed.window).split(a.shape[0])
+        grad_moved = (fixed.image * box_a + moved * box_b + box_c) * (-grad_output / cc.numel())
+        return grad_moved, None
+
+
+def ncc_against_fixed(fixed: FixedWindowStatistics, moved: torch.Tensor) -> torch.Tensor:
+    """1 − mean squared local NCC of ``moved`` (B, 1, D, H, W) against precomputed fixed statistics."""
+    if moved.shape != fixed.image.shape:
+        raise ValueError(f"moved must have the fixed image's shape {tuple(fixed.image.shape)}, got {tuple(moved.shape)}")
+    with torch.autocast(device_type=moved.device.type, enabled=False):
+        return _NCCAgainstFixed.apply(moved.to(fixed.image.dtype), fixed)
+
+
 @dataclass(frozen=True)
 class Similarity:
     """One similarity metric with its parameters.
@@ -102,6 +198,18 @@ class Similarity:
         if self.metric == "ncc":
             return local_ncc_loss(fixed, moved, self.ncc_window)
         return mse_loss(moved, fixed)
+
+    def against(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``loss`` with its first argument fixed: moved features -> scalar loss.
+
+        For NCC the fixed image's window sums are computed here once, not at every call
+        (an optimisation loop compares many moved images with one fixed image), and the
+        gradient is computed for the moved image only; same value as ``loss``.
+        """
+        if self.metric == "ncc" and fixed.shape[1] == 1:
+            statistics = FixedWindowStatistics.of(fixed, self.ncc_window)
+            return lambda moved: ncc_against_fixed(statistics, moved)
+        return lambda moved: self.loss(fixed, moved)
 
     def score(self, fixed: torch.Tensor, moved: torch.Tensor) -> float:
         """The number reported to users: mean squared local NCC (higher is better) for NCC,

@@ -1,7 +1,8 @@
 """The registration's fast kernels give the values of their plain formulations.
 
-Each fast path (Gaussian smoothing by matrix products or shifted sums, the largest vector
-norm) is checked against the straightforward code it replaced, on tiny volumes.
+Each fast path (box sums by shifted additions, NCC with the fixed side precomputed, Gaussian
+smoothing by matrix products or shifted sums) is checked against the straightforward code
+it replaced, values and gradients, on tiny volumes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gvsl_cli.losses import _sliding_box_sum, local_ncc_loss
 from gvsl_cli.registration import gaussian_smooth, largest_vector_norm, smoothing_matrix
+from gvsl_cli.similarity import Similarity, box_sum
 
 
 def padded_gaussian(field: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -31,6 +34,35 @@ def padded_gaussian(field: torch.Tensor, sigma: float) -> torch.Tensor:
         pads[2 * (2 - axis)] = pads[2 * (2 - axis) + 1] = radius
         out = F.conv3d(F.pad(out, pads, mode="replicate"), weight, groups=channels)
     return out
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_box_sum_equals_padded_window_sums(generator, window):
+    # The z axis (3 voxels) is shorter than a 9³ window's radius.
+    volumes = torch.rand(2, 1, 3, 7, 11, generator=generator, dtype=torch.float64)
+    assert torch.allclose(box_sum(volumes, window), _sliding_box_sum(volumes, window), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_ncc_against_fixed_equals_local_ncc_value_and_gradient(generator, window):
+    fixed = torch.rand(1, 1, 6, 9, 8, generator=generator, dtype=torch.float64)
+    fixed[..., :2] = 0.25  # flat windows: clamped variances
+    moved = (0.6 * fixed + 0.4 * torch.rand(fixed.shape, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    expected = local_ncc_loss(fixed, moved, window)
+    (expected_gradient,) = torch.autograd.grad(expected, moved)
+    loss = Similarity("ncc", window).against(fixed)(moved)
+    (gradient,) = torch.autograd.grad(loss, moved)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-14)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-10, atol=1e-16)
+    with torch.no_grad():  # no gradient wanted: the value alone
+        assert float(Similarity("ncc", window).against(fixed)(moved)) == pytest.approx(float(expected.detach()), abs=1e-14)
+
+
+def test_against_keeps_the_loss_of_other_metrics(generator):
+    fixed = torch.rand(1, 1, 5, 6, 7, generator=generator)
+    moved = torch.rand(1, 1, 5, 6, 7, generator=generator)
+    similarity = Similarity("mse")
+    assert float(similarity.against(fixed)(moved)) == float(similarity.loss(fixed, moved))
 
 
 @pytest.mark.parametrize("sigma", [0.4, 0.8, 2.0])
