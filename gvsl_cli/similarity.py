@@ -245,6 +245,47 @@ def _cubic_bspline(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1.0, inner, outer)
 
 
+def _bspline_weights(t: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """β³ at t + 1, t, t − 1, t − 2 for t in [0, 1] and their derivatives in t: two lists of
+    four tensors shaped like ``t``, for the four bins k − 1 .. k + 2 that a position k + t reaches."""
+    s = 1.0 - t
+    t2, s2 = t * t, s * s
+    weights = [s2 * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t2 * t) / 6.0, (4.0 - 6.0 * s2 + 3.0 * s2 * s) / 6.0, t2 * t / 6.0]
+    derivatives = [-0.5 * s2, 1.5 * t2 - 2.0 * t, 2.0 * s - 1.5 * s2, 0.5 * t2]
+    return weights, derivatives
+
+
+class _BSplineJointHistogram(torch.autograd.Function):
+    """Joint histogram (width²,) of fixed bins and moved positions spread by a cubic B-spline,
+    with the gradient for the positions written out.
+
+    A position p in [0, width − 3] (in bins, N values) adds β³(p − k) to column k + 1 for
+    its four bins k (``_bspline_weights``), in the row of its fixed bin. The gradient of a
+    position is Σ_k grad[row, k + 1]·β³'(p − k): four gathers from the small histogram
+    gradient, instead of autograd through the spline's dozen full-length temporaries
+    (262 144 samples, 1 thread: forward + backward 25 ms before, see the commit).
+    """
+
+    @staticmethod
+    def forward(ctx, position: torch.Tensor, fixed_bin: torch.Tensor, width: int) -> torch.Tensor:
+        # The top position (width − 3) is taken as t = 1 past the bin below it: the same four
+        # spline values (one of them 0), and every column stays inside the row.
+        floor = position.floor().clamp_(max=width - 4)
+        weights, derivatives = _bspline_weights(position - floor)
+        first = fixed_bin * width + floor.long()  # column of bin floor − 1 in the flat histogram
+        joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
+        for offset, weight in enumerate(weights):
+            joint[offset:].index_add_(0, first, weight)
+        ctx.save_for_backward(first, *derivatives)
+        return joint
+
+    @staticmethod
+    def backward(ctx, grad_joint: torch.Tensor):
+        first, *derivatives = ctx.saved_tensors
+        grad_position = sum(grad_joint[offset:][first] * derivative for offset, derivative in enumerate(derivatives))
+        return grad_position, None, None
+
+
 def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Negative Mattes mutual information of two images at the same points (lower is better).
 
@@ -264,12 +305,7 @@ def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int 
     width = bins + 2  # the B-spline of a value at either end reaches one bin beyond
     fixed_bin = (fixed.detach().float().clamp(0.0, 1.0) * (bins - 1)).round().long().reshape(-1) + 1
     position = moved.float().clamp(0.0, 1.0).reshape(-1) * (bins - 1)
-    first = position.detach().floor().long() - 1
-    joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
-    for offset in range(4):
-        moved_bin = first + offset
-        weight = _cubic_bspline(position - moved_bin.to(position.dtype))
-        joint = joint.index_add(0, fixed_bin * width + (moved_bin + 1).clamp(0, width - 1), weight)
+    joint = _BSplineJointHistogram.apply(position, fixed_bin, width)
     p = joint.view(width, width) / joint.sum()
     p_fixed = p.sum(dim=1, keepdim=True)
     p_moved = p.sum(dim=0, keepdim=True)
