@@ -11,12 +11,13 @@ are computed on its own grid and then warped, as ConvexAdam does for MIND.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gvsl_cli.errors import ConfigError
-from gvsl_cli.losses import local_ncc_loss, mse_loss
+from gvsl_cli.losses import NCC_EPS, local_ncc_loss, mse_loss
 
 METRICS = ("ncc", "mse", "mind")
 
@@ -74,6 +75,101 @@ def mind_ssc(image: torch.Tensor, *, radius: int = 1, dilation: int = 2) -> torc
     return torch.exp(-distance / variance)
 
 
+def box_sum(volumes: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a window³ box around every voxel, zero outside: (N, C, D, H, W) -> same.
+
+    Separable, by shifted in-place additions along each axis: no padded copy of the volume
+    (the padding and the strided window view of ``losses._sliding_box_sum`` cost more than
+    the additions themselves on a CPU; 3³ window on 5 × 1.6 M voxels, 2 threads: 68 ms
+    against 114 ms). Like it, each sum adds only the window's own values (no running
+    cumulative sum), so faint voxels next to bright ones keep their precision.
+    """
+    radius = window // 2
+    out = volumes
+    for dim in (2, 3, 4):
+        size = out.shape[dim]
+        summed = out.clone()
+        for shift in range(1, min(radius, size - 1) + 1):
+            summed.narrow(dim, shift, size - shift).add_(out.narrow(dim, 0, size - shift))
+            summed.narrow(dim, 0, size - shift).add_(out.narrow(dim, shift, size - shift))
+        out = summed
+    return out
+
+
+@dataclass(frozen=True)
+class FixedWindowStatistics:
+    """The fixed image's side of local NCC, computed once and reused for every moved image.
+
+    Attributes:
+        image: (B, 1, D, H, W) fixed intensities I (float32, or float64 if given so).
+        mean: window means Ī; variance: window sums of (I − Ī)², clamped at 0 (both same shape).
+        window: odd window side in voxels.
+    """
+
+    image: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    window: int
+
+    @classmethod
+    def of(cls, fixed: torch.Tensor, window: int) -> "FixedWindowStatistics":
+        image = fixed.detach().to(torch.float64 if fixed.dtype == torch.float64 else torch.float32)
+        sums = box_sum(torch.cat([image, image * image]), window)
+        i_sum, i2_sum = sums.split(image.shape[0])
+        mean = i_sum / float(window**3)
+        variance = (i2_sum - i_sum * mean).clamp_(min=0)
+        return cls(image, mean, variance, window)
+
+
+class _NCCAgainstFixed(torch.autograd.Function):
+    """``losses.local_ncc_loss(fixed, moved, window)`` with the fixed side precomputed
+    (``FixedWindowStatistics``) and a gradient for ``moved`` only.
+
+    Same formula and analytic gradient as ``losses._LocalNCC`` (see there): with window sums
+    of the moved image J, cross = ΣIJ − ΣI·J̄, var_J = ΣJ² − ΣJ·J̄, D = var_I·var_J + ε and
+    cc = cross²/D, d mean(cc)/dJ = (I·box(a) + J·box(b) + box(c))/N with a = 2·cross/D,
+    b = −2·cc·var_I/D, c = −(a·Ī + b·J̄). Per call: three box sums forward (J, J², IJ) and
+    three backward, instead of five and three.
+    """
+
+    @staticmethod
+    def forward(ctx, moved: torch.Tensor, fixed: FixedWindowStatistics) -> torch.Tensor:
+        count = float(fixed.window**3)
+        sums = box_sum(torch.cat([moved, moved * moved, fixed.image * moved]), fixed.window)
+        j_sum, j2_sum, ij_sum = sums.split(moved.shape[0])
+        j_mean = j_sum / count
+        i_sum = fixed.mean * count
+        cross = ij_sum - i_sum * j_mean
+        var_j = j2_sum - j_sum * j_mean
+        free_j = var_j > 0  # a clamped variance passes no gradient, as in losses._LocalNCC
+        var_j.clamp_(min=0)
+        denominator = fixed.variance * var_j + NCC_EPS
+        cc = cross * cross / denominator
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(moved, cross, denominator, cc, free_j, j_mean)
+            ctx.fixed = fixed
+        return 1.0 - cc.mean()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        moved, cross, denominator, cc, free_j, j_mean = ctx.saved_tensors
+        fixed = ctx.fixed
+        a = 2.0 * cross / denominator
+        b = (-2.0 * cc * fixed.variance / denominator) * free_j
+        c = -(a * fixed.mean + b * j_mean)
+        box_a, box_b, box_c = box_sum(torch.cat([a, b, c]), fixed.window).split(a.shape[0])
+        grad_moved = (fixed.image * box_a + moved * box_b + box_c) * (-grad_output / cc.numel())
+        return grad_moved, None
+
+
+def ncc_against_fixed(fixed: FixedWindowStatistics, moved: torch.Tensor) -> torch.Tensor:
+    """1 − mean squared local NCC of ``moved`` (B, 1, D, H, W) against precomputed fixed statistics."""
+    if moved.shape != fixed.image.shape:
+        raise ValueError(f"moved must have the fixed image's shape {tuple(fixed.image.shape)}, got {tuple(moved.shape)}")
+    with torch.autocast(device_type=moved.device.type, enabled=False):
+        return _NCCAgainstFixed.apply(moved.to(fixed.image.dtype), fixed)
+
+
 @dataclass(frozen=True)
 class Similarity:
     """One similarity metric with its parameters.
@@ -102,6 +198,18 @@ class Similarity:
         if self.metric == "ncc":
             return local_ncc_loss(fixed, moved, self.ncc_window)
         return mse_loss(moved, fixed)
+
+    def against(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``loss`` with its first argument fixed: moved features -> scalar loss.
+
+        For NCC the fixed image's window sums are computed here once, not at every call
+        (an optimisation loop compares many moved images with one fixed image), and the
+        gradient is computed for the moved image only; same value as ``loss``.
+        """
+        if self.metric == "ncc" and fixed.shape[1] == 1:
+            statistics = FixedWindowStatistics.of(fixed, self.ncc_window)
+            return lambda moved: ncc_against_fixed(statistics, moved)
+        return lambda moved: self.loss(fixed, moved)
 
     def score(self, fixed: torch.Tensor, moved: torch.Tensor) -> float:
         """The number reported to users: mean squared local NCC (higher is better) for NCC,
@@ -137,6 +245,47 @@ def _cubic_bspline(x: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1.0, inner, outer)
 
 
+def _bspline_weights(t: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """β³ at t + 1, t, t − 1, t − 2 for t in [0, 1] and their derivatives in t: two lists of
+    four tensors shaped like ``t``, for the four bins k − 1 .. k + 2 that a position k + t reaches."""
+    s = 1.0 - t
+    t2, s2 = t * t, s * s
+    weights = [s2 * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t2 * t) / 6.0, (4.0 - 6.0 * s2 + 3.0 * s2 * s) / 6.0, t2 * t / 6.0]
+    derivatives = [-0.5 * s2, 1.5 * t2 - 2.0 * t, 2.0 * s - 1.5 * s2, 0.5 * t2]
+    return weights, derivatives
+
+
+class _BSplineJointHistogram(torch.autograd.Function):
+    """Joint histogram (width²,) of fixed bins and moved positions spread by a cubic B-spline,
+    with the gradient for the positions written out.
+
+    A position p in [0, width − 3] (in bins, N values) adds β³(p − k) to column k + 1 for
+    its four bins k (``_bspline_weights``), in the row of its fixed bin. The gradient of a
+    position is Σ_k grad[row, k + 1]·β³'(p − k): four gathers from the small histogram
+    gradient, instead of autograd through the spline's dozen full-length temporaries
+    (262 144 samples, 1 thread: forward + backward 25 ms before, see the commit).
+    """
+
+    @staticmethod
+    def forward(ctx, position: torch.Tensor, fixed_bin: torch.Tensor, width: int) -> torch.Tensor:
+        # The top position (width − 3) is taken as t = 1 past the bin below it: the same four
+        # spline values (one of them 0), and every column stays inside the row.
+        floor = position.floor().clamp_(max=width - 4)
+        weights, derivatives = _bspline_weights(position - floor)
+        first = fixed_bin * width + floor.long()  # column of bin floor − 1 in the flat histogram
+        joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
+        for offset, weight in enumerate(weights):
+            joint[offset:].index_add_(0, first, weight)
+        ctx.save_for_backward(first, *derivatives)
+        return joint
+
+    @staticmethod
+    def backward(ctx, grad_joint: torch.Tensor):
+        first, *derivatives = ctx.saved_tensors
+        grad_position = sum(grad_joint[offset:][first] * derivative for offset, derivative in enumerate(derivatives))
+        return grad_position, None, None
+
+
 def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int = 32) -> torch.Tensor:
     """Negative Mattes mutual information of two images at the same points (lower is better).
 
@@ -156,12 +305,7 @@ def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int 
     width = bins + 2  # the B-spline of a value at either end reaches one bin beyond
     fixed_bin = (fixed.detach().float().clamp(0.0, 1.0) * (bins - 1)).round().long().reshape(-1) + 1
     position = moved.float().clamp(0.0, 1.0).reshape(-1) * (bins - 1)
-    first = position.detach().floor().long() - 1
-    joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
-    for offset in range(4):
-        moved_bin = first + offset
-        weight = _cubic_bspline(position - moved_bin.to(position.dtype))
-        joint = joint.index_add(0, fixed_bin * width + (moved_bin + 1).clamp(0, width - 1), weight)
+    joint = _BSplineJointHistogram.apply(position, fixed_bin, width)
     p = joint.view(width, width) / joint.sum()
     p_fixed = p.sum(dim=1, keepdim=True)
     p_moved = p.sum(dim=0, keepdim=True)
