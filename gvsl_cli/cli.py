@@ -274,8 +274,29 @@ class _ReaderGone:
         return getattr(self._stream, name)
 
 
+def _fill_closed_standard_streams() -> None:
+    """Point closed standard descriptors (``>&-``, ``2>&-``, some daemons) at the null device.
+
+    Python then has no sys.stdout/sys.stderr (None), and, worse, the next file gvsl opens
+    would get descriptor 1 or 2, so ITK's messages on stderr would land inside an output.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
 def main() -> None:
     """Console-script entry point."""
+    _fill_closed_standard_streams()
     sys.stdout, sys.stderr = _ReaderGone(sys.stdout), _ReaderGone(sys.stderr)
     code = run()
     if _one_of_several_processes():

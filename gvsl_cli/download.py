@@ -32,7 +32,10 @@ from gvsl_cli.locking import try_lock, unlock
 if TYPE_CHECKING:
     import requests
 
-CHUNK_BYTES = 1 << 20
+#: Bytes read and written at a time. A chunk cut short by a dropped connection is lost, so
+#: this is also what an attempt may lose: with 1 MiB, a connection that drops every few
+#: hundred kB (a flaky proxy or VPN) made no progress at all, retry after retry.
+CHUNK_BYTES = 1 << 16
 #: Responses a server gives when it is busy or briefly broken: worth another try.
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Enough to hold any confirmation page; weights files are never HTML.

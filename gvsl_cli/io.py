@@ -250,7 +250,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = volume_suffix(path) or "".join(path.suffixes[-1:])
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    # ".NAME.<8 random>.tmp<suffix>": the output's name shows whose temporary file it is
+    # (runs clean up after killed ones by it). A name near the 255-byte limit of file names
+    # would fail only because of that, so it gets a short ".gvsl-<random>" instead.
+    prefix = f".{path.name}." if len(os.fsencode(path.name)) + len(suffix) + 16 <= 255 else ".gvsl-"
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

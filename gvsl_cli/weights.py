@@ -256,7 +256,19 @@ def fetch(
     def waiting() -> None:
         reporter.notice(f"{target.label}: another process is downloading it; waiting")
 
-    with file_lock(target.lock_path, timeout=options.lock_timeout, on_wait=waiting):
+    try:
+        return _fetch_locked(target, force=force, trust_unverified=trust_unverified, offline=offline, reporter=reporter, options=options, session_factory=session_factory, on_wait=waiting)
+    except OSError as exc:  # the cache's file system: full, quota, permissions (network errors are WeightsErrors by now)
+        where = exc.filename or target.path.parent
+        raise WeightsError(
+            f"{target.label}: cannot write the weights cache ({where}): {exc.strerror or exc}",
+            hint=f"free space in {target.path.parent} or set GVSL_HOME to another folder; a partial download resumes next time",
+        ) from None
+
+
+def _fetch_locked(target: Target, *, force, trust_unverified, offline, reporter, options, session_factory, on_wait) -> Fetched:
+    """``fetch`` from the point where the target's lock is needed."""
+    with file_lock(target.lock_path, timeout=options.lock_timeout, on_wait=on_wait):
         expected, source = target.expected_hash()
         if target.path.is_file() and not force:
             digest = sha256_file(target.path)

@@ -52,6 +52,18 @@ def test_console_script_entry_point_runs():
     assert out.returncode == 0 and out.stdout.strip() == f"gvsl {__version__}"
 
 
+def test_closed_stdout_or_stderr_is_not_an_error(tmp_path, colin_t1):
+    # `>&-` / `2>&-`: Python has no sys.stdout/sys.stderr then; the command still succeeds.
+    def shell(redirect: str, *args: str) -> subprocess.CompletedProcess:
+        script = f'"$0" -m gvsl_cli "$@" {redirect}'
+        return subprocess.run(["sh", "-c", script, sys.executable, *args], capture_output=True, text=True)
+
+    assert shell(">&-", "info", "--json", str(colin_t1)).returncode == 0
+    closed_err = shell("2>&-", "info", str(colin_t1))
+    assert closed_err.returncode == 0 and "colin27_t1_2mm" in closed_err.stdout
+    assert shell("2>&-", "info", str(tmp_path / "missing.nii.gz")).returncode == 2  # failures still tell
+
+
 def test_folder_without_dicom_is_one_line_without_itk_warnings(capfd, tmp_path, colin_t1):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -247,3 +259,13 @@ def test_help_labels_values_plainly_and_flags_not_at_all(capsys, monkeypatch):
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
     assert ["│", "images...", "PATH..."] in [words[:3] for words in lines]  # was <list[Path]>
     assert ["--transform", "-t", "PATH"] in [words[2:5] for words in lines]  # was Path
+
+
+def test_info_table_tells_same_named_files_apart(capsys, tmp_path, colin_t1, monkeypatch):
+    for patient in ("p01", "p02"):
+        (tmp_path / patient).mkdir()
+        (tmp_path / patient / "image.nii.gz").write_bytes(colin_t1.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert run(["info", "p01/image.nii.gz", str(tmp_path / "p02")]) == 0  # relative and absolute
+    out = capsys.readouterr().out
+    assert "p01/image.nii.gz" in out and "p02/image.nii.gz" in out

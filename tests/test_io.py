@@ -346,3 +346,12 @@ def test_an_error_without_a_path_inside_an_atomic_write_names_the_output(tmp_pat
                 raise OSError(errno.ENOSPC, "No space left on device")  # as np.save on a full disk
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_name_near_the_file_name_limit_is_written(tmp_path):
+    # 249 bytes fit in a file name (255); the temporary name must not push it over.
+    target = tmp_path / ("n" * 242 + ".nii.gz")
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    write_volume(image, target)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(target))), np.arange(24).reshape(2, 3, 4))
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

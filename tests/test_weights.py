@@ -97,6 +97,15 @@ def test_resume_after_the_connection_drops(tmp_path, server, cache_home, checkpo
     assert (cache_home / "weights" / "tiny.pt").read_bytes() == body
 
 
+def test_a_connection_that_drops_every_few_hundred_kilobytes_still_completes(tmp_path, server, cache_home, checkpoint_bytes):
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body, route=Route(drop_after=300_000, drops=1000))
+    loaded = load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert loaded.kind == "gvsl" and (cache_home / "weights" / "tiny.pt").read_bytes() == body
+    starts = [int(seen.range.removeprefix("bytes=").rstrip("-")) for seen in server.seen[1:]]
+    assert starts == sorted(set(starts)) and len(starts) >= len(body) // 300_000  # progress every time
+
+
 def test_server_ignoring_range_restarts_cleanly(tmp_path, server, cache_home, checkpoint_bytes):
     body = checkpoint_bytes["gvsl"]
     manifest = add_entry(tmp_path, server, body, route=Route(drop_after=3_000_000, drops=1, ranges=False))
@@ -411,3 +420,22 @@ def test_a_run_folder_given_as_weights_means_its_final_or_best_weights(tmp_path,
     save_checkpoint(run / "model.pt", GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0), extra={"iteration": 10})
     loaded = load_weights_spec(str(run))
     assert loaded.extra["iteration"] == 10 and loaded.extra["weights_spec"] == str(run)  # a finished pretrain run: model.pt
+
+
+def test_a_full_cache_disk_is_a_weights_error_naming_the_cache(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):
+    import errno
+
+    from gvsl_cli import download
+    from gvsl_cli.errors import WeightsError as Error
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+
+    def full(self, url, validator):  # a write() on a full disk: an OSError without a file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download._Partial, "begin", full)
+    with pytest.raises(Error) as refused:
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert str(refused.value) == f"weights 'tiny': cannot write the weights cache ({cache_home / 'weights'}): No space left on device"
+    assert refused.value.exit_code == 4 and "resumes next time" in refused.value.hint

@@ -112,6 +112,15 @@ def info(
         raise typer.Exit(IncompleteError.exit_code if rows else exit_code)
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working folder when it lies below it, else as it is: file
+    names alone would not tell ``p01/image.nii.gz`` from ``p02/image.nii.gz``."""
+    import os
+
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
 def render_table(rows: list[dict], spacing: float) -> None:
     """The rows as a table on stdout, then a note per volume with NaN/inf voxels."""
     from rich.table import Table
@@ -124,7 +133,7 @@ def render_table(rows: list[dict], spacing: float) -> None:
         if row["nonfinite_voxels"]:
             value_range += " *"
         table.add_row(
-            Path(row["path"]).name,
+            _shown_path(row["path"]),
             "×".join(str(s) for s in row["size"]),
             "×".join(f"{s:.3g}" for s in row["spacing"]),
             row["orientation"],
