@@ -119,3 +119,21 @@ def test_quiet_keeps_the_warning_and_the_result_line_only(tmp_path, server, cach
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("warning: weights 'nohash': no published sha256; trusted on your request and pinned sha256")
     assert captured.out.startswith("nohash\t")
+
+
+def test_list_and_verify_as_json_lines(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    import json
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"tiny": body})
+    assert run(["fetch-weights", "--list", "--json", "--manifest", str(manifest)]) == 0
+    rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["tiny"] == {"name": "tiny", "bytes": len(body), "format": "gvsl", "width": 8, "modality": "mr", "cached": False,
+                            "path": str(cache_home / "weights" / "tiny.pt"), "hash": "manifest", "licence": "CC0-1.0"}
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "tiny"]) == 0
+    capsys.readouterr()
+    assert run(["fetch-weights", "--verify", "--json", "--manifest", str(manifest)]) == 0
+    (row,) = map(json.loads, capsys.readouterr().out.splitlines())
+    assert row == {"name": "tiny", "status": "ok", "sha256": hashlib.sha256(body).hexdigest(), "path": str(cache_home / "weights" / "tiny.pt")}
+    assert run(["fetch-weights", "--json", "--manifest", str(manifest), "tiny"]) == 2
+    assert "--json applies to --list and --verify" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,7 +17,7 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size else "?"
 
 
-def _list(manifest, names: list[str]) -> None:
+def _list(manifest, names: list[str], as_json: bool) -> None:
     from gvsl_cli.commands.output import table_console
     from rich.table import Table
 
@@ -39,11 +40,16 @@ def _list(manifest, names: list[str]) -> None:
             hash_state = "pinned"
         else:
             hash_state = "none"
+        if as_json:
+            row = {"name": entry.name, "bytes": size or None, "format": entry.format, "width": entry.width, "modality": entry.modality,
+                   "cached": cached, "path": str(target.path), "hash": hash_state, "licence": entry.licence}
+            typer.echo(json.dumps(row))
         table.add_row(entry.name, _megabytes(size), f"{entry.format} w{entry.width}", entry.modality, "yes" if cached else "no", hash_state, entry.licence)
-    table_console().print(table)
+    if not as_json:
+        table_console().print(table)
 
 
-def _verify(manifest, names: list[str]) -> None:
+def _verify(manifest, names: list[str], as_json: bool) -> None:
     from gvsl_cli.commands.output import table_console
     from rich.table import Table
 
@@ -56,15 +62,17 @@ def _verify(manifest, names: list[str]) -> None:
         targets = [(e.name, entry_target(e)) for e in manifest.entries.values() if entry_target(e).path.is_file()]
         targets += [(t.label, t) for t in cached_url_targets()]
     table = Table("weights", "status", "sha256", "file")
-    bad = []
     words = {"ok": "ok", "missing": "not cached", "unpinned": "no known hash", "deleted": "MISMATCH: deleted", "mismatch": "MISMATCH: read-only cache, kept"}
     deleted, kept = [], []
     for label, target in targets:
         result = verify(target)
+        if as_json:
+            typer.echo(json.dumps({"name": label, "status": result.status, "sha256": result.sha256 or None, "path": str(result.path)}))
         table.add_row(label, words[result.status], result.sha256 or "-", str(result.path))
         if result.status in ("deleted", "mismatch"):
             (deleted if result.status == "deleted" else kept).append(f"{label} (expected {result.expected}, got {result.sha256})")
-    table_console().print(table if targets else "nothing in the cache to verify")
+    if not as_json:
+        table_console().print(table if targets else "nothing in the cache to verify")
     if kept:
         raise WeightsError(
             "sha256 mismatch in a read-only cache (not deleted): " + "; ".join(kept + deleted),
@@ -87,6 +95,7 @@ def fetch_weights(
     trust_unverified: bool = typer.Option(
         False, "--trust-unverified", help="Download entries without a known sha256 anyway, print the hash received and pin it (also: GVSL_TRUST_UNVERIFIED=1)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="With --list or --verify: one JSON object per entry on stdout instead of the table."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or waiting/retry notices; warnings, errors and the result lines on stdout stay."),
 ) -> None:
     """Download pretrained weights into the cache, verified by sha256 (GVSL_HOME, GVSL_OFFLINE: see docs/weights.md)."""
@@ -103,6 +112,8 @@ def fetch_weights(
         raise ConfigError(f"{' and '.join(modes)} cannot be combined")
     if all_entries and names:
         raise ConfigError("give weights names or --all, not both")
+    if as_json and not (list_entries or verify_cache):
+        raise ConfigError("--json applies to --list and --verify (downloads print one tab-separated line each)")
     if force and (list_entries or verify_cache):
         raise ConfigError("--force applies to downloads, not to --list or --verify")
     if not (names or modes):
@@ -110,10 +121,10 @@ def fetch_weights(
 
     manifest = load_manifest(manifest_file)
     if list_entries:
-        _list(manifest, names)
+        _list(manifest, names, as_json)
         return
     if verify_cache:
-        _verify(manifest, names)
+        _verify(manifest, names, as_json)
         return
 
     options = dict(
