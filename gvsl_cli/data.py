@@ -117,8 +117,13 @@ def _path_lines(text: str) -> list[tuple[int, str]]:
 
 
 def read_stream_lines(stream) -> list[str]:
-    """The paths in a text stream (stdin, a pipe): see ``_path_lines``."""
-    return [entry for _, entry in _path_lines("".join(stream))]
+    """The paths in a text stream (stdin, a pipe): see ``_path_lines``; or, when the text
+    holds NUL characters (``find -print0``, ``xargs -0`` style), the NUL-separated paths
+    exactly as they are (no comments, spaces kept)."""
+    text = "".join(stream)
+    if "\0" in text:
+        return [entry for entry in text.split("\0") if entry]
+    return [entry for _, entry in _path_lines(text)]
 
 
 def inline_streams(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> list[str]:

@@ -206,6 +206,16 @@ def test_info_reads_paths_from_stdin(monkeypatch, capsys):
     assert [Path(r["path"]).name for r in rows] == ["colin27_t1_2mm.nii.gz", "icbm152_t1_2mm.nii.gz"]
 
 
+def test_nul_separated_paths_on_stdin_are_read_exactly(monkeypatch, capsys, tmp_path):
+    # find -print0: names with spaces, a leading space, even a newline, are kept as they are.
+    names = ["my scan.nii.gz", " lead.nii.gz", "new\nline.nii.gz"]
+    for name in names:
+        shutil.copy(EXAMPLES / "colin27_t1_2mm.nii.gz", tmp_path / name)
+    _stdin(monkeypatch, "".join(f"{tmp_path / name}\0" for name in names))
+    assert run(["info", "-", "--json"]) == 0
+    assert [Path(json.loads(line)["path"]).name for line in capsys.readouterr().out.splitlines()] == names
+
+
 def test_apply_reads_labels_from_stdin_and_refuses_stdin_twice(tmp_path, monkeypatch, capsys):
     transform = tmp_path / "identity.tfm"
     sitk.WriteTransform(sitk.TranslationTransform(3), str(transform))
