@@ -443,6 +443,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def _connection_reason(exc: BaseException) -> str:
+    """The operating system's reason inside urllib3's long wrapper text ("[Errno 111]
+    Connection refused"), else the first line."""
+    import re
+
+    found = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
+    return found.group(0).strip() if found else _first_line(exc)
+
+
 def _describe(exc: BaseException, options: DownloadOptions) -> str:
     import requests
 
@@ -455,7 +464,7 @@ def _describe(exc: BaseException, options: DownloadOptions) -> str:
     if isinstance(exc, requests.exceptions.ProxyError):
         return f"proxy error ({_first_line(exc)})"
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return f"cannot connect ({_first_line(exc)})"
+        return f"cannot connect ({_connection_reason(exc)})"
     return str(exc)
 
 

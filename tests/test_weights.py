@@ -439,3 +439,17 @@ def test_a_full_cache_disk_is_a_weights_error_naming_the_cache(tmp_path, server,
         load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
     assert str(refused.value) == f"weights 'tiny': cannot write the weights cache ({cache_home / 'weights'}): No space left on device"
     assert refused.value.exit_code == 4 and "resumes next time" in refused.value.hint
+
+
+def test_a_refused_connection_is_said_in_the_systems_words(tmp_path, cache_home, checkpoint_bytes):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.pt#sha256={sha(checkpoint_bytes['gvsl'])}"
+    with pytest.raises(WeightsError) as failed:
+        load_weights_spec(url, reporter=Reporter(), options=DownloadOptions(connect_timeout=2.0, retries=0, backoff=0.01))
+    import re
+
+    assert re.search(r"cannot connect \(\[Errno \d+\] Connection refused\)", str(failed.value))
