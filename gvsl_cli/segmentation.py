@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gvsl_cli.checkpoint import SEGMENTATION_KEY
+from gvsl_cli.data import Source
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
 from gvsl_cli.errors import CheckpointError, ConfigError
@@ -289,20 +290,27 @@ class SegmentResult:
     warning: str = ""
 
 
-def plan_outputs(sources: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
-    """(input, output path) pairs; two inputs that would write the same file are refused."""
+def plan_outputs(sources: Sequence[Path | Source], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input path, output path) pairs: ``output_name`` in the sub-folder that
+    ``data.output_subfolders`` gives (a folder per patient is mirrored, ``out/p01/image.nii.gz``;
+    a flat folder or files of distinct names stay flat, ``out/CASE.nii.gz``). A bare path is
+    taken as a file given directly. Two inputs that would write the same file are refused.
+    """
+    from gvsl_cli.data import output_subfolders
+
+    sources = [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
     planned: dict[Path, Path] = {}
-    for source in sources:
-        target = out_dir / output_name(source)
+    for source, subfolder in zip(sources, output_subfolders(sources, output_name)):
+        target = out_dir / subfolder / output_name(source.path)
         if target in planned:
-            raise ConfigError(f"{source} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders")
-        planned[target] = source
+            raise ConfigError(f"{source.path} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders, or rename one of them")
+        planned[target] = source.path
     return [(source, target) for target, source in planned.items()]
 
 
 def segment_files(
     segmenter: Segmenter | Sequence[Segmenter],
-    sources: Sequence[Path],
+    sources: Sequence[Path | Source],
     out_dir: Path,
     *,
     device: torch.device,
@@ -313,14 +321,14 @@ def segment_files(
     probabilities: bool = False,
     on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
-    """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``);
-    a failing input is reported and the others done. ``probabilities``: also write each
+    """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``),
+    named by ``plan_outputs``; a failing input is reported and the others done. ``probabilities``: also write each
     input's class probabilities (``probabilities_name``); an input counts as done when all
     its outputs exist."""
     import SimpleITK as sitk
 
     from gvsl_cli.data import check_not_constant, failure_reason
-    from gvsl_cli.io import read_volume, write_volume
+    from gvsl_cli.io import read_volume, remove_empty_folders, write_volume
     from gvsl_cli.preprocess import modality_misfit, modality_of_minimum
 
     mapping = (segmenter if isinstance(segmenter, Segmenter) else segmenter[0]).preprocess.modality
@@ -348,6 +356,7 @@ def segment_files(
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
+                remove_empty_folders([target.parent, *target.parent.parents][: len(target.relative_to(out_dir).parts) - 1])
         results.append(result)
         if on_result is not None:
             on_result(result)

@@ -139,12 +139,62 @@ def test_pretrained_weights_are_not_a_segmentation_model(inputs, tmp_path, capsy
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(model_path, inputs, tmp_path, capsys):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(inputs / "colin_0000.nii.gz", other / "colin.nii.gz")
-    assert run(["segment", str(inputs / "colin_0000.nii.gz"), str(other / "colin.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "out")]) == 2
-    assert "would both be written" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    # CASE_0000.nii.gz and CASE.nii.gz in one folder both give CASE.nii.gz (nnU-Net names).
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    shutil.copy(inputs / "colin_0000.nii.gz", folder / "colin_0000.nii.gz")
+    shutil.copy(inputs / "colin_0000.nii.gz", folder / "colin.nii.gz")
+    for given in ([str(folder)], [str(folder / "colin_0000.nii.gz"), str(folder / "colin.nii.gz")]):
+        assert run(["segment", *given, "--model", str(model_path), "-o", str(tmp_path / "out")]) == 2
+        assert "would both be written to" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def _patients(inputs: Path, root: Path) -> Path:
+    """root/p01/image.mha and root/p02/image.mha: one folder per patient, one file name
+    (small noise volumes, 20³ voxels of 5 mm)."""
+    rng = np.random.default_rng(0)
+    for patient in ("p01", "p02"):
+        (root / patient).mkdir(parents=True)
+        image = sitk.GetImageFromArray(rng.uniform(0, 100, (20, 20, 20)).astype(np.float32))
+        image.SetSpacing((5.0, 5.0, 5.0))
+        sitk.WriteImage(image, str(root / patient / "image.mha"))
+    return root
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_folder_per_patient_is_mirrored_and_resumes(model_path, inputs, tmp_path, capsys):
+    ds = _patients(inputs, tmp_path / "ds")
+    out = tmp_path / "out"
+    args = ["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--probabilities"]
+    assert run([*args, "-q"]) == 0
+    expected = ["p01/image.nii.gz", "p01/image_probabilities.nii.gz", "p02/image.nii.gz", "p02/image_probabilities.nii.gz"]
+    assert [f for f in _files(out) if f.endswith(".nii.gz")] == expected
+    first = (out / "p02" / "image.nii.gz").stat().st_mtime_ns
+    (out / "p01" / "image_probabilities.nii.gz").unlink()  # p01 is not done any more
+    assert run(args) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {out / 'p02' / 'image.nii.gz'} (output exists" in err and f"written {out / 'p01' / 'image.nii.gz'}" in err
+    assert (out / "p02" / "image.nii.gz").stat().st_mtime_ns == first
+    assert [f for f in _files(out) if f.endswith(".nii.gz")] == expected
+    # The same files given one by one (a glob, find | gvsl segment -) take the same names.
+    assert run(["segment", str(ds / "p01" / "image.mha"), str(ds / "p02" / "image.mha"), "--model", str(model_path), "-o", str(tmp_path / "given"), "--overlap", "0", "-q"]) == 0
+    assert [f for f in _files(tmp_path / "given") if f.endswith(".nii.gz")] == ["p01/image.nii.gz", "p02/image.nii.gz"]
+
+
+def test_files_of_distinct_names_stay_flat_wherever_they_are(tmp_path):
+    from gvsl_cli.data import Source, output_subfolders
+
+    def loose(*paths):
+        return output_subfolders([Source(tmp_path / p, Path(p).name, None) for p in paths], output_name)
+
+    assert loose("a/x_0000.nii.gz", "b/c/y.mha") == ["", ""]  # as before: OUT/x.nii.gz, OUT/y.nii.gz
+    assert loose("a/x_0000.nii.gz", "b/c/x.mha") == ["a", "b/c"]  # both x.nii.gz: mirrored
+    in_folder = Source(tmp_path / "ds" / "p1" / "ct.nii.gz", "p1/ct", tmp_path / "ds")
+    assert output_subfolders([in_folder, Source(tmp_path / "z.nii.gz", "z", None)], output_name) == ["p1", ""]
 
 
 def test_output_names_follow_nnunet():

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 def segment(
     inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns, or - to read paths from stdin."),
     model: List[str] = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL. Give it several times for an ensemble (e.g. the runs of --fold 0..4): the class probabilities are averaged."),
-    output: Path = typer.Option(..., "-o", "--output", "--out", callback=refuse_stdout_folder, help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
+    output: Path = typer.Option(..., "-o", "--output", "--out", callback=refuse_stdout_folder, help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them), in the input's sub-folder below a folder given (DIR/p01/image.nii.gz -> OUT/p01/image.nii.gz)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     overlap: float = typer.Option(0.5, "--overlap", help="Overlap of neighbouring sliding windows, in [0, 1) (more: smoother, slower)."),
@@ -32,7 +32,7 @@ def segment(
     from rich.console import Console
 
     from gvsl_cli.commands.inputs import stdin_for
-    from gvsl_cli.data import discover
+    from gvsl_cli.data import discover_named
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
@@ -50,7 +50,7 @@ def segment(
             raise InputError(f"{output}: the output folder is (or holds) the input folder {item}; its label maps would be read as images by the next run", hint="choose another -o folder, e.g. a sub-folder of the input folder")
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
-    sources, skipped = discover(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
+    sources, skipped = discover_named(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
     segmenters = [load_segmenter(spec) for spec in model]
     check_ensemble(segmenters)  # before any work
     console = Console(stderr=True, highlight=False, soft_wrap=True)
