@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from gvsl_cli.checkpoint import SEGMENTATION_KEY
-from gvsl_cli.data import Source
+from gvsl_cli.data import Source, failure_reason
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
 from gvsl_cli.errors import CheckpointError, ConfigError
 from gvsl_cli.model import SegmentationNet
+from gvsl_cli.segment_record import OutputRecord
 from gvsl_cli.sliding_window import sliding_window_inference
 
 BEST_FILE = "best.pt"
@@ -91,6 +92,8 @@ class Segmenter:
         source: where it was loaded from.
         trained_for: the training iteration the weights are from (None if not recorded).
         validation_dice: the run's validation mean foreground Dice for them, if recorded.
+        checksum: ``checkpoint.state_checksum`` of the weights (equal for equal weights,
+            whatever file they came from); recorded in ``segment.json``.
     """
 
     model: SegmentationNet
@@ -102,6 +105,7 @@ class Segmenter:
     info: dict = field(default_factory=dict)
     trained_for: int | None = None
     validation_dice: float | None = None
+    checksum: str = ""
 
 
 def _checkpoint_of(spec: str) -> str:
@@ -123,7 +127,7 @@ def load_segmenter(spec: str) -> Segmenter:
             damaged.
         WeightsError: no such file.
     """
-    from gvsl_cli.checkpoint import load_state_strict
+    from gvsl_cli.checkpoint import load_state_strict, state_checksum
     from gvsl_cli.weights import load_weights_spec
 
     loaded = load_weights_spec(_checkpoint_of(spec))
@@ -153,6 +157,7 @@ def load_segmenter(spec: str) -> Segmenter:
         info=meta,
         trained_for=int(iteration) if isinstance(iteration, int) else None,
         validation_dice=float(dice) if isinstance(dice, (int, float)) else None,
+        checksum=state_checksum(loaded.state_dict),
     )
 
 
@@ -320,23 +325,31 @@ def segment_files(
     overwrite: bool = False,
     probabilities: bool = False,
     on_result: Callable[[SegmentResult], None] | None = None,
+    record: OutputRecord | None = None,
 ) -> list[SegmentResult]:
     """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``),
     named by ``plan_outputs``; a failing input is reported and the others done. ``probabilities``: also write each
     input's class probabilities (``probabilities_name``); an input counts as done when all
-    its outputs exist."""
+    its outputs exist.
+
+    ``record`` (``segment_record.check_output_folder``): ``segment.json`` is written before
+    the first output; when the run replaces outputs of other settings, a failed input's
+    earlier outputs are removed and a written one's earlier probability map too.
+    """
     import SimpleITK as sitk
 
-    from gvsl_cli.data import check_not_constant, failure_reason
+    from gvsl_cli.data import check_not_constant
     from gvsl_cli.io import read_volume, remove_empty_folders, write_volume
     from gvsl_cli.preprocess import modality_misfit, modality_of_minimum
 
     mapping = (segmenter if isinstance(segmenter, Segmenter) else segmenter[0]).preprocess.modality
 
     results = []
+    replacing = record is not None and record.replacing
     for source, target in plan_outputs(sources, out_dir):
         started = time.perf_counter()
         probability_target = target.with_name(probabilities_name(source)) if probabilities else None
+        earlier_probabilities = target.with_name(probabilities_name(source))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
             result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
         else:
@@ -348,14 +361,21 @@ def segment_files(
                 labels, probability_image = segment_image_with_probabilities(
                     segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
                 )
+                if record is not None:
+                    record.before_first_output()
                 if probability_image is not None:
                     write_volume(probability_image, probability_target)  # first: the label map marks the input as done
+                elif replacing:
+                    earlier_probabilities.unlink(missing_ok=True)  # another model's
                 write_volume(labels, target)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
+                if replacing:  # left, they would pass for this run's
+                    for stale in (target, earlier_probabilities):
+                        stale.unlink(missing_ok=True)
                 remove_empty_folders([target.parent, *target.parent.parents][: len(target.relative_to(out_dir).parts) - 1])
         results.append(result)
         if on_result is not None:

@@ -36,7 +36,8 @@ def segment(
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
-    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, segment_files
+    from gvsl_cli.segment_record import check_output_folder, run_description
+    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, probabilities_name, segment_files
 
     check_overlap(overlap)
     if batch < 1:
@@ -66,6 +67,14 @@ def segment(
             # Without this, --overwrite would replace the image by its label map.
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     created = ensure_writable_folder(output, what="output folder")
+    # segment.json: a rerun with other models or settings is refused, not skipped as done.
+    description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
+    every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(s)) for s, t in planned] if probabilities else [])
+    try:
+        record = check_output_folder(output, description, every_output, overwrite=overwrite)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     if not quiet:
         if len(segmenters) > 1:
             console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)
@@ -88,10 +97,14 @@ def segment(
             console.print(f"warning: {result.input} {result.warning}", markup=False)
 
     try:
-        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report)
+        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report, record=record)
     except BaseException:
         remove_empty_folders(created)  # stopped before writing anything: no empty folder left
         raise
+    written = [Path(r.output) for r in results if r.status == "written"]
+    left = record.finish(written + ([p.with_name(p.name[: -len(".nii.gz")] + "_probabilities.nii.gz") for p in written] if probabilities else []))
+    if left:
+        console.print(f"warning: {left}", markup=False)
     failed = [r for r in results if r.status == "failed"]
     if failed or unusable:
         written = sum(r.status == "written" for r in results)
