@@ -15,6 +15,8 @@ label map would give staircases).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from gvsl_cli.checkpoint import SEGMENTATION_KEY
 from gvsl_cli.data import Source, failure_reason
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
-from gvsl_cli.errors import CheckpointError, ConfigError
+from gvsl_cli.errors import CheckpointError, ConfigError, GvslError, InputError
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segment_record import OutputRecord
 from gvsl_cli.sliding_window import sliding_window_inference
@@ -335,6 +337,11 @@ def segment_files(
     ``record`` (``segment_record.check_output_folder``): ``segment.json`` is written before
     the first output; when the run replaces outputs of other settings, a failed input's
     earlier outputs are removed and a written one's earlier probability map too.
+
+    Raises:
+        OutputWriteError: an output could not be written for want of space (or a
+            read-only or over-quota disk): the run stops there, as every later input would
+            fail the same way after its minutes of work.
     """
     import SimpleITK as sitk
 
@@ -361,16 +368,19 @@ def segment_files(
                 labels, probability_image = segment_image_with_probabilities(
                     segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
                 )
-                if record is not None:
-                    record.before_first_output()
-                if probability_image is not None:
-                    write_volume(probability_image, probability_target)  # first: the label map marks the input as done
-                elif replacing:
-                    earlier_probabilities.unlink(missing_ok=True)  # another model's
-                write_volume(labels, target)
+                with _stop_when_the_disk_fails(target, results):
+                    if record is not None:
+                        record.before_first_output()
+                    if probability_image is not None:
+                        write_volume(probability_image, probability_target)  # first: the label map marks the input as done
+                    elif replacing:
+                        earlier_probabilities.unlink(missing_ok=True)  # another model's
+                    write_volume(labels, target)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
+            except OutputWriteError:
+                raise
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
                 if replacing:  # left, they would pass for this run's
@@ -381,6 +391,38 @@ def segment_files(
         if on_result is not None:
             on_result(result)
     return results
+
+
+class OutputWriteError(InputError):
+    """An output cannot be written for a reason every later input shares (no space left,
+    over quota, read-only disk): ``segment_files`` stops instead of failing each input."""
+
+
+#: OS errors of the output disk rather than of one output.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _stop_when_the_disk_fails(target: Path, results: Sequence[SegmentResult]):
+    """Turn a write failure of the disk (``_DISK_ERRNOS``, or the NIfTI writer's short file,
+    ``io.write_volume``'s GvslError) into ``OutputWriteError``; other errors (a name too
+    long) stay one input's failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        where = exc.filename if exc.filename is not None else target
+        raise OutputWriteError(f"{where}: cannot write ({exc.strerror}); stopped after {_written(results)} written", hint=_DISK_HINT) from exc
+    except GvslError as exc:  # "PATH: the NIfTI writer left a damaged file (no space left on the device?)"
+        raise OutputWriteError(f"{str(exc).strip().splitlines()[0]}; stopped after {_written(results)} written", hint=_DISK_HINT) from exc
+
+
+_DISK_HINT = "free space on that disk or write to another -o folder; a rerun skips the label maps written"
+
+
+def _written(results: Sequence[SegmentResult]) -> str:
+    return f"{sum(r.status == 'written' for r in results)} label map(s)"
 
 
 def check_overlap(overlap: float) -> None:

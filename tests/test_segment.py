@@ -384,3 +384,35 @@ def test_label_maps_without_a_record_are_not_taken_as_done(model_path, inputs, t
     assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz", "segment.json"]
     assert "replacing" not in json.loads((out / "segment.json").read_text())
 
+
+def test_a_full_disk_stops_the_run_at_the_first_output(model_path, inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from gvsl_cli import io
+
+    real_write, calls = io.write_volume, []
+
+    def full_disk(image, path, **kwargs):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "write_volume", full_disk)
+    ds = _patients(inputs, tmp_path / "ds")
+    out = tmp_path / "out"
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 1 and len(err) == 1 and err[0].startswith(f"error: {out / 'p01' / 'image.nii.gz'}: cannot write (No space left on device); stopped after 0 label map(s) written"), err
+    # ITK's NIfTI writer does not raise on a full disk; io.write_volume finds the short file.
+    from gvsl_cli.errors import InputError
+
+    def short_file(image, path, **kwargs):
+        raise InputError(f"{path}: the NIfTI writer left a damaged file (no space left on the device?)")
+
+    monkeypatch.setattr(io, "write_volume", short_file)
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the NIfTI writer left a damaged file (no space left on the device?); stopped after 0 label map(s) written" in err[0], err
+    # A name too long stays one input's failure: the others are done (exit 7).
+    monkeypatch.setattr(io, "write_volume", lambda image, path, **kw: (_ for _ in ()).throw(OSError(errno.ENAMETOOLONG, "File name too long", str(path))) if "p01" in str(path) else real_write(image, path, **kw))
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
+    assert "failed" in capsys.readouterr().err and (out / "p02" / "image.nii.gz").is_file() and not (out / "p01").exists()
