@@ -47,7 +47,7 @@ def run_description(segmenters: Sequence, *, overlap: float, autocast_dtype, pro
     first = segmenters[0]
     return {
         "gvsl_version": __version__,
-        "models": [{"model": s.source, "weights_checksum": s.checksum} for s in segmenters],
+        "models": [{"model": s.source if "://" in s.source else os.path.abspath(s.source), "weights_checksum": s.checksum} for s in segmenters],
         "labels": dict(zip(first.label_names, first.label_values)),
         "preprocess": first.preprocess.to_dict(),
         "overlap": overlap,

@@ -380,17 +380,23 @@ def segment_files(
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
             except OutputWriteError:
+                remove_empty_folders(_subfolders_of(target, out_dir))
                 raise
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
                 if replacing:  # left, they would pass for this run's
                     for stale in (target, earlier_probabilities):
                         stale.unlink(missing_ok=True)
-                remove_empty_folders([target.parent, *target.parent.parents][: len(target.relative_to(out_dir).parts) - 1])
+                remove_empty_folders(_subfolders_of(target, out_dir))
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _subfolders_of(target: Path, out_dir: Path) -> list[Path]:
+    """The folders between ``out_dir`` (excluded) and ``target``, deepest first."""
+    return [target.parent, *target.parent.parents][: len(target.relative_to(out_dir).parts) - 1]
 
 
 class OutputWriteError(InputError):

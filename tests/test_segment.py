@@ -394,6 +394,7 @@ def test_a_full_disk_stops_the_run_at_the_first_output(model_path, inputs, tmp_p
 
     def full_disk(image, path, **kwargs):
         calls.append(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as atomic_path does
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(io, "write_volume", full_disk)
@@ -402,6 +403,7 @@ def test_a_full_disk_stops_the_run_at_the_first_output(model_path, inputs, tmp_p
     assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(calls) == 1 and len(err) == 1 and err[0].startswith(f"error: {out / 'p01' / 'image.nii.gz'}: cannot write (No space left on device); stopped after 0 label map(s) written"), err
+    assert not (out / "p01").exists()
     # ITK's NIfTI writer does not raise on a full disk; io.write_volume finds the short file.
     from gvsl_cli.errors import InputError
 
