@@ -179,7 +179,8 @@ def check_output_folder(out_dir: Path, description: dict, targets: Sequence[Path
     if differing and not overwrite:
         raise InputError(f"{out_dir} holds label maps made with other {'; other '.join(differing)} (see {RUN_FILE})", hint=hint)
     if differing or stored.get("replacing"):
-        earlier = stored.get("replacing", {}).get("earlier") if stored.get("replacing") else {k: v for k, v in stored.items() if k != "replacing"}
+        marker = stored.get("replacing")
+        earlier = (marker.get("earlier") if isinstance(marker, dict) else None) if marker else {k: v for k, v in stored.items() if k != "replacing"}
         return OutputRecord(out_dir, given, write_first=True, replacing=True, replaced_from=earlier)
     if given["probabilities"] and not stored.get("probabilities"):
         return OutputRecord(out_dir, {**stored, "probabilities": True}, write_first=True)  # probability maps join the label maps
