@@ -389,6 +389,66 @@ def volume_paths(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str]
     return paths, skipped
 
 
+def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> tuple[list[Source], list[Skipped]]:
+    """``volume_paths`` with names: the volumes named by ``inputs`` as ``Source``, in the
+    order given, and the inputs skipped.
+
+    Paths are as ``volume_paths`` gives them (a file given stays as written). A volume found
+    in a folder given as input is named by its path below that folder (``Source.folder`` is
+    that folder); every other volume (a file or DICOM folder given, a glob match, a list or
+    stdin entry) by its path below the deepest folder holding all of those, as
+    ``discover_named`` names them.
+    """
+    sources: list[Source] = []
+    skipped: list[Skipped] = []
+    for item in inline_streams(inputs, stdin_lines):
+        path = Path(item).expanduser()
+        if (path.is_file() and volume_suffix(path) is not None) or (path.is_dir() and _walk_folder(path) == [path]):
+            sources.append(Source(path, path.name, None))
+        else:
+            found, bad = discover_named([item])
+            sources.extend(found)
+            skipped.extend(bad)
+    loose = [Path(os.path.abspath(s.path)) for s in sources if s.folder is None]
+    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
+    named = []
+    for source in sources:
+        if source.folder is None:
+            source = Source(source.path, strip_volume_suffix(Path(os.path.abspath(source.path)).relative_to(common).as_posix()), None)
+        named.append(source)
+    return named, skipped
+
+
+def output_subfolders(sources: Sequence[Source], file_name: Callable[[Path], str]) -> list[str]:
+    """The sub-folder of each source's output in a command's output folder (POSIX, "" for
+    its top), for commands writing one output per input named after the input's file
+    (``file_name(path)``: segment's ``CASE.nii.gz``, apply's ``scan_warped.nii.gz``).
+
+    - A volume found in a folder given as input goes where it sits below that folder
+      (``ds/p01/image.nii.gz`` -> ``p01``): one folder per patient is mirrored, a flat
+      folder stays flat.
+    - The other volumes (files given, glob matches, list or stdin entries) go to the top
+      when their output file names all differ; when two would take the same name, each of
+      them goes where it sits below the deepest folder holding them all
+      (``ds/p01/image.nii.gz`` and ``ds/p02/image.nii.gz`` -> ``p01``, ``p02``), as
+      ``Source.name`` names them.
+    """
+    loose = [Path(os.path.abspath(s.path)) for s in sources if s.folder is None]
+    loose_names = [file_name(p) for p in loose]
+    mirror_loose = len(set(loose_names)) < len(loose_names)
+    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
+    subfolders = []
+    for source in sources:
+        if source.folder is not None:
+            parent = Path(os.path.abspath(source.path)).parent.relative_to(source.folder)
+        elif mirror_loose:
+            parent = Path(os.path.abspath(source.path)).parent.relative_to(common)
+        else:
+            parent = Path()
+        subfolders.append("" if parent == Path() else parent.as_posix())
+    return subfolders
+
+
 # --------------------------------------------------------------------------- cache
 
 

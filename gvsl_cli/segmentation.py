@@ -15,6 +15,8 @@ label map would give staircases).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 
 from gvsl_cli.checkpoint import SEGMENTATION_KEY
+from gvsl_cli.data import Source, failure_reason
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
-from gvsl_cli.errors import CheckpointError, ConfigError
+from gvsl_cli.errors import CheckpointError, ConfigError, GvslError, InputError
 from gvsl_cli.model import SegmentationNet
+from gvsl_cli.segment_record import OutputRecord
 from gvsl_cli.sliding_window import sliding_window_inference
 
 BEST_FILE = "best.pt"
@@ -90,6 +94,8 @@ class Segmenter:
         source: where it was loaded from.
         trained_for: the training iteration the weights are from (None if not recorded).
         validation_dice: the run's validation mean foreground Dice for them, if recorded.
+        checksum: ``checkpoint.state_checksum`` of the weights (equal for equal weights,
+            whatever file they came from); recorded in ``segment.json``.
     """
 
     model: SegmentationNet
@@ -101,6 +107,7 @@ class Segmenter:
     info: dict = field(default_factory=dict)
     trained_for: int | None = None
     validation_dice: float | None = None
+    checksum: str = ""
 
 
 def _checkpoint_of(spec: str) -> str:
@@ -122,7 +129,7 @@ def load_segmenter(spec: str) -> Segmenter:
             damaged.
         WeightsError: no such file.
     """
-    from gvsl_cli.checkpoint import load_state_strict
+    from gvsl_cli.checkpoint import load_state_strict, state_checksum
     from gvsl_cli.weights import load_weights_spec
 
     loaded = load_weights_spec(_checkpoint_of(spec))
@@ -152,6 +159,7 @@ def load_segmenter(spec: str) -> Segmenter:
         info=meta,
         trained_for=int(iteration) if isinstance(iteration, int) else None,
         validation_dice=float(dice) if isinstance(dice, (int, float)) else None,
+        checksum=state_checksum(loaded.state_dict),
     )
 
 
@@ -289,20 +297,27 @@ class SegmentResult:
     warning: str = ""
 
 
-def plan_outputs(sources: Sequence[Path], out_dir: Path) -> list[tuple[Path, Path]]:
-    """(input, output path) pairs; two inputs that would write the same file are refused."""
+def plan_outputs(sources: Sequence[Path | Source], out_dir: Path) -> list[tuple[Path, Path]]:
+    """(input path, output path) pairs: ``output_name`` in the sub-folder that
+    ``data.output_subfolders`` gives (a folder per patient is mirrored, ``out/p01/image.nii.gz``;
+    a flat folder or files of distinct names stay flat, ``out/CASE.nii.gz``). A bare path is
+    taken as a file given directly. Two inputs that would write the same file are refused.
+    """
+    from gvsl_cli.data import output_subfolders
+
+    sources = [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
     planned: dict[Path, Path] = {}
-    for source in sources:
-        target = out_dir / output_name(source)
+    for source, subfolder in zip(sources, output_subfolders(sources, output_name)):
+        target = out_dir / subfolder / output_name(source.path)
         if target in planned:
-            raise ConfigError(f"{source} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders")
-        planned[target] = source
+            raise ConfigError(f"{source.path} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders, or rename one of them")
+        planned[target] = source.path
     return [(source, target) for target, source in planned.items()]
 
 
 def segment_files(
     segmenter: Segmenter | Sequence[Segmenter],
-    sources: Sequence[Path],
+    sources: Sequence[Path | Source],
     out_dir: Path,
     *,
     device: torch.device,
@@ -312,23 +327,36 @@ def segment_files(
     overwrite: bool = False,
     probabilities: bool = False,
     on_result: Callable[[SegmentResult], None] | None = None,
+    record: OutputRecord | None = None,
 ) -> list[SegmentResult]:
-    """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``);
-    a failing input is reported and the others done. ``probabilities``: also write each
+    """Segment each source into ``out_dir`` with one model or an ensemble (``segment_image``),
+    named by ``plan_outputs``; a failing input is reported and the others done. ``probabilities``: also write each
     input's class probabilities (``probabilities_name``); an input counts as done when all
-    its outputs exist."""
+    its outputs exist.
+
+    ``record`` (``segment_record.check_output_folder``): ``segment.json`` is written before
+    the first output; when the run replaces outputs of other settings, a failed input's
+    earlier outputs are removed and a written one's earlier probability map too.
+
+    Raises:
+        OutputWriteError: an output could not be written for want of space (or a
+            read-only or over-quota disk): the run stops there, as every later input would
+            fail the same way after its minutes of work.
+    """
     import SimpleITK as sitk
 
-    from gvsl_cli.data import check_not_constant, failure_reason
-    from gvsl_cli.io import read_volume, write_volume
+    from gvsl_cli.data import check_not_constant
+    from gvsl_cli.io import read_volume, remove_empty_folders, write_volume
     from gvsl_cli.preprocess import modality_misfit, modality_of_minimum
 
     mapping = (segmenter if isinstance(segmenter, Segmenter) else segmenter[0]).preprocess.modality
 
     results = []
+    replacing = record is not None and record.replacing
     for source, target in plan_outputs(sources, out_dir):
         started = time.perf_counter()
         probability_target = target.with_name(probabilities_name(source)) if probabilities else None
+        earlier_probabilities = target.with_name(probabilities_name(source))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
             result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
         else:
@@ -340,18 +368,67 @@ def segment_files(
                 labels, probability_image = segment_image_with_probabilities(
                     segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
                 )
-                if probability_image is not None:
-                    write_volume(probability_image, probability_target)  # first: the label map marks the input as done
-                write_volume(labels, target)
+                with _stop_when_the_disk_fails(target, results):
+                    if record is not None:
+                        record.before_first_output()
+                    if probability_image is not None:
+                        write_volume(probability_image, probability_target)  # first: the label map marks the input as done
+                    elif replacing:
+                        earlier_probabilities.unlink(missing_ok=True)  # another model's
+                    write_volume(labels, target)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
+            except OutputWriteError:
+                remove_empty_folders(_subfolders_of(target, out_dir))
+                raise
             except Exception as exc:  # noqa: BLE001 - one image's failure must not end a run over many
                 result = SegmentResult(str(source), str(target), "failed", failure_reason(exc, source))
+                if replacing:  # left, they would pass for this run's
+                    for stale in (target, earlier_probabilities):
+                        stale.unlink(missing_ok=True)
+                remove_empty_folders(_subfolders_of(target, out_dir))
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _subfolders_of(target: Path, out_dir: Path) -> list[Path]:
+    """The folders between ``out_dir`` (excluded) and ``target``, deepest first."""
+    return [target.parent, *target.parent.parents][: len(target.relative_to(out_dir).parts) - 1]
+
+
+class OutputWriteError(InputError):
+    """An output cannot be written for a reason every later input shares (no space left,
+    over quota, read-only disk): ``segment_files`` stops instead of failing each input."""
+
+
+#: OS errors of the output disk rather than of one output.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _stop_when_the_disk_fails(target: Path, results: Sequence[SegmentResult]):
+    """Turn a write failure of the disk (``_DISK_ERRNOS``, or the NIfTI writer's short file,
+    ``io.write_volume``'s GvslError) into ``OutputWriteError``; other errors (a name too
+    long) stay one input's failure."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        where = exc.filename if exc.filename is not None else target
+        raise OutputWriteError(f"{where}: cannot write ({exc.strerror}); stopped after {_written(results)} written", hint=_DISK_HINT) from exc
+    except GvslError as exc:  # "PATH: the NIfTI writer left a damaged file (no space left on the device?)"
+        raise OutputWriteError(f"{str(exc).strip().splitlines()[0]}; stopped after {_written(results)} written", hint=_DISK_HINT) from exc
+
+
+_DISK_HINT = "free space on that disk or write to another -o folder; a rerun skips the label maps written"
+
+
+def _written(results: Sequence[SegmentResult]) -> str:
+    return f"{sum(r.status == 'written' for r in results)} label map(s)"
 
 
 def check_overlap(overlap: float) -> None:

@@ -268,7 +268,7 @@ def test_segment_reads_stdin_and_warns_when_the_model_contract_does_not_fit(tmp_
     code = run(["segment", "-", "--model", str(segmentation_model), "--out", str(tmp_path / "pred"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["colin27_t1_2mm.nii.gz", "ct_hu.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["colin27_t1_2mm.nii.gz", "ct_hu.nii.gz", "segment.json"]
     # -q: the warning only, one line, for the CT alone.
     assert err == [f"warning: {ct_hu} looks like CT (minimum below -500: Hounsfield units), but its intensities are mapped as MR (the model's contract): the model never saw such images, its labels may be wrong"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +220,29 @@ def _identity_transform(tmp_path):
     return path
 
 
+def test_apply_mirrors_a_folder_per_patient(tmp_path, capsys, icbm_t1, colin_t1, colin_labels):
+    # Files of one name in per-patient folders: each output goes to its patient's sub-folder.
+    for patient in ("p01", "p02"):
+        for tree, name, source in (("ds", "image.nii.gz", colin_t1), ("labs", "seg.nii.gz", colin_labels)):
+            (tmp_path / tree / patient).mkdir(parents=True, exist_ok=True)
+            (tmp_path / tree / patient / name).write_bytes(source.read_bytes())
+    transform = _identity_transform(tmp_path)
+
+    def outputs(out: Path, *args: str) -> list[str]:
+        assert run(["apply", *args, "-t", str(transform), "-r", str(icbm_t1), "-o", str(out), "--json", "-q"]) == 0
+        return [Path(json.loads(line)["output"]).relative_to(out).as_posix() for line in capsys.readouterr().out.splitlines()]
+
+    # Folders given: below each folder.
+    assert outputs(tmp_path / "o1", str(tmp_path / "ds"), "-l", str(tmp_path / "labs")) == ["p01/image_warped.nii.gz", "p02/image_warped.nii.gz", "p01/seg_warped.nii.gz", "p02/seg_warped.nii.gz"]
+    labels = sitk.ReadImage(str(tmp_path / "o1" / "p02" / "seg_warped.nii.gz"))
+    assert labels.GetPixelID() == sitk.ReadImage(str(colin_labels)).GetPixelID()
+    # Files given (a glob, find | gvsl apply -): below the deepest folder holding them all.
+    assert outputs(tmp_path / "o2", str(tmp_path / "ds" / "*" / "image.nii.gz")) == ["p01/image_warped.nii.gz", "p02/image_warped.nii.gz"]
+    # Files of distinct names stay at the top, as before.
+    assert outputs(tmp_path / "o3", str(tmp_path / "ds" / "p01" / "image.nii.gz"), "-l", str(tmp_path / "labs" / "p02" / "seg.nii.gz")) == ["image_warped.nii.gz", "seg_warped.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["image_warped.nii.gz", "seg_warped.nii.gz"]  # no staging folder left
+
+
 def test_apply_refuses_inputs_whose_outputs_collide(tmp_path, capsys, icbm_t1, colin_t1, colin_labels):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -226,7 +250,8 @@ def test_apply_refuses_inputs_whose_outputs_collide(tmp_path, capsys, icbm_t1, c
     image.write_bytes(colin_t1.read_bytes())
     labels.write_bytes(colin_labels.read_bytes())
     out = tmp_path / "warped"
-    code = run(["apply", str(image), "-l", str(labels), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)])
+    # s.nii.gz at the top of a folder given and a file s.nii.gz given directly.
+    code = run(["apply", str(tmp_path / "a"), "-l", str(labels), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert str(image) in err[0] and str(labels) in err[0] and "s_warped.nii.gz" in err[0]

@@ -7,6 +7,7 @@ check the probability resampling back onto the input grid.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -60,7 +61,7 @@ def inputs(tmp_path_factory) -> Path:
 def test_labels_have_the_inputs_geometry_and_the_models_values(model_path, inputs, tmp_path):
     out = tmp_path / "out"
     assert run(["segment", str(inputs), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["colin.nii.gz", "itk.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["colin.nii.gz", "itk.nii.gz", "segment.json"]
     for source, written in ((inputs / "colin_0000.nii.gz", out / "colin.nii.gz"), (inputs / "itk.mha", out / "itk.nii.gz")):
         image, labels = sitk.ReadImage(str(source)), sitk.ReadImage(str(written))
         assert Geometry.of(labels).is_close(Geometry.of(image), atol=1e-5)
@@ -115,9 +116,9 @@ def test_existing_outputs_are_skipped_unless_overwrite(model_path, inputs, tmp_p
     assert run(["segment", source, "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 0
     target = out / "colin.nii.gz"
     target.write_bytes(b"placeholder")
-    assert run(["segment", source, "--model", str(model_path), "-o", str(out)]) == 0
+    assert run(["segment", source, "--model", str(model_path), "-o", str(out), "--overlap", "0"]) == 0
     assert "skipped" in capsys.readouterr().err and target.read_bytes() == b"placeholder"
-    assert run(["segment", source, "--model", str(model_path), "-o", str(out), "--overwrite", "--quiet"]) == 0
+    assert run(["segment", source, "--model", str(model_path), "-o", str(out), "--overlap", "0", "--overwrite", "--quiet"]) == 0
     assert sitk.ReadImage(str(target)).GetSize() == (90, 108, 90)
 
 
@@ -128,7 +129,7 @@ def test_unreadable_input_is_one_line_the_others_are_done_and_the_exit_is_non_ze
     assert run(["segment", str(broken), str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "--quiet"]) == 7
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(f"failed {broken}: ") and len(err) == 2 and err[1].startswith("error: 1 of 2 input(s)")
-    assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz"]  # nothing half-written
+    assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz", "segment.json"]  # nothing half-written
 
 
 def test_pretrained_weights_are_not_a_segmentation_model(inputs, tmp_path, capsys):
@@ -139,12 +140,62 @@ def test_pretrained_weights_are_not_a_segmentation_model(inputs, tmp_path, capsy
 
 
 def test_two_inputs_with_one_output_name_are_refused_before_any_work(model_path, inputs, tmp_path, capsys):
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(inputs / "colin_0000.nii.gz", other / "colin.nii.gz")
-    assert run(["segment", str(inputs / "colin_0000.nii.gz"), str(other / "colin.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "out")]) == 2
-    assert "would both be written" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    # CASE_0000.nii.gz and CASE.nii.gz in one folder both give CASE.nii.gz (nnU-Net names).
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    shutil.copy(inputs / "colin_0000.nii.gz", folder / "colin_0000.nii.gz")
+    shutil.copy(inputs / "colin_0000.nii.gz", folder / "colin.nii.gz")
+    for given in ([str(folder)], [str(folder / "colin_0000.nii.gz"), str(folder / "colin.nii.gz")]):
+        assert run(["segment", *given, "--model", str(model_path), "-o", str(tmp_path / "out")]) == 2
+        assert "would both be written to" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def _patients(inputs: Path, root: Path) -> Path:
+    """root/p01/image.mha and root/p02/image.mha: one folder per patient, one file name
+    (small noise volumes, 20³ voxels of 5 mm)."""
+    rng = np.random.default_rng(0)
+    for patient in ("p01", "p02"):
+        (root / patient).mkdir(parents=True)
+        image = sitk.GetImageFromArray(rng.uniform(0, 100, (20, 20, 20)).astype(np.float32))
+        image.SetSpacing((5.0, 5.0, 5.0))
+        sitk.WriteImage(image, str(root / patient / "image.mha"))
+    return root
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_folder_per_patient_is_mirrored_and_resumes(model_path, inputs, tmp_path, capsys):
+    ds = _patients(inputs, tmp_path / "ds")
+    out = tmp_path / "out"
+    args = ["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--probabilities"]
+    assert run([*args, "-q"]) == 0
+    expected = ["p01/image.nii.gz", "p01/image_probabilities.nii.gz", "p02/image.nii.gz", "p02/image_probabilities.nii.gz"]
+    assert [f for f in _files(out) if f.endswith(".nii.gz")] == expected
+    first = (out / "p02" / "image.nii.gz").stat().st_mtime_ns
+    (out / "p01" / "image_probabilities.nii.gz").unlink()  # p01 is not done any more
+    assert run(args) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {out / 'p02' / 'image.nii.gz'} (output exists" in err and f"written {out / 'p01' / 'image.nii.gz'}" in err
+    assert (out / "p02" / "image.nii.gz").stat().st_mtime_ns == first
+    assert [f for f in _files(out) if f.endswith(".nii.gz")] == expected
+    # The same files given one by one (a glob, find | gvsl segment -) take the same names.
+    assert run(["segment", str(ds / "p01" / "image.mha"), str(ds / "p02" / "image.mha"), "--model", str(model_path), "-o", str(tmp_path / "given"), "--overlap", "0", "-q"]) == 0
+    assert [f for f in _files(tmp_path / "given") if f.endswith(".nii.gz")] == ["p01/image.nii.gz", "p02/image.nii.gz"]
+
+
+def test_files_of_distinct_names_stay_flat_wherever_they_are(tmp_path):
+    from gvsl_cli.data import Source, output_subfolders
+
+    def loose(*paths):
+        return output_subfolders([Source(tmp_path / p, Path(p).name, None) for p in paths], output_name)
+
+    assert loose("a/x_0000.nii.gz", "b/c/y.mha") == ["", ""]  # as before: OUT/x.nii.gz, OUT/y.nii.gz
+    assert loose("a/x_0000.nii.gz", "b/c/x.mha") == ["a", "b/c"]  # both x.nii.gz: mirrored
+    in_folder = Source(tmp_path / "ds" / "p1" / "ct.nii.gz", "p1/ct", tmp_path / "ds")
+    assert output_subfolders([in_folder, Source(tmp_path / "z.nii.gz", "z", None)], output_name) == ["p1", ""]
 
 
 def test_output_names_follow_nnunet():
@@ -267,3 +318,103 @@ def test_probabilities_are_written_on_the_input_grid_and_sum_to_one(inputs, tmp_
     (out / "itk_probabilities.nii.gz").unlink()
     assert run(["segment", str(source), "--model", str(model), "-o", str(out), "--probabilities", "--quiet"]) == 0
     assert (out / "itk_probabilities.nii.gz").is_file()
+
+
+def test_a_rerun_with_another_model_or_overlap_is_refused_and_overwrite_replaces(model_path, inputs, tmp_path, capsys):
+    out, source = tmp_path / "out", str(inputs / "itk.mha")
+    other = _constant_checkpoint(tmp_path / "other.pt", [0.0, 0.0, 100.0])  # all class b (5)
+    assert run(["segment", source, "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 0
+    record = json.loads((out / "segment.json").read_text())
+    assert record["overlap"] == 0.0 and record["precision"] == "fp32" and record["probabilities"] is False
+    assert record["models"][0]["model"] == str(model_path) and len(record["models"][0]["weights_checksum"]) == 16
+    before = (out / "itk.nii.gz").read_bytes()
+    for args, said in (
+        (["--model", str(other), "--overlap", "0"], "other models (weights checksums"),
+        (["--model", str(model_path)], "other --overlap (0.0 here, 0.5 given)"),
+        (["--model", str(model_path), "--model", str(other), "--overlap", "0"], "other models"),  # an ensemble
+    ):
+        assert run(["segment", source, *args, "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out} holds label maps made with other") and said in err[0], err
+        assert "--overwrite" in err[0]
+    assert (out / "itk.nii.gz").read_bytes() == before
+    # The same model from another path, and --probabilities added, are no mismatch.
+    shutil.copy(model_path, tmp_path / "moved.pt")
+    assert run(["segment", source, "--model", str(tmp_path / "moved.pt"), "-o", str(out), "--overlap", "0", "--probabilities", "-q"]) == 0
+    assert (out / "itk_probabilities.nii.gz").is_file() and json.loads((out / "segment.json").read_text())["probabilities"] is True
+    # --overwrite replaces: the other model's labels, its record; the earlier probabilities go.
+    assert run(["segment", source, "--model", str(other), "-o", str(out), "--overlap", "0", "--overwrite", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "itk.nii.gz")))).tolist() == [5]
+    assert not (out / "itk_probabilities.nii.gz").exists()
+    record = json.loads((out / "segment.json").read_text())
+    assert record["models"][0]["model"] == str(other) and "replacing" not in record
+    assert run(["segment", source, "--model", str(other), "-o", str(out), "--overlap", "0"]) == 0
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_an_unfinished_overwrite_is_not_taken_as_done(model_path, inputs, tmp_path, capsys):
+    ds = _patients(inputs, tmp_path / "ds")
+    out = tmp_path / "out"
+    other = _constant_checkpoint(tmp_path / "other.pt", [0.0, 0.0, 100.0])
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 0
+    # --overwrite with the other model on p01 and a new p03: p02's label map is still the first model's.
+    shutil.copytree(ds / "p01", ds / "p03")
+    assert run(["segment", str(ds / "p01" / "image.mha"), str(ds / "p03" / "image.mha"), "--model", str(other), "-o", str(out), "--overlap", "0", "--overwrite", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "did not replace" in err and str(out / "p02" / "image.nii.gz") in err
+    assert json.loads((out / "segment.json").read_text())["replacing"]["earlier"]["overlap"] == 0.0
+    assert run(["segment", str(ds), "--model", str(other), "-o", str(out), "--overlap", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "may hold label maps of two settings" in err[0], err
+    # Rerun with --overwrite over every input: the marker goes, a plain rerun skips all.
+    assert run(["segment", str(ds), "--model", str(other), "-o", str(out), "--overlap", "0", "--overwrite", "-q"]) == 0
+    assert "replacing" not in json.loads((out / "segment.json").read_text())
+    assert run(["segment", str(ds), "--model", str(other), "-o", str(out), "--overlap", "0"]) == 0
+    assert capsys.readouterr().err.count("skipped") == 3
+
+
+def test_label_maps_without_a_record_are_not_taken_as_done(model_path, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "itk.nii.gz").write_bytes(b"someone else's")
+    assert run(["segment", str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "-q"]) == 2
+    assert "holds label maps without a segment.json" in capsys.readouterr().err
+    assert run(["segment", str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "--overwrite", "-q", "--overlap", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz", "segment.json"]
+    assert "replacing" not in json.loads((out / "segment.json").read_text())
+
+
+def test_a_full_disk_stops_the_run_at_the_first_output(model_path, inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from gvsl_cli import io
+
+    real_write, calls = io.write_volume, []
+
+    def full_disk(image, path, **kwargs):
+        calls.append(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as atomic_path does
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "write_volume", full_disk)
+    ds = _patients(inputs, tmp_path / "ds")
+    out = tmp_path / "out"
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 1 and len(err) == 1 and err[0].startswith(f"error: {out / 'p01' / 'image.nii.gz'}: cannot write (No space left on device); stopped after 0 label map(s) written"), err
+    assert not (out / "p01").exists()
+    # ITK's NIfTI writer does not raise on a full disk; io.write_volume finds the short file.
+    from gvsl_cli.errors import InputError
+
+    def short_file(image, path, **kwargs):
+        raise InputError(f"{path}: the NIfTI writer left a damaged file (no space left on the device?)")
+
+    monkeypatch.setattr(io, "write_volume", short_file)
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the NIfTI writer left a damaged file (no space left on the device?); stopped after 0 label map(s) written" in err[0], err
+    # A name too long stays one input's failure: the others are done (exit 7).
+    monkeypatch.setattr(io, "write_volume", lambda image, path, **kw: (_ for _ in ()).throw(OSError(errno.ENAMETOOLONG, "File name too long", str(path))) if "p01" in str(path) else real_write(image, path, **kw))
+    assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
+    assert "failed" in capsys.readouterr().err and (out / "p02" / "image.nii.gz").is_file() and not (out / "p01").exists()

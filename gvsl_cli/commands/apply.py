@@ -30,26 +30,28 @@ def apply(
     transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain (the last is applied first, as antsApplyTransforms)."),
     labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept), named as the images are; repeatable; -l - reads their paths from stdin."),
     reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the displacement field's grid (the fixed image of gvsl register)."),
-    out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext> (two inputs with the same file name are refused)."),
+    out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext>, in the input's sub-folder below a folder given (DIR/p01/ct.nii.gz -> OUT/p01/ct_warped.nii.gz); files given directly go to its top unless two share a name."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors (the --json lines are still printed)."),
 ) -> None:
     """Warp IMAGES (and --labels maps) with a saved transform onto the fixed grid."""
     from rich.console import Console
 
+    from gvsl_cli.data import output_subfolders
     from gvsl_cli.errors import InputError
     from gvsl_cli.geometry import Geometry
     from gvsl_cli.io import read_volume, volume_suffix
     from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
     from gvsl_cli.warping import read_transform_chain
 
-    images, labels = _paths_read(images or [], labels)
-    jobs = [(path, False) for path in images] + [(path, True) for path in labels]
+    image_sources, label_sources = _paths_read(images or [], labels)
+    jobs = [(source.path, False) for source in image_sources] + [(source.path, True) for source in label_sources]
     if not jobs:
         raise InputError("nothing to warp", hint="give image paths and/or --labels label maps")
     # Everything is checked before the first output is written: output names and paths,
     # transforms, reference and every input volume; then the output folder.
-    targets = planned_outputs(jobs, out_dir, protected=[*transform, *([reference] if reference is not None else [])])
+    subfolders = output_subfolders([*image_sources, *label_sources], output_name)
+    targets = planned_outputs(jobs, out_dir, protected=[*transform, *([reference] if reference is not None else [])], subfolders=subfolders)
     chain, field_grid = read_transform_chain(list(transform))
     if reference is not None:
         grid = Geometry.of(read_volume(reference))
@@ -82,32 +84,33 @@ def apply(
             err.print(f"{path} -> {target} ({'nearest, labels' if is_labels else 'linear'})", markup=False)
 
 
-def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list[Path], list[Path]]:
+def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list, list]:
     """``images`` and ``labels`` with ``-`` (stdin), pipes (``<(...)``), folders of volumes,
-    glob patterns and lists replaced by the volumes they name (``data.volume_paths``); stdin
-    can feed one of the two.
+    glob patterns and lists replaced by the volumes they name, as ``data.Source`` (with the
+    folder each was found in, ``data.volume_sources``); stdin can feed one of the two.
 
     Raises:
         InputError: an input names no volume (nothing is warped then).
     """
     from gvsl_cli.commands.inputs import stdin_for
-    from gvsl_cli.data import volume_paths
+    from gvsl_cli.data import volume_sources
     from gvsl_cli.errors import ConfigError, InputError
 
     if "-" in map(str, images) and "-" in map(str, labels):
         raise ConfigError("- is given both as an image and as --labels; stdin holds one list of paths", hint="give the other list through a pipe, e.g. -l <(cat labels.txt)")
     found = []
     for inputs in (images, labels):
-        paths, skipped = volume_paths(inputs, stdin_for(inputs))
+        sources, skipped = volume_sources(inputs, stdin_for(inputs))
         if skipped:
             more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
             raise InputError(f"{skipped[0].path}: {skipped[0].reason}{more}", hint="every input must be warped; remove or fix it")
-        found.append(paths)
+        found.append(sources)
     return found[0], found[1]
 
 
 def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform, grid) -> None:
-    """Warp every (input, is_labels) job to its target, all or nothing.
+    """Warp every (input, is_labels) job to its target (in ``out_dir`` or a sub-folder of
+    it), all or nothing.
 
     Outputs are written in a hidden staging folder inside ``out_dir`` and moved into place
     only when all of them are written, so a failure on a later input (disk full, Ctrl-C)
@@ -124,10 +127,13 @@ def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform,
     try:
         for index, ((path, is_labels), target) in enumerate(zip(jobs, targets)):
             warped = apply_transform(read(index, path), transform, grid, labels=is_labels)
-            write_volume(warped, staging / target.name)
+            write_volume(warped, staging / target.relative_to(out_dir))
+        staged = [path for path in staging.rglob("*") if path.is_file()]
         # A detached header (.mhd, .nhdr) goes in after its data file, as io writes them.
-        for written in sorted(staging.iterdir(), key=lambda p: volume_suffix(p) in DETACHED_HEADER_SUFFIXES):
-            os.replace(written, out_dir / written.name)
+        for written in sorted(staged, key=lambda p: volume_suffix(p) in DETACHED_HEADER_SUFFIXES):
+            final = out_dir / written.relative_to(staging)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(written, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -136,14 +142,16 @@ def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform,
 KEEP_BYTES = 2 * 2**30
 
 
-def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]:
-    """The output path of each (input, is_labels) job, checked before anything is read.
+def planned_outputs(jobs: list, out_dir: Path, *, protected: list, subfolders: list[str] | None = None) -> list[Path]:
+    """The output path of each (input, is_labels) job, checked before anything is read:
+    ``output_name`` in the job's sub-folder of ``out_dir`` (``subfolders``, from
+    ``data.output_subfolders``: a folder per patient is mirrored; none: all at the top).
 
     Raises:
-        InputError: two inputs map to the same output name (e.g. ``a/s.nii.gz`` and
-            ``b/s.nii.gz``; outputs are named after the input's file name only), an input is
-            given twice, an output would overwrite an input, the reference or a transform,
-            or an output path is taken by a folder.
+        InputError: two inputs map to the same output (e.g. ``s.nii.gz`` in a folder given
+            and a file ``other/s.nii.gz`` given directly), an input is given twice, an
+            output would overwrite an input, the reference or a transform, or an output
+            path is taken by a folder.
     """
     from gvsl_cli.errors import InputError
     from gvsl_cli.registration_job import refuse_folders_at
@@ -152,8 +160,8 @@ def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]
     inputs.update({Path(path).resolve(): path for path in protected})
     seen: dict[Path, Path] = {}
     targets = []
-    for path, _ in jobs:
-        target = out_dir / output_name(path)
+    for (path, _), subfolder in zip(jobs, subfolders or [""] * len(jobs)):
+        target = out_dir / subfolder / output_name(path)
         key = target.resolve()
         if key in inputs:
             raise InputError(f"{inputs[key]}: output {target} would overwrite this input", hint="choose another -o folder")
@@ -162,7 +170,7 @@ def planned_outputs(jobs: list, out_dir: Path, *, protected: list) -> list[Path]
             if Path(first).resolve() == Path(path).resolve():
                 raise InputError(f"{path}: given twice", hint="give each input once")
             raise InputError(
-                f"{first} and {path} would both be written to {target} (outputs are named <input name>_warped)",
+                f"{first} and {path} would both be written to {target} (outputs are named <input name>_warped, in the sub-folder below a folder given)",
                 hint="warp them in separate runs with different -o folders, or rename one of them",
             )
         seen[key] = path

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 def segment(
     inputs: List[str] = typer.Argument(..., help="Images: files, folders (searched recursively), DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns, or - to read paths from stdin."),
     model: List[str] = typer.Option(..., "--model", "-m", help="A gvsl finetune run folder (its best.pt) or a segmentation checkpoint file or URL. Give it several times for an ensemble (e.g. the runs of --fold 0..4): the class probabilities are averaged."),
-    output: Path = typer.Option(..., "-o", "--output", "--out", callback=refuse_stdout_folder, help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them)."),
+    output: Path = typer.Option(..., "-o", "--output", "--out", callback=refuse_stdout_folder, help="Output folder: one CASE.nii.gz label map per input (CASE_0000 -> CASE, as nnU-Net names them), in the input's sub-folder below a folder given (DIR/p01/image.nii.gz -> OUT/p01/image.nii.gz)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     overlap: float = typer.Option(0.5, "--overlap", help="Overlap of neighbouring sliding windows, in [0, 1) (more: smoother, slower)."),
@@ -32,11 +32,12 @@ def segment(
     from rich.console import Console
 
     from gvsl_cli.commands.inputs import stdin_for
-    from gvsl_cli.data import discover
+    from gvsl_cli.data import discover_named
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
-    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, segment_files
+    from gvsl_cli.segment_record import check_output_folder, run_description
+    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, probabilities_name, segment_files
 
     check_overlap(overlap)
     if batch < 1:
@@ -50,7 +51,7 @@ def segment(
             raise InputError(f"{output}: the output folder is (or holds) the input folder {item}; its label maps would be read as images by the next run", hint="choose another -o folder, e.g. a sub-folder of the input folder")
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
-    sources, skipped = discover(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
+    sources, skipped = discover_named(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
     segmenters = [load_segmenter(spec) for spec in model]
     check_ensemble(segmenters)  # before any work
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -66,6 +67,14 @@ def segment(
             # Without this, --overwrite would replace the image by its label map.
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     created = ensure_writable_folder(output, what="output folder")
+    # segment.json: a rerun with other models or settings is refused, not skipped as done.
+    description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
+    every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(s)) for s, t in planned] if probabilities else [])
+    try:
+        record = check_output_folder(output, description, every_output, overwrite=overwrite)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     if not quiet:
         if len(segmenters) > 1:
             console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)
@@ -88,10 +97,14 @@ def segment(
             console.print(f"warning: {result.input} {result.warning}", markup=False)
 
     try:
-        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report)
+        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report, record=record)
     except BaseException:
         remove_empty_folders(created)  # stopped before writing anything: no empty folder left
         raise
+    written = [Path(r.output) for r in results if r.status == "written"]
+    left = record.finish(written + ([p.with_name(p.name[: -len(".nii.gz")] + "_probabilities.nii.gz") for p in written] if probabilities else []))
+    if left:
+        console.print(f"warning: {left}", markup=False)
     failed = [r for r in results if r.status == "failed"]
     if failed or unusable:
         written = sum(r.status == "written" for r in results)
