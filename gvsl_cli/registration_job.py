@@ -25,7 +25,8 @@ take their names, the old run's outputs the new run does not produce (``moved_la
 after a run without labels) and temporary files of a killed run are removed, and the new
 ``report.json`` comes last. So a rerun that fails or is stopped (Ctrl-C, SIGTERM, a full
 disk) leaves the earlier complete result as it was, and a folder never holds a
-``report.json`` beside another run's files.
+``report.json`` beside another run's files. An output folder the run created is removed
+again when it fails and leaves it empty.
 
 NIfTI can only store an orthonormal direction. A fixed image whose direction is not
 orthonormal (valid in .mha/.nrrd) still gets its outputs, with the nearest orthonormal
@@ -53,7 +54,7 @@ import torch
 from gvsl_cli import __version__
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, read_volume, write_transform, write_volume
+from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, read_volume, remove_empty_folders, write_transform, write_volume
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import (
@@ -283,12 +284,16 @@ def run_registration(
         log(f"warning: {direction_warning}")
     if weights is not None:
         log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
-    prepare_output_dir(out_dir)
-    return _register_and_write(
-        fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys,
-        config=config, weights=weights, weights_spec=weights_spec, moving_labels_path=moving_labels_path,
-        fixed_labels_path=fixed_labels_path, device=device, direction_warning=direction_warning, log=log, start=start,
-    )
+    created = prepare_output_dir(out_dir)
+    try:
+        return _register_and_write(
+            fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys,
+            config=config, weights=weights, weights_spec=weights_spec, moving_labels_path=moving_labels_path,
+            fixed_labels_path=fixed_labels_path, device=device, direction_warning=direction_warning, log=log, start=start,
+        )
+    except BaseException:
+        remove_empty_folders(created)  # stopped or failed before its outputs: no empty folder left
+        raise
 
 
 def _register_and_write(fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys, *, config, weights, weights_spec, moving_labels_path, fixed_labels_path, device, direction_warning, log, start) -> dict:

@@ -411,7 +411,11 @@ def test_register_failing_while_writing_leaves_no_outputs(tmp_path, capsys, monk
     out = tmp_path / "out"
     code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
     assert code == 2 and "No space left on device" in capsys.readouterr().err
-    assert list(out.iterdir()) == []  # moved.nii.gz and displacement.nii.gz were removed again
+    assert not out.exists()  # moved.nii.gz and displacement.nii.gz removed, and the folder it created
+    # A folder that existed before is kept, empty or not.
+    out.mkdir()
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK]) == 2
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_report_never_holds_nan_or_infinity(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
@@ -485,3 +489,42 @@ def test_apply_refuses_a_register_folder_without_report(tmp_path, capsys, icbm_t
     # Naming the field itself is the explicit way to use it.
     assert run(["apply", str(colin_t1), "-t", str(out / "displacement.nii.gz"), "-o", str(tmp_path / "warped")]) == 0
 
+
+def test_sigterm_leaves_no_new_output_folder_and_the_previous_outputs(tmp_path, icbm_t1, colin_t1):
+    # A real signal to a real process (SLURM's time limit, preemption, kill): the handler
+    # of cli.run turns it into an exception while the registration works.
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from gvsl_cli import registration_job\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('registering', flush=True)\n"
+        "    time.sleep(120)\n"
+        "registration_job.register = slow\n"
+        "from gvsl_cli.cli import run\n"
+        "sys.exit(run(sys.argv[1:]))\n"
+    )
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    for name in ("report.json", "moved.nii.gz", "displacement.nii.gz", "affine.tfm"):
+        (previous / name).write_text("previous run")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for out in (tmp_path / "new" / "reg", previous):
+        before = _files(out) if out.exists() else None
+        process = subprocess.Popen([sys.executable, "-c", script, "register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert process.stdout.readline().strip() == "registering", process.stderr.read()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 143
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.stderr.read().strip().splitlines()[-1] == "aborted (SIGTERM)"
+        if before is None:
+            assert not (tmp_path / "new").exists()  # the folders it created, removed again
+        else:
+            assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)

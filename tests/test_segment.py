@@ -267,3 +267,22 @@ def test_probabilities_are_written_on_the_input_grid_and_sum_to_one(inputs, tmp_
     (out / "itk_probabilities.nii.gz").unlink()
     assert run(["segment", str(source), "--model", str(model), "-o", str(out), "--probabilities", "--quiet"]) == 0
     assert (out / "itk_probabilities.nii.gz").is_file()
+
+
+def test_a_full_disk_leaves_no_empty_output_folder_it_created(model_path, inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from gvsl_cli import io
+
+    def full_disk(image, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io, "write_volume", full_disk)
+    out = tmp_path / "new" / "labels"
+    assert run(["segment", str(inputs / "colin_0000.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 7
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # A folder that was there before stays, even empty.
+    out.mkdir(parents=True)
+    assert run(["segment", str(inputs / "colin_0000.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 7
+    assert out.is_dir() and list(out.iterdir()) == []

@@ -94,5 +94,6 @@ def segment(
         raise
     failed = [r for r in results if r.status == "failed"]
     if failed or unusable:
+        remove_empty_folders(created)  # every input failed (a full disk, say): no empty folder left
         written = sum(r.status == "written" for r in results)
         raise IncompleteError(f"{len(failed) + len(unusable)} of {len(results) + len(unusable)} input(s) could not be segmented ({written} written)", hint="see the lines above")
