@@ -42,7 +42,7 @@ from gvsl_cli.data import STREAM_AUGMENT, iteration_seed
 from gvsl_cli.device import resolve_device, resolve_precision
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import CheckpointError, ConfigError, InputError
-from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
+from gvsl_cli.io import atomic_path, ensure_writable_folder
 from gvsl_cli.losses import dice_ce_loss
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
@@ -56,6 +56,7 @@ from gvsl_cli.training import (
     SilentReporter,
     check_loop_counts,
     iterations_remain,
+    exclusive_run_folder,
     open_run,
     restore_training_state,
     run_training,
@@ -455,6 +456,13 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         # Several processes would each train their own copy into the same run folder.
         raise ConfigError("gvsl finetune runs as one process on one device; it was launched as several (WORLD_SIZE > 1)", hint="run it without torchrun")
+    # The run folder is this run's alone until it ends.
+    with exclusive_run_folder(Path(config.run_dir), "finetune", reporter=reporter):
+        return _finetune(config, reporter, should_stop)
+
+
+def _finetune(config: FinetuneConfig, reporter: Reporter, should_stop) -> FinetuneSummary | None:
+    """Checks everything that can be checked before any work, then trains (``_train``)."""
     run_dir = Path(config.run_dir)
     last_path = run_dir / LAST_FILE
     resumed = open_run(run_dir, last_path, resume=config.resume, command="finetune", required=("training", "run", SEGMENTATION_KEY), state="fine-tuning state")
@@ -472,15 +480,15 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         model_config, contract, init_state = resumed.model_config, resumed.preprocess, None
     else:
         model_config, contract, init_state = _initial_state(config, reporter)
-    created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
+    ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
     try:
         return _train(config, reporter, should_stop, resumed, cases, label_set, model_config, contract, init_state, device, autocast_dtype)
     except BaseException:
-        # A new run that fails before its first full checkpoint leaves nothing behind.
+        # A new run that fails before its first full checkpoint leaves nothing behind
+        # (``exclusive_run_folder`` then removes the folder if it created it).
         if resumed is None and not last_path.is_file():
             for name in (RUN_FILE, METRICS_FILE, BEST_FILE):
                 (run_dir / name).unlink(missing_ok=True)
-            remove_empty_folders(created)
         raise
 
 

@@ -271,15 +271,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(umask)
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~umask)
-            _flush_to_disk(tmp)
+            flush_to_disk(tmp)
         os.replace(tmp, path)
-        _flush_to_disk(path.parent)
+        flush_to_disk(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def _flush_to_disk(path: Path) -> None:
+def flush_to_disk(path: Path) -> None:
     """fsync a file or (on POSIX) a folder; file systems that cannot are left as they are."""
     if path.is_dir() and os.name != "posix":
         return  # folders cannot be opened for fsync on Windows; NTFS journals renames itself

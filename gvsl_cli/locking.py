@@ -52,11 +52,24 @@ class RemovableLock:
         self.path = path
         self._fd: int | None = None
 
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free; False if another process holds it."""
+    def try_acquire(self, note: str | None = None) -> bool:
+        """Take the lock if it is free; False if another process holds it.
+
+        ``note`` (one line, e.g. who holds the lock) is written into the lock file once it
+        is held, for ``holder_note`` of the processes that find it taken.
+
+        Raises:
+            OSError: the lock file cannot be created, or the file system has no locks
+                (ENOLCK, EOPNOTSUPP: some network file systems); nothing is left open.
+        """
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            if not try_lock(fd):
+            try:
+                locked = try_lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
                 os.close(fd)
                 return False
             try:
@@ -65,10 +78,31 @@ class RemovableLock:
                 still_there = False
             if still_there:
                 self._fd = fd
+                if note is not None:
+                    self._write_note(note)
                 return True
             # The previous holder removed this file after we opened it: lock the new one.
             unlock(fd)
             os.close(fd)
+
+    def _write_note(self, note: str) -> None:
+        try:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.write(self._fd, (note.strip() + "\n").encode("utf-8"))
+        except OSError:  # a full disk: the note is a courtesy, the lock is what counts
+            pass
+
+    def holder_note(self) -> str | None:
+        """The note the holder wrote (see ``try_acquire``); None when absent or unreadable.
+
+        A holder that has just taken the lock may not have written it yet."""
+        try:
+            with open(self.path, "rb") as handle:
+                text = handle.read(1000).decode("utf-8", errors="replace").strip()
+        except OSError:
+            return None
+        return text.splitlines()[0] if text else None
 
     def release(self) -> None:
         """Remove the lock file and release the lock (no-op when not held)."""

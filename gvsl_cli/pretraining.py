@@ -33,7 +33,7 @@ from gvsl_cli.checkpoint import load_state_strict, save_checkpoint, state_checks
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.device import resolve_device, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
-from gvsl_cli.io import atomic_path, ensure_writable_folder, remove_empty_folders
+from gvsl_cli.io import atomic_path, ensure_writable_folder
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
 from gvsl_cli.model import GVSL
 from gvsl_cli.training import (
@@ -46,6 +46,7 @@ from gvsl_cli.training import (
     SilentReporter,
     check_loop_counts,
     iterations_remain,
+    exclusive_run_folder,
     open_run,
     restore_training_state,
     run_training,
@@ -349,7 +350,10 @@ def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should
     device = resolve_device(config.device)
     context = distributed.setup(device)
     try:
-        return _pretrain(config, context, reporter if (reporter is not None and context.is_main) else SilentReporter(), should_stop)
+        reporter = reporter if (reporter is not None and context.is_main) else SilentReporter()
+        # The run folder is this run's alone until it ends (rank 0 holds it for all ranks).
+        with exclusive_run_folder(Path(config.run_dir), "pretrain", context, reporter):
+            return _pretrain(config, context, reporter, should_stop)
     finally:
         distributed.teardown(context)
 
@@ -377,18 +381,18 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
             return None
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
-    created = ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
+    ensure_writable_folder(run_dir, what="run folder", hint="choose another -o")
     try:
         cache_root = Path(config.cache_dir) if config.cache_dir else data_mod.default_cache_dir()
         cache_hint = "choose another --cache-dir" if config.cache_dir else "give --cache-dir or set GVSL_HOME"
         ensure_writable_folder(cache_root, what="cache folder", hint=cache_hint)
         return _train(config, context, reporter, should_stop, resumed, cache_root)
     except BaseException:
-        # A new run that fails before its first checkpoint leaves no run record behind.
+        # A new run that fails before its first checkpoint leaves no run record behind
+        # (and ``exclusive_run_folder`` then removes the folder if it created it).
         if resumed is None and context.is_main and not checkpoint_path.is_file():
             (run_dir / RUN_FILE).unlink(missing_ok=True)
             (run_dir / METRICS_FILE).unlink(missing_ok=True)  # rows of iterations never saved
-            remove_empty_folders(created)
         raise
 
 

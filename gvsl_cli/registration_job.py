@@ -15,12 +15,18 @@ Outputs in the output folder (names fixed, so scripts can rely on them):
   neighbour on the fixed grid, label values and pixel type kept;
 - ``report.json``: written last, so its presence means the run completed.
 
-Every file is written to a temporary name and renamed (``io``), so an interrupted run never
-leaves a half-written output, and a failure while writing removes the outputs already
-written. Before the registration starts, the inputs, the options, the output folder
-(created, and a probe file written and removed) and every output path (none may be a
-folder) are all checked, and the outputs of an earlier run in that folder (the names above
-only, ``report.json`` first) are removed, so a folder never mixes two runs' files.
+Before the registration starts, the inputs, the options, the output folder (created, and a
+probe file written and removed) and every output path (none may be a folder) are all
+checked. An earlier run's outputs in that folder stay untouched while the new run computes
+and writes: the new outputs are written (atomically, ``io``) into a staging folder inside
+the output folder, and only when all of them, the report included, are complete are they
+moved in (``replace_outputs``): the old ``report.json`` is removed first, the new outputs
+take their names, the old run's outputs the new run does not produce (``moved_labels.nii.gz``
+after a run without labels) and temporary files of a killed run are removed, and the new
+``report.json`` comes last. So a rerun that fails or is stopped (Ctrl-C, SIGTERM, a full
+disk) leaves the earlier complete result as it was, and a folder never holds a
+``report.json`` beside another run's files. An output folder the run created is removed
+again when it fails and leaves it empty.
 
 NIfTI can only store an orthonormal direction. A fixed image whose direction is not
 orthonormal (valid in .mha/.nrrd) still gets its outputs, with the nearest orthonormal
@@ -33,7 +39,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,7 +54,7 @@ import torch
 from gvsl_cli import __version__
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, ensure_writable_folder, read_volume, write_transform, write_volume
+from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, read_volume, remove_empty_folders, write_transform, write_volume
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import (
@@ -151,31 +160,72 @@ def strict_json(value, where: str = "", replaced: list | None = None):
     return value
 
 
-def prepare_output_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` if needed and prove it writable, before any work (``io.ensure_writable_folder``)."""
-    ensure_writable_folder(out_dir, what="output folder", hint="give a writable folder with -o")
-
-
-def remove_previous_outputs(out_dir: Path) -> list[str]:
-    """Remove an earlier run's outputs from ``out_dir``: ``report.json`` first (so the folder
-    never claims a completed run while the others go), then the other ``OUTPUT_NAMES`` and
-    temporary files of theirs left by a killed run. Nothing else is touched.
+def prepare_output_dir(out_dir: Path) -> list[Path]:
+    """Create ``out_dir`` if needed and prove it writable, before any work (``io.ensure_writable_folder``).
 
     Returns:
-        The names removed.
+        The folders created (``io.remove_empty_folders`` removes them after a failure).
     """
-    removed = []
-    names = [OUTPUT_NAMES["report"]] + [name for key, name in OUTPUT_NAMES.items() if key != "report"]
+    return ensure_writable_folder(out_dir, what="output folder", hint="give a writable folder with -o")
+
+
+#: Prefix of the staging folder a run writes its outputs into before they replace the old ones.
+STAGING_PREFIX = ".gvsl-register-"
+
+
+def leftovers_of_killed_runs(out_dir: Path) -> list[Path]:
+    """Temporary files and staging folders that killed runs left in ``out_dir``."""
+    found = [path for name in OUTPUT_NAMES.values() for path in sorted(out_dir.glob(f".{name}.*.tmp*"))]
+    return found + sorted(path for path in out_dir.glob(f"{STAGING_PREFIX}*.tmp") if path.is_dir() and not path.is_symlink())
+
+
+def replace_outputs(out_dir: Path, staging: Path, names: list[str]) -> list[str]:
+    """Move the complete new outputs ``names`` from ``staging`` into ``out_dir``, replacing
+    an earlier run's.
+
+    The old ``report.json`` goes first (so the folder never claims a complete run while its
+    files change), then the other new outputs take their names, then the earlier run's
+    outputs that are not among ``names`` and files left by killed runs are removed, and the
+    new ``report.json`` comes last. Nothing but ``OUTPUT_NAMES`` and those leftovers is
+    touched.
+
+    Returns:
+        The earlier run's outputs that were replaced or removed (names).
+    """
+    report = OUTPUT_NAMES["report"]
+    previous = [name for name in OUTPUT_NAMES.values() if _is_file(out_dir / name)]
+    _remove(out_dir / report)
     for name in names:
-        candidates = [out_dir / name, *sorted(out_dir.glob(f".{name}.*.tmp*"))]
-        for path in candidates:
-            if path.is_file() or path.is_symlink():
-                try:
-                    path.unlink()
-                except OSError as exc:
-                    raise InputError(f"{path}: cannot remove the previous run's output ({exc.strerror or type(exc).__name__})") from None
-                removed.append(path.name)
-    return removed
+        if name != report:
+            os.replace(staging / name, out_dir / name)
+    for name in OUTPUT_NAMES.values():
+        if name not in names:
+            _remove(out_dir / name)
+    for path in leftovers_of_killed_runs(out_dir):
+        if path == staging:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove(path)
+    os.replace(staging / report, out_dir / report)
+    flush_to_disk(out_dir)
+    return previous
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if not _is_file(path):
+        return
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise InputError(f"{path}: cannot remove the previous run's output ({exc.strerror or type(exc).__name__})") from None
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -234,11 +284,20 @@ def run_registration(
         log(f"warning: {direction_warning}")
     if weights is not None:
         log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
-    prepare_output_dir(out_dir)
-    removed = remove_previous_outputs(out_dir)
-    if removed:
-        log(f"removed the previous run's outputs in {out_dir}: {', '.join(removed)}")
+    created = prepare_output_dir(out_dir)
+    try:
+        return _register_and_write(
+            fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys,
+            config=config, weights=weights, weights_spec=weights_spec, moving_labels_path=moving_labels_path,
+            fixed_labels_path=fixed_labels_path, device=device, direction_warning=direction_warning, log=log, start=start,
+        )
+    except BaseException:
+        remove_empty_folders(created)  # stopped or failed before its outputs: no empty folder left
+        raise
 
+
+def _register_and_write(fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys, *, config, weights, weights_spec, moving_labels_path, fixed_labels_path, device, direction_warning, log, start) -> dict:
+    """The registration of checked inputs, and its outputs staged then swapped in (``replace_outputs``)."""
     result = register(fixed, moving, config, weights=weights, device=device, log=log)
     for note in result.notes:
         log(f"note: {note}")
@@ -267,14 +326,16 @@ def run_registration(
         }
 
     outputs = {key: OUTPUT_NAMES[key] for key in output_keys}
-    written: list[Path] = []
+    # The outputs are staged in the output folder (same file system: the swap is renames)
+    # and replace an earlier run's only once all are written.
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".tmp", dir=out_dir))
     try:
         with itk_warnings_hidden(direction_warning is not None):
-            written.append(write_volume(moved, out_dir / OUTPUT_NAMES["moved"]))
-            written.append(write_volume(field_image(field, fixed_grid), out_dir / OUTPUT_NAMES["displacement"]))
-            written.append(write_transform(affine_transform(result.transform.affine), out_dir / OUTPUT_NAMES["affine"]))
+            write_volume(moved, staging / OUTPUT_NAMES["moved"])
+            write_volume(field_image(field, fixed_grid), staging / OUTPUT_NAMES["displacement"])
+            write_transform(affine_transform(result.transform.affine), staging / OUTPUT_NAMES["affine"])
             if moved_labels is not None:
-                written.append(write_volume(moved_labels, out_dir / OUTPUT_NAMES["moved_labels"]))
+                write_volume(moved_labels, staging / OUTPUT_NAMES["moved_labels"])
 
         similarity = Similarity(config.similarity, config.ncc_window)
         report = {
@@ -315,10 +376,12 @@ def run_registration(
         report = strict_json(report, replaced=replaced)
         if replaced:
             report["notes"].append(f"not finite, written as null: {', '.join(replaced)}")
-        _write_json(report, out_dir / OUTPUT_NAMES["report"])
-    except BaseException:
-        # A run that fails while writing (disk full, Ctrl-C) leaves none of its outputs, not some.
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+        _write_json(report, staging / OUTPUT_NAMES["report"])
+        previous = replace_outputs(out_dir, staging, list(outputs.values()))
+    finally:
+        # A run that fails while writing (disk full, Ctrl-C) leaves none of its outputs, not
+        # some, and the earlier run's outputs as they were.
+        shutil.rmtree(staging, ignore_errors=True)
+    if previous:
+        log(f"replaced the previous run's outputs in {out_dir} ({', '.join(previous)})")
     return report

@@ -20,22 +20,30 @@ states; so a run resumed from iteration k repeats an uninterrupted run from k + 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from gvsl_cli import errors
 from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
+from gvsl_cli.io import remove_empty_folders
+from gvsl_cli.locking import RemovableLock
 
 METRICS_FILE = "metrics.jsonl"
+#: The lock file a pretrain or finetune run holds in its run folder while it runs.
+RUN_LOCK_FILE = ".gvsl-run.lock"
 
 
 class TrainingTask(Protocol):
@@ -185,6 +193,101 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state.get("rng", {}), device)
     return int(state["iteration"])
+
+
+#: errno values of a file system that has no advisory locks (some NFS and Lustre mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def exclusive_run_folder(run_dir: Path, command: str, context: DistContext | None = None, reporter: "Reporter | None" = None) -> Iterator[None]:
+    """Hold ``run_dir`` for one run of ``command`` ("pretrain" or "finetune") during the block.
+
+    Two runs writing into one folder (a SLURM requeue while the preempted job still dies, a
+    copied ``-o``) would leave one run's record beside the other's checkpoints, and
+    ``--resume`` would continue from the mix. The run takes an exclusive advisory lock on
+    ``RUN_LOCK_FILE`` in the folder (``locking.RemovableLock``) before it reads or writes
+    anything there; the operating system drops it when the process dies, and a run that
+    ends removes the file. A second run finds the lock taken and stops at once, having
+    written nothing in the folder.
+
+    The folder is created if needed (to hold the lock file); folders created here are
+    removed again when the run leaves them empty (it failed before writing anything).
+    A folder that cannot be created or written, and a file system without locks, are left
+    to the run's own checks (``io.ensure_writable_folder`` names them) or, for the latter,
+    reported as a warning: nothing can write into a read-only folder, and refusing to
+    train on such file systems would be worse than training unguarded.
+
+    Under several processes (``context.enabled``) only rank 0 takes the lock, and every
+    rank learns its outcome by a broadcast before any other collective: all ranks raise the
+    same error together instead of the others waiting for rank 0 forever.
+
+    Raises:
+        InputError: ``run_dir`` is a file, or another process holds the run folder.
+    """
+    main = context is None or context.is_main
+    lock: RemovableLock | None = None
+    created: list[Path] = []
+    failure: BaseException | None = None
+    if main:
+        try:
+            lock, created = _lock_run_folder(run_dir, command, reporter or SilentReporter())
+        except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised
+            failure = exc
+    if context is not None and context.enabled:
+        told = context.broadcast_object(None if failure is None else (type(failure).__name__, str(failure), getattr(failure, "hint", None)))
+        if told is not None and failure is None:
+            kind, message, hint = told
+            error_class = getattr(errors, kind, None)
+            if not (isinstance(error_class, type) and issubclass(error_class, errors.GvslError)):
+                error_class, message = TrainingError, f"rank 0 could not take the run folder {run_dir}: {kind}: {message}"
+            raise error_class(message, hint=hint)
+    if failure is not None:
+        raise failure
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+        remove_empty_folders(created)
+
+
+def _lock_run_folder(run_dir: Path, command: str, reporter: "Reporter"):
+    """(the lock held, or None when there is none to take; the folders created for it)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
+    lock = RemovableLock(run_dir / RUN_LOCK_FILE)
+    created: list[Path] = []
+    for _ in range(3):
+        chain, missing = [], run_dir
+        while not missing.exists() and missing != missing.parent:
+            chain.append(missing)
+            missing = missing.parent
+        created = chain + [folder for folder in created if folder not in chain]  # deepest first
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            remove_empty_folders(created)
+            return None, []  # the run's ensure_writable_folder names the problem
+        try:
+            taken = lock.try_acquire(f"gvsl {command} (pid {os.getpid()} on {socket.gethostname()})")
+            break
+        except FileNotFoundError:
+            continue  # a run that just failed removed its empty folder: create it again
+        except OSError as exc:
+            if exc.errno in _NO_LOCKS:
+                reporter.note(f"warning: {run_dir}: this file system has no file locks, so nothing stops a second run from writing into this run folder")
+                with contextlib.suppress(OSError):
+                    lock.path.unlink()  # no process can lock it here, so it guards nothing
+            # Otherwise the folder cannot be written (read-only): no other run can write
+            # into it either, and the run's own checks say what it cannot do.
+            return None, created
+    else:
+        return None, created
+    if not taken:
+        holder = lock.holder_note() or "gvsl pretrain or finetune"
+        raise InputError(f"{run_dir}: another {holder} is running in this run folder", hint="wait for it to finish, or choose another -o")
+    return lock, created
 
 
 def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, command: str, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):

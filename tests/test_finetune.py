@@ -557,3 +557,43 @@ def test_starting_from_a_segmentation_model_says_its_head_is_not_used(trained_ru
     assert run(args) == 0
     err = capsys.readouterr().err
     assert f"note: {trained_run / 'best.pt'} is a segmentation model (background=0, white_matter=1, grey_matter=2); its U-Net is the start, its head is not used" in err
+
+
+def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(itk_folders, weights, tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+
+    from run_folder_holder import folder_state, held_run_folder
+
+    from gvsl_cli import finetuning
+    from gvsl_cli.locking import RemovableLock
+    from gvsl_cli.training import RUN_LOCK_FILE
+
+    images, labels = itk_folders
+    run_dir = tmp_path / "run"
+    common = ["--images", str(images), "--labels", str(labels), "--val-every", "2", "--batch", "1", *SMALL]
+    assert run(["finetune", *common, "--weights", str(weights), "-o", str(run_dir), "--iters", "2"]) == 0
+    before = folder_state(run_dir)
+    capsys.readouterr()
+    with held_run_folder(run_dir, "gvsl finetune (pid 4242 on node7)"):
+        held = folder_state(run_dir)
+        for args in (["finetune", *common, "--mode", "scratch", "--width", "8", "-o", str(run_dir), "--iters", "2"],
+                     ["finetune", "-o", str(run_dir), "--resume", "--iters", "4", "--quiet"]):
+            code = run(args)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and err == [f"error: {run_dir}: another gvsl finetune (pid 4242 on node7) is running in this run folder (hint: wait for it to finish, or choose another -o)"], err
+            assert folder_state(run_dir) == held
+    assert folder_state(run_dir) == before
+
+    real_run_training, seen = finetuning.run_training, []
+
+    def checking_run_training(*args, **kwargs):
+        seen.append(RemovableLock(run_dir / RUN_LOCK_FILE).try_acquire())
+        seen.append((run_dir / RUN_LOCK_FILE).read_text())
+        return real_run_training(*args, **kwargs)
+
+    monkeypatch.setattr(finetuning, "run_training", checking_run_training)
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "4", "--quiet"]) == 0
+    assert seen == [False, f"gvsl finetune (pid {os.getpid()} on {socket.gethostname()})\n"]
+    assert not (run_dir / RUN_LOCK_FILE).exists()
+    assert load_weights(run_dir / "last.pt").extra["training"]["iteration"] == 4

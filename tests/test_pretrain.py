@@ -550,3 +550,68 @@ def test_a_closed_output_pipe_does_not_end_the_training(volumes, cache_dir, tmp_
             process.kill()
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["iteration"] == 6 and summary["stopped"] is None
+
+
+def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(volumes, cache_dir, tmp_path, capsys, monkeypatch):
+    from run_folder_holder import folder_state, held_run_folder
+
+    import socket
+
+    from gvsl_cli import pretraining
+    from gvsl_cli.locking import RemovableLock
+    from gvsl_cli.training import RUN_LOCK_FILE
+
+    run_dir = tmp_path / "run"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--save-every", "2")) == 0
+    assert not (run_dir / RUN_LOCK_FILE).exists()  # a finished run leaves no lock file
+    before = folder_state(run_dir)
+    capsys.readouterr()
+    with held_run_folder(run_dir, "gvsl pretrain (pid 4242 on node7)"):
+        held = folder_state(run_dir)
+        # A new run (as a copied -o), a --resume (as a SLURM requeue) and a finetune alike.
+        for args in (_args(volumes, run_dir, cache_dir, "--iters", "2", "--width", "16"),
+                     ["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "4", "--quiet"],
+                     ["finetune", str(volumes), "--mode", "scratch", "-o", str(run_dir), "--quiet"]):
+            code = run(args)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and err == [f"error: {run_dir}: another gvsl pretrain (pid 4242 on node7) is running in this run folder (hint: wait for it to finish, or choose another -o)"], err
+            assert folder_state(run_dir) == held  # nothing read into a mix, nothing written
+        # A folder a starting run has just created is refused the same way.
+        with held_run_folder(tmp_path / "starting"):
+            assert run(_args(volumes, tmp_path / "starting", cache_dir, "--iters", "1")) == 2
+            assert [p.name for p in (tmp_path / "starting").iterdir()] == [RUN_LOCK_FILE]
+    assert folder_state(run_dir) == before and list((tmp_path / "starting").iterdir()) == []
+
+    # Free again: the resumed run holds the folder while it trains, and lets it go.
+    real_run_training, seen = pretraining.run_training, []
+
+    def checking_run_training(*args, **kwargs):
+        seen.append(RemovableLock(run_dir / RUN_LOCK_FILE).try_acquire())
+        seen.append((run_dir / RUN_LOCK_FILE).read_text())
+        return real_run_training(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "run_training", checking_run_training)
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "4", "--quiet"]) == 0
+    assert seen == [False, f"gvsl pretrain (pid {os.getpid()} on {socket.gethostname()})\n"]
+    assert not (run_dir / RUN_LOCK_FILE).exists()
+    assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_torchrun_ranks_all_stop_when_the_run_folder_is_in_use(volumes, cache_dir, tmp_path):
+    # Only rank 0 takes the lock; the other rank must learn of the refusal, not wait for it.
+    from run_folder_holder import folder_state, held_run_folder
+
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    logs = tmp_path / "rank-logs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "2",
+               "-m", "gvsl_cli", *_args(volumes, run_dir, cache_dir, "--iters", "3")]
+    with held_run_folder(run_dir):
+        held = folder_state(run_dir)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        assert folder_state(run_dir) == held
+    assert done.returncode != 0
+    rank_errors = sorted(log.read_text(encoding="utf-8", errors="replace") for log in logs.rglob("stderr.log"))
+    assert len(rank_errors) == 2, done.stderr[-1500:]
+    assert all(f"error: {run_dir}: another gvsl pretrain (pid 4242 on node7) is running in this run folder" in text for text in rank_errors), rank_errors
+    assert list(run_dir.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -170,25 +171,90 @@ def test_bad_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypa
     assert blocker.read_text() == "not a folder"
 
 
-def test_rerun_removes_only_the_previous_runs_outputs_before_working(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
+#: The quickest real registration (affine only, coarse grid, one iteration).
+QUICK = ["--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"]
+
+
+def _files(folder):
+    """Name -> bytes of every file in ``folder`` (recursively): what a rerun may not change."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_rerun_keeps_the_previous_outputs_until_its_own_replace_them(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
     out = tmp_path / "out"
     out.mkdir()
-    previous = ["report.json", "moved.nii.gz", "displacement.nii.gz", "affine.tfm", "moved_labels.nii.gz", ".moved.nii.gz.k3j2.tmp.nii.gz"]
+    previous = ["report.json", "moved.nii.gz", "displacement.nii.gz", "affine.tfm", "moved_labels.nii.gz"]
     for name in previous:
         (out / name).write_text("previous run")
+    # What killed runs leave: a temporary file of an atomic write, a staging folder.
+    (out / ".moved.nii.gz.k3j2.tmp.nii.gz").write_text("killed run")
+    (out / ".gvsl-register-x1y2.tmp").mkdir()
+    (out / ".gvsl-register-x1y2.tmp" / "moved.nii.gz").write_text("killed run")
     mine = ["notes.txt", "moved_labels_v1.nii.gz", "report.json.bak"]
     for name in mine:
         (out / name).write_text("the user's")
-    seen = {}
+    real_register, seen = registration_job.register, {}
 
-    def failing_register(*args, **kwargs):
-        seen["files"] = sorted(path.name for path in out.iterdir())
-        raise AssertionError("stop here")
+    def watching_register(*args, **kwargs):
+        seen["files"] = _files(out)
+        return real_register(*args, **kwargs)
 
-    monkeypatch.setattr(registration_job, "register", failing_register)
-    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *FAST]) == 1
-    assert seen["files"] == sorted(mine)  # the old outputs were gone before the registration ran
-    assert sorted(path.name for path in out.iterdir()) == sorted(mine)
+    monkeypatch.setattr(registration_job, "register", watching_register)
+    before = _files(out)
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK]) == 0
+    assert seen["files"] == before  # nothing removed while the registration ran
+    report = json.loads((out / "report.json").read_text())
+    # The new outputs replaced the old; the old moved_labels (not produced now) and the
+    # killed runs' leftovers are gone; the user's files are untouched.
+    assert sorted(path.name for path in out.iterdir()) == sorted([*report["outputs"].values(), *mine])
+    assert all((out / name).read_bytes() != b"previous run" for name in report["outputs"].values())
+    assert all((out / name).read_text() == "the user's" for name in mine)
+    assert "replaced the previous run's outputs in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", ["SIGTERM while registering", "full disk while writing", "Ctrl-C while writing the report", "error swapping in"])
+def test_a_failed_or_stopped_rerun_leaves_the_previous_complete_outputs(tmp_path, capsys, monkeypatch, failure, icbm_t1, colin_t1, colin_labels):
+    import errno
+
+    from gvsl_cli.cli import Terminated
+
+    out = tmp_path / "out"
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--moving-labels", str(colin_labels), *QUICK]) == 0
+    before = _files(out)
+    assert sorted(before) == ["affine.tfm", "displacement.nii.gz", "moved.nii.gz", "moved_labels.nii.gz", "report.json"]
+
+    def raising(exception):
+        def fail(*args, **kwargs):
+            raise exception
+        return fail
+
+    if failure == "SIGTERM while registering":
+        monkeypatch.setattr(registration_job, "register", raising(Terminated()))
+        expected_code = 143
+    elif failure == "full disk while writing":
+        monkeypatch.setattr(registration_job, "write_transform", raising(OSError(errno.ENOSPC, "No space left on device", "affine.tfm")))
+        expected_code = 2
+    elif failure == "Ctrl-C while writing the report":
+        monkeypatch.setattr(registration_job, "_write_json", raising(KeyboardInterrupt()))
+        expected_code = 130
+    else:
+        real_replace = os.replace
+
+        def failing_swap(source, target):
+            if Path(target).parent == out:  # the staged outputs moving in, not the writes into staging
+                raise OSError(errno.EIO, "Input/output error", str(target))
+            real_replace(source, target)
+
+        monkeypatch.setattr(os, "replace", failing_swap)
+        expected_code = 2
+    # A rerun without labels: had the old outputs been removed first, moved_labels would go too.
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK]) == expected_code
+    if failure == "error swapping in":
+        # Only the renames themselves failed: the old report went first, so the folder no
+        # longer claims a complete run, and nothing of the new run is left behind.
+        assert "report.json" not in _files(out) and {k: v for k, v in before.items() if k != "report.json"} == _files(out)
+    else:
+        assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
 def test_an_input_among_the_previous_outputs_is_refused(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
@@ -369,7 +435,11 @@ def test_register_failing_while_writing_leaves_no_outputs(tmp_path, capsys, monk
     out = tmp_path / "out"
     code = run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"])
     assert code == 2 and "No space left on device" in capsys.readouterr().err
-    assert list(out.iterdir()) == []  # moved.nii.gz and displacement.nii.gz were removed again
+    assert not out.exists()  # moved.nii.gz and displacement.nii.gz removed, and the folder it created
+    # A folder that existed before is kept, empty or not.
+    out.mkdir()
+    assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK]) == 2
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_report_never_holds_nan_or_infinity(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):
@@ -442,3 +512,43 @@ def test_apply_refuses_a_register_folder_without_report(tmp_path, capsys, icbm_t
     assert not (tmp_path / "warped").exists()
     # Naming the field itself is the explicit way to use it.
     assert run(["apply", str(colin_t1), "-t", str(out / "displacement.nii.gz"), "-o", str(tmp_path / "warped")]) == 0
+
+
+def test_sigterm_leaves_no_new_output_folder_and_the_previous_outputs(tmp_path, icbm_t1, colin_t1):
+    # A real signal to a real process (SLURM's time limit, preemption, kill): the handler
+    # of cli.run turns it into an exception while the registration works.
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from gvsl_cli import registration_job\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('registering', flush=True)\n"
+        "    time.sleep(120)\n"
+        "registration_job.register = slow\n"
+        "from gvsl_cli.cli import run\n"
+        "sys.exit(run(sys.argv[1:]))\n"
+    )
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    for name in ("report.json", "moved.nii.gz", "displacement.nii.gz", "affine.tfm"):
+        (previous / name).write_text("previous run")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for out in (tmp_path / "new" / "reg", previous):
+        before = _files(out) if out.exists() else None
+        process = subprocess.Popen([sys.executable, "-c", script, "register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert process.stdout.readline().strip() == "registering", process.stderr.read()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 143
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.stderr.read().strip().splitlines()[-1] == "aborted (SIGTERM)"
+        if before is None:
+            assert not (tmp_path / "new").exists()  # the folders it created, removed again
+        else:
+            assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)

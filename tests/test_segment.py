@@ -418,3 +418,22 @@ def test_a_full_disk_stops_the_run_at_the_first_output(model_path, inputs, tmp_p
     monkeypatch.setattr(io, "write_volume", lambda image, path, **kw: (_ for _ in ()).throw(OSError(errno.ENAMETOOLONG, "File name too long", str(path))) if "p01" in str(path) else real_write(image, path, **kw))
     assert run(["segment", str(ds), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
     assert "failed" in capsys.readouterr().err and (out / "p02" / "image.nii.gz").is_file() and not (out / "p01").exists()
+
+
+def test_failed_inputs_leave_no_output_folder_it_created(model_path, inputs, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from gvsl_cli import io
+
+    def name_too_long(image, path, **kwargs):  # one input's failure, not the disk's
+        raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+
+    monkeypatch.setattr(io, "write_volume", name_too_long)
+    out = tmp_path / "new" / "labels"
+    assert run(["segment", str(inputs / "colin_0000.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 7
+    assert "File name too long" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # A folder that was there before stays, even empty.
+    out.mkdir(parents=True)
+    assert run(["segment", str(inputs / "colin_0000.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 7
+    assert out.is_dir() and list(out.iterdir()) == []

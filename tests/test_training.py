@@ -43,3 +43,38 @@ def test_checkpoint_time_is_left_out_of_the_iteration_rate(tmp_path):
     # The run's own rate (the summaries') leaves the saves out too.
     assert result.seconds > 1.5 and result.training_seconds < result.seconds - 1.4
     assert abs(model.weight.item() - 3.0) < 3.0
+
+
+class _Notes:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_a_run_folder_on_a_file_system_without_locks_is_used_after_a_warning(tmp_path, monkeypatch):
+    import errno
+
+    from gvsl_cli import locking
+    from gvsl_cli.training import RUN_LOCK_FILE, exclusive_run_folder
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locking, "try_lock", no_locks)
+    notes, run_dir = _Notes(), tmp_path / "nfs" / "run"
+    with exclusive_run_folder(run_dir, "pretrain", reporter=notes):
+        assert run_dir.is_dir()
+        (run_dir / "last.pt").write_text("a checkpoint")
+    assert len(notes.lines) == 1 and notes.lines[0].startswith(f"warning: {run_dir}: this file system has no file locks")
+    assert [p.name for p in run_dir.iterdir()] == ["last.pt"]
+    # A run that leaves its new folder empty (it failed first) removes what it created.
+    monkeypatch.undo()
+    try:
+        with exclusive_run_folder(tmp_path / "new" / "run", "finetune"):
+            assert (tmp_path / "new" / "run" / RUN_LOCK_FILE).is_file()
+            raise RuntimeError("failed before writing anything")
+    except RuntimeError:
+        pass
+    assert not (tmp_path / "new").exists()

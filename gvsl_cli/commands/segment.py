@@ -36,7 +36,7 @@ def segment(
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
-    from gvsl_cli.segment_record import check_output_folder, run_description
+    from gvsl_cli.segment_record import RUN_FILE, check_output_folder, run_description
     from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, probabilities_name, segment_files
 
     check_overlap(overlap)
@@ -96,10 +96,19 @@ def segment(
         if result.warning:
             console.print(f"warning: {result.input} {result.warning}", markup=False)
 
+    had_record = (output / RUN_FILE).exists()
+
+    def remove_created_output_folder() -> None:
+        """After a run that wrote no label map: remove the segment.json it wrote (a record
+        of nothing) and the folders it created, so no empty folder is left behind."""
+        if not had_record and [p.name for p in output.iterdir()] == [RUN_FILE]:
+            (output / RUN_FILE).unlink()
+        remove_empty_folders(created)
+
     try:
         results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report, record=record)
     except BaseException:
-        remove_empty_folders(created)  # stopped before writing anything: no empty folder left
+        remove_created_output_folder()  # stopped: no empty folder, no record of nothing
         raise
     written = [Path(r.output) for r in results if r.status == "written"]
     left = record.finish(written + ([p.with_name(p.name[: -len(".nii.gz")] + "_probabilities.nii.gz") for p in written] if probabilities else []))
@@ -107,5 +116,6 @@ def segment(
         console.print(f"warning: {left}", markup=False)
     failed = [r for r in results if r.status == "failed"]
     if failed or unusable:
+        remove_created_output_folder()  # inputs failed: no empty folder, no record of nothing
         written = sum(r.status == "written" for r in results)
         raise IncompleteError(f"{len(failed) + len(unusable)} of {len(results) + len(unusable)} input(s) could not be segmented ({written} written)", hint="see the lines above")
