@@ -286,7 +286,7 @@ def resample_displacement(displacement: torch.Tensor, source: Geometry, target: 
 
 
 #: Default size budget of the finest working grid, by device type. On 2 CPU cores 1.6 M voxels
-#: (1.76 mm for an adult head) keeps a registration near 15 s; on an H200 a 1 mm grid of the
+#: (1.76 mm for an adult head) keeps a registration near 13 s; on an H200 a 1 mm grid of the
 #: same head takes 1.2 s and raises the mean WM/GM Dice of the Colin27 -> ICBM152 benchmark
 #: from 0.820 to 0.829 (docs/registration.md).
 WORKING_VOXELS = {"cpu": 1_600_000, "cuda": 9_000_000}
