@@ -55,6 +55,7 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_loop_counts,
+    download_reporter,
     iterations_remain,
     exclusive_run_folder,
     open_run,
@@ -425,7 +426,7 @@ def _initial_state(config: FinetuneConfig, reporter: Reporter) -> tuple[ModelCon
         return ModelConfig(width=config.width), contract, None
     from gvsl_cli.weights import load_weights_spec
 
-    loaded = load_weights_spec(config.weights)
+    loaded = load_weights_spec(config.weights, reporter=download_reporter(reporter))
     if not any(k.startswith("unet.") for k in loaded.state_dict):
         raise CheckpointError(f"{loaded.extra.get('path', config.weights)}: holds no GVSL U-Net weights (unet.*)")
     earlier = loaded.extra.get(SEGMENTATION_KEY)

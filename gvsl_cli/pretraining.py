@@ -45,6 +45,7 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_loop_counts,
+    download_reporter,
     iterations_remain,
     exclusive_run_folder,
     open_run,
@@ -246,7 +247,7 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
         return ModelConfig(width=config.width), PreprocessConfig(**preprocess_kwargs), None, False
     from gvsl_cli.weights import load_weights_spec
 
-    loaded = load_weights_spec(config.init)
+    loaded = load_weights_spec(config.init, reporter=download_reporter(reporter))
     if "width" in config.explicit and config.width != loaded.model_config.width:
         raise ConfigError(f"--width {config.width} does not fit --init {config.init} (width {loaded.model_config.width})", hint="drop --width")
     # The contract the weights were trained with, unless the user set it.

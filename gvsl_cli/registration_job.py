@@ -245,8 +245,12 @@ def run_registration(
     fixed_labels_path: Path | None = None,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda message: None,
+    downloads=None,
 ) -> dict:
     """Register ``moving_path`` onto ``fixed_path``, write the outputs in ``out_dir``.
+
+    ``downloads``: the ``download.Reporter`` of a weights download (default: a progress bar
+    and notices on stderr).
 
     Returns:
         The report (also written as ``report.json``); see docs/registration.md.
@@ -272,7 +276,7 @@ def run_registration(
     if weights_spec:
         from gvsl_cli.weights import load_weights_spec
 
-        weights = load_weights_spec(weights_spec)
+        weights = load_weights_spec(weights_spec, reporter=downloads)
         weights.require_pretrained()  # a segmentation model: one line before reading the volumes
     fixed = read_volume(fixed_path)
     moving = read_volume(moving_path)

@@ -62,7 +62,11 @@ class TrainingTask(Protocol):
 
 
 class Reporter(Protocol):
-    """Where progress goes (the CLI renders it; the engine prints nothing)."""
+    """Where progress goes (the CLI renders it; the engine prints nothing).
+
+    A reporter may also have ``downloads()``, the ``download.Reporter`` for a weights
+    download the run starts (``download_reporter``); without it, the default console one.
+    """
 
     def start(self, first_iteration: int, total: int) -> None: ...
 
@@ -71,8 +75,20 @@ class Reporter(Protocol):
     def note(self, text: str) -> None: ...
 
 
+def download_reporter(reporter) -> "object | None":
+    """``reporter.downloads()`` when the reporter has it, else None (``load_weights_spec``'s
+    default: a progress bar and notices on stderr)."""
+    downloads = getattr(reporter, "downloads", None)
+    return downloads() if callable(downloads) else None
+
+
 class SilentReporter:
     """A reporter that drops everything (library use, --quiet, ranks other than 0)."""
+
+    def downloads(self):
+        from gvsl_cli.download import Reporter as Silent
+
+        return Silent()
 
     def start(self, first_iteration: int, total: int) -> None:
         pass

@@ -137,3 +137,20 @@ def test_list_and_verify_as_json_lines(tmp_path, server, cache_home, checkpoint_
     assert row == {"name": "tiny", "status": "ok", "sha256": hashlib.sha256(body).hexdigest(), "path": str(cache_home / "weights" / "tiny.pt")}
     assert run(["fetch-weights", "--json", "--manifest", str(manifest), "tiny"]) == 2
     assert "--json applies to --list and --verify" in capsys.readouterr().err
+
+
+def test_quiet_commands_download_weights_without_a_progress_bar(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "gvsl_cli" / "examples"
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/w.pt"] = Route(body=body)
+    url = server.url("/w.pt") + f"#sha256={hashlib.sha256(body).hexdigest()}"
+    fixed, moving = examples / "icbm152_t1_2mm.nii.gz", examples / "colin27_t1_2mm.nii.gz"
+    args = ["register", str(fixed), str(moving), "--weights", url, "--iters", "0", "--spacing", "6", "--device", "cpu"]
+    assert run([*args, "-o", str(tmp_path / "quiet"), "-q"]) == 0
+    assert capsys.readouterr().err == ""  # the download happened (first use) and said nothing
+    assert len(server.seen) == 1
+    (cache_home / "urls").rename(tmp_path / "moved-cache")  # download again, not quiet
+    assert run([*args, "-o", str(tmp_path / "loud")]) == 0
+    assert "w.pt" in capsys.readouterr().err and len(server.seen) == 2

@@ -68,6 +68,13 @@ class RichReporter:
     def training_started(self) -> bool:
         return self.started_at is not None
 
+    def downloads(self):
+        """Where a weights download (``--init``/``--weights`` by name or URL) reports:
+        its progress bar and notices, warnings only under ``--quiet``."""
+        from gvsl_cli.download import ConsoleReporter
+
+        return ConsoleReporter(quiet=self.quiet)
+
     def note(self, text: str) -> None:
         if self.quiet and not text.startswith(("skipped", "nothing to do", "warning:")):
             return

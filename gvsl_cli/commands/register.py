@@ -43,6 +43,7 @@ def run_and_render(
     from rich.console import Console
 
     from gvsl_cli.device import resolve_device
+    from gvsl_cli.download import ConsoleReporter
     from gvsl_cli.registration import RegistrationConfig
     from gvsl_cli.registration_job import run_registration
 
@@ -66,6 +67,7 @@ def run_and_render(
         fixed_labels_path=fixed_labels,
         device=torch_device,
         log=log,
+        downloads=ConsoleReporter(quiet=quiet),
     )
     if as_json:
         # The report holds no NaN/Infinity (run_registration writes them as null): strict JSON.
