@@ -422,7 +422,11 @@ def test_apply_failing_on_a_later_output_leaves_none(tmp_path, capsys, monkeypat
     out = tmp_path / "warped"
     code = run(["apply", str(colin_t1), str(icbm_t1), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)])
     assert code == 2 and "No space left on device" in capsys.readouterr().err
-    assert len(calls) == 2 and list(out.iterdir()) == []  # the first output is not left behind
+    assert len(calls) == 2 and not out.exists()  # the first output is not left behind, nor the folder it made
+    out.mkdir()  # a folder that was there before stays
+    calls.clear()
+    assert run(["apply", str(colin_t1), str(icbm_t1), "-t", str(_identity_transform(tmp_path)), "-r", str(icbm_t1), "-o", str(out)]) == 2
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_register_failing_while_writing_leaves_no_outputs(tmp_path, capsys, monkeypatch, icbm_t1, colin_t1):

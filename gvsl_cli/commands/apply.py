@@ -40,7 +40,7 @@ def apply(
     from gvsl_cli.data import output_subfolders
     from gvsl_cli.errors import InputError
     from gvsl_cli.geometry import Geometry
-    from gvsl_cli.io import read_volume, volume_suffix
+    from gvsl_cli.io import read_volume, remove_empty_folders, volume_suffix
     from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
     from gvsl_cli.warping import read_transform_chain
 
@@ -69,14 +69,18 @@ def apply(
         if kept_bytes + size <= KEEP_BYTES:
             kept[index] = volume
             kept_bytes += size
-    prepare_output_dir(out_dir)
+    created = prepare_output_dir(out_dir)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     nifti_outputs = any(volume_suffix(target) in (".nii", ".nii.gz") for target in targets)
     direction_warning = nonorthogonal_direction_warning(grid, "output grid's") if nifti_outputs else None
     if direction_warning:
         err.print(f"warning: {direction_warning}", markup=False)
-    with itk_warnings_hidden(direction_warning is not None):
-        warp_all(jobs, targets, out_dir, read=lambda index, path: kept.pop(index) if index in kept else read_volume(path), transform=chain, grid=grid)
+    try:
+        with itk_warnings_hidden(direction_warning is not None):
+            warp_all(jobs, targets, out_dir, read=lambda index, path: kept.pop(index) if index in kept else read_volume(path), transform=chain, grid=grid)
+    except BaseException:
+        remove_empty_folders(created)  # nothing was published (all or nothing): no empty folder
+        raise
     for (path, is_labels), target in zip(jobs, targets):
         if as_json:
             typer.echo(json.dumps({"input": str(path), "output": str(target), "labels": is_labels}))
