@@ -358,7 +358,11 @@ def segment_files(
         probability_target = target.with_name(probabilities_name(source)) if probabilities else None
         earlier_probabilities = target.with_name(probabilities_name(source))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
-            result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
+            other = _made_from_another_image(source, target)
+            if other:
+                result = SegmentResult(str(source), str(target), "failed", other)
+            else:
+                result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
         else:
             try:
                 image = read_volume(source)
@@ -392,6 +396,41 @@ def segment_files(
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _grid_in_header(path: Path):
+    """(size, spacing, origin, direction) from a volume file's header, or None (a DICOM
+    folder, an unreadable header: no opinion)."""
+    if path.is_dir():
+        return None
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def _made_from_another_image(source: Path, target: Path) -> str:
+    """Why an existing label map cannot be this input's ('' when it can be): a label map is
+    written on its input's grid, so another grid means another input wrote it, e.g. a loop
+    of one-file runs over ``p01/image.nii.gz``, ``p02/image.nii.gz`` into one ``-o``. Inputs
+    on identical grids cannot be told apart this way."""
+    mine, theirs = _grid_in_header(source), _grid_in_header(target)
+    if mine is None or theirs is None:
+        return ""
+    same = mine[0] == theirs[0] and all(
+        all(abs(a - b) <= tolerance for a, b in zip(m, t)) for m, t, tolerance in zip(mine[1:], theirs[1:], (1e-3, 1e-2, 1e-4))
+    )
+    if same:
+        return ""
+    return (
+        f"{target} exists but was made from another image (its grid differs from this input's); "
+        "give all inputs in one call (same-named files then get sub-folders), use another -o, or --overwrite"
+    )
 
 
 def _subfolders_of(target: Path, out_dir: Path) -> list[Path]:

@@ -437,3 +437,19 @@ def test_failed_inputs_leave_no_output_folder_it_created(model_path, inputs, tmp
     out.mkdir(parents=True)
     assert run(["segment", str(inputs / "colin_0000.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--quiet"]) == 7
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(model_path, tmp_path, capsys):
+    # for f in p*/image.nii.gz; do gvsl segment $f -o out; done: the second call's output
+    # name is the first's; its label map must not pass for the second patient's.
+    for patient, volume in (("p01", "colin27_t1_2mm.nii.gz"), ("p02", "icbm152_t1_2mm.nii.gz")):
+        (tmp_path / patient).mkdir()
+        shutil.copy(EXAMPLES / volume, tmp_path / patient / "image.nii.gz")
+    out = tmp_path / "out"
+    assert run(["segment", str(tmp_path / "p01" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 0
+    assert run(["segment", str(tmp_path / "p02" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
+    err = capsys.readouterr().err
+    assert f"failed {tmp_path / 'p02' / 'image.nii.gz'}: {out / 'image.nii.gz'} exists but was made from another image" in err
+    # The same input again is still skipped as done.
+    assert run(["segment", str(tmp_path / "p01" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0"]) == 0
+    assert "skipped" in capsys.readouterr().err
