@@ -342,8 +342,8 @@ def discover_named(
         else:
             skipped.append(Skipped(str(path), f"same file as {first_seen[resolved]}"))
     loose = [path for path, folder in unique if folder is None]
-    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
-    sources = [Source(path, strip_volume_suffix(path.relative_to(folder if folder is not None else common).as_posix()), folder) for path, folder in unique]
+    common = _common_folder(loose)
+    sources = [Source(path, strip_volume_suffix(_below(path, folder if folder is not None else common).as_posix()), folder) for path, folder in unique]
     return select(sources, include, exclude), skipped
 
 
@@ -368,6 +368,23 @@ def discover(
     return [s.path.resolve() if resolve else s.path for s in sources], skipped
 
 
+def _common_folder(paths: Sequence[Path]) -> Path | None:
+    """The deepest folder holding all ``paths`` (absolute); None when there is none (no
+    paths, or on Windows paths on different drives)."""
+    try:
+        return Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else None
+    except ValueError:
+        return None
+
+
+def _below(path: Path, folder: Path | None) -> Path:
+    """``path`` relative to ``folder``; without a folder, relative to its drive or root with
+    the drive letter kept (``D:/x/a`` -> ``D/x/a``), so names from two drives differ."""
+    if folder is not None:
+        return path.relative_to(folder)
+    return type(path)(path.drive.rstrip(":"), path.relative_to(path.anchor))
+
+
 def volume_paths(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> tuple[list[Path], list[Skipped]]:
     """The volumes named by ``inputs``, in the order given, for commands that take volumes
     one by one (info, apply), and the inputs skipped.
@@ -389,7 +406,7 @@ def volume_paths(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str]
     return paths, skipped
 
 
-def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = ()) -> tuple[list[Source], list[Skipped]]:
+def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = (), *, skip_under: str | os.PathLike | None = None) -> tuple[list[Source], list[Skipped]]:
     """``volume_paths`` with names: the volumes named by ``inputs`` as ``Source``, in the
     order given, and the inputs skipped.
 
@@ -397,7 +414,8 @@ def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[st
     in a folder given as input is named by its path below that folder (``Source.folder`` is
     that folder); every other volume (a file or DICOM folder given, a glob match, a list or
     stdin entry) by its path below the deepest folder holding all of those, as
-    ``discover_named`` names them.
+    ``discover_named`` names them. ``skip_under``: as in ``discover_named`` (a command's
+    output folder inside an input folder is not searched).
     """
     sources: list[Source] = []
     skipped: list[Skipped] = []
@@ -406,15 +424,15 @@ def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[st
         if (path.is_file() and volume_suffix(path) is not None) or (path.is_dir() and _walk_folder(path) == [path]):
             sources.append(Source(path, path.name, None))
         else:
-            found, bad = discover_named([item])
+            found, bad = discover_named([item], skip_under=skip_under)
             sources.extend(found)
             skipped.extend(bad)
     loose = [Path(os.path.abspath(s.path)) for s in sources if s.folder is None]
-    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
+    common = _common_folder(loose)
     named = []
     for source in sources:
         if source.folder is None:
-            source = Source(source.path, strip_volume_suffix(Path(os.path.abspath(source.path)).relative_to(common).as_posix()), None)
+            source = Source(source.path, strip_volume_suffix(_below(Path(os.path.abspath(source.path)), common).as_posix()), None)
         named.append(source)
     return named, skipped
 
@@ -436,13 +454,13 @@ def output_subfolders(sources: Sequence[Source], file_name: Callable[[Path], str
     loose = [Path(os.path.abspath(s.path)) for s in sources if s.folder is None]
     loose_names = [file_name(p) for p in loose]
     mirror_loose = len(set(loose_names)) < len(loose_names)
-    common = Path(os.path.commonpath([str(p.parent) for p in loose])) if loose else None
+    common = _common_folder(loose)
     subfolders = []
     for source in sources:
         if source.folder is not None:
             parent = Path(os.path.abspath(source.path)).parent.relative_to(source.folder)
         elif mirror_loose:
-            parent = Path(os.path.abspath(source.path)).parent.relative_to(common)
+            parent = _below(Path(os.path.abspath(source.path)).parent, common)
         else:
             parent = Path()
         subfolders.append("" if parent == Path() else parent.as_posix())

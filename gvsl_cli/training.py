@@ -212,7 +212,7 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
 
 
 #: errno values of a file system that has no advisory locks (some NFS and Lustre mounts).
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}  # ENOTSUP != EOPNOTSUPP on macOS
 
 
 @contextlib.contextmanager

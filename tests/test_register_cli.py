@@ -307,6 +307,20 @@ def test_apply_mirrors_a_folder_per_patient(tmp_path, capsys, icbm_t1, colin_t1,
     # Files of distinct names stay at the top, as before.
     assert outputs(tmp_path / "o3", str(tmp_path / "ds" / "p01" / "image.nii.gz"), "-l", str(tmp_path / "labs" / "p02" / "seg.nii.gz")) == ["image_warped.nii.gz", "seg_warped.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["image_warped.nii.gz", "seg_warped.nii.gz"]  # no staging folder left
+    # An output folder inside the input folder: a rerun does not take its outputs as inputs.
+    inside = tmp_path / "ds" / "warped"
+    for _ in range(2):
+        assert outputs(inside, str(tmp_path / "ds")) == ["p01/image_warped.nii.gz", "p02/image_warped.nii.gz"]
+
+
+def test_names_without_a_common_folder_keep_their_drive():
+    from pathlib import PureWindowsPath
+
+    from gvsl_cli.data import _below
+
+    # Windows: files on C: and D: have no common folder (os.path.commonpath raises).
+    assert _below(PureWindowsPath("D:/scans/a.nii.gz"), None) == PureWindowsPath("D/scans/a.nii.gz")
+    assert _below(PureWindowsPath("C:/scans/a.nii.gz"), None) != _below(PureWindowsPath("D:/scans/a.nii.gz"), None)
 
 
 def test_apply_refuses_inputs_whose_outputs_collide(tmp_path, capsys, icbm_t1, colin_t1, colin_labels):

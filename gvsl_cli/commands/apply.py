@@ -44,7 +44,7 @@ def apply(
     from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
     from gvsl_cli.warping import read_transform_chain
 
-    image_sources, label_sources = _paths_read(images or [], labels)
+    image_sources, label_sources = _paths_read(images or [], labels, out_dir)
     jobs = [(source.path, False) for source in image_sources] + [(source.path, True) for source in label_sources]
     if not jobs:
         raise InputError("nothing to warp", hint="give image paths and/or --labels label maps")
@@ -88,10 +88,11 @@ def apply(
             err.print(f"{path} -> {target} ({'nearest, labels' if is_labels else 'linear'})", markup=False)
 
 
-def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list, list]:
+def _paths_read(images: list[Path], labels: list[Path], out_dir: Path | None = None) -> tuple[list, list]:
     """``images`` and ``labels`` with ``-`` (stdin), pipes (``<(...)``), folders of volumes,
     glob patterns and lists replaced by the volumes they name, as ``data.Source`` (with the
-    folder each was found in, ``data.volume_sources``); stdin can feed one of the two.
+    folder each was found in, ``data.volume_sources``); stdin can feed one of the two. A
+    folder searched skips ``out_dir`` inside it (a rerun does not warp its own outputs).
 
     Raises:
         InputError: an input names no volume (nothing is warped then).
@@ -104,7 +105,7 @@ def _paths_read(images: list[Path], labels: list[Path]) -> tuple[list, list]:
         raise ConfigError("- is given both as an image and as --labels; stdin holds one list of paths", hint="give the other list through a pipe, e.g. -l <(cat labels.txt)")
     found = []
     for inputs in (images, labels):
-        sources, skipped = volume_sources(inputs, stdin_for(inputs))
+        sources, skipped = volume_sources(inputs, stdin_for(inputs), skip_under=out_dir)
         if skipped:
             more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
             raise InputError(f"{skipped[0].path}: {skipped[0].reason}{more}", hint="every input must be warped; remove or fix it")

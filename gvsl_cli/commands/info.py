@@ -117,7 +117,10 @@ def _shown_path(path: str) -> str:
     names alone would not tell ``p01/image.nii.gz`` from ``p02/image.nii.gz``."""
     import os
 
-    relative = os.path.relpath(path)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # Windows: another drive than the working folder's
+        return path
     return path if relative.startswith("..") else relative
 
 
