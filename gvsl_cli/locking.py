@@ -6,7 +6,11 @@ POSIX uses ``flock`` on the open file; Windows a byte-range lock on its first by
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
+from typing import Iterator
 
 try:  # POSIX
     import fcntl
@@ -37,6 +41,10 @@ except ImportError:  # Windows
     def unlock(fd: int) -> None:
         os.lseek(fd, 0, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+
+#: The lock file of an output folder while a command writes into it.
+OUTPUT_LOCK_FILE = ".gvsl-output.lock"
 
 
 class RemovableLock:
@@ -115,3 +123,42 @@ class RemovableLock:
         unlock(self._fd)
         os.close(self._fd)
         self._fd = None
+
+
+#: errno values of a file system that has no advisory locks (some NFS, Lustre and SMB
+#: mounts; ENOTSUP differs from EOPNOTSUPP on macOS).
+NO_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def exclusive_output_folder(folder, command: str) -> Iterator[None]:
+    """Hold ``folder`` (existing, writable) for one ``gvsl COMMAND`` during the block.
+
+    Two processes writing one output folder at once (a resubmitted job, two pipeline
+    branches with one ``-o``) would mix their outputs under one record, or remove each
+    other's staging files as leftovers. The lock file (``.gvsl-output.lock``, removed at
+    the end) is taken without waiting; on a file system without locks the block runs
+    unguarded.
+
+    Raises:
+        InputError: another gvsl process holds the folder.
+    """
+    from pathlib import Path
+
+    from gvsl_cli.errors import InputError
+
+    lock = RemovableLock(Path(folder) / OUTPUT_LOCK_FILE)
+    try:
+        taken = lock.try_acquire(f"gvsl {command} (pid {os.getpid()} on {socket.gethostname()})")
+    except OSError as exc:
+        if exc.errno not in NO_LOCK_ERRNOS:
+            raise
+        yield  # nothing can be locked here
+        return
+    if not taken:
+        holder = lock.holder_note() or "gvsl process"
+        raise InputError(f"{folder}: another {holder} is writing into this output folder", hint="wait for it to finish, or choose another -o")
+    try:
+        yield
+    finally:
+        lock.release()

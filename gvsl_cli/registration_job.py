@@ -55,6 +55,7 @@ from gvsl_cli import __version__
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, read_volume, remove_empty_folders, write_transform, write_volume
+from gvsl_cli.locking import exclusive_output_folder
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import (
@@ -290,11 +291,14 @@ def run_registration(
         log(f"weights: {weights.kind} checkpoint, width {weights.model_config.width}")
     created = prepare_output_dir(out_dir)
     try:
-        return _register_and_write(
-            fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys,
-            config=config, weights=weights, weights_spec=weights_spec, moving_labels_path=moving_labels_path,
-            fixed_labels_path=fixed_labels_path, device=device, direction_warning=direction_warning, log=log, start=start,
-        )
+        # One registration at a time per folder: a second would replace the first's outputs
+        # and remove its staging folder as a killed run's leftover.
+        with exclusive_output_folder(out_dir, "register"):
+            return _register_and_write(
+                fixed_path, moving_path, out_dir, fixed, moving, moving_labels, fixed_labels, output_keys,
+                config=config, weights=weights, weights_spec=weights_spec, moving_labels_path=moving_labels_path,
+                fixed_labels_path=fixed_labels_path, device=device, direction_warning=direction_warning, log=log, start=start,
+            )
     except BaseException:
         remove_empty_folders(created)  # stopped or failed before its outputs: no empty folder left
         raise

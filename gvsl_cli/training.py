@@ -21,7 +21,6 @@ states; so a run resumed from iteration k repeats an uninterrupted run from k + 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import remove_empty_folders
-from gvsl_cli.locking import RemovableLock
+from gvsl_cli.locking import NO_LOCK_ERRNOS, RemovableLock
 
 METRICS_FILE = "metrics.jsonl"
 #: The lock file a pretrain or finetune run holds in its run folder while it runs.
@@ -212,7 +211,7 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
 
 
 #: errno values of a file system that has no advisory locks (some NFS and Lustre mounts).
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}  # ENOTSUP != EOPNOTSUPP on macOS
+_NO_LOCKS = NO_LOCK_ERRNOS
 
 
 @contextlib.contextmanager

@@ -202,6 +202,7 @@ def test_rerun_keeps_the_previous_outputs_until_its_own_replace_them(tmp_path, c
     monkeypatch.setattr(registration_job, "register", watching_register)
     before = _files(out)
     assert run(["register", str(icbm_t1), str(colin_t1), "-o", str(out), *QUICK]) == 0
+    assert seen["files"].pop(".gvsl-output.lock").startswith(b"gvsl register (pid ")  # held while it runs
     assert seen["files"] == before  # nothing removed while the registration ran
     report = json.loads((out / "report.json").read_text())
     # The new outputs replaced the old; the old moved_labels (not produced now) and the
@@ -570,3 +571,16 @@ def test_sigterm_leaves_no_new_output_folder_and_the_previous_outputs(tmp_path, 
             assert not (tmp_path / "new").exists()  # the folders it created, removed again
         else:
             assert _files(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_a_second_register_into_a_folder_in_use_is_refused(tmp_path, capsys, icbm_t1, colin_t1):
+    from gvsl_cli.locking import exclusive_output_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["register", str(icbm_t1), str(colin_t1), "-o", str(out), "--iters", "1", "--spacing", "8", "--device", "cpu", "--affine-only"]
+    with exclusive_output_folder(out, "register"):
+        assert run(args) == 2
+        assert "another gvsl register (pid " in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    assert run(args) == 0 and not (out / ".gvsl-output.lock").exists()

@@ -453,3 +453,17 @@ def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(mode
     # The same input again is still skipped as done.
     assert run(["segment", str(tmp_path / "p01" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0"]) == 0
     assert "skipped" in capsys.readouterr().err
+
+
+def test_a_second_segment_into_a_folder_in_use_is_refused(model_path, inputs, tmp_path, capsys):
+    from gvsl_cli.locking import exclusive_output_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive_output_folder(out, "segment"):  # another run, writing now
+        code = run(["segment", str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "-q"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"error: {out}: another gvsl segment (pid ") and "is writing into this output folder" in err
+        assert sorted(p.name for p in out.iterdir()) == [".gvsl-output.lock"]
+    assert run(["segment", str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "-q", "--overlap", "0"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz", "segment.json"]  # no lock file left

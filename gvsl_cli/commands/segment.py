@@ -36,6 +36,7 @@ def segment(
     from gvsl_cli.device import resolve_device, resolve_precision
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
+    from gvsl_cli.locking import exclusive_output_folder
     from gvsl_cli.segment_record import RUN_FILE, check_output_folder, run_description
     from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, probabilities_name, segment_files
 
@@ -67,55 +68,54 @@ def segment(
             # Without this, --overwrite would replace the image by its label map.
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     created = ensure_writable_folder(output, what="output folder")
-    # segment.json: a rerun with other models or settings is refused, not skipped as done.
-    description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
-    every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(s)) for s, t in planned] if probabilities else [])
-    try:
-        record = check_output_folder(output, description, every_output, overwrite=overwrite)
-    except BaseException:
-        remove_empty_folders(created)
-        raise
-    if not quiet:
-        if len(segmenters) > 1:
-            console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)
-        for member in segmenters:
-            console.print(f"model {member.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(member.label_names, member.label_values)), markup=False)
-            if member.trained_for is not None:
-                dice = "not recorded" if member.validation_dice is None else f"{member.validation_dice:.3f}"
-                console.print(f"model from iteration {member.trained_for}; validation mean Dice {dice}", markup=False)
-    for member in segmenters:
-        if member.trained_for == 0:
-            console.print(f"warning: {'this model' if len(segmenters) == 1 else member.source} is untrained (iteration 0: the run's validation never improved on its start, or it was stopped before its first checkpoint)", markup=False)
-
-    def report(result) -> None:
-        if result.status == "failed":
-            console.print(f"failed {result.input}: {result.reason}", markup=False)
-        elif not quiet:
-            detail = f" ({result.seconds:.1f} s)" if result.status == "written" else f" ({result.reason})"
-            console.print(f"{result.status} {result.output}{detail}", markup=False)
-        if result.warning:
-            console.print(f"warning: {result.input} {result.warning}", markup=False)
-
     had_record = (output / RUN_FILE).exists()
 
-    def remove_created_output_folder() -> None:
-        """After a run that wrote no label map: remove the segment.json it wrote (a record
-        of nothing) and the folders it created, so no empty folder is left behind."""
-        if not had_record and [p.name for p in output.iterdir()] == [RUN_FILE]:
-            (output / RUN_FILE).unlink()
-        remove_empty_folders(created)
+    def segment_into_folder() -> None:
+        # segment.json: a rerun with other models or settings is refused, not skipped as done.
+        description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
+        every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(s)) for s, t in planned] if probabilities else [])
+        record = check_output_folder(output, description, every_output, overwrite=overwrite)
+        if not quiet:
+            if len(segmenters) > 1:
+                console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)
+            for member in segmenters:
+                console.print(f"model {member.source}: labels " + ", ".join(f"{n}={v}" for n, v in zip(member.label_names, member.label_values)), markup=False)
+                if member.trained_for is not None:
+                    dice = "not recorded" if member.validation_dice is None else f"{member.validation_dice:.3f}"
+                    console.print(f"model from iteration {member.trained_for}; validation mean Dice {dice}", markup=False)
+        for member in segmenters:
+            if member.trained_for == 0:
+                console.print(f"warning: {'this model' if len(segmenters) == 1 else member.source} is untrained (iteration 0: the run's validation never improved on its start, or it was stopped before its first checkpoint)", markup=False)
+
+        def report(result) -> None:
+            if result.status == "failed":
+                console.print(f"failed {result.input}: {result.reason}", markup=False)
+            elif not quiet:
+                detail = f" ({result.seconds:.1f} s)" if result.status == "written" else f" ({result.reason})"
+                console.print(f"{result.status} {result.output}{detail}", markup=False)
+            if result.warning:
+                console.print(f"warning: {result.input} {result.warning}", markup=False)
+
+        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report, record=record)
+        written = [Path(r.output) for r in results if r.status == "written"]
+        left = record.finish(written + ([p.with_name(p.name[: -len(".nii.gz")] + "_probabilities.nii.gz") for p in written] if probabilities else []))
+        if left:
+            console.print(f"warning: {left}", markup=False)
+        failed = [r for r in results if r.status == "failed"]
+        if failed or unusable:
+            written = sum(r.status == "written" for r in results)
+            raise IncompleteError(f"{len(failed) + len(unusable)} of {len(results) + len(unusable)} input(s) could not be segmented ({written} written)", hint="see the lines above")
 
     try:
-        results = segment_files(segmenters, sources, output, device=torch_device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, overwrite=overwrite, probabilities=probabilities, on_result=report, record=record)
+        # One run at a time per folder: two with other models would mix their label maps
+        # under one segment.json.
+        with exclusive_output_folder(output, "segment"):
+            segment_into_folder()
     except BaseException:
-        remove_created_output_folder()  # stopped: no empty folder, no record of nothing
+        # With the lock released: a run that wrote no label map (stopped, or every input
+        # failed) leaves neither the folders it created nor its segment.json, a record of
+        # nothing.
+        if not had_record and output.is_dir() and [p.name for p in output.iterdir()] == [RUN_FILE]:
+            (output / RUN_FILE).unlink()
+        remove_empty_folders(created)
         raise
-    written = [Path(r.output) for r in results if r.status == "written"]
-    left = record.finish(written + ([p.with_name(p.name[: -len(".nii.gz")] + "_probabilities.nii.gz") for p in written] if probabilities else []))
-    if left:
-        console.print(f"warning: {left}", markup=False)
-    failed = [r for r in results if r.status == "failed"]
-    if failed or unusable:
-        remove_created_output_folder()  # inputs failed: no empty folder, no record of nothing
-        written = sum(r.status == "written" for r in results)
-        raise IncompleteError(f"{len(failed) + len(unusable)} of {len(results) + len(unusable)} input(s) could not be segmented ({written} written)", hint="see the lines above")
