@@ -393,17 +393,8 @@ def volume_paths(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str]
     user's path; a folder of volumes, a glob pattern, a list of paths, ``-`` and a pipe are
     expanded as ``discover_named`` does.
     """
-    paths: list[Path] = []
-    skipped: list[Skipped] = []
-    for item in inline_streams(inputs, stdin_lines):
-        path = Path(item).expanduser()
-        if (path.is_file() and volume_suffix(path) is not None) or (path.is_dir() and _walk_folder(path) == [path]):
-            paths.append(path)
-        else:
-            sources, bad = discover_named([item])
-            paths.extend(source.path for source in sources)
-            skipped.extend(bad)
-    return paths, skipped
+    sources, skipped = volume_sources(inputs, stdin_lines)
+    return [source.path for source in sources], skipped
 
 
 def volume_sources(inputs: Sequence[str | os.PathLike], stdin_lines: Iterable[str] = (), *, skip_under: str | os.PathLike | None = None) -> tuple[list[Source], list[Skipped]]:

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import socket
+from pathlib import Path
 from typing import Iterator
 
 try:  # POSIX
@@ -130,6 +131,37 @@ class RemovableLock:
 NO_LOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 
+def take_folder_lock(lock_path: Path, command: str, *, busy: str, default_holder: str = "gvsl process") -> RemovableLock | None:
+    """Take the lock file ``lock_path`` of a folder for one ``gvsl COMMAND``, without waiting.
+
+    The holder's note (command, pid, host) goes into the file, so a second process can
+    say who holds the folder.
+
+    Returns:
+        The held lock (``release`` it), or None on a file system without locks
+        (``NO_LOCK_ERRNOS``): the file is removed then, since it guards nothing.
+
+    Raises:
+        InputError: another process holds the folder ("FOLDER: another HOLDER BUSY").
+        OSError: the lock file cannot be created (a missing or read-only folder).
+    """
+    from gvsl_cli.errors import InputError
+
+    lock = RemovableLock(lock_path)
+    try:
+        taken = lock.try_acquire(f"gvsl {command} (pid {os.getpid()} on {socket.gethostname()})")
+    except OSError as exc:
+        if exc.errno not in NO_LOCK_ERRNOS:
+            raise
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        return None
+    if not taken:
+        holder = lock.holder_note() or default_holder
+        raise InputError(f"{lock_path.parent}: another {holder} {busy}", hint="wait for it to finish, or choose another -o")
+    return lock
+
+
 @contextlib.contextmanager
 def exclusive_output_folder(folder, command: str) -> Iterator[None]:
     """Hold ``folder`` (existing, writable) for one ``gvsl COMMAND`` during the block.
@@ -137,28 +169,15 @@ def exclusive_output_folder(folder, command: str) -> Iterator[None]:
     Two processes writing one output folder at once (a resubmitted job, two pipeline
     branches with one ``-o``) would mix their outputs under one record, or remove each
     other's staging files as leftovers. The lock file (``.gvsl-output.lock``, removed at
-    the end) is taken without waiting; on a file system without locks the block runs
-    unguarded.
+    the end) is taken without waiting (``take_folder_lock``); on a file system without
+    locks the block runs unguarded.
 
     Raises:
         InputError: another gvsl process holds the folder.
     """
-    from pathlib import Path
-
-    from gvsl_cli.errors import InputError
-
-    lock = RemovableLock(Path(folder) / OUTPUT_LOCK_FILE)
-    try:
-        taken = lock.try_acquire(f"gvsl {command} (pid {os.getpid()} on {socket.gethostname()})")
-    except OSError as exc:
-        if exc.errno not in NO_LOCK_ERRNOS:
-            raise
-        yield  # nothing can be locked here
-        return
-    if not taken:
-        holder = lock.holder_note() or "gvsl process"
-        raise InputError(f"{folder}: another {holder} is writing into this output folder", hint="wait for it to finish, or choose another -o")
+    lock = take_folder_lock(Path(folder) / OUTPUT_LOCK_FILE, command, busy="is writing into this output folder")
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import remove_empty_folders
-from gvsl_cli.locking import NO_LOCK_ERRNOS, RemovableLock
+from gvsl_cli.locking import RemovableLock, take_folder_lock
 
 METRICS_FILE = "metrics.jsonl"
 #: The lock file a pretrain or finetune run holds in its run folder while it runs.
@@ -210,9 +209,6 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
     return int(state["iteration"])
 
 
-#: errno values of a file system that has no advisory locks (some NFS and Lustre mounts).
-_NO_LOCKS = NO_LOCK_ERRNOS
-
 
 @contextlib.contextmanager
 def exclusive_run_folder(run_dir: Path, command: str, context: DistContext | None = None, reporter: "Reporter | None" = None) -> Iterator[None]:
@@ -271,7 +267,6 @@ def _lock_run_folder(run_dir: Path, command: str, reporter: "Reporter"):
     """(the lock held, or None when there is none to take; the folders created for it)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: run folder is a file, not a folder", hint="point -o at a folder")
-    lock = RemovableLock(run_dir / RUN_LOCK_FILE)
     created: list[Path] = []
     for _ in range(3):
         chain, missing = [], run_dir
@@ -285,23 +280,18 @@ def _lock_run_folder(run_dir: Path, command: str, reporter: "Reporter"):
             remove_empty_folders(created)
             return None, []  # the run's ensure_writable_folder names the problem
         try:
-            taken = lock.try_acquire(f"gvsl {command} (pid {os.getpid()} on {socket.gethostname()})")
+            lock = take_folder_lock(run_dir / RUN_LOCK_FILE, command, busy="is running in this run folder", default_holder="gvsl pretrain or finetune")
             break
         except FileNotFoundError:
             continue  # a run that just failed removed its empty folder: create it again
-        except OSError as exc:
-            if exc.errno in _NO_LOCKS:
-                reporter.note(f"warning: {run_dir}: this file system has no file locks, so nothing stops a second run from writing into this run folder")
-                with contextlib.suppress(OSError):
-                    lock.path.unlink()  # no process can lock it here, so it guards nothing
-            # Otherwise the folder cannot be written (read-only): no other run can write
-            # into it either, and the run's own checks say what it cannot do.
+        except OSError:
+            # The folder cannot be written (read-only): no other run can write into it
+            # either, and the run's own checks say what it cannot do.
             return None, created
     else:
         return None, created
-    if not taken:
-        holder = lock.holder_note() or "gvsl pretrain or finetune"
-        raise InputError(f"{run_dir}: another {holder} is running in this run folder", hint="wait for it to finish, or choose another -o")
+    if lock is None:
+        reporter.note(f"warning: {run_dir}: this file system has no file locks, so nothing stops a second run from writing into this run folder")
     return lock, created
 
 

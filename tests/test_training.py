@@ -78,3 +78,17 @@ def test_a_run_folder_on_a_file_system_without_locks_is_used_after_a_warning(tmp
     except RuntimeError:
         pass
     assert not (tmp_path / "new").exists()
+
+
+def test_an_output_folder_on_a_file_system_without_locks_keeps_no_lock_file(tmp_path, monkeypatch):
+    import errno
+
+    from gvsl_cli import locking
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locking, "try_lock", no_locks)
+    with locking.exclusive_output_folder(tmp_path, "segment"):
+        assert list(tmp_path.iterdir()) == []  # the file guards nothing there: gone at once
+    assert list(tmp_path.iterdir()) == []
