@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -626,9 +627,10 @@ class VolumeCache:
             with atomic_path(meta_path) as tmp:
                 tmp.write_text(json.dumps(meta), encoding="utf-8")
         except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise CacheWriteError(
                 f"cannot write the preprocessed-volume cache in {self.root}: {exc.strerror or exc}",
-                hint="free disk space there, or give another folder with --cache-dir",
+                hint="free disk space there, or give another folder with --cache-dir" if full else "give a writable folder with --cache-dir",
             ) from exc
         return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape), value_range=value_range)
 

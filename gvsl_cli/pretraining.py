@@ -267,6 +267,20 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
 PREPARATION_NOTE_INTERVAL_S = 30.0
 
 
+def _check_cache_folder(cache_root: Path, hint: str, reporter: Reporter) -> None:
+    """Prove the preprocessed-volume cache usable before any volume is read.
+
+    A folder that exists but cannot be written (a shared cache a group prepared once, a
+    read-only mount) is used as it is: its entries are read, and a volume missing from it
+    stops the run at its first write with ``CacheWriteError``, naming the folder. Any
+    other folder must be creatable and writable (``ensure_writable_folder``).
+    """
+    if cache_root.is_dir() and not os.access(cache_root, os.W_OK | os.X_OK):
+        reporter.note(f"the cache folder {cache_root} is read-only: volumes already in it are used; one missing from it stops the run")
+        return
+    ensure_writable_folder(cache_root, what="cache folder", hint=hint)
+
+
 def _preparation_progress(reporter: Reporter) -> Callable[[int, int], None]:
     """A ``prepare_dataset`` progress callback that notes "preparing volumes: done/total"
     every ``PREPARATION_NOTE_INTERVAL_S`` seconds, so a long first run is not silent."""
@@ -386,7 +400,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     try:
         cache_root = Path(config.cache_dir) if config.cache_dir else data_mod.default_cache_dir()
         cache_hint = "choose another --cache-dir" if config.cache_dir else "give --cache-dir or set GVSL_HOME"
-        ensure_writable_folder(cache_root, what="cache folder", hint=cache_hint)
+        _check_cache_folder(cache_root, cache_hint, reporter)
         return _train(config, context, reporter, should_stop, resumed, cache_root)
     except BaseException:
         # A new run that fails before its first checkpoint leaves no run record behind

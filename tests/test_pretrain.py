@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -139,6 +140,56 @@ def test_second_run_reads_no_volume(volumes, cache_dir, tmp_path, monkeypatch):
     notes = Notes()
     assert pretrain(PretrainConfig(inputs=(str(volumes),), run_dir=str(tmp_path / "run"), iters=1, width=8, patch=32, spacing=4.0, device="cpu", workers=0, cache_dir=str(cache_dir)), reporter=notes).iteration == 1
     assert f"2 volumes: 0 prepared now, 2 from the cache ({cache_dir})" in notes.lines, notes.lines
+
+
+def _cache_made_read_only(monkeypatch, cache_root):
+    """Act as if ``cache_root`` were on a read-only mount (the tests run as root, for whom
+    permission bits do not stop a write): ``os.access`` says no, and every atomic write
+    into it fails as the kernel would."""
+    cache_root = Path(cache_root).resolve()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).resolve() == cache_root and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    real_atomic_path = data.atomic_path
+
+    def atomic_path(path, *args, **kwargs):
+        if cache_root in Path(path).resolve().parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_atomic_path(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(data, "atomic_path", atomic_path)
+
+
+def test_read_only_cache_is_used_when_it_holds_every_volume(volumes, cache_dir, tmp_path, monkeypatch, capsys):
+    assert run(_args(volumes, tmp_path / "fill", cache_dir, "--iters", "1")) == 0  # fills the cache
+    _cache_made_read_only(monkeypatch, cache_dir)
+    capsys.readouterr()
+    loud = [arg for arg in _args(volumes, tmp_path / "run", cache_dir, "--iters", "1") if arg != "--quiet"]
+    assert run(loud) == 0
+    err = capsys.readouterr().err
+    assert f"the cache folder {cache_dir} is read-only" in err
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_read_only_cache_missing_a_volume_stops_with_one_line(volumes, cache_dir, tmp_path, monkeypatch, capsys):
+    import SimpleITK as sitk
+
+    assert run(_args(volumes, tmp_path / "fill", cache_dir, "--iters", "1")) == 0
+    image = sitk.ReadImage(str(volumes / "colin27_t1_2mm.nii.gz"))
+    new = tmp_path / "new"
+    new.mkdir()
+    sitk.WriteImage(sitk.Flip(image, [True, False, False]), str(new / "flipped.nii.gz"))  # content not in the cache
+    _cache_made_read_only(monkeypatch, cache_dir)
+    code = run(_args(volumes, tmp_path / "run", cache_dir, str(new), "--iters", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err == [f"error: cannot write the preprocessed-volume cache in {cache_dir}: Read-only file system (hint: give a writable folder with --cache-dir)"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_inputs_are_reported_and_skipped(volumes, cache_dir, tmp_path, capsys):
