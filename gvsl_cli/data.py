@@ -467,6 +467,23 @@ def default_cache_dir() -> Path:
     return cache_root() / "preprocessed"
 
 
+def content_sha256(source: Path, files: Sequence[Path] | None = None) -> str:
+    """Hex sha256 of the bytes of the volume ``source``: every file of ``_source_files``
+    (or ``files``), with the file names for a DICOM folder (a renamed slice is another series).
+
+    Raises:
+        OSError: a file cannot be read.
+    """
+    source = Path(source)
+    hasher = hashlib.sha256()
+    for f in _source_files(source) if files is None else files:
+        hasher.update(f.name.encode() if source.is_dir() else b"")
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
+
+
 def _source_files(source: Path) -> list[Path]:
     """Every file whose bytes make up the volume ``source`` (header + data, DICOM slices).
 
@@ -568,13 +585,7 @@ class VolumeCache:
             remembered = ""
         if re.fullmatch(r"[0-9a-f]{64}", remembered):
             return remembered
-        hasher = hashlib.sha256()
-        for f in files:
-            hasher.update(f.name.encode() if source.is_dir() else b"")
-            with open(f, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    hasher.update(block)
-        digest = hasher.hexdigest()
+        digest = content_sha256(source, files)
         try:
             with atomic_path(stat_file) as tmp:
                 tmp.write_text(digest, encoding="ascii")

@@ -20,6 +20,13 @@ found without a record), the record carries ``"replacing"``. A run stopped midwa
 the marker, and a later run without ``--overwrite`` is refused rather than taking the
 earlier model's label maps as done; the marker goes when a run has replaced every output
 in the folder.
+
+Inputs: ``"inputs"`` maps each label map written (its path below the folder) to the
+input it was made from (absolute path and content sha256). Two inputs of one name given
+in separate calls (``for f in p*/image.nii.gz; do gvsl segment $f -o out; done``) map to
+the same output; without the index, the second would pass for done whenever its grid
+equals the first's. An existing output counts as this input's when the recorded path is
+this input's, or, for a moved input folder, when the content is the same.
 """
 
 from __future__ import annotations
@@ -96,6 +103,10 @@ def write_record(out_dir: Path, description: dict) -> None:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
 
 
+def _index_key(out_dir: Path, output: Path) -> str:
+    return Path(os.path.abspath(output)).relative_to(Path(os.path.abspath(out_dir))).as_posix()
+
+
 @dataclass
 class OutputRecord:
     """What a run does with ``segment.json``.
@@ -113,17 +124,47 @@ class OutputRecord:
     write_first: bool
     replacing: bool = False
     replaced_from: dict | None = None
+    #: output path below ``out_dir`` (posix) -> {"input": absolute path, "sha256": content}
+    inputs: dict = field(default_factory=dict)
     _marked: bool = field(default=False, repr=False)
+
+    def _write(self) -> None:
+        marker = {"replacing": {"earlier": self.replaced_from}} if self._marked else {}
+        write_record(self.out_dir, {**self.description, **marker, "inputs": self.inputs})
 
     def before_first_output(self) -> None:
         if not self.write_first:
             return
-        if self.replacing:
-            write_record(self.out_dir, {**self.description, "replacing": {"earlier": self.replaced_from}})
-            self._marked = True
-        else:
-            write_record(self.out_dir, self.description)
+        self._marked = self.replacing
+        self._write()
         self.write_first = False
+
+    def output_written(self, output: Path, source: Path) -> None:
+        """Index ``output`` as made from ``source`` (the record is rewritten: a few ms).
+
+        Raises:
+            OSError: the record cannot be written (a full disk).
+        """
+        from gvsl_cli.data import content_sha256
+
+        self.inputs[_index_key(self.out_dir, output)] = {"input": os.path.abspath(source), "sha256": content_sha256(source)}
+        self._write()
+
+    def made_from_another_input(self, output: Path, source: Path) -> str | None:
+        """The input that made ``output`` when it is not ``source``; '' when it is ``source``;
+        None when the index does not know (outputs of gvsl versions before the index)."""
+        from gvsl_cli.data import content_sha256
+
+        entry = self.inputs.get(_index_key(self.out_dir, output))
+        if not isinstance(entry, dict) or "input" not in entry:
+            return None
+        if entry["input"] == os.path.abspath(source):
+            return ""
+        try:
+            same_content = entry.get("sha256") == content_sha256(source)
+        except OSError:
+            same_content = False
+        return "" if same_content else str(entry["input"])
 
     def finish(self, written: Sequence[Path]) -> str | None:
         """After a run that returned: drop the ``replacing`` marker when every output in
@@ -137,7 +178,8 @@ class OutputRecord:
                 f"{self.out_dir} still holds {len(others)} file(s) made with other settings that this --overwrite run did not replace "
                 f"(e.g. {others[0]}); segment those inputs too with --overwrite, or remove them"
             )
-        write_record(self.out_dir, self.description)
+        self._marked = False
+        self._write()
         return None
 
 
@@ -162,6 +204,8 @@ def check_output_folder(out_dir: Path, description: dict, targets: Sequence[Path
                 raise ValueError
         except (OSError, ValueError):
             raise InputError(f"{record}: not a readable gvsl segment record", hint="choose another -o folder, or remove that file") from None
+        inputs = stored.pop("inputs", None)
+        inputs = inputs if isinstance(inputs, dict) else {}
     given = json.loads(json.dumps(description))  # tuples as lists, as stored
     if stored is None:
         existing = [t for t in targets if t.exists()]
@@ -181,7 +225,7 @@ def check_output_folder(out_dir: Path, description: dict, targets: Sequence[Path
     if differing or stored.get("replacing"):
         marker = stored.get("replacing")
         earlier = (marker.get("earlier") if isinstance(marker, dict) else None) if marker else {k: v for k, v in stored.items() if k != "replacing"}
-        return OutputRecord(out_dir, given, write_first=True, replacing=True, replaced_from=earlier)
+        return OutputRecord(out_dir, given, write_first=True, replacing=True, replaced_from=earlier, inputs=inputs)
     if given["probabilities"] and not stored.get("probabilities"):
-        return OutputRecord(out_dir, {**stored, "probabilities": True}, write_first=True)  # probability maps join the label maps
-    return OutputRecord(out_dir, stored, write_first=False)
+        return OutputRecord(out_dir, {**stored, "probabilities": True}, write_first=True, inputs=inputs)  # probability maps join the label maps
+    return OutputRecord(out_dir, stored, write_first=False, inputs=inputs)

@@ -31,7 +31,7 @@ from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
 from gvsl_cli.errors import CheckpointError, ConfigError, GvslError, InputError
 from gvsl_cli.model import SegmentationNet
-from gvsl_cli.segment_record import OutputRecord
+from gvsl_cli.segment_record import RUN_FILE, OutputRecord
 from gvsl_cli.sliding_window import sliding_window_inference
 
 BEST_FILE = "best.pt"
@@ -358,7 +358,7 @@ def segment_files(
         probability_target = target.with_name(probabilities_name(source)) if probabilities else None
         earlier_probabilities = target.with_name(probabilities_name(source))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
-            other = _made_from_another_image(source, target)
+            other = _made_from_another_input(source, target, record)
             if other:
                 result = SegmentResult(str(source), str(target), "failed", other)
             else:
@@ -380,6 +380,8 @@ def segment_files(
                     elif replacing:
                         earlier_probabilities.unlink(missing_ok=True)  # another model's
                     write_volume(labels, target)
+                    if record is not None:
+                        record.output_written(target, source)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
                 warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
@@ -412,6 +414,21 @@ def _grid_in_header(path: Path):
     except RuntimeError:
         return None
     return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def _made_from_another_input(source: Path, target: Path, record: OutputRecord | None) -> str:
+    """Why an existing output cannot be this input's ('' when it can be): by the folder's
+    index of inputs (``segment_record``), else, for outputs the index does not know, by
+    the grid (``_made_from_another_image``)."""
+    recorded = record.made_from_another_input(target, source) if record is not None else None
+    if recorded is None:
+        return _made_from_another_image(source, target)
+    if recorded:
+        return (
+            f"{target} exists but was made from {recorded} (see {RUN_FILE}); "
+            "give all inputs in one call (same-named files then get sub-folders), use another -o, or --overwrite"
+        )
+    return ""
 
 
 def _made_from_another_image(source: Path, target: Path) -> str:

@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from gvsl_cli import data
 from gvsl_cli.checkpoint import save_checkpoint
 from gvsl_cli.cli import run
 from gvsl_cli.config import ModelConfig, PreprocessConfig
@@ -449,10 +450,36 @@ def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(mode
     assert run(["segment", str(tmp_path / "p01" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 0
     assert run(["segment", str(tmp_path / "p02" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
     err = capsys.readouterr().err
-    assert f"failed {tmp_path / 'p02' / 'image.nii.gz'}: {out / 'image.nii.gz'} exists but was made from another image" in err
+    assert f"failed {tmp_path / 'p02' / 'image.nii.gz'}: {out / 'image.nii.gz'} exists but was made from {tmp_path / 'p01' / 'image.nii.gz'} (see segment.json)" in err
     # The same input again is still skipped as done.
     assert run(["segment", str(tmp_path / "p01" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0"]) == 0
     assert "skipped" in capsys.readouterr().err
+    # Label maps of gvsl versions before the index: told apart by their grid.
+    record = json.loads((out / "segment.json").read_text())
+    assert record["inputs"] == {"image.nii.gz": {"input": str(tmp_path / "p01" / "image.nii.gz"), "sha256": data.content_sha256(tmp_path / "p01" / "image.nii.gz")}}
+    del record["inputs"]
+    (out / "segment.json").write_text(json.dumps(record))
+    assert run(["segment", str(tmp_path / "p02" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
+    assert f"{out / 'image.nii.gz'} exists but was made from another image" in capsys.readouterr().err
+
+
+def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_path, tmp_path, capsys):
+    # Two patients on one grid (resampled datasets): only the record of inputs tells them apart.
+    image = sitk.ReadImage(str(EXAMPLES / "colin27_t1_2mm.nii.gz"))
+    other = sitk.Flip(image, [True, False, False])
+    other.CopyInformation(image)
+    for patient, volume in (("p01", image), ("p02", other)):
+        (tmp_path / "data" / patient).mkdir(parents=True)
+        sitk.WriteImage(volume, str(tmp_path / "data" / patient / "image.nii.gz"))
+    out = tmp_path / "out"
+    segment = ["--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]
+    assert run(["segment", str(tmp_path / "data" / "p01" / "image.nii.gz"), *segment]) == 0
+    assert run(["segment", str(tmp_path / "data" / "p02" / "image.nii.gz"), *segment]) == 7
+    assert f"exists but was made from {tmp_path / 'data' / 'p01' / 'image.nii.gz'}" in capsys.readouterr().err
+    # A moved input folder is the same input (same content): skipped as done.
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert run(["segment", str(tmp_path / "moved" / "p01" / "image.nii.gz"), *segment[:-1]]) == 0
+    assert f"skipped {out / 'image.nii.gz'}" in capsys.readouterr().err
 
 
 def test_a_second_segment_into_a_folder_in_use_is_refused(model_path, inputs, tmp_path, capsys):
