@@ -11,6 +11,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +244,13 @@ def test_dash_with_a_terminal_stdin_is_refused(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Terminal())
     assert run(["info", "-"]) == 2
     assert "stdin is a terminal" in capsys.readouterr().err
+
+
+def test_dash_with_a_closed_stdin_says_so():
+    # `gvsl info - <&-`: Python starts without sys.stdin; the message must not say "terminal".
+    done = subprocess.run(["sh", "-c", 'exec "$0" -m gvsl_cli info - <&-', sys.executable], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: -: reads paths from stdin, but stdin is closed"), done.stderr
 
 
 def test_output_dash_is_refused_before_any_work(tmp_path, mr_weights, monkeypatch, capsys):

@@ -20,14 +20,17 @@ def stdin_for(inputs: Sequence[str | os.PathLike]) -> Iterable[str]:
 
     Raises:
         InputError: ``-`` is given but stdin is a terminal (the command would wait for
-            typed paths, which is never what a ``-`` in a script means).
+            typed paths, which is never what a ``-`` in a script means) or closed.
     """
     from gvsl_cli.errors import InputError
 
     if not any(os.fspath(item) == "-" for item in inputs):
         return ()
-    if sys.stdin is None or sys.stdin.isatty():
-        raise InputError("-: reads paths from stdin, but stdin is a terminal", hint="pipe the paths in, e.g. find DIR -name '*.nii.gz' | gvsl COMMAND - ...")
+    hint = "pipe the paths in, e.g. find DIR -name '*.nii.gz' | gvsl COMMAND - ..."
+    if sys.stdin is None:  # started with stdin closed (``<&-``)
+        raise InputError("-: reads paths from stdin, but stdin is closed", hint=hint)
+    if sys.stdin.isatty():
+        raise InputError("-: reads paths from stdin, but stdin is a terminal", hint=hint)
     return sys.stdin
 
 
