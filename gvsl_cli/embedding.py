@@ -49,7 +49,7 @@ from gvsl_cli.device import autocast, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import modality_misfit
-from gvsl_cli.io import atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, write_volume
+from gvsl_cli.io import DISK_ERRNOS, atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, write_volume
 from gvsl_cli.locking import RemovableLock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
@@ -618,13 +618,26 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
             description = None
         # The dense map first: a volume counts as done when its vector exists, so the
         # vector is written last.
-        if features.dense is not None:
-            write_volume(dense_image(features, config.dense_grid), dense_path(source))
+        dense_written = False
+        try:
+            if features.dense is not None:
+                write_volume(dense_image(features, config.dense_grid), dense_path(source))
+                dense_written = True
+            if lines is None:
+                with atomic_path(vector_path(source)) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, features.vector)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise  # every later volume would fail the same way: stop here
+            # This volume's own name (too long, a character the file system refuses).
+            if dense_written:  # half of this volume's outputs
+                dense_path(source).unlink(missing_ok=True)
+            reason = failure_reason(exc, source.path)
+            summary.failed.append(Skipped(str(source.path), reason))
+            reporter.volume_failed(source, reason)
+            continue
         if lines is not None:
             lines.write({"name": source.name, "input": str(source.path), "modality": features.modality, "vector": [float(v) for v in features.vector]})
-        else:
-            with atomic_path(vector_path(source)) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, features.vector)
         summary.computed.append(source.name)
         reporter.volume_done(source, time.perf_counter() - began)

@@ -8,6 +8,7 @@ are renamed into place, so an interrupted run never leaves a half-written output
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -132,6 +133,10 @@ def read_image_file(path: Path) -> sitk.Image:
             return sitk.ReadImage(str(alone))
     return sitk.ReadImage(str(path))
 
+
+#: OS errors of an output disk rather than of one output (no space left, over quota,
+#: read-only): a run over many inputs stops at the first, as every later one would fail too.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 READ_HINT = "gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders"
 #: Reasons that mean "the file is incomplete"; they get a hint about copying it again.

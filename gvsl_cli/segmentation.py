@@ -16,7 +16,6 @@ label map would give staircases).
 from __future__ import annotations
 
 import contextlib
-import errno
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from gvsl_cli.data import Source, failure_reason
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.device import autocast
 from gvsl_cli.errors import CheckpointError, ConfigError, GvslError, InputError
+from gvsl_cli.io import DISK_ERRNOS
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segment_record import RUN_FILE, OutputRecord
 from gvsl_cli.sliding_window import sliding_window_inference
@@ -460,19 +460,15 @@ class OutputWriteError(InputError):
     over quota, read-only disk): ``segment_files`` stops instead of failing each input."""
 
 
-#: OS errors of the output disk rather than of one output.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
 @contextlib.contextmanager
 def _stop_when_the_disk_fails(target: Path, results: Sequence[SegmentResult]):
-    """Turn a write failure of the disk (``_DISK_ERRNOS``, or the NIfTI writer's short file,
+    """Turn a write failure of the disk (``DISK_ERRNOS``, or the NIfTI writer's short file,
     ``io.write_volume``'s GvslError) into ``OutputWriteError``; other errors (a name too
     long) stay one input's failure."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _DISK_ERRNOS:
+        if exc.errno not in DISK_ERRNOS:
             raise
         where = exc.filename if exc.filename is not None else target
         raise OutputWriteError(f"{where}: cannot write ({exc.strerror}); stopped after {_written(results)} written", hint=_DISK_HINT) from exc

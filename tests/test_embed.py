@@ -349,6 +349,22 @@ def test_unreadable_volumes_are_reported_and_the_others_done(tmp_path, weights_f
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy", "p5.npy"]
 
 
+def test_an_output_name_the_file_system_refuses_fails_that_volume_only(tmp_path, weights_file, volumes, capsys):
+    # A 240-byte stem is a valid input and vector name, but its dense map's name
+    # (stem + "_features.nii.gz") is over the usual 255-byte limit.
+    long_stem = "x" * 240
+    _volume(volumes / f"{long_stem}.nii.gz", 4)
+    out = tmp_path / "out"
+    code = run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32", "-q"])
+    err = capsys.readouterr().err
+    assert code == 7
+    assert f"skipped {volumes / (long_stem + '.nii.gz')}: File name too long" in err
+    assert "Traceback" not in err
+    # The other volumes are all done, and the refused one left nothing behind.
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy"]
+    assert not any(long_stem in p.name for p in out.rglob("*"))
+
+
 def test_paths_from_stdin_and_quoted_globs(tmp_path, weights_file, volumes, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO(f"# a list\r\n{volumes / 'p3.mha'}\r\n\n"))
     assert run(["embed", "-", str(volumes / "p*" / "*.nii.gz"), "--weights", str(weights_file), "-o", str(tmp_path / "out"), "-q"]) == 0
