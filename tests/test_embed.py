@@ -341,9 +341,9 @@ def test_unreadable_volumes_are_reported_and_the_others_done(tmp_path, weights_f
     code = run(["embed", str(volumes), str(tmp_path / "missing.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"])
     assert code == 7
     err = capsys.readouterr().err
-    assert f"skipped {volumes / 'p4.nii.gz'}:" in err
+    assert f"failed {volumes / 'p4.nii.gz'}:" in err
     assert f"skipped {tmp_path / 'missing.nii.gz'}: no such file or folder" in err
-    assert f"skipped {volumes / 'p6.nii.gz'}: constant intensity" in err
+    assert f"failed {volumes / 'p6.nii.gz'}: constant intensity" in err
     assert "error: 3 input(s) could not be embedded" in err
     assert "Traceback" not in err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy", "p5.npy"]
@@ -358,7 +358,7 @@ def test_an_output_name_the_file_system_refuses_fails_that_volume_only(tmp_path,
     code = run(["embed", str(volumes), "--weights", str(weights_file), "-o", str(out), "--dense", "--window", "32", "-q"])
     err = capsys.readouterr().err
     assert code == 7
-    assert f"skipped {volumes / (long_stem + '.nii.gz')}: File name too long" in err
+    assert f"failed {volumes / (long_stem + '.nii.gz')}: File name too long" in err
     assert "Traceback" not in err
     # The other volumes are all done, and the refused one left nothing behind.
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == ["p1/scan.npy", "p2/scan.npy", "p3.npy"]

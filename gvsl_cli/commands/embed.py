@@ -69,7 +69,7 @@ class ConsoleReporter:
             self._print(f"[{time.monotonic() - self.started:7.1f} s] {self.position} {source.name} ({seconds:.1f} s)")
 
     def volume_failed(self, source, reason: str) -> None:
-        self._print(f"skipped {source.path}: {reason}")
+        self._print(f"failed {source.path}: {reason}")
         if self.progress is not None:
             self.progress.advance(self.volume_task)
 
