@@ -29,10 +29,10 @@ import torch
 from gvsl_cli import data as data_mod
 from gvsl_cli import distributed, spatial
 from gvsl_cli.augment import PretrainAugmentation
-from gvsl_cli.checkpoint import load_state_strict, save_checkpoint, state_checksum
+from gvsl_cli.checkpoint import load_state_strict, load_weights, save_checkpoint, state_checksum
 from gvsl_cli.config import ModelConfig, PreprocessConfig
 from gvsl_cli.device import resolve_device, resolve_precision
-from gvsl_cli.errors import ConfigError, InputError, TrainingError
+from gvsl_cli.errors import ConfigError, GvslError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, ensure_writable_folder
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
 from gvsl_cli.model import GVSL
@@ -373,6 +373,23 @@ def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should
         distributed.teardown(context)
 
 
+def _repair_final_model(run_dir: Path, resumed, reached: int, reporter: Reporter) -> None:
+    """Rewrite ``model.pt`` from ``last.pt`` when a complete run's model.pt is missing or
+    older (earlier gvsl wrote last.pt first, and a kill between the two files left
+    that state; ``--weights RUN`` takes model.pt first)."""
+    model_path = run_dir / MODEL_FILE
+    try:
+        current = load_weights(model_path).extra.get("iteration") if model_path.is_file() else None
+    except GvslError:
+        current = None  # damaged: rewritten below
+    if current == reached:
+        return
+    model = GVSL(resumed.model_config)
+    load_state_strict(model, resumed.state_dict, source=str(run_dir / CHECKPOINT_FILE))
+    save_checkpoint(model_path, model, resumed.preprocess, affine_trained=resumed.affine_trained, extra={"patch": list(resumed.extra.get("patch", ())), "iteration": reached})
+    reporter.note(f"{model_path} was {'missing' if current is None else f'from iteration {current}'} (the run was killed while finishing): rewritten from {CHECKPOINT_FILE} (iteration {reached})")
+
+
 def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter: Reporter, should_stop) -> PretrainSummary | None:
     """Checks everything that can be checked before any work, then trains (``_train``)."""
     run_dir = Path(config.run_dir)
@@ -392,7 +409,10 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
             # `--resume` alone continues the run to its own target (a stopped run's summary
             # says "continue with --resume"); --iters moves the target.
             config = dataclasses.replace(config, iters=int(resumed.extra["iters"]))
-        if not iterations_remain(run_dir, int(resumed.extra["training"].get("iteration", 0)), config.iters, reporter):
+        reached = int(resumed.extra["training"].get("iteration", 0))
+        if not iterations_remain(run_dir, reached, config.iters, reporter):
+            if context.is_main:
+                _repair_final_model(run_dir, resumed, reached, reporter)
             return None
     if not config.inputs:
         raise InputError("no input given", hint="gvsl pretrain FOLDER_OR_FILES... (folders, volumes, DICOM folders or .txt lists)")
@@ -449,7 +469,8 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     start_iteration = 0
     if resumed is not None:
         start_iteration = restore_training_state(resumed.extra["training"], optimizer, scaler, device)
-        truncate_metrics(run_dir / METRICS_FILE, start_iteration)
+        if context.is_main:  # the folder's writer; other ranks never touch it
+            truncate_metrics(run_dir / METRICS_FILE, start_iteration)
         reporter.note(f"resuming {run_dir} after iteration {start_iteration}")
 
     net: torch.nn.Module = model
@@ -478,10 +499,13 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         if not context.is_main:
             return
         affine_trained = init_affine_trained or iteration >= AFFINE_TRUST_ITERATIONS
+        if final:
+            # model.pt before last.pt: a kill between the two leaves a last.pt short of the
+            # end, so --resume redoes those steps and writes both, rather than a "complete"
+            # last.pt beside a missing or older model.pt.
+            save_checkpoint(run_dir / MODEL_FILE, model, contract, affine_trained=affine_trained, extra={"patch": list(sampler_patch), "iteration": iteration})
         extra = {**run_record, "training": training_state(optimizer, scaler, iteration, device)}
         save_checkpoint(checkpoint_path, model, contract, affine_trained=affine_trained, extra=extra)
-        if final:
-            save_checkpoint(run_dir / MODEL_FILE, model, contract, affine_trained=affine_trained, extra={"patch": list(sampler_patch), "iteration": iteration})
 
     options = LoopOptions(
         iters=config.iters,

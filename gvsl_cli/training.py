@@ -36,7 +36,7 @@ from gvsl_cli import errors
 from gvsl_cli.device import autocast
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
-from gvsl_cli.io import remove_empty_folders
+from gvsl_cli.io import atomic_path, remove_empty_folders
 from gvsl_cli.locking import RemovableLock, take_folder_lock
 
 METRICS_FILE = "metrics.jsonl"
@@ -292,7 +292,30 @@ def _lock_run_folder(run_dir: Path, command: str, reporter: "Reporter"):
         return None, created
     if lock is None:
         reporter.note(f"warning: {run_dir}: this file system has no file locks, so nothing stops a second run from writing into this run folder")
+    else:
+        remove_leftovers_of_killed_runs(run_dir)  # safe: no other run writes here now
     return lock, created
+
+
+#: Files of a pretrain or finetune run folder, each written through ``io.atomic_path``.
+RUN_FOLDER_FILES = ("last.pt", "model.pt", "best.pt", "run.json", "summary.json", METRICS_FILE)
+
+
+def remove_leftovers_of_killed_runs(run_dir: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.<random>.tmp<suffix>``) that runs killed while
+    writing ``RUN_FOLDER_FILES`` left in ``run_dir``; returns them. A width-32 checkpoint's
+    is ~390 MB, and SLURM's SIGKILL after a preemption's grace time can land in a write.
+    Only for the holder of the run-folder lock: another run's files may be in flight."""
+    removed = []
+    for name in RUN_FOLDER_FILES:
+        for path in sorted(run_dir.glob(f".{name}.*.tmp*")):
+            try:
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                pass  # left for the next run; nothing depends on it
+    return removed
 
 
 def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, command: str, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):
@@ -373,9 +396,8 @@ def truncate_metrics(path: Path, iteration: int) -> None:
             continue
         if isinstance(row, dict) and row.get("iteration", math.inf) <= iteration:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

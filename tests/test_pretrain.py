@@ -142,6 +142,37 @@ def test_second_run_reads_no_volume(volumes, cache_dir, tmp_path, monkeypatch):
     assert f"2 volumes: 0 prepared now, 2 from the cache ({cache_dir})" in notes.lines, notes.lines
 
 
+def test_the_final_model_is_written_before_the_checkpoint_that_marks_the_run_complete(volumes, cache_dir, tmp_path, monkeypatch):
+    from gvsl_cli import pretraining
+
+    written = []
+    real_save = pretraining.save_checkpoint
+
+    def save(path, *args, **kwargs):
+        written.append(Path(path).name)
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "save_checkpoint", save)
+    assert run(_args(volumes, tmp_path / "run", cache_dir, "--iters", "2", "--save-every", "1")) == 0
+    assert written == ["last.pt", "model.pt", "last.pt"]
+
+
+def test_a_complete_run_without_its_model_gets_it_back_on_resume(volumes, cache_dir, tmp_path, capsys):
+    from gvsl_cli.checkpoint import state_checksum
+
+    run_dir = tmp_path / "run"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2")) == 0
+    last = load_weights(run_dir / "last.pt")
+    (run_dir / "model.pt").unlink()  # killed between last.pt and model.pt (the earlier write order)
+    capsys.readouterr()
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and f"{run_dir / 'model.pt'} was missing" in err
+    model = load_weights(run_dir / "model.pt")
+    assert model.extra["iteration"] == 2 and model.extra["patch"] == last.extra["patch"]
+    assert state_checksum(model.state_dict) == state_checksum(last.state_dict)
+
+
 def _cache_made_read_only(monkeypatch, cache_root):
     """Act as if ``cache_root`` were on a read-only mount (the tests run as root, for whom
     permission bits do not stop a write): ``os.access`` says no, and every atomic write

@@ -92,3 +92,37 @@ def test_an_output_folder_on_a_file_system_without_locks_keeps_no_lock_file(tmp_
     with locking.exclusive_output_folder(tmp_path, "segment"):
         assert list(tmp_path.iterdir()) == []  # the file guards nothing there: gone at once
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_folder_holder_removes_temporary_files_of_killed_writes(tmp_path):
+    from gvsl_cli.training import exclusive_run_folder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # What SIGKILL during atomic writes of the run's files leaves (io.atomic_path's names).
+    leftovers = [".last.pt.k3j9x2ab.tmp.pt", ".model.pt.q1w2e3r4.tmp.pt", ".metrics.jsonl.a1b2c3d4.tmp.jsonl"]
+    for name in leftovers:
+        (run_dir / name).write_bytes(b"partial")
+    kept = ["last.pt", ".notes.tmp", "my.last.pt.backup"]  # the run's file, and files not its leftovers
+    for name in kept:
+        (run_dir / name).write_bytes(b"keep")
+    with exclusive_run_folder(run_dir, "pretrain"):
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(kept + [".gvsl-run.lock"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(kept)
+
+
+def test_metrics_rewritten_by_two_processes_at_once_stay_whole(tmp_path):
+    # Each rewrite goes through its own temporary name: one writer can no longer rename the
+    # other's temporary file away ("No such file or directory" on a resume under torchrun).
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "loss": 0.5}) + "\n" for i in range(1, 30001)))
+    code = "import sys; from pathlib import Path; from gvsl_cli.training import truncate_metrics\n" "for _ in range(8): truncate_metrics(Path(sys.argv[1]), 20000)\n"
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [w.communicate()[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], errors
+    assert [row["iteration"] for row in read_metrics(path)] == list(range(1, 20001))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
