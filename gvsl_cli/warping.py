@@ -218,6 +218,46 @@ def dice_scores(fixed_labels: np.ndarray, moved_labels: np.ndarray) -> dict[int 
 REGISTRATION_FIELD_NAME = "displacement.nii.gz"
 #: Written last by ``gvsl register``: its presence means the folder holds a complete run.
 REGISTRATION_REPORT_NAME = "report.json"
+#: The affine stage A alone (fixed point -> moving point), already inside the field.
+REGISTRATION_AFFINE_NAME = "affine.tfm"
+
+
+def deformable_part(field: sitk.Image, affine: sitk.Transform) -> sitk.Image:
+    """The field v with x + d(x) = A(x + v(x)) at every node x of ``field`` (d, mm).
+
+    ``gvsl register``'s field d holds the whole transform φ(x) = A·(x + v(x)). Applied as
+    the ITK composite [A, v] it gives the same points on the field's grid (trilinear
+    interpolation commutes with the affine map, so between nodes too), and outside the
+    grid, where a displacement field transform gives 0, the affine A still applies instead
+    of the identity: a larger ``-r`` grid than the fixed image's is mapped by the affine
+    there, as ANTs' separate affine and warp are.
+
+    Args:
+        field: 3-vector image (float64), fixed point + d = moving point.
+        affine: an ITK affine transform (matrix M, centre c, translation t).
+
+    Returns:
+        A 3-vector float64 image on ``field``'s grid.
+    """
+    affine = sitk.AffineTransform(affine)
+    matrix = np.array(affine.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    centre = np.array(affine.GetCenter(), dtype=np.float64)
+    offset = centre + np.array(affine.GetTranslation(), dtype=np.float64)
+    inverse = np.linalg.inv(matrix)
+    geometry = Geometry.of(field)
+    total = sitk.GetArrayViewFromImage(field)  # (z, y, x, 3), x y z components
+    residual = np.empty(total.shape, dtype=np.float64)
+    to_physical = np.array(geometry.direction, dtype=np.float64).reshape(3, 3) * np.array(geometry.spacing, dtype=np.float64)
+    nx, ny, nz = (int(n) for n in geometry.size)
+    ix, iy = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64), indexing="xy")
+    for z in range(nz):  # a slice at a time: a 1 mm field is ~17 M points
+        index = np.stack([ix, iy, np.full_like(ix, z)], axis=-1)  # (y, x, 3)
+        points = index @ to_physical.T + np.array(geometry.origin, dtype=np.float64)
+        moving = points + total[z]
+        residual[z] = (moving - offset) @ inverse.T + centre - points
+    image = sitk.GetImageFromArray(residual, isVector=True)
+    image.CopyInformation(field)
+    return image
 
 
 def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
@@ -258,6 +298,19 @@ def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
                     f"{path}: folder holds no {REGISTRATION_REPORT_NAME}, so no complete gvsl register run",
                     hint=f"rerun gvsl register into it, or give {field_path} itself to use that field anyway",
                 )
+            affine_path = path / REGISTRATION_AFFINE_NAME
+            if affine_path.is_file():
+                # As [A, v]: the same transform on the field's grid, the affine beyond it.
+                field = sitk.Cast(read_volume(field_path, vector=True), sitk.sitkVectorFloat64)
+                try:
+                    affine = sitk.AffineTransform(sitk.ReadTransform(str(affine_path)))
+                except RuntimeError as exc:
+                    detail = (str(exc).strip().splitlines() or [""])[-1][:160]
+                    raise InputError(f"{affine_path}: cannot read as an ITK affine transform ({detail})") from None
+                reference = reference or Geometry.of(field)
+                composite.AddTransform(affine)
+                composite.AddTransform(sitk.DisplacementFieldTransform(deformable_part(field, affine)))
+                continue
             path = field_path
         if not path.exists():
             raise InputError(f"{path}: no such transform file or folder")

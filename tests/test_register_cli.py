@@ -109,6 +109,49 @@ def test_apply_reuses_a_registration_for_other_files(tmp_path, capsys, icbm_t1, 
     assert run(["apply", str(colin_t1), "-t", str(out / "affine.tfm"), "-r", str(icbm_t1), "-o", str(warped)]) == 0
 
 
+def test_deformable_part_recomposes_the_total_field():
+    from gvsl_cli.warping import deformable_part
+
+    # A smooth v on an oblique grid and an affine with a centre: d(x) = A(x + v(x)) - x.
+    rng = np.random.default_rng(0)
+    v = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.normal(size=(9, 10, 11, 3)) * 20, isVector=True), 1.5)
+    v.SetSpacing((1.5, 2.0, 2.5))
+    v.SetOrigin((-10.0, 4.0, 7.5))
+    v.SetDirection(sitk.VersorTransform((0.3, 0.2, 0.1), 0.4).GetMatrix())
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.05, 0.1, 0.0, -0.05, 0.95, 0.02, 0.0, 0.03, 1.1))
+    affine.SetTranslation((4.0, -3.0, 2.0))
+    affine.SetCenter((1.0, 2.0, 3.0))
+    velocity = sitk.GetArrayFromImage(v).astype(np.float64)
+    total = np.empty_like(velocity)
+    for index in np.ndindex(*velocity.shape[:3]):
+        point = np.array(v.TransformIndexToPhysicalPoint(tuple(int(i) for i in index[::-1])))
+        total[index] = np.array(affine.TransformPoint(tuple(point + velocity[index]))) - point
+    field = sitk.GetImageFromArray(total, isVector=True)
+    field.CopyInformation(v)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(deformable_part(field, affine)), velocity, atol=1e-9)
+
+
+def test_apply_of_a_register_folder_maps_beyond_the_fixed_grid_by_the_affine(tmp_path, capsys, icbm_t1, colin_t1):
+    # A cropped fixed image, and a reference grid larger than it: outside the crop, the
+    # field alone would give the identity; the registration's affine applies there.
+    fixed = sitk.ReadImage(str(icbm_t1))
+    crop = fixed[20:70, 20:80, 20:70]
+    sitk.WriteImage(crop, str(tmp_path / "crop.nii.gz"))
+    out = tmp_path / "reg"
+    assert run(["register", str(tmp_path / "crop.nii.gz"), str(colin_t1), "-o", str(out), *FAST]) == 0
+    assert run(["apply", str(colin_t1), "-t", str(out), "-r", str(icbm_t1), "-o", str(tmp_path / "warped"), "-q"]) == 0
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped" / "colin27_t1_2mm_warped.nii.gz")))
+    by_affine = sitk.Resample(sitk.ReadImage(str(colin_t1)), fixed, sitk.ReadTransform(str(out / "affine.tfm")), sitk.sitkLinear, float(sitk.GetArrayViewFromImage(sitk.ReadImage(str(colin_t1))).min()), sitk.sitkFloat32)
+    outside = np.ones(warped.shape, dtype=bool)
+    outside[18:72, 18:82, 18:72] = False  # (z, y, x): the crop and a margin of 2 voxels
+    np.testing.assert_allclose(warped[outside], sitk.GetArrayFromImage(by_affine)[outside], atol=1e-3)
+    # Inside the crop it is the registration's own result.
+    moved = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "moved.nii.gz")))
+    inside = warped[20:70, 20:80, 20:70]
+    assert np.abs(inside - moved).max() < 2e-3 * float(np.abs(moved).max())
+
+
 @pytest.mark.parametrize(
     "args, message, exit_code",
     [
