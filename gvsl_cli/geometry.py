@@ -110,9 +110,30 @@ class Geometry:
 
     def is_close(self, other: "Geometry", *, atol: float = 1e-4) -> bool:
         """Same size, and spacing, origin and direction equal within ``atol``."""
-        return (
-            self.size == other.size
-            and np.allclose(self.spacing, other.spacing, atol=atol)
-            and np.allclose(self.origin, other.origin, atol=atol)
-            and np.allclose(self.direction, other.direction, atol=atol)
-        )
+        return not self.differences(other, atol=atol)
+
+    def differences(self, other: "Geometry", *, atol: float = 1e-4) -> str:
+        """What differs between this grid and ``other`` (''  when ``is_close``), in words:
+        only the fields that differ, ``self``'s value first; a direction as its orientation
+        code (RAS vs LPS) when those differ, else as rounded cosines (an oblique grid)."""
+        parts = []
+        if self.size != other.size:
+            parts.append(f"size {self.size} vs {other.size}")
+        if not np.allclose(self.spacing, other.spacing, atol=atol):
+            parts.append(f"spacing {_rounded(self.spacing, 4)} vs {_rounded(other.spacing, 4)}")
+        if not np.allclose(self.origin, other.origin, atol=atol):
+            parts.append(f"origin {_rounded(self.origin, 3)} vs {_rounded(other.origin, 3)}")
+        if not np.allclose(self.direction, other.direction, atol=atol):
+            import SimpleITK as sitk
+
+            codes = [sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(g.direction) for g in (self, other)]
+            if codes[0] != codes[1]:
+                parts.append(f"direction {codes[0]} vs {codes[1]}")
+            else:
+                parts.append(f"direction {_rounded(self.direction, 4)} vs {_rounded(other.direction, 4)}")
+        return ", ".join(parts)
+
+
+def _rounded(values, digits: int) -> tuple:
+    """``values`` rounded for a message (+0.0 for -0.0)."""
+    return tuple(round(float(v), digits) + 0.0 for v in values)

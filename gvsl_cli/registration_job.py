@@ -89,11 +89,10 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
     """Read a label map and check it lies on the grid of the image it labels."""
     labels = read_volume(path)
     expected, got = Geometry.of(grid_of), Geometry.of(labels)
-    if not expected.is_close(got, atol=1e-3):
+    differing = got.differences(expected, atol=1e-3)
+    if differing:
         raise InputError(
-            f"{path}: {role} label map is not on the {role} image's grid "
-            f"(size {got.size} vs {expected.size}, spacing {tuple(round(s, 4) for s in got.spacing)} vs {tuple(round(s, 4) for s in expected.spacing)}, "
-            f"origin {tuple(round(o, 2) for o in got.origin)} vs {tuple(round(o, 2) for o in expected.origin)})",
+            f"{path}: {role} label map is not on the {role} image's grid ({differing}; label map's first)",
             hint=f"give the label map that belongs to the {role} image, or resample it onto that image's grid",
         )
     return labels

@@ -261,6 +261,22 @@ def test_output_dash_is_refused_before_any_work(tmp_path, mr_weights, monkeypatc
     assert not (tmp_path / "-").exists()
 
 
+@pytest.mark.parametrize("command", [["segment", "{image}", "--model", "{model}"], ["register", "{image}", "{image}"], ["embed", "{image}", "--weights", "{weights}"]])
+def test_output_named_like_a_volume_file_is_refused_before_any_work(tmp_path, mr_weights, command, monkeypatch, capsys):
+    # TotalSegmentator's `-o pred.nii.gz`: a folder of that name would break the next tool.
+    monkeypatch.chdir(tmp_path)
+    names = {"image": str(EXAMPLES / "colin27_t1_2mm.nii.gz"), "model": str(mr_weights), "weights": str(mr_weights)}
+    assert run([part.format(**names) for part in command] + ["-o", "pred.nii.gz"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: -o pred.nii.gz: -o names a folder, and this is a volume file name") and "\n" not in err
+    assert not (tmp_path / "pred.nii.gz").exists()
+    # An existing folder of such a name stays usable.
+    from gvsl_cli.commands.inputs import refuse_stdout_folder
+
+    (tmp_path / "odd.nii").mkdir()
+    assert refuse_stdout_folder(Path("odd.nii")) == Path("odd.nii")
+
+
 # --------------------------------------------------------------------------- segment
 
 

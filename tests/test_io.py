@@ -355,3 +355,23 @@ def test_an_output_name_near_the_file_name_limit_is_written(tmp_path):
     write_volume(image, target)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(target))), np.arange(24).reshape(2, 3, 4))
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_grid_differences_name_only_what_differs():
+    image = sitk.Image(10, 12, 8, sitk.sitkUInt8)
+    image.SetSpacing((2.0, 2.0, 3.0))
+    image.SetOrigin((1.0, -2.0, 3.5))
+    lps = Geometry.of(image)
+    assert lps.differences(lps) == "" and lps.is_close(lps)
+    # Only the direction differs (a label map saved through numpy without its direction).
+    flipped = sitk.Image(image)
+    flipped.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    assert Geometry.of(flipped).differences(lps) == "direction RAS vs LPS"
+    # Same orientation code, another oblique angle: the cosines.
+    oblique = sitk.Image(image)
+    oblique.SetDirection(sitk.VersorTransform((0.0, 0.0, 1.0), 0.1).GetMatrix())
+    assert Geometry.of(oblique).differences(lps).startswith("direction (0.995, -0.0998, 0.0,")
+    moved = sitk.Image(image)
+    moved.SetOrigin((1.0, -2.0, 4.0))
+    assert Geometry.of(moved).differences(lps) == "origin (1.0, -2.0, 4.0) vs (1.0, -2.0, 3.5)"
+    assert Geometry.of(moved).differences(lps, atol=1.0) == ""

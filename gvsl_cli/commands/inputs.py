@@ -4,7 +4,8 @@
   segment - ...``); ``stdin_for`` hands stdin to ``data.discover`` only then.
 - ``-o`` names a folder in every command; ``-o -`` (stdout) is refused by
   ``refuse_stdout_folder`` before anything runs, rather than creating a folder named
-  ``-`` that a later ``-`` input would then not mean.
+  ``-`` that a later ``-`` input would then not mean; so is a volume file name (``-o
+  pred.nii.gz``, a TotalSegmentator habit), which would become a folder of that name.
 - Every ``-o`` accepts both ``--output`` and ``--out`` (the command's own first).
 """
 
@@ -36,9 +37,18 @@ def stdin_for(inputs: Sequence[str | os.PathLike]) -> Iterable[str]:
 
 def refuse_stdout_folder(value: Optional[Path]) -> Optional[Path]:
     """Typer callback of ``-o``: refuses ``-`` (gvsl writes files into a folder, never to
-    stdout); other values pass unchanged."""
+    stdout) and a volume file name that is not an existing folder; other values pass
+    unchanged."""
     from gvsl_cli.errors import InputError
+    from gvsl_cli.io import volume_suffix
 
     if value is not None and os.fspath(value) == "-":
         raise InputError("-o -: outputs are files written into a folder, not a stream on stdout", hint="give a folder name with -o")
+    if value is not None and volume_suffix(Path(value)) is not None and not Path(value).is_dir():
+        # TotalSegmentator's `-o file.nii.gz` habit: a folder of that name would break the
+        # next tool that opens it as a volume.
+        raise InputError(
+            f"-o {value}: -o names a folder, and this is a volume file name",
+            hint="give a folder (outputs are written into it under their own names, e.g. OUT/CASE.nii.gz)",
+        )
     return value
