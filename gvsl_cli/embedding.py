@@ -49,7 +49,17 @@ from gvsl_cli.device import autocast, resolve_precision
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import modality_misfit
-from gvsl_cli.io import DISK_ERRNOS, atomic_path, ensure_writable_folder, image_from_array, remove_empty_folders, write_volume
+from gvsl_cli.io import (
+    DISK_ERRNOS,
+    atomic_path,
+    ensure_writable_folder,
+    image_from_array,
+    itk_warnings_hidden,
+    nonorthogonal_direction_warning,
+    refuse_single_slice_vectors,
+    remove_empty_folders,
+    write_volume,
+)
 from gvsl_cli.locking import RemovableLock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
@@ -609,9 +619,21 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
             summary.failed.append(Skipped(str(source.path), reason))
             reporter.volume_failed(source, reason)
             continue
+        dense = None
+        if features.dense is not None:
+            try:
+                dense = dense_image(features, config.dense_grid)
+                refuse_single_slice_vectors(dense.GetSize(), "its dense feature map")
+            except InputError as exc:
+                summary.failed.append(Skipped(str(source.path), str(exc)))
+                reporter.volume_failed(source, str(exc))
+                continue
         misfit = modality_misfit(extractor.preprocess.modality, features.detected)
         if misfit:
             reporter.volume_warning(source, f"{misfit} ({extractor.mapping_source}); give --modality if the contract does not fit the data")
+        direction = nonorthogonal_direction_warning(features.original, None) if dense is not None and config.dense_grid == "input" else None
+        if direction:
+            reporter.volume_warning(source, direction)
         if description is not None:
             # Written with the first output, so a run that embedded nothing leaves no claim.
             write_description(out_dir, description)
@@ -620,8 +642,9 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
         # vector is written last.
         dense_written = False
         try:
-            if features.dense is not None:
-                write_volume(dense_image(features, config.dense_grid), dense_path(source))
+            if dense is not None:
+                with itk_warnings_hidden(direction is not None):
+                    write_volume(dense, dense_path(source))
                 dense_written = True
             if lines is None:
                 with atomic_path(vector_path(source)) as tmp:

@@ -138,6 +138,54 @@ def read_image_file(path: Path) -> sitk.Image:
 #: read-only): a run over many inputs stops at the first, as every later one would fail too.
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
+def refuse_single_slice_vectors(size, what: str) -> None:
+    """Raise InputError when a vector image (a displacement field, a probability or
+    feature map) of ``size`` (x, y, z) could not be stored as a 3D NIfTI: with one slice,
+    ITK writes dims (x, y, 1, 1, C), and ITK (gvsl, SimpleITK, ANTs) reads that back as a
+    2D image, losing the slice's position and the 3D direction."""
+    if len(size) == 3 and int(size[2]) == 1:
+        raise InputError(
+            f"a single slice (size {tuple(int(n) for n in size)}): {what} cannot be stored as a 3D NIfTI (it reads back as a 2D image)",
+            hint="give a 3D volume of at least 2 slices",
+        )
+
+
+#: Voxel shift (mm) from orthogonalising a direction above which the user is warned.
+ORTHOGONALITY_TOLERANCE_MM = 1e-3
+
+
+def nonorthogonal_direction_warning(grid, what: str | None) -> str | None:
+    """The warning for NIfTI outputs on ``grid`` (a ``geometry.Geometry``) when its direction
+    is not orthonormal, else None.
+
+    NIfTI holds only a rotation, so ITK's writer stores the nearest orthonormal matrix; the
+    warning says so and how far (mm) the written voxel centres lie from ``grid``'s.
+    ``what`` names the grid ("fixed image's"); None words it about the input the warning
+    line names ("has a direction matrix ... its grid").
+    """
+    shift = grid.orthogonalization_shift_mm()
+    if shift <= ORTHOGONALITY_TOLERANCE_MM:
+        return None
+    subject, owner = (f"the {what} direction matrix is", f"the {what}") if what else ("has a direction matrix that is", "its")
+    return (
+        f"{subject} not orthonormal, which NIfTI cannot store: the NIfTI outputs carry the nearest "
+        f"orthonormal direction, so their voxel centres lie up to {shift:.3g} mm from {owner} grid "
+        "(resample the image onto an orthonormal grid first if that matters)"
+    )
+
+
+@contextlib.contextmanager
+def itk_warnings_hidden(hidden: bool):
+    """Silence ITK's multi-line warnings in the block when ``hidden`` (gvsl said it in one line)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if hidden:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 READ_HINT = "gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders"
 #: Reasons that mean "the file is incomplete"; they get a hint about copying it again.
 _TRUNCATED_WORDS = ("truncated", "ends early")

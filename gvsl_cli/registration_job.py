@@ -36,7 +36,6 @@ centres move; the output names, and the format they promise, stay fixed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -54,7 +53,7 @@ import torch
 from gvsl_cli import __version__
 from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, read_volume, remove_empty_folders, write_transform, write_volume
+from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, itk_warnings_hidden, nonorthogonal_direction_warning, read_volume, refuse_single_slice_vectors, remove_empty_folders, write_transform, write_volume
 from gvsl_cli.locking import exclusive_output_folder
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
@@ -98,10 +97,6 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
     return labels
 
 
-#: Voxel shift (mm) from orthogonalising the fixed direction above which the user is warned.
-ORTHOGONALITY_TOLERANCE_MM = 1e-3
-
-
 def refuse_folders_at(paths, *, hint: str) -> None:
     """Raise InputError naming the first of ``paths`` that is an existing folder.
 
@@ -113,34 +108,6 @@ def refuse_folders_at(paths, *, hint: str) -> None:
         path = Path(path)
         if path.is_dir() and not path.is_symlink():
             raise InputError(f"{path}: output path is taken by a folder", hint=hint)
-
-
-def nonorthogonal_direction_warning(grid: Geometry, what: str) -> str | None:
-    """The warning for NIfTI outputs on ``grid`` when its direction is not orthonormal, else None.
-
-    NIfTI holds only a rotation, so ITK's writer stores the nearest orthonormal matrix; the
-    warning says so and how far (mm) the written voxel centres lie from ``grid``'s.
-    """
-    shift = grid.orthogonalization_shift_mm()
-    if shift <= ORTHOGONALITY_TOLERANCE_MM:
-        return None
-    return (
-        f"the {what} direction matrix is not orthonormal, which NIfTI cannot store: the NIfTI outputs carry the nearest "
-        f"orthonormal direction, so their voxel centres lie up to {shift:.3g} mm from the {what} grid "
-        "(resample the image onto an orthonormal grid first if that matters)"
-    )
-
-
-@contextlib.contextmanager
-def itk_warnings_hidden(hidden: bool):
-    """Silence ITK's multi-line warnings in the block when ``hidden`` (gvsl said it in one line)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    if hidden:
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def strict_json(value, where: str = "", replaced: list | None = None):
@@ -279,6 +246,10 @@ def run_registration(
         weights = load_weights_spec(weights_spec, reporter=downloads)
         weights.require_pretrained()  # a segmentation model: one line before reading the volumes
     fixed = read_volume(fixed_path)
+    try:
+        refuse_single_slice_vectors(fixed.GetSize(), "the displacement field on its grid")
+    except InputError as exc:
+        raise InputError(f"{fixed_path}: fixed image is {exc}", hint="register 3D volumes of at least 2 slices") from None
     moving = read_volume(moving_path)
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
     fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None

@@ -346,7 +346,8 @@ def segment_files(
     import SimpleITK as sitk
 
     from gvsl_cli.data import check_not_constant
-    from gvsl_cli.io import read_volume, remove_empty_folders, write_volume
+    from gvsl_cli.geometry import Geometry
+    from gvsl_cli.io import itk_warnings_hidden, nonorthogonal_direction_warning, read_volume, refuse_single_slice_vectors, remove_empty_folders, write_volume
     from gvsl_cli.preprocess import modality_misfit, modality_of_minimum
 
     mapping = (segmenter if isinstance(segmenter, Segmenter) else segmenter[0]).preprocess.modality
@@ -366,13 +367,16 @@ def segment_files(
         else:
             try:
                 image = read_volume(source)
+                if probabilities:
+                    refuse_single_slice_vectors(image.GetSize(), "its probability map")
                 extremes = sitk.MinimumMaximumImageFilter()
                 extremes.Execute(image)
                 check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())  # nothing to segment
                 labels, probability_image = segment_image_with_probabilities(
                     segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
                 )
-                with _stop_when_the_disk_fails(target, results):
+                direction = nonorthogonal_direction_warning(Geometry.of(image), None)
+                with _stop_when_the_disk_fails(target, results), itk_warnings_hidden(direction is not None):
                     if record is not None:
                         record.before_first_output()
                     if probability_image is not None:
@@ -383,7 +387,8 @@ def segment_files(
                     if record is not None:
                         record.output_written(target, source)
                 misfit = modality_misfit(mapping, modality_of_minimum(extremes.GetMinimum()))
-                warning = f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong" if misfit else ""
+                warnings = [f"{misfit} (the model's contract): the model never saw such images, its labels may be wrong"] if misfit else []
+                warning = "; ".join(warnings + ([direction] if direction else []))
                 result = SegmentResult(str(source), str(target), "written", seconds=round(time.perf_counter() - started, 3), warning=warning)
             except OutputWriteError:
                 remove_empty_folders(_subfolders_of(target, out_dir))

@@ -627,3 +627,13 @@ def test_a_second_register_into_a_folder_in_use_is_refused(tmp_path, capsys, icb
         assert "another gvsl register (pid " in capsys.readouterr().err
     assert list(out.iterdir()) == []
     assert run(args) == 0 and not (out / ".gvsl-output.lock").exists()
+
+
+def test_a_single_slice_fixed_image_is_refused(tmp_path, capsys, icbm_t1, colin_t1):
+    # Its displacement field would be written as (x, y, 1, 1, 3) and read back as 2D.
+    sitk.WriteImage(sitk.ReadImage(str(icbm_t1))[:, :, 40:41], str(tmp_path / "slice.nii.gz"))
+    out = tmp_path / "out"
+    assert run(["register", str(tmp_path / "slice.nii.gz"), str(colin_t1), "-o", str(out), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'slice.nii.gz'}: fixed image is a single slice (size (") and "\n" not in err
+    assert not out.exists()

@@ -494,3 +494,27 @@ def test_a_second_segment_into_a_folder_in_use_is_refused(model_path, inputs, tm
         assert sorted(p.name for p in out.iterdir()) == [".gvsl-output.lock"]
     assert run(["segment", str(inputs / "itk.mha"), "--model", str(model_path), "-o", str(out), "-q", "--overlap", "0"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["itk.nii.gz", "segment.json"]  # no lock file left
+
+
+def test_single_slice_probabilities_and_non_orthonormal_directions(model_path, tmp_path, capfd):
+    image = sitk.ReadImage(str(EXAMPLES / "colin27_t1_2mm.nii.gz"))
+    one_slice = image[:, :, 45:46]
+    sitk.WriteImage(one_slice, str(tmp_path / "slice.nii.gz"))
+    sheared = sitk.Image(image)
+    columns = np.array([[-1.0, 0.2, 0.0], [0.0, -0.98, 0.0], [0.0, 0.0, 1.0]])
+    columns /= np.linalg.norm(columns, axis=0)
+    sheared.SetDirection(tuple(columns.reshape(-1)))
+    sitk.WriteImage(sheared, str(tmp_path / "shear.mha"))
+    out = tmp_path / "out"
+    code = run(["segment", str(tmp_path / "slice.nii.gz"), str(tmp_path / "shear.mha"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "--probabilities", "-q"])
+    err = capfd.readouterr().err
+    assert code == 7
+    # A probability map of one slice would read back as a 2D image: that input fails.
+    assert f"failed {tmp_path / 'slice.nii.gz'}: a single slice (size (90, 108, 1)): its probability map cannot be stored as a 3D NIfTI" in err
+    assert not (out / "slice.nii.gz").exists()
+    # gvsl says in one line that NIfTI cannot hold the sheared direction; ITK's own
+    # multi-line warning is not shown.
+    assert f"warning: {tmp_path / 'shear.mha'} has a direction matrix that is not orthonormal, which NIfTI cannot store" in err
+    assert "WARNING" not in err and (out / "shear.nii.gz").is_file()
+    # The label map alone of the single slice is fine.
+    assert run(["segment", str(tmp_path / "slice.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "labels"), "--overlap", "0", "-q"]) == 0

@@ -40,8 +40,8 @@ def apply(
     from gvsl_cli.data import output_subfolders
     from gvsl_cli.errors import InputError
     from gvsl_cli.geometry import Geometry
-    from gvsl_cli.io import read_volume, remove_empty_folders, volume_suffix
-    from gvsl_cli.registration_job import itk_warnings_hidden, nonorthogonal_direction_warning, prepare_output_dir
+    from gvsl_cli.io import itk_warnings_hidden, nonorthogonal_direction_warning, read_volume, remove_empty_folders, volume_suffix
+    from gvsl_cli.registration_job import prepare_output_dir
     from gvsl_cli.warping import read_transform_chain
 
     image_sources, label_sources = _paths_read(images or [], labels, out_dir)
