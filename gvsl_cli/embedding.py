@@ -579,14 +579,17 @@ def embed(
     summary = EmbedSummary(skipped_inputs=skipped_inputs, dim=16 * extractor.width)
 
     lines = None
-    if config.format == "jsonl":
-        lines = JsonLinesOutput(out_dir / jsonl_name(config.shard), fresh=config.overwrite)
-    summary.outputs = str(lines.path) if lines else str(out_dir)
     try:
-        _embed_all(mine, extractor, config, out_dir, lines, summary, reporter, description if describe_first else None)
+        if config.format == "jsonl":
+            lines = JsonLinesOutput(out_dir / jsonl_name(config.shard), fresh=config.overwrite)
+        summary.outputs = str(lines.path) if lines else str(out_dir)
+        try:
+            _embed_all(mine, extractor, config, out_dir, lines, summary, reporter, description if describe_first else None)
+        finally:
+            if lines is not None:
+                lines.close()
     finally:
-        if lines is not None:
-            lines.close()
+        remove_empty_folders(created)  # every volume failed or it was stopped: no empty folder left
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -304,6 +304,7 @@ def test_a_folder_without_outputs_is_not_claimed(tmp_path, weights_file, volumes
     assert run(["embed", str(volumes / "bad.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 7
     assert not (out / "embed.json").exists()
     # A failed first run with other weights does not lock the folder either.
+    out.mkdir()
     (out / "embed.json").write_text(json.dumps({"weights_checksum": "0" * 16}))
     assert run(["embed", str(volumes / "p3.mha"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 0
     assert json.loads((out / "embed.json").read_text())["weights_checksum"] != "0" * 16
@@ -440,3 +441,11 @@ def test_dense_maps_resampled_by_component_equal_a_vector_resampling():
     expected = sitk.Resample(vector_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
     assert written.GetNumberOfComponentsPerPixel() == 5 and Geometry.of(written) == Geometry.of(expected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+
+
+def test_a_run_that_embeds_nothing_leaves_no_output_folder(tmp_path, weights_file, capsys):
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image at all")
+    out = tmp_path / "new" / "out"
+    assert run(["embed", str(tmp_path / "broken.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 7
+    assert "failed" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
