@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+
+import SimpleITK as sitk
 
 from gvsl_cli import __version__
 from gvsl_cli.cli import run
@@ -26,6 +29,18 @@ def test_info_json_on_real_volume(capsys, colin_t1):
     row = json.loads(capsys.readouterr().out)
     assert row["size"] == [90, 108, 90] and row["spacing"] == [2.0, 2.0, 2.0]
     assert row["modality"] == "mr"
+    assert row["orientation"] == "RAS" and row["oblique"] is False
+
+
+def test_info_says_when_a_grid_is_oblique(capsys, tmp_path, colin_t1):
+    image = sitk.ReadImage(str(colin_t1))
+    image.SetDirection(sitk.VersorTransform((1.0, 1.0, 1.0), math.radians(25)).GetMatrix())
+    sitk.WriteImage(image, str(tmp_path / "oblique.nii.gz"))
+    assert run(["info", "--json", str(tmp_path / "oblique.nii.gz")]) == 0
+    assert json.loads(capsys.readouterr().out)["oblique"] is True
+    assert run(["info", str(tmp_path / "oblique.nii.gz"), str(colin_t1)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("(oblique)") == 1
 
 
 def test_bad_input_is_one_line_error_with_exit_code(capsys, tmp_path):

@@ -41,6 +41,8 @@ def describe_volume(path: Path, spacing: float) -> dict:
     nonfinite = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
     finite = array[np.isfinite(array)] if nonfinite else array
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
+    # The code names the nearest axes only: an axis more than 0.5° off them is oblique.
+    oblique = bool(np.abs(np.asarray(geometry.direction).reshape(3, 3)).max(axis=0).min() < np.cos(np.radians(0.5)))
     canonical = canonical_geometry(geometry, spacing)
     return {
         "path": str(path),
@@ -49,6 +51,7 @@ def describe_volume(path: Path, spacing: float) -> dict:
         "origin": list(geometry.origin),
         "direction": list(geometry.direction),
         "orientation": orientation,
+        "oblique": oblique,
         "pixel_type": image.GetPixelIDTypeAsString(),
         "min": float(np.min(finite)) if finite.size else None,
         "max": float(np.max(finite)) if finite.size else None,
@@ -139,7 +142,7 @@ def render_table(rows: list[dict], spacing: float) -> None:
             _shown_path(row["path"]),
             "×".join(str(s) for s in row["size"]),
             "×".join(f"{s:.3g}" for s in row["spacing"]),
-            row["orientation"],
+            row["orientation"] + (" (oblique)" if row["oblique"] else ""),
             value_range,
             row["modality"],
             "×".join(str(s) for s in row["canonical_size"]),
