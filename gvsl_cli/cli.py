@@ -19,7 +19,7 @@ import typer
 
 from gvsl_cli import __version__
 from gvsl_cli.commands import COMMAND_MODULES
-from gvsl_cli.errors import DeviceError, GvslError, InputError
+from gvsl_cli.errors import DeviceError, GvslError, InputError, TrainingError
 
 
 app = typer.Typer(
@@ -152,12 +152,39 @@ def _as_gvsl_error(exc: BaseException) -> GvslError | None:
             "the device ran out of memory",
             hint="use a smaller --patch or --batch, --precision bf16, or --device cpu",
         )
+    if _one_of_several_processes() and _lost_peer(exc):
+        # Under torchrun/srun: another process of the job died (OOM killer, a node lost, its
+        # own error) and this one's next collective step failed; not a bug of this process.
+        return TrainingError(
+            "another process of this distributed job stopped, so this one cannot go on (" + _first_line(exc) + ")",
+            hint="see that process's own error line; the run folder keeps its last checkpoint: continue with --resume",
+        )
     if isinstance(exc, OSError) and exc.strerror:
         # A file-system problem the engine did not foresee (permissions, full disk, a path
         # that vanished): the user's environment, not a bug in gvsl.
         where = f"{exc.filename}: " if exc.filename else ""
         return InputError(f"{where}{exc.strerror}", hint="check the path, its permissions and the free disk space")
     return None
+
+
+#: What gloo and NCCL say when the process at the other end of a collective step is gone.
+_LOST_PEER_WORDS = ("connection reset by peer", "connection closed by peer", "broken pipe", "nccl communicator was aborted", "socket timeout")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective step failing because another process is gone."""
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError"):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text) and any(words in text for words in _LOST_PEER_WORDS)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s text, without the backends' source locations, at most 160 characters."""
+    import re
+
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", line)[:160]
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -365,7 +365,8 @@ def pretrain(config: PretrainConfig, *, reporter: Reporter | None = None, should
     device = resolve_device(config.device)
     context = distributed.setup(device)
     try:
-        reporter = reporter if (reporter is not None and context.is_main) else SilentReporter()
+        if not context.is_main or reporter is None:
+            reporter = SilentReporter(on_start=getattr(reporter, "mark_started", None))
         # The run folder is this run's alone until it ends (rank 0 holds it for all ranks).
         with exclusive_run_folder(Path(config.run_dir), "pretrain", context, reporter):
             return _pretrain(config, context, reporter, should_stop)

@@ -81,7 +81,15 @@ def download_reporter(reporter) -> "object | None":
 
 
 class SilentReporter:
-    """A reporter that drops everything (library use, --quiet, ranks other than 0)."""
+    """A reporter that drops everything (library use, --quiet, ranks other than 0).
+
+    ``on_start``: called when training starts. Ranks other than 0 pass their command's
+    reporter's ``mark_started``, so that their Ctrl-C handler knows training runs and asks
+    for a clean stop (with a checkpoint) as rank 0's does, instead of aborting that rank.
+    """
+
+    def __init__(self, on_start: Callable[[], None] | None = None) -> None:
+        self.on_start = on_start
 
     def downloads(self):
         from gvsl_cli.download import Reporter as Silent
@@ -89,7 +97,8 @@ class SilentReporter:
         return Silent()
 
     def start(self, first_iteration: int, total: int) -> None:
-        pass
+        if self.on_start is not None:
+            self.on_start()
 
     def update(self, iteration: int, row: dict[str, float]) -> None:
         pass

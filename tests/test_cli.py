@@ -284,3 +284,19 @@ def test_info_table_tells_same_named_files_apart(capsys, tmp_path, colin_t1, mon
     assert run(["info", "p01/image.nii.gz", str(tmp_path / "p02")]) == 0  # relative and absolute
     out = capsys.readouterr().out
     assert "p01/image.nii.gz" in out and "p02/image.nii.gz" in out
+
+
+def test_a_lost_peer_under_torchrun_is_a_training_error_not_a_bug_report(monkeypatch):
+    from gvsl_cli.cli import _as_gvsl_error
+    from gvsl_cli.errors import TrainingError
+
+    gone = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:52643: Connection reset by peer. This is typically caused by a remote worker hanging")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    error = _as_gvsl_error(gone)
+    assert isinstance(error, TrainingError) and error.exit_code == 6
+    assert str(error) == "another process of this distributed job stopped, so this one cannot go on (Read error [127.0.0.1]:52643: Connection reset by peer. This is typically caused by a remote worker hanging)"
+    assert "--resume" in error.hint
+    # Alone, the same text is no lost peer: it stays an internal error (a bug to report).
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _as_gvsl_error(gone) is None

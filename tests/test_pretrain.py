@@ -384,10 +384,13 @@ def test_two_processes_under_torchrun_agree_on_the_weights(volumes, cache_dir, t
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_iteration(volumes, cache_dir, tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_torchrun_checkpoints_every_rank_at_one_iteration(volumes, cache_dir, tmp_path, signal_name):
     # What SLURM does before a time limit (or scancel): SIGTERM to the launcher, whose
-    # agent forwards it to the workers. Both ranks must stop at the same iteration (or the
-    # next collective would hang) and leave a checkpoint that --resume continues.
+    # agent forwards it to the workers; Ctrl-C (SIGINT) reaches every worker the same way.
+    # Both ranks must stop at the same iteration (or the next collective would hang) and
+    # leave a checkpoint that --resume continues. (SIGINT used to abort every rank but 0,
+    # which did not know training had started.)
     import signal
     import time
 
@@ -403,7 +406,7 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_iteration(volumes, ca
         while not (metrics.exists() and len(read_metrics(metrics)) >= 2):
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "torchrun.log").read_text()[-2000:]
             time.sleep(0.5)
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(getattr(signal, signal_name))
         launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:

@@ -68,6 +68,11 @@ class RichReporter:
     def training_started(self) -> bool:
         return self.started_at is not None
 
+    def mark_started(self) -> None:
+        """Training has started (``start`` without the display: ranks other than 0)."""
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
     def downloads(self):
         """Where a weights download (``--init``/``--weights`` by name or URL) reports:
         its progress bar and notices, warnings only under ``--quiet``."""
@@ -82,7 +87,7 @@ class RichReporter:
         target.print(text, markup=False)
 
     def start(self, first_iteration: int, total: int) -> None:
-        self.started_at = time.monotonic()
+        self.mark_started()
         self.total = total
         if self.quiet or not self.console.is_terminal:
             return
