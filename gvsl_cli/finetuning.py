@@ -60,7 +60,9 @@ from gvsl_cli.training import (
     exclusive_run_folder,
     open_run,
     restore_training_state,
+    resumed_schedule,
     run_training,
+    schedule_of,
     training_state,
     truncate_metrics,
 )
@@ -72,6 +74,8 @@ MODES = ("finetune", "linear", "scratch")
 DEFAULT_LR = {"finetune": 1e-4, "linear": 1e-2, "scratch": 3e-4}
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+#: Options a plain --resume keeps from the run (``training.resumed_schedule``).
+SCHEDULE = ("val_every", "log_every", "time_limit_s")
 #: Random rotation (±15° about each axis) and scaling (0.85-1.15 per axis) of training
 #: patches; no flips (left/right labels) and no elastic deformation.
 AUGMENTATION = SpatialConfig(rotation=math.pi / 12, scale=(0.85, 1.15), translation=0.0, shear=0.0, elastic_alpha=(0.0, 0.0))
@@ -469,6 +473,7 @@ def _finetune(config: FinetuneConfig, reporter: Reporter, should_stop) -> Finetu
     resumed = open_run(run_dir, last_path, resume=config.resume, command="finetune", required=("training", "run", SEGMENTATION_KEY), state="fine-tuning state")
     if resumed is not None:
         config = _resolve_settings(config, resumed.extra["run"], resumed.preprocess)
+        config = resumed_schedule(config, resumed.extra.get("schedule"))
         if "iters" not in config.explicit:
             config = dataclasses.replace(config, iters=int(resumed.extra.get("iters", config.iters)))
         if not iterations_remain(run_dir, int(resumed.extra["training"]["iteration"]), config.iters, reporter):
@@ -561,7 +566,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
         "weights": config.weights,
         "split": {"train": train_names, "val": val_names},
     }
-    run_record = {"run": config.run_settings(), "iters": config.iters}
+    run_record = {"run": config.run_settings(), "iters": config.iters, "schedule": schedule_of(config, SCHEDULE)}
     metrics_path = run_dir / METRICS_FILE
     state: dict[str, Any] = {}
     start_iteration = 0

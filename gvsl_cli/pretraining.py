@@ -50,13 +50,17 @@ from gvsl_cli.training import (
     exclusive_run_folder,
     open_run,
     restore_training_state,
+    resumed_schedule,
     run_training,
+    schedule_of,
     training_state,
     truncate_metrics,
 )
 
 CHECKPOINT_FILE = "last.pt"
 MODEL_FILE = "model.pt"
+#: Options a plain --resume keeps from the run (``training.resumed_schedule``).
+SCHEDULE = ("save_every", "log_every", "time_limit_s")
 RUN_FILE = "run.json"
 #: A model initialised from weights whose affine head was never trained (the official
 #: checkpoint) is trusted for its affine output after this many iterations of gvsl training.
@@ -406,6 +410,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
                 include=config.include or tuple(stored.get("include", ())),
                 exclude=config.exclude or tuple(stored.get("exclude", ())),
             )
+        config = resumed_schedule(config, resumed.extra.get("schedule"))
         if "iters" not in config.explicit and "iters" in resumed.extra:
             # `--resume` alone continues the run to its own target (a stopped run's summary
             # says "continue with --resume"); --iters moves the target.
@@ -492,6 +497,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         "include": list(config.include),
         "exclude": list(config.exclude),
         "iters": config.iters,
+        "schedule": schedule_of(config, SCHEDULE),
         "dataset": keys,
         "patch": list(sampler_patch),
         "init_affine_trained": init_affine_trained,

@@ -390,6 +390,23 @@ def iterations_remain(run_dir: Path, reached: int, iters: int, reporter: "Report
     return True
 
 
+def schedule_of(config, names: tuple[str, ...]) -> dict[str, Any]:
+    """The run's schedule (checkpoint and log intervals, time limit: ``names`` of
+    ``config``), stored in its checkpoint so that a plain ``--resume`` keeps it."""
+    return {name: getattr(config, name) for name in names}
+
+
+def resumed_schedule(config, stored: dict | None):
+    """``config`` with the schedule options the user did not give (``config.explicit``)
+    taken from the run's stored ``schedule_of``: a requeue script that only adds
+    ``--resume`` keeps the run's ``--time-limit`` (its guard before the scheduler's wall
+    time) and ``--save-every``, instead of the defaults."""
+    import dataclasses
+
+    kept = {name: value for name, value in (stored or {}).items() if name not in config.explicit and hasattr(config, name)}
+    return dataclasses.replace(config, **kept) if kept else config
+
+
 def truncate_metrics(path: Path, iteration: int) -> None:
     """Drop metric rows after ``iteration`` (written after the last checkpoint of a killed run).
 

@@ -173,6 +173,19 @@ def test_a_complete_run_without_its_model_gets_it_back_on_resume(volumes, cache_
     assert state_checksum(model.state_dict) == state_checksum(last.state_dict)
 
 
+def test_a_plain_resume_keeps_the_runs_schedule(volumes, cache_dir, tmp_path):
+    # A requeue script that only adds --resume must keep --time-limit (its guard before the
+    # scheduler's wall time) and the checkpoint interval.
+    run_dir = tmp_path / "run"
+    assert run(_args(volumes, run_dir, cache_dir, "--iters", "2", "--save-every", "1", "--log-every", "1", "--time-limit", "2h")) == 0
+    assert load_weights(run_dir / "last.pt").extra["schedule"] == {"save_every": 1, "log_every": 1, "time_limit_s": 7200.0}
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "3", "-q"]) == 0
+    assert load_weights(run_dir / "last.pt").extra["schedule"] == {"save_every": 1, "log_every": 1, "time_limit_s": 7200.0}
+    # Given again, they change.
+    assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "4", "--save-every", "500", "-q"]) == 0
+    assert load_weights(run_dir / "last.pt").extra["schedule"] == {"save_every": 500, "log_every": 1, "time_limit_s": 7200.0}
+
+
 def _cache_made_read_only(monkeypatch, cache_root):
     """Act as if ``cache_root`` were on a read-only mount (the tests run as root, for whom
     permission bits do not stop a write): ``os.access`` says no, and every atomic write

@@ -51,6 +51,7 @@ def _summary_table(summary):
 
 
 def finetune(
+    context: typer.Context,
     dataset: Optional[Path] = typer.Argument(None, help="nnU-Net raw dataset folder (imagesTr/CASE_0000.nii.gz, labelsTr/CASE.nii.gz, dataset.json). Or give --images and --labels."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (instead of DATASET), matched to --labels by case name (CASE or CASE_0000)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label maps (CASE.nii.gz, integer values; 0 is the background)."),
@@ -82,6 +83,7 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary table (warnings are still shown)."),
 ) -> None:
     """Train a segmentation network from GVSL weights on labelled images (nnU-Net layout or two folders)."""
+    from gvsl_cli.commands.inputs import given_on_command_line
     from gvsl_cli.commands.output import table_console
     from gvsl_cli.commands.pretrain import RichReporter, parse_duration
     from gvsl_cli.finetuning import FinetuneConfig, finetune as run_finetune
@@ -106,6 +108,8 @@ def finetune(
         "seed": seed,
     }
     explicit = frozenset(name for name, value in given.items() if value is not None)
+    # The schedule too: a plain --resume keeps the run's own.
+    explicit |= {{"time_limit": "time_limit_s"}.get(name, name) for name in given_on_command_line(context, ("val_every", "log_every", "time_limit"))}
     if mode != "finetune":
         explicit |= {"mode"}
     config = FinetuneConfig(

@@ -52,3 +52,14 @@ def refuse_stdout_folder(value: Optional[Path]) -> Optional[Path]:
             hint="give a folder (outputs are written into it under their own names, e.g. OUT/CASE.nii.gz)",
         )
     return value
+
+
+def given_on_command_line(context, names: Sequence[str]) -> frozenset[str]:
+    """Which of the options ``names`` (parameter names) the user gave, not left at their
+    defaults: a resumed run takes the others from its checkpoint."""
+    given = set()
+    for name in names:
+        source = context.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return frozenset(given)

@@ -159,6 +159,7 @@ def _summary_table(summary):
 
 
 def pretrain(
+    context: typer.Context,
     inputs: Optional[List[str]] = typer.Argument(None, help="Folders (searched recursively), volume files, DICOM series folders, lists of paths (a .txt file or <(find ...)), glob patterns, or - to read paths from stdin. Label maps (integer volumes of at most 64 values) are skipped. Optional with --resume."),
     output: Path = typer.Option(Path("gvsl-pretrain"), "-o", "--output", "--out", callback=refuse_stdout_folder, help="Run folder: checkpoints, metrics.jsonl, summary."),
     include: List[str] = typer.Option([], "--include", help="Only volumes whose name (e.g. p1/ct) or file name matches this glob pattern; repeatable."),
@@ -184,7 +185,7 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (warnings, skipped inputs and 'nothing to do' are still reported)."),
 ) -> None:
     """Pre-train the GVSL network on unlabeled CT/MR volumes (single device, torchrun or SLURM)."""
-    from gvsl_cli.commands.inputs import stdin_for
+    from gvsl_cli.commands.inputs import given_on_command_line, stdin_for
     from gvsl_cli.commands.output import table_console
     from gvsl_cli.data import inline_streams
     from gvsl_cli.pretraining import PretrainConfig, pretrain as run_pretrain
@@ -195,6 +196,8 @@ def pretrain(
     # Options left unset may come from --init or, on --resume, from the checkpoint.
     given = {"iters": iters, "batch": batch, "patch": patch, "spacing": spacing, "modality": modality.lower() if modality else None, "width": width, "lr": lr, "seed": seed, "init": init}
     explicit = frozenset(name for name, value in given.items() if value is not None)
+    # The schedule too: a plain --resume keeps the run's own.
+    explicit |= {{"time_limit": "time_limit_s"}.get(name, name) for name in given_on_command_line(context, ("save_every", "log_every", "time_limit"))}
     config = PretrainConfig(
         inputs=tuple(inputs),
         include=tuple(include),
