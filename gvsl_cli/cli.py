@@ -253,14 +253,10 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _one_of_several_processes() -> bool:
-    """True under torchrun or srun with more than one process (WORLD_SIZE / SLURM_NTASKS)."""
-    for name in ("WORLD_SIZE", "SLURM_NTASKS"):
-        try:
-            if int(os.environ.get(name, "1")) > 1:
-                return True
-        except ValueError:
-            pass
-    return False
+    """True under torchrun or srun with more than one process (``launcher.several_processes``)."""
+    from gvsl_cli.launcher import several_processes
+
+    return several_processes() is not None
 
 
 class _ReaderGone:

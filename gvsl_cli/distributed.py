@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from gvsl_cli.errors import ConfigError
+from gvsl_cli.launcher import is_srun_task
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,26 @@ class DistContext:
 
 
 def launch_environment() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) from torchrun's or SLURM's variables; None when alone."""
+    """(rank, world_size, local_rank) from torchrun's or SLURM's variables; None when alone.
+
+    SLURM's variables count only in tasks that ``srun`` started: the batch script of an
+    allocation of several tasks runs gvsl as one process (waiting for peers that never
+    come would hang it for the rendezvous timeout, 30 minutes, deaf to signals).
+
+    Raises:
+        ConfigError: several processes are announced but MASTER_ADDR, which they need to
+            meet, is not set.
+    """
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         world = int(env["WORLD_SIZE"])
+        if world > 1 and "MASTER_ADDR" not in env:
+            raise ConfigError(
+                f"WORLD_SIZE={world} announces several processes but MASTER_ADDR is not set",
+                hint="launch with torchrun, which sets it, or export MASTER_ADDR and MASTER_PORT",
+            )
         return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0))) if world > 1 else None
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and is_srun_task(env):
         if "MASTER_ADDR" not in env:
             raise ConfigError(
                 "running as one of several SLURM tasks but MASTER_ADDR is not set",
@@ -102,9 +117,12 @@ def setup(device: torch.device) -> DistContext:
         return DistContext(device=device)
     rank, world, local_rank = launch
     if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"process {rank} has local rank {local_rank} but this node has {torch.cuda.device_count()} GPU(s)", hint="start at most one process per GPU")
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count()
+        # One GPU visible: the site binds one per task (--gpus-per-task, --gpu-bind); it is
+        # this task's whatever its local rank. Several: GPU local_rank of them.
+        if visible > 1 and local_rank >= visible:
+            raise ConfigError(f"process {rank} has local rank {local_rank} but this node has {visible} GPU(s)", hint="start at most one process per GPU")
+        device = torch.device("cuda", local_rank if visible > 1 else 0)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -1,0 +1,48 @@
+"""How a process was launched: torchrun, an srun task, or alone (also in a SLURM batch script)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gvsl_cli import distributed
+from gvsl_cli.errors import ConfigError
+from gvsl_cli.launcher import is_srun_task, several_processes
+
+#: What the batch script of `sbatch --ntasks=4` sees: one process, though SLURM_NTASKS says 4.
+BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "MASTER_ADDR": "node1"}
+#: What task 2 of `srun --ntasks=4` sees.
+SRUN_TASK = {**BATCH_SCRIPT, "SLURM_PROCID": "2", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0"}
+
+
+def test_only_numbered_steps_are_srun_tasks():
+    assert is_srun_task(SRUN_TASK)
+    assert not is_srun_task(BATCH_SCRIPT)
+    assert not is_srun_task({**BATCH_SCRIPT, "SLURM_STEP_ID": "extern"})
+    assert not is_srun_task({**BATCH_SCRIPT, "SLURM_STEP_ID": str(0xFFFFFFFB)})  # Slurm's batch step number
+    assert is_srun_task({**BATCH_SCRIPT, "SLURM_STEPID": "3"})  # the older name
+
+
+def test_several_processes_names_the_launcher():
+    assert several_processes({}) is None
+    assert several_processes(BATCH_SCRIPT) is None
+    assert several_processes(SRUN_TASK) == "SLURM_NTASKS=4 (srun)"
+    assert several_processes({"WORLD_SIZE": "2", "RANK": "1"}) == "WORLD_SIZE=2 (torchrun)"
+
+
+def test_launch_environment(monkeypatch):
+    def launched(env):
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return distributed.launch_environment()
+
+    # A batch script of an allocation of 4 tasks runs gvsl alone instead of waiting for 3
+    # peers for the 30-minute rendezvous timeout.
+    assert launched(BATCH_SCRIPT) is None
+    assert launched(SRUN_TASK) == (2, 4, 2)
+    assert launched({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}) == (1, 2, 1)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 announces several processes but MASTER_ADDR is not set"):
+        launched({"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        launched({k: v for k, v in SRUN_TASK.items() if k != "MASTER_ADDR"})
