@@ -565,7 +565,7 @@ class VolumeCache:
     damaged anyway (a file cut short, edited or emptied) is a miss: ``get`` checks both
     files, and the volume is prepared again and the entry rewritten, by the same renames.
     Hashing a large file on every run would be slow, so ``<root>/stat/`` remembers the
-    content digest of a file by (path, size, modification time).
+    content digest of a file by (path, size, modification time, change time, inode).
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -576,7 +576,9 @@ class VolumeCache:
         signature = []
         for f in files:
             st = f.stat()
-            signature.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+            # ctime and inode too: a copy with the old mtime (cp -p, rsync -a) of new content
+            # of the same size changes them, and no tool can set them back.
+            signature.append([str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         stat_key = hashlib.sha256(json.dumps(signature).encode()).hexdigest()
         stat_file = self.root / "stat" / f"{stat_key}.txt"
         try:

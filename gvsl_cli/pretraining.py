@@ -252,6 +252,7 @@ def _model_and_contract(config: PretrainConfig, reporter: Reporter):
     from gvsl_cli.weights import load_weights_spec
 
     loaded = load_weights_spec(config.init, reporter=download_reporter(reporter))
+    loaded.require_pretrained()  # a finetune run: one clear line, not a list of missing keys
     if "width" in config.explicit and config.width != loaded.model_config.width:
         raise ConfigError(f"--width {config.width} does not fit --init {config.init} (width {loaded.model_config.width})", hint="drop --width")
     # The contract the weights were trained with, unless the user set it.

@@ -185,6 +185,27 @@ def test_garbage_stat_file_is_hashed_again(colin_t1, tmp_path):
     assert len(stat_file.read_text()) == 64 and stat_file.read_text() != "\ufffd" * 64
 
 
+def test_new_content_with_the_old_size_and_mtime_gets_a_new_key(colin_t1, tmp_path):
+    # An uncompressed volume replaced by another of the same grid (same size), copied with
+    # its old mtime (cp -p, rsync -a): the remembered digest must not be served.
+    import os
+    import shutil
+
+    import SimpleITK as sitk
+
+    volume = tmp_path / "scan.nii"
+    image = sitk.ReadImage(str(colin_t1))
+    sitk.WriteImage(image, str(volume))
+    cache = data.VolumeCache(tmp_path / "cache")
+    key = cache.key(volume, FAST)
+    stamp = os.stat(volume)
+    sitk.WriteImage(sitk.Flip(image, [True, False, False]), str(tmp_path / "new.nii"))
+    shutil.copyfile(tmp_path / "new.nii", volume)
+    os.utime(volume, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert os.stat(volume).st_size == stamp.st_size and os.stat(volume).st_mtime_ns == stamp.st_mtime_ns
+    assert cache.key(volume, FAST) != key
+
+
 def test_skipped_reasons_do_not_repeat_the_path(volume_folder, tmp_path, monkeypatch):
     (volume_folder / "empty.nii.gz").write_bytes(b"")
     sources = [volume_folder / "broken.nii.gz", volume_folder / "empty.nii.gz"]

@@ -186,6 +186,19 @@ def test_a_plain_resume_keeps_the_runs_schedule(volumes, cache_dir, tmp_path):
     assert load_weights(run_dir / "last.pt").extra["schedule"] == {"save_every": 500, "log_every": 1, "time_limit_s": 7200.0}
 
 
+def test_init_from_a_segmentation_model_is_refused_in_one_line(volumes, cache_dir, tmp_path, capsys):
+    from gvsl_cli.checkpoint import save_checkpoint
+    from gvsl_cli.config import ModelConfig, PreprocessConfig
+    from gvsl_cli.model import SegmentationNet
+
+    meta = {"label_names": ["background", "a"], "label_values": [0, 1], "labels": {"background": 0, "a": 1}, "patch": [32, 32, 32]}
+    model = save_checkpoint(tmp_path / "best.pt", SegmentationNet(ModelConfig(width=8), 2), PreprocessConfig(spacing=4.0), affine_trained=False, extra={"segmentation": meta})
+    assert run(_args(volumes, tmp_path / "run", cache_dir, "--iters", "1", "--init", str(model))) == 3
+    err = capsys.readouterr().err.strip()
+    assert "is a gvsl finetune segmentation model, not GVSL pre-trained weights" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def _cache_made_read_only(monkeypatch, cache_root):
     """Act as if ``cache_root`` were on a read-only mount (the tests run as root, for whom
     permission bits do not stop a write): ``os.access`` says no, and every atomic write
