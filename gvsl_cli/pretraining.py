@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from gvsl_cli import data as data_mod
@@ -194,6 +195,18 @@ class PretrainTask:
         b = b.to(self.device, non_blocking=True)
         self.generator.manual_seed(data_mod.iteration_seed(self.seed, self.rank, iteration, data_mod.STREAM_AUGMENT))
         return self.augmentation(a, b, self.patch, self.generator)
+
+    def damaged_inputs(self, iteration: int) -> str | None:
+        """Which cached volume of ``iteration``'s pairs holds NaN or infinite values (a
+        cache file damaged on disk: prepared volumes are checked finite), in words; None
+        when all are finite. Called only after the loss became NaN: it reads them whole."""
+        sampler = self.loader.sampler
+        used = sorted({index for pair in sampler.pairs(iteration, self.loader.batch) for index in pair})
+        for index in used:
+            volume = sampler.volumes[index]
+            if not np.isfinite(volume.array).all():
+                return f"{volume.array_path} (the cached volume of {volume.source}) holds NaN or infinite values: the cache file is damaged"
+        return None
 
     def losses(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         a, damaged, b = batch

@@ -544,6 +544,10 @@ def run_training(
             last_flush_time = now
             if not torch.isfinite(values).all():
                 bad = buffer_start + int((~torch.isfinite(values)).any(dim=1).nonzero()[0, 0])
+                # A task may know a cause in its data (a damaged cache file) that no --lr fixes.
+                damaged = getattr(task, "damaged_inputs", lambda iteration: None)(bad)
+                if damaged:
+                    raise TrainingError(f"the loss became {values[bad - buffer_start, 0].item()} at iteration {bad}: {damaged}", hint="delete that file (the volume is prepared again), then --resume")
                 raise TrainingError(
                     f"the loss became {values[bad - buffer_start, 0].item()} at iteration {bad}",
                     hint="lower --lr, use --precision fp32, or --resume from the last checkpoint",

@@ -199,6 +199,22 @@ def test_init_from_a_segmentation_model_is_refused_in_one_line(volumes, cache_di
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cache_file_damaged_into_nan_is_named_when_the_loss_becomes_nan(volumes, tmp_path, capsys):
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    assert run(_args(volumes, tmp_path / "fill", cache, "--iters", "1")) == 0
+    damaged = sorted(cache.rglob("*.npy"))[0]
+    voxels = np.load(damaged, mmap_mode="r+")  # header and size intact, as a disk error leaves them
+    voxels[:] = np.nan
+    voxels.flush()
+    del voxels
+    assert run(_args(volumes, tmp_path / "run", cache, "--iters", "2", "--log-every", "1")) == 6
+    err = capsys.readouterr().err.strip()
+    assert f"{damaged} (the cached volume of " in err and "holds NaN or infinite values: the cache file is damaged" in err
+    assert "delete that file" in err and "lower --lr" not in err
+
+
 def _cache_made_read_only(monkeypatch, cache_root):
     """Act as if ``cache_root`` were on a read-only mount (the tests run as root, for whom
     permission bits do not stop a write): ``os.access`` says no, and every atomic write
