@@ -560,8 +560,11 @@ def run_training(
             rows[-1]["seconds"] = round(now - started, 3)
             rows[-1]["it_per_s"] = round(rate, 4)
             if metrics is not None:
-                metrics.write("".join(json.dumps(r) + "\n" for r in rows))
-                metrics.flush()
+                try:
+                    metrics.write("".join(json.dumps(r) + "\n" for r in rows))
+                    metrics.flush()
+                except OSError as exc:  # a full disk: say which file (a cut row is dropped on resume)
+                    raise OSError(exc.errno, exc.strerror, str(metrics_path)) from exc
             result.last_row = rows[-1]
             result.mean_rows = {n: sum(r[n] for r in rows) / len(rows) for n in names}
             reporter.update(iteration, rows[-1])
