@@ -2,14 +2,19 @@
 splitting them, and sampling training patches.
 
 1. ``find_cases`` reads an nnU-Net raw dataset folder (``imagesTr/CASE_0000.nii.gz``,
-   ``labelsTr/CASE.nii.gz``, ``dataset.json``) or two folders matched by case name, and
+   ``labelsTr/CASE.nii.gz``, ``dataset.json``, or its v1 "training" list) or two folders
+   matched by file name (by path below each folder where file names repeat), and
    returns the (image, label) pairs and the label set, refusing anything nnU-Net would
    refuse (multi-channel data, an image without its label) in one line naming the file.
+   A ``_NNNN`` ending is nnU-Net's channel only where that reading is the plain one
+   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels.
 2. ``prepare_cases`` reads every pair once, checks the label map (same grid as its image,
-   integer values, values of the label set) and brings both onto the canonical grid of
-   the weights' preprocessing contract: the image through ``preprocess.prepare``, the
-   labels by nearest neighbour onto the same grid. Prepared cases are kept in memory
-   (a dataset of tens of cases at 1 mm is a few GiB at most); nothing is cached on disk.
+   integer values, values of the label set; the values as read are kept, since a
+   structure smaller than a canonical voxel vanishes in resampling) and brings both
+   onto the canonical grid of the weights' preprocessing contract: the image through
+   ``preprocess.prepare``, the labels by nearest neighbour onto the same grid. Prepared
+   cases are kept in memory (a dataset of tens of cases at 1 mm is a few GiB at most);
+   nothing is cached on disk.
 3. ``split_cases`` makes a deterministic training/validation split from a seed.
 4. ``PatchSampler`` draws the training patches of iteration ``i`` from a generator seeded
    by (seed, i) alone (so a resumed run draws what an uninterrupted one would), one third
@@ -179,15 +184,6 @@ def nnunet_case_names(names: Iterable[str]) -> dict[str, str]:
     return result
 
 
-@dataclass(frozen=True)
-class _Volume:
-    """A volume found in an image or label folder: ``key`` is what cases are matched by
-    (its file name or its path below the folder, without the volume ending)."""
-
-    key: str
-    path: Path
-
-
 def _volumes_in(folder: Path, what: str) -> list[Source]:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder ({what})")
@@ -245,7 +241,7 @@ def _pair(images: dict[str, Path], labels: dict[str, Path], labels_folder: Path,
             wanted = [key] + ([split[0]] if split is not None and split[1] == 0 else [])
             raise InputError(
                 f"{image}: no label map for case {name} in {labels_folder} (matched by {how}: looked for {' or '.join(w + '.*' for w in wanted)})",
-                hint=f"add {labels_folder / (key + '.nii.gz')} or remove the image",
+                hint=f"add {labels_folder / (name + '.nii.gz')} or remove the image",
             )
         if name in cases:
             raise InputError(f"{image}: case {name} has two images: this one and {cases[name].image}", hint="keep one of the two files")
