@@ -279,8 +279,9 @@ def output_names(paths: Sequence[Path]) -> dict[Path, str]:
     or CASE.mha, nnU-Net's naming where it is the plain reading of the names around
     (``segmentation_data.nnunet_case_names``, among the inputs in the same folder).
 
-    ``_0000`` is dropped unless the inputs hold another ``CASE_NNNN`` in that folder: ``sub_0000``, ``sub_0001``, ``sub_0002`` given together keep their whole
-    names (numbered cases) rather than giving ``sub`` beside ``sub_0001``.
+    ``_0000`` is dropped unless the inputs hold another ``CASE_NNNN`` in that folder:
+    ``sub_0000``, ``sub_0001``, ``sub_0002`` given together keep their whole names
+    (numbered cases) rather than giving ``sub`` beside ``sub_0001``.
     """
     from gvsl_cli.data import strip_volume_suffix
     from gvsl_cli.segmentation_data import nnunet_case_names
