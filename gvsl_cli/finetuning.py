@@ -349,6 +349,55 @@ def validate(model: SegmentationNet, cases: list[PreparedCase], label_set: Label
     return Validation(iteration=iteration, dice=dict(zip(label_set.names[1:], means)), per_case=per_case)
 
 
+def _class(label_set: LabelSet, index: int) -> str:
+    return f"{label_set.names[index]} ({label_set.values[index]})"
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def coverage_warnings(cases: list[PreparedCase], label_set: LabelSet, spacing: float) -> list[str]:
+    """Warnings for classes the model cannot learn from the label maps: one no label map
+    holds (a class of dataset.json), and one that a label map holds but that resampling
+    onto the canonical grid (``spacing`` mm) erased: a structure smaller than about one
+    canonical voxel. The class stays in the model either way (segment can still write it).
+    """
+    warnings = []
+    absent = [label_set.names[k] for k in range(1, label_set.count) if not any(k in c.classes_in_file for c in cases)]
+    if absent:
+        # The model would still learn to predict them (from nothing): say so.
+        warnings.append(f"warning: no case holds any voxel of {', '.join(absent)}: the model cannot learn these classes; remove them from dataset.json or add cases that have them")
+    for k in range(1, label_set.count):
+        holding = [c.name for c in cases if k in c.classes_in_file]
+        erased = [c.name for c in cases if k in c.classes_in_file and k not in c.classes_on_grid]
+        if not erased:
+            continue
+        where = f"is present in {_listed(erased)} but vanishes at {spacing:g} mm (smaller than a voxel there)"
+        if len(erased) == len(holding):
+            warnings.append(f"warning: {_class(label_set, k)} {where}: no training patch shows it, so the model cannot learn it (a finer --spacing may keep it)")
+        else:
+            warnings.append(f"warning: {_class(label_set, k)} {where}: it is learnt from the {len(holding) - len(erased)} other case(s) holding it only")
+    return warnings
+
+
+def split_warnings(train_cases: list[PreparedCase], val_cases: list[PreparedCase], label_set: LabelSet) -> list[str]:
+    """Warnings for classes on the canonical grid of validation cases only: with no training
+    case holding them, the model cannot learn them, and their validation Dice stays 0.
+    (Classes in no case at all are ``coverage_warnings``'.)"""
+    warnings = []
+    for k in range(1, label_set.count):
+        if any(k in c.classes_on_grid for c in train_cases):
+            continue
+        validation_only = [c.name for c in val_cases if k in c.classes_on_grid]
+        if validation_only:
+            warnings.append(
+                f"warning: no training case holds {_class(label_set, k)}, only the validation case(s) {_listed(validation_only)}: "
+                "the model cannot learn it (another --seed, --val-fraction or --splits puts a case holding it into training)"
+            )
+    return warnings
+
+
 def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any], contract: PreprocessConfig) -> FinetuneConfig:
     """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused.
 
@@ -507,11 +556,8 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
     modalities = sorted({c.modality for c in prepared})
     reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
-    present = set().union(*(np.unique(c.target).tolist() for c in prepared))  # class indices
-    absent = [name for index, name in enumerate(label_set.names) if index not in present]
-    if absent:
-        # The model would still learn to predict them (from nothing): say so.
-        reporter.note(f"warning: no case holds any voxel of {', '.join(absent)}: the model cannot learn these classes; remove them from dataset.json or add cases that have them")
+    for warning in coverage_warnings(prepared, label_set, contract.spacing):
+        reporter.note(warning)
     misfits = [c.name for c in prepared if c.detected is not None and c.detected != c.modality]
     if misfits:
         # E.g. official GVSL weights (CT, Hounsfield window) fine-tuned on MR: the window
@@ -540,6 +586,9 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     on_training = not val_names
     if on_training:
         reporter.note("warning: no validation case (one case, or --val-fraction 0): Dice is measured on the training cases")
+    else:
+        for warning in split_warnings(train_cases, val_cases, label_set):
+            reporter.note(warning)
     patch = effective_patch(prepared, config.patch)
     if patch != (config.patch,) * 3:
         reporter.note(f"--patch {config.patch}: the cases are smaller, using {'×'.join(map(str, patch))} (smaller cases are padded)")

@@ -16,6 +16,7 @@ label map would give staircases).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,19 +269,31 @@ def segment_image_with_probabilities(
     return labels, probability_image
 
 
-def probabilities_name(path: Path) -> str:
-    """CASE_probabilities.nii.gz next to ``output_name``'s CASE.nii.gz."""
-    return output_name(path)[: -len(".nii.gz")] + "_probabilities.nii.gz"
+def probabilities_name(label_map: Path) -> str:
+    """CASE_probabilities.nii.gz for the label map CASE.nii.gz (``plan_outputs``' names)."""
+    return label_map.name[: -len(".nii.gz")] + "_probabilities.nii.gz"
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The label map's file name of each input of one run: CASE.nii.gz for CASE_0000.nii.gz
+    or CASE.mha, nnU-Net's naming where it is the plain reading of the names around
+    (``segmentation_data.nnunet_case_names``, among the inputs in the same folder).
+
+    ``_0000`` is dropped unless the inputs hold another ``CASE_NNNN`` in that folder:
+    ``sub_0000``, ``sub_0001``, ``sub_0002`` given together keep their whole names
+    (numbered cases) rather than giving ``sub`` beside ``sub_0001``.
+    """
+    from gvsl_cli.data import strip_volume_suffix
+    from gvsl_cli.segmentation_data import nnunet_case_names
+
+    keys = {path: str(Path(os.path.abspath(path)).parent / strip_volume_suffix(Path(path).name)) for path in paths}
+    names = nnunet_case_names(set(keys.values()))
+    return {path: f"{Path(names[key]).name}.nii.gz" for path, key in keys.items()}
 
 
 def output_name(path: Path) -> str:
-    """CASE.nii.gz for an input CASE_0000.nii.gz or CASE.mha (nnU-Net's naming)."""
-    from gvsl_cli.segmentation_data import case_name
-
-    name, channel = case_name(path)
-    if channel not in (None, 0):
-        name = f"{name}_{channel:04d}"
-    return f"{name}.nii.gz"
+    """``output_names`` of an input on its own (CASE_0000.nii.gz -> CASE.nii.gz)."""
+    return output_names([path])[path]
 
 
 @dataclass
@@ -306,9 +319,15 @@ def plan_outputs(sources: Sequence[Path | Source], out_dir: Path) -> list[tuple[
     from gvsl_cli.data import output_subfolders
 
     sources = [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
+    # By absolute path: output_subfolders names the loose inputs by theirs.
+    names = {os.path.abspath(path): name for path, name in output_names([source.path for source in sources]).items()}
+
+    def name(path: Path) -> str:
+        return names[os.path.abspath(path)]
+
     planned: dict[Path, Path] = {}
-    for source, subfolder in zip(sources, output_subfolders(sources, output_name)):
-        target = out_dir / subfolder / output_name(source.path)
+    for source, subfolder in zip(sources, output_subfolders(sources, name)):
+        target = out_dir / subfolder / name(source.path)
         if target in planned:
             raise ConfigError(f"{source.path} and {planned[target]} would both be written to {target}", hint="segment them into different -o folders, or rename one of them")
         planned[target] = source.path
@@ -356,8 +375,8 @@ def segment_files(
     replacing = record is not None and record.replacing
     for source, target in plan_outputs(sources, out_dir):
         started = time.perf_counter()
-        probability_target = target.with_name(probabilities_name(source)) if probabilities else None
-        earlier_probabilities = target.with_name(probabilities_name(source))
+        probability_target = target.with_name(probabilities_name(target)) if probabilities else None
+        earlier_probabilities = target.with_name(probabilities_name(target))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
             other = _made_from_another_input(source, target, record)
             if other:

@@ -2,14 +2,19 @@
 splitting them, and sampling training patches.
 
 1. ``find_cases`` reads an nnU-Net raw dataset folder (``imagesTr/CASE_0000.nii.gz``,
-   ``labelsTr/CASE.nii.gz``, ``dataset.json``) or two folders matched by case name, and
+   ``labelsTr/CASE.nii.gz``, ``dataset.json``, or its v1 "training" list) or two folders
+   matched by file name (by path below each folder where file names repeat), and
    returns the (image, label) pairs and the label set, refusing anything nnU-Net would
    refuse (multi-channel data, an image without its label) in one line naming the file.
+   A ``_NNNN`` ending is nnU-Net's channel only where that reading is the plain one
+   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels.
 2. ``prepare_cases`` reads every pair once, checks the label map (same grid as its image,
-   integer values, values of the label set) and brings both onto the canonical grid of
-   the weights' preprocessing contract: the image through ``preprocess.prepare``, the
-   labels by nearest neighbour onto the same grid. Prepared cases are kept in memory
-   (a dataset of tens of cases at 1 mm is a few GiB at most); nothing is cached on disk.
+   integer values, values of the label set; the values as read are kept, since a
+   structure smaller than a canonical voxel vanishes in resampling) and brings both
+   onto the canonical grid of the weights' preprocessing contract: the image through
+   ``preprocess.prepare``, the labels by nearest neighbour onto the same grid. Prepared
+   cases are kept in memory (a dataset of tens of cases at 1 mm is a few GiB at most);
+   nothing is cached on disk.
 3. ``split_cases`` makes a deterministic training/validation split from a seed.
 4. ``PatchSampler`` draws the training patches of iteration ``i`` from a generator seeded
    by (seed, i) alone (so a resumed run draws what an uninterrupted one would), one third
@@ -27,12 +32,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from gvsl_cli.config import PreprocessConfig
-from gvsl_cli.data import STREAM_DATA, discover, iteration_seed
+from gvsl_cli.data import STREAM_DATA, Source, discover_named, iteration_seed
 from gvsl_cli.errors import InputError
 from gvsl_cli.io import read_volume, volume_suffix
 
@@ -146,61 +151,154 @@ class Case:
     label: Path
 
 
-def case_name(path: Path) -> tuple[str, int | None]:
-    """(case name, channel or None) of an image or label path: the volume ending dropped,
-    then nnU-Net's channel suffix (``liver_3_0000.nii.gz`` -> ("liver_3", 0))."""
-    suffix = volume_suffix(path)
-    stem = path.name[: -len(suffix)] if suffix else path.name
-    match = CHANNEL_SUFFIX.match(stem)
-    if match:
-        return match.group("case"), int(match.group("channel"))
-    return stem, None
+def split_channel(name: str) -> tuple[str, int] | None:
+    """(case, channel) of a name ending in nnU-Net's channel suffix (``liver_3_0000`` ->
+    ("liver_3", 0)), else None. Whether the suffix *is* a channel depends on the names
+    around it (``nnunet_case_names``)."""
+    match = CHANNEL_SUFFIX.match(name)
+    return (match.group("case"), int(match.group("channel"))) if match else None
 
 
-def _by_case(paths: list[Path], folder: Path, *, images: bool) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in paths:
-        name, channel = case_name(path)
-        if not images and channel is not None:
-            name = f"{name}_{channel:04d}"  # a label file's name is the case name as is
-        if images and channel not in (None, 0):
-            raise InputError(
-                f"{path}: channel {channel} of case {name}; gvsl finetune supports single-channel datasets only",
-                hint="give a dataset with one image (CASE_0000) per case",
-            )
-        if name in found:
-            raise InputError(f"{path}: case {name} appears twice in {folder} (also {found[name].name})")
-        found[name] = path
-    return found
+def nnunet_case_names(names: Iterable[str]) -> dict[str, str]:
+    """The case name of each image name (a file name or path without its volume ending),
+    reading nnU-Net's channel suffix only where that reading is the plain one.
+
+    ``CASE_0000`` is channel 0 of case ``CASE`` (named ``CASE``) when no other
+    ``CASE_NNNN`` is among ``names``: nnU-Net's single-channel naming (``liver_3_0000`` ->
+    ``liver_3``). Every other name is a case of its own, whole: ``amos_0001`` with no
+    ``amos_0000`` beside it is a numbered case, and ``sub_0000`` beside ``sub_0001`` is
+    either numbered cases or channels of one multi-channel case, never a single-channel
+    case ``sub`` (the label maps, when there are any, tell which: see ``_pair``).
+    """
+    names = list(names)
+    channels: dict[str, set[int]] = {}
+    for name in names:
+        split = split_channel(name)
+        if split is not None:
+            channels.setdefault(split[0], set()).add(split[1])
+    result = {}
+    for name in names:
+        split = split_channel(name)
+        single_channel = split is not None and channels[split[0]] == {0}
+        result[name] = split[0] if single_channel else name
+    return result
 
 
-def _volumes_in(folder: Path, what: str) -> list[Path]:
+def _volumes_in(folder: Path, what: str) -> list[Source]:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder ({what})")
-    sources, _ = discover([folder])
+    sources, _ = discover_named([folder])
     if not sources:
         raise InputError(f"{folder}: holds no volume ({what})", hint="NIfTI, NRRD, MHA/MHD files or DICOM series folders")
     return sources
 
 
-def _pair(images: dict[str, Path], labels: dict[str, Path], labels_folder: Path) -> list[Case]:
-    """Cases of images and label maps matched by case name. A label map may also carry the
-    image's file name (``CASE_0000.nii.gz`` in both folders, a common two-folder layout)."""
-    matched: dict[str, Path] = {}
-    for name, path in images.items():
-        label = labels.get(name, labels.get(f"{name}_0000"))
+def _file_name_repeats(sources: Sequence[Source]) -> bool:
+    stems = [s.name.rsplit("/", 1)[-1] for s in sources]
+    return len(set(stems)) < len(stems)
+
+
+def _keyed(sources: Sequence[Source], folder: Path, *, by_path: bool) -> dict[str, Path]:
+    """{key: real path}; ``by_path``: keys are paths below ``folder`` (``p01/ct``), else
+    file names (``ct``), both without the volume ending.
+
+    Raises:
+        InputError: two volumes with one key (``ct.nii.gz`` and ``ct.mha``).
+    """
+    found: dict[str, Path] = {}
+    for source in sources:
+        key = source.name if by_path else source.name.rsplit("/", 1)[-1]
+        if key in found:
+            raise InputError(f"{source.path}: case {key} appears twice in {folder} (also {found[key]})", hint="keep one of the two files")
+        found[key] = source.path.resolve()
+    return found
+
+
+def _pair(images: dict[str, Path], labels: dict[str, Path], labels_folder: Path, *, by_path: bool) -> list[Case]:
+    """Cases of images and label maps (both keyed as ``_keyed`` keys them).
+
+    An image pairs with the label map of its own key first (``sub_0001`` in both folders,
+    ``CASE_0000`` in both, ``p01/ct`` in both); failing that, ``CASE_NNNN`` with the label
+    map ``CASE`` (nnU-Net's naming), where a channel other than 0 is a multi-channel case
+    and refused. Case names follow ``nnunet_case_names``.
+    """
+    names = nnunet_case_names(images)
+    cases: dict[str, Case] = {}
+    label_of: dict[Path, str] = {}
+    for key, image in sorted(images.items()):
+        label, name = labels.get(key), names[key]
+        split = split_channel(key)
+        if label is None and split is not None and split[0] in labels:
+            case, channel = split
+            if channel != 0:
+                raise InputError(
+                    f"{image}: channel {channel} of case {case} (its label map is {labels[case]}); gvsl finetune supports single-channel datasets only",
+                    hint="give a dataset with one image (CASE_0000) per case",
+                )
+            label, name = labels[case], case
         if label is None:
-            raise InputError(f"{path}: no label map for case {name} in {labels_folder}", hint=f"add {labels_folder / (name + '.nii.gz')} or remove the image")
-        matched[name] = label
-    used = set(matched.values())
-    for name, path in labels.items():
-        if path not in used:
-            raise InputError(f"{path}: label map without an image (case {name})", hint="add the image or remove the label map")
-    return [Case(name=name, image=images[name], label=matched[name]) for name in sorted(images)]
+            how = "the path below each folder (file names repeat)" if by_path else "file name"
+            wanted = [key] + ([split[0]] if split is not None and split[1] == 0 else [])
+            raise InputError(
+                f"{image}: no label map for case {name} in {labels_folder} (matched by {how}: looked for {' or '.join(w + '.*' for w in wanted)})",
+                hint=f"add {labels_folder / (name + '.nii.gz')} or remove the image",
+            )
+        if name in cases:
+            raise InputError(f"{image}: case {name} has two images: this one and {cases[name].image}", hint="keep one of the two files")
+        if label in label_of:
+            raise InputError(f"{label}: the label map of two images ({cases[label_of[label]].image} and {image})", hint="give each image its own label map")
+        cases[name] = Case(name=name, image=image, label=label)
+        label_of[label] = name
+    for key, path in sorted(labels.items()):
+        if path not in label_of:
+            raise InputError(f"{path}: label map without an image (case {key})", hint="add the image or remove the label map")
+    return [cases[name] for name in sorted(cases)]
+
+
+def _listed_cases(json_path: Path, root: Path) -> list[Case] | None:
+    """The cases of a dataset.json "training" list (nnU-Net v1: [{"image": "./imagesTr/X.nii.gz",
+    "label": "./labelsTr/X.nii.gz"}, ...]), or None when it has none.
+
+    The list names each case's image without its channel suffix even where the file has one
+    (nnU-Net v1's converted datasets: "./imagesTr/la_003.nii.gz" for la_003_0000.nii.gz),
+    so an image that is not there is looked for with ``_0000``.
+
+    Raises:
+        InputError: an entry that is not an image/label pair, a file that is not there, a
+            case listed twice.
+    """
+    data = json.loads(json_path.read_text(encoding="utf-8"))  # read_dataset_json read it already
+    entries = data.get("training")
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{json_path}: \"training\" is not a list of {{\"image\": PATH, \"label\": PATH}}", hint="fix it, or remove it to match imagesTr and labelsTr by file name")
+    cases: dict[str, Case] = {}
+    for number, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
+            raise InputError(f"{json_path}: \"training\" entry {number} is not {{\"image\": PATH, \"label\": PATH}} ({json.dumps(entry)[:80]})")
+        image, label = root / entry["image"], root / entry["label"]
+        suffix = volume_suffix(image) or ""
+        name = image.name[: len(image.name) - len(suffix)]
+        if not image.exists() and (image.parent / f"{name}_0000{suffix}").exists():
+            image = image.parent / f"{name}_0000{suffix}"
+        for path in (image, label):
+            if not path.exists():
+                raise InputError(f"{json_path}: \"training\" entry {number} names {path}, which does not exist", hint="fix the list, or remove \"training\" to match imagesTr and labelsTr by file name")
+        if name in cases:
+            raise InputError(f"{json_path}: \"training\" lists case {name} twice")
+        cases[name] = Case(name=name, image=image.resolve(), label=label.resolve())
+    return [cases[name] for name in sorted(cases)]
 
 
 def find_cases(dataset: str | Path | None = None, *, images: str | Path | None = None, labels: str | Path | None = None) -> tuple[list[Case], LabelSet | None]:
     """The cases of an nnU-Net dataset folder, or of an image folder and a label folder.
+
+    Images and label maps are matched by file name without the volume ending, or, when
+    file names repeat in a folder (a folder per patient: ``imgs/p01/ct.nii.gz``), by the
+    path below each folder (``p01/ct``, also the case name); see ``_pair`` for nnU-Net's
+    ``CASE_0000`` / ``CASE`` naming. A dataset.json with a "training" list of image/label
+    pairs (nnU-Net v1) gives the cases instead.
 
     Returns the cases sorted by name and the label set of dataset.json (None for two
     folders without one: the label set then comes from the values in the label maps).
@@ -221,15 +319,20 @@ def find_cases(dataset: str | Path | None = None, *, images: str | Path | None =
         if not json_path.is_file():
             raise InputError(f"{root}: no {DATASET_JSON} (not an nnU-Net raw dataset folder)", hint="give one, or use --images DIR --labels DIR")
         label_set = read_dataset_json(json_path)
+        listed = _listed_cases(json_path, root)
+        if listed is not None:
+            return listed, label_set
         image_dir, label_dir = root / "imagesTr", root / "labelsTr"
     else:
         if images is None or labels is None:
             raise InputError("no dataset given", hint="gvsl finetune DATASET_FOLDER, or --images DIR --labels DIR")
         image_dir, label_dir = Path(images), Path(labels)
         label_set = None
-    image_paths = _by_case(_volumes_in(image_dir, "images"), image_dir, images=True)
-    label_paths = _by_case(_volumes_in(label_dir, "label maps"), label_dir, images=False)
-    return _pair(image_paths, label_paths, label_dir), label_set
+    image_sources = _volumes_in(image_dir, "images")
+    label_sources = _volumes_in(label_dir, "label maps")
+    by_path = _file_name_repeats(image_sources) or _file_name_repeats(label_sources)
+    cases = _pair(_keyed(image_sources, image_dir, by_path=by_path), _keyed(label_sources, label_dir, by_path=by_path), label_dir, by_path=by_path)
+    return cases, label_set
 
 
 # --------------------------------------------------------------------------- preparing
@@ -243,8 +346,13 @@ class PreparedCase:
         name: the case name.
         image: (D, H, W) float32 intensities in about [0, 1].
         values: (D, H, W) int64 label values (file values, not yet class indices).
-        target: (D, H, W) uint8 class indices (set by ``index_cases``).
+        target: (D, H, W) uint8 class indices (set by ``prepare_cases``).
         modality: the intensity mapping used ("ct" or "mr").
+        file_values: the label values of the label map as read (before resampling: a
+            structure smaller than a voxel of the canonical grid may be in the file and not
+            in ``values``).
+        classes_in_file, classes_on_grid: class indices present in the label map as read
+            and on the canonical grid (set by ``prepare_cases``).
         detected: what ``preprocess.detect_modality`` makes of the raw intensities (differs
             from ``modality`` when the contract imposes a mapping that does not fit).
     """
@@ -255,6 +363,9 @@ class PreparedCase:
     modality: str
     target: np.ndarray | None = None
     detected: str | None = None
+    file_values: tuple[int, ...] = ()
+    classes_in_file: frozenset[int] = frozenset()
+    classes_on_grid: frozenset[int] = frozenset()
 
 
 def _check_label_map(label, image, case: Case):
@@ -296,8 +407,9 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     image = read_volume(case.image)
     label = read_volume(case.label)
     values = _check_label_map(label, image, case)
+    file_values = np.unique(values)
     if label_set is not None:
-        unknown = np.setdiff1d(np.unique(values), np.asarray(label_set.values))
+        unknown = np.setdiff1d(file_values, np.asarray(label_set.values))
         if unknown.size:
             raise InputError(
                 f"{case.label}: label value(s) {', '.join(map(str, unknown[:5].tolist()))} not in dataset.json's labels ({', '.join(map(str, label_set.values))})",
@@ -307,7 +419,14 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     label_image = sitk.GetImageFromArray(values.astype(np.int32))
     label_image.CopyInformation(label)
     on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
-    return PreparedCase(name=case.name, image=prepared.array, values=sitk.GetArrayFromImage(on_grid).astype(np.int64), modality=prepared.modality, detected=prepared.detected)
+    return PreparedCase(
+        name=case.name,
+        image=prepared.array,
+        values=sitk.GetArrayFromImage(on_grid).astype(np.int64),
+        modality=prepared.modality,
+        detected=prepared.detected,
+        file_values=tuple(int(v) for v in file_values),
+    )
 
 
 def prepare_cases(
@@ -320,7 +439,8 @@ def prepare_cases(
 ) -> tuple[list[PreparedCase], LabelSet]:
     """Prepare every case (``prepare_case``, in ``workers`` threads) and set class indices.
 
-    Without a label set, it is made of the values found in all label maps. The first
+    Without a label set, it is made of the values found in all label maps as read (not
+    as resampled: a class smaller than a canonical voxel stays a class). The first
     failing case stops everything with its error (a training set with a broken case is
     not silently trained on without it).
     """
@@ -336,10 +456,12 @@ def prepare_cases(
         # On the first error, cases not yet started are dropped rather than read for nothing.
         pool.shutdown(wait=True, cancel_futures=True)
     if label_set is None:
-        label_set = LabelSet.from_values(np.unique(np.concatenate([np.unique(p.values) for p in prepared])).tolist())
+        label_set = LabelSet.from_values(sorted(set().union(*(p.file_values for p in prepared))))
     for case in prepared:
         case.target = label_set.indices(case.values)
         case.values = np.empty(0, dtype=np.int64)  # the indices are all that is needed now
+        case.classes_in_file = frozenset(label_set.indices(np.asarray(case.file_values, dtype=np.int64)).tolist())
+        case.classes_on_grid = frozenset(np.flatnonzero(np.bincount(case.target.ravel(), minlength=label_set.count)).tolist())
     return prepared, label_set
 
 

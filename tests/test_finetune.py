@@ -597,3 +597,134 @@ def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(itk_folde
     assert seen == [False, f"gvsl finetune (pid {os.getpid()} on {socket.gethostname()})\n"]
     assert not (run_dir / RUN_LOCK_FILE).exists()
     assert load_weights(run_dir / "last.pt").extra["training"]["iteration"] == 4
+
+
+# --------------------------------------------------------------------------- case names and label coverage
+
+
+def _tiny_volume(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkUInt8), str(path))
+
+
+def _pairs(images: list[str], labels: list[str], root: Path):
+    """find_cases on tiny files ``images`` in root/imgs and ``labels`` in root/labs."""
+    for name in images:
+        _tiny_volume(root / "imgs" / name)
+    for name in labels:
+        _tiny_volume(root / "labs" / name)
+    cases, _ = find_cases(images=root / "imgs", labels=root / "labs")
+    return [(c.name, c.image.relative_to((root / "imgs").resolve()).as_posix(), c.label.relative_to((root / "labs").resolve()).as_posix()) for c in cases]
+
+
+def test_numbered_case_names_are_not_taken_for_channels(tmp_path):
+    # AMOS-style numbered cases, the same file name in both folders: whole names, no channels.
+    assert _pairs(["sub_0001.nii.gz", "sub_0002.nii.gz"], ["sub_0001.nii.gz", "sub_0002.nii.gz"], tmp_path / "a") == [
+        ("sub_0001", "sub_0001.nii.gz", "sub_0001.nii.gz"), ("sub_0002", "sub_0002.nii.gz", "sub_0002.nii.gz")]
+    zero_based = ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"]
+    assert [name for name, _, _ in _pairs(zero_based, zero_based, tmp_path / "b")] == ["sub_0000", "sub_0001", "sub_0002"]
+    # nnU-Net's naming still reads as such: CASE_0000 / CASE, and CASE_0000 in both folders.
+    assert _pairs(["liver_3_0000.nii.gz", "liver_4_0000.nii.gz"], ["liver_3.nii.gz", "liver_4.nii.gz"], tmp_path / "c") == [
+        ("liver_3", "liver_3_0000.nii.gz", "liver_3.nii.gz"), ("liver_4", "liver_4_0000.nii.gz", "liver_4.nii.gz")]
+    assert [name for name, _, _ in _pairs(["knee_0000.nii.gz"], ["knee_0000.nii.gz"], tmp_path / "d")] == ["knee"]
+    # A real multi-channel case (two images, one label map CASE) keeps its clear refusal.
+    with pytest.raises(InputError, match=r"ct_0001.nii.gz: channel 1 of case ct .*single-channel datasets only"):
+        _pairs(["ct_0000.nii.gz", "ct_0001.nii.gz"], ["ct.nii.gz"], tmp_path / "e")
+    with pytest.raises(InputError, match=r"sub_0003.nii.gz: no label map for case sub_0003 .*looked for sub_0003\.\*"):
+        _pairs(["sub_0002.nii.gz", "sub_0003.nii.gz"], ["sub_0002.nii.gz"], tmp_path / "f")
+
+
+def test_a_folder_per_patient_pairs_by_the_path_below_each_folder(tmp_path):
+    # The layout gvsl segment writes (seg/p01/ct.nii.gz): predict, correct, retrain.
+    layout = ["p01/ct.nii.gz", "p02/ct.nii.gz"]
+    assert _pairs(layout, layout, tmp_path / "a") == [("p01/ct", "p01/ct.nii.gz", "p01/ct.nii.gz"), ("p02/ct", "p02/ct.nii.gz", "p02/ct.nii.gz")]
+    assert _pairs(["p01/ct_0000.nii.gz", "p02/ct_0000.nii.gz"], ["p01/ct.nii.gz", "p02/ct.nii.gz"], tmp_path / "b")[0] == ("p01/ct", "p01/ct_0000.nii.gz", "p01/ct.nii.gz")
+    # Unique file names: sub-folders do not matter (as before).
+    assert _pairs(["x.nii.gz"], ["train/x.nii.gz"], tmp_path / "c") == [("x", "x.nii.gz", "train/x.nii.gz")]
+    # Repeated names that do not pair: the message names the image's full path and says how it matched.
+    with pytest.raises(InputError) as error:
+        _pairs(layout, ["p01/ct.nii.gz", "p03/ct.nii.gz"], tmp_path / "d")
+    assert f"{(tmp_path / 'd' / 'imgs' / 'p02' / 'ct.nii.gz').resolve()}: no label map for case p02/ct" in str(error.value)
+    assert "the path below each folder (file names repeat)" in str(error.value)
+    # One case twice (two volume formats): both full paths.
+    with pytest.raises(InputError, match="case p01/ct appears twice in ") as error:
+        _pairs([*layout, "p01/ct.mha"], layout, tmp_path / "e")
+    assert all(str((tmp_path / "e" / "imgs" / "p01" / name).resolve()) in str(error.value) for name in ("ct.mha", "ct.nii.gz"))
+
+
+def test_a_v1_training_list_gives_the_cases(tmp_path):
+    root = tmp_path / "Dataset010_Amos"
+    for name in ("imagesTr/amos_0001.nii.gz", "imagesTr/amos_0005_0000.nii.gz", "labelsTr/amos_0001.nii.gz", "labelsTr/amos_0005.nii.gz", "imagesTr/._amos_0001.nii.gz"):
+        _tiny_volume(root / name)
+    # The list names amos_0005's image without the _0000 its file has (nnU-Net v1); the
+    # macOS "._" file next to the images is not listed, so not read.
+    training = [{"image": "./imagesTr/amos_0001.nii.gz", "label": "./labelsTr/amos_0001.nii.gz"}, {"image": "./imagesTr/amos_0005.nii.gz", "label": "./labelsTr/amos_0005.nii.gz"}]
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"}, "training": training}))
+    cases, label_set = find_cases(root)
+    assert [(c.name, c.image.name, c.label.name) for c in cases] == [("amos_0001", "amos_0001.nii.gz", "amos_0001.nii.gz"), ("amos_0005", "amos_0005_0000.nii.gz", "amos_0005.nii.gz")]
+    assert label_set.values == (0, 1)
+    training.append({"image": "./imagesTr/amos_0009.nii.gz", "label": "./labelsTr/amos_0009.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"}, "training": training}))
+    with pytest.raises(InputError, match=r"\"training\" entry 2 names .*imagesTr/amos_0009.nii.gz, which does not exist"):
+        find_cases(root)
+
+
+def _labelled_folders(root: Path, image_names: tuple[str, str], label_names: tuple[str, str], *, dot: bool = False) -> tuple[Path, Path]:
+    """Colin27 and ICBM152 (2 mm) as --images/--labels folders under the given file names;
+    values 2 (WM), 7 (GM), 255 (CSF, Colin27 only); ``dot``: Colin27 also holds one voxel
+    of 11 (2 mm: it vanishes at 4 mm)."""
+    sources = [("colin27_t1_2mm", "colin27_tissue_2mm", {1: 2, 2: 7, 3: 255}), ("icbm152_t1_2mm", "icbm152_tissue_2mm", {1: 2, 2: 7})]
+    for (t1, tissue, mapping), image_name, label_name in zip(sources, image_names, label_names):
+        for path in (root / "imgs" / image_name, root / "labs" / label_name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.ReadImage(str(EXAMPLES / f"{t1}.nii.gz")), str(root / "imgs" / image_name))
+        label = sitk.ReadImage(str(EXAMPLES / f"{tissue}.nii.gz"))
+        tissue_values = sitk.GetArrayFromImage(label)
+        values = np.zeros(tissue_values.shape, dtype=np.uint8)
+        for old, new in mapping.items():
+            values[tissue_values == old] = new
+        if dot and "colin" in t1:
+            values[40, 50, 40] = 11
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(label)
+        sitk.WriteImage(out, str(root / "labs" / label_name))
+    return root / "imgs", root / "labs"
+
+
+SCRATCH = ["--mode", "scratch", "--width", "8", "--spacing", "4", "--modality", "mr", "--iters", "2", "--val-every", "2", "--batch", "1", *SMALL]
+
+
+def test_a_numbered_two_folder_dataset_trains(tmp_path, capsys):
+    images, labels = _labelled_folders(tmp_path, ("sub_0001.nii.gz", "sub_0002.nii.gz"), ("sub_0001.nii.gz", "sub_0002.nii.gz"))
+    assert run(["finetune", "--images", str(images), "--labels", str(labels), "-o", str(tmp_path / "run"), *SCRATCH]) == 0, capsys.readouterr().err
+    assert set(json.loads((tmp_path / "run" / "run.json").read_text())["cases"]) == {"sub_0001", "sub_0002"}
+
+
+def test_label_values_come_from_the_files_and_a_class_erased_by_resampling_is_warned_about(tmp_path, capsys):
+    # A one-voxel structure (11) at 2 mm vanishes on the 4 mm grid; 255 is in Colin27 alone,
+    # which --seed 0 puts into validation.
+    images, labels = _labelled_folders(tmp_path, ("colin.nii.gz", "icbm.nii.gz"), ("colin.nii.gz", "icbm.nii.gz"), dot=True)
+    assert run(["finetune", "--images", str(images), "--labels", str(labels), "-o", str(tmp_path / "run"), *SCRATCH]) == 0
+    err = capsys.readouterr().err
+    # The model keeps the class: segment can write it.
+    assert load_weights(tmp_path / "run" / "best.pt").extra["segmentation"]["label_values"] == [0, 2, 7, 11, 255]
+    assert "warning: label_11 (11) is present in colin but vanishes at 4 mm" in err and "the model cannot learn it" in err
+    assert "warning: no training case holds label_255 (255), only the validation case(s) colin" in err
+    assert "no case holds any voxel" not in err
+
+
+def test_dataset_json_classes_are_checked_against_the_label_files_not_the_resampled_maps(tmp_path, capsys):
+    from gvsl_cli.finetuning import coverage_warnings, split_warnings
+    from gvsl_cli.segmentation_data import prepare_cases
+
+    images, labels = _labelled_folders(tmp_path, ("colin.nii.gz", "icbm.nii.gz"), ("colin.nii.gz", "icbm.nii.gz"), dot=True)
+    label_set = LabelSet.from_dict({"background": 0, "wm": 2, "gm": 7, "dot": 11, "csf": 255, "tumour": 12})
+    cases, _ = find_cases(images=images, labels=labels)
+    prepared, label_set = prepare_cases(cases, PreprocessConfig(spacing=4.0, modality="mr"), label_set)
+    warnings = coverage_warnings(prepared, label_set, 4.0)
+    assert warnings[0].startswith("warning: no case holds any voxel of tumour:")  # 12: in no file
+    assert warnings[1].startswith("warning: dot (11) is present in colin but vanishes at 4 mm")
+    assert len(warnings) == 2
+    colin, icbm = prepared
+    assert split_warnings([colin], [icbm], label_set) == []
+    assert [w.split(":")[1] for w in split_warnings([icbm], [colin], label_set)] == [" no training case holds csf (255), only the validation case(s) colin"]

@@ -205,6 +205,20 @@ def test_output_names_follow_nnunet():
     assert output_name(Path("c/ct_0001.nrrd")) == "ct_0001.nii.gz"
 
 
+def test_numbered_inputs_keep_their_numbers(tmp_path):
+    from gvsl_cli.segmentation import plan_outputs
+
+    def planned(*names):
+        return [target.name for _, target in plan_outputs([tmp_path / n for n in names], tmp_path / "out")]
+
+    # nnU-Net's imagesTs (one channel): _0000 dropped, as before.
+    assert planned("ts/liver_3_0000.nii.gz", "ts/liver_4_0000.nii.gz") == ["liver_3.nii.gz", "liver_4.nii.gz"]
+    # Zero-based numbered cases given together: sub_0000 is not taken for channel 0 of "sub".
+    assert planned("num/sub_0000.nii.gz", "num/sub_0001.nii.gz", "num/sub_0002.nii.gz") == ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"]
+    # Another folder's sub_0001 says nothing about this folder's sub_0000.
+    assert planned("a/sub_0000.nii.gz", "b/sub_0001.nii.gz") == ["sub.nii.gz", "sub_0001.nii.gz"]
+
+
 def test_an_input_is_never_overwritten_by_its_label_map(model_path, tmp_path, capsys):
     # scan.nii.gz segmented into its own folder: the output name is the input's own name.
     folder = tmp_path / "ts"

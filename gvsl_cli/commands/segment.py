@@ -73,7 +73,7 @@ def segment(
     def segment_into_folder() -> None:
         # segment.json: a rerun with other models or settings is refused, not skipped as done.
         description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
-        every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(s)) for s, t in planned] if probabilities else [])
+        every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(t)) for _, t in planned] if probabilities else [])
         record = check_output_folder(output, description, every_output, overwrite=overwrite)
         if not quiet:
             if len(segmenters) > 1:
