@@ -377,19 +377,22 @@ def _check_label_map(label, image, case: Case):
     image_grid, label_grid = Geometry.of(image), Geometry.of(label)
     if image_grid.size != label_grid.size:
         raise InputError(f"{case.label}: label grid {label_grid.size} does not match its image {case.image.name} {image_grid.size} (x, y, z voxels)")
-    if not label_grid.is_close(image_grid, atol=1e-3):
+    differing = label_grid.differences(image_grid, atol=1e-3)
+    if differing:
         raise InputError(
-            f"{case.label}: label spacing/origin/direction differ from its image {case.image.name} "
-            f"(spacing {label_grid.spacing} vs {image_grid.spacing}, origin {label_grid.origin} vs {image_grid.origin})",
+            f"{case.label}: label map is not on the grid of its image {case.image.name} ({differing}; label map's first)",
             hint="resample the label map onto its image's grid",
         )
     array = sitk.GetArrayFromImage(label)
     if not np.issubdtype(array.dtype, np.integer):
         rounded = np.round(array)
         if not np.array_equal(rounded, array):
-            bad = array[rounded != array].flat[0]
-            raise InputError(f"{case.label}: label map holds non-integer values (e.g. {bad:g}); expected integer labels")
+            off = rounded != array
+            bad = float(array[off].flat[0])
+            raise InputError(f"{case.label}: label map holds non-integer values ({int(off.sum())} voxels, e.g. {bad!r}); expected integer labels (a label map resampled linearly?)")
         array = rounded
+    if array.size and array.min() < 0:
+        raise InputError(f"{case.label}: label map holds the negative value {int(array.min())}; label values are 0 (background) and positive integers")
     return array.astype(np.int64)
 
 
@@ -456,7 +459,10 @@ def prepare_cases(
         # On the first error, cases not yet started are dropped rather than read for nothing.
         pool.shutdown(wait=True, cancel_futures=True)
     if label_set is None:
-        label_set = LabelSet.from_values(sorted(set().union(*(p.file_values for p in prepared))))
+        found = set().union(*({int(v) for v in p.file_values} for p in prepared))
+        if found <= {0}:
+            raise InputError(f"no label map holds a foreground voxel: all {len(prepared)} are background (0) only", hint="check --labels: these label maps are empty")
+        label_set = LabelSet.from_values(sorted(found))
     for case in prepared:
         case.target = label_set.indices(case.values)
         case.values = np.empty(0, dtype=np.int64)  # the indices are all that is needed now

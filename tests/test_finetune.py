@@ -262,7 +262,7 @@ def _break_label_origin(root: Path) -> str:
     image = sitk.ReadImage(str(path))
     image.SetOrigin((0.0, 0.0, 0.0))
     sitk.WriteImage(image, str(path))
-    return "labelsTr/icbm.nii.gz: label spacing/origin/direction differ from its image"
+    return "labelsTr/icbm.nii.gz: label map is not on the grid of its image icbm_0000.nii.gz (origin (0.0, 0.0, 0.0) vs ("
 
 
 def _break_label_values(root: Path) -> str:
@@ -278,12 +278,29 @@ def _break_non_integer_labels(root: Path) -> str:
     image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
     image[40, 50, 40] = 0.5
     sitk.WriteImage(image, str(path))
-    return "labelsTr/colin.nii.gz: label map holds non-integer values (e.g. 0.5)"
+    return "labelsTr/colin.nii.gz: label map holds non-integer values (1 voxels, e.g. 0.5)"
+
+
+def _break_label_direction(root: Path) -> str:
+    # Saved through numpy without its direction: same size, spacing and origin.
+    path = root / "labelsTr" / "colin.nii.gz"
+    image = sitk.ReadImage(str(path))
+    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    return "labelsTr/colin.nii.gz: label map is not on the grid of its image colin_0000.nii.gz (direction LPS vs RAS; label map's first)"
+
+
+def _break_negative_labels(root: Path) -> str:
+    path = root / "labelsTr" / "colin.nii.gz"
+    image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkInt16)
+    image[40, 50, 40] = -1
+    sitk.WriteImage(image, str(path))
+    return "labelsTr/colin.nii.gz: label map holds the negative value -1"
 
 
 @pytest.mark.parametrize(
     "breaker",
-    [_break_multichannel, _break_second_channel_file, _break_missing_label, _break_label_grid, _break_label_origin, _break_label_values, _break_non_integer_labels],
+    [_break_multichannel, _break_second_channel_file, _break_missing_label, _break_label_grid, _break_label_origin, _break_label_values, _break_non_integer_labels, _break_label_direction, _break_negative_labels],
 )
 def test_dataset_errors_are_one_line_and_leave_no_run_folder(breaker, weights, tmp_path, capsys):
     root = make_dataset(tmp_path / "Dataset002_Broken")
@@ -728,3 +745,27 @@ def test_dataset_json_classes_are_checked_against_the_label_files_not_the_resamp
     colin, icbm = prepared
     assert split_warnings([colin], [icbm], label_set) == []
     assert [w.split(":")[1] for w in split_warnings([icbm], [colin], label_set)] == [" no training case holds csf (255), only the validation case(s) colin"]
+
+
+def test_label_maps_that_are_all_background_are_named_as_such(weights, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name, source in (("colin", "colin27_tissue_2mm.nii.gz"), ("icbm", "icbm152_tissue_2mm.nii.gz")):
+        shutil.copy(EXAMPLES / source.replace("tissue", "t1"), tmp_path / "images" / f"{name}.nii.gz")
+        empty = sitk.ReadImage(str(EXAMPLES / source)) * 0
+        sitk.WriteImage(empty, str(tmp_path / "labels" / f"{name}.nii.gz"))
+    code = run(["finetune", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(tmp_path / "run"), "--weights", str(weights), "--iters", "2", *SMALL])
+    assert code == 2
+    assert _one_line_error(capsys).startswith("error: no label map holds a foreground voxel: all 2 are background (0) only")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plain_resume_keeps_the_runs_validation_interval_and_time_limit(dataset, weights, tmp_path):
+    from gvsl_cli.checkpoint import load_weights
+
+    run_dir = tmp_path / "run"
+    assert run(["finetune", str(dataset), "-o", str(run_dir), "--weights", str(weights), "--iters", "2", "--val-every", "1", "--time-limit", "2h", *SMALL]) == 0
+    schedule = {"val_every": 1, "log_every": 10, "time_limit_s": 7200.0}
+    assert load_weights(run_dir / "last.pt").extra["schedule"] == schedule
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "3", *SMALL]) == 0
+    assert load_weights(run_dir / "last.pt").extra["schedule"] == schedule
