@@ -589,6 +589,14 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     else:
         for warning in split_warnings(train_cases, val_cases, label_set):
             reporter.note(warning)
+    # Validation cases of background alone score no class: every validation's mean Dice
+    # is 0, and "best" would stay the untrained start however long the run trains.
+    blind_validation = not any(c.classes_on_grid - {0} for c in val_cases)
+    if blind_validation:
+        reporter.note(
+            f"warning: the validation case(s) {_listed([c.name for c in val_cases])} hold no foreground voxel: Dice cannot choose "
+            "a best model, so best.pt follows the latest validation (another --seed, --val-fraction or --splits gives validation cases with foreground)"
+        )
     patch = effective_patch(prepared, config.patch)
     if patch != (config.patch,) * 3:
         reporter.note(f"--patch {config.patch}: the cases are smaller, using {'×'.join(map(str, patch))} (smaller cases are padded)")
@@ -652,7 +660,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     def save(iteration: int, final: bool) -> None:
         result = validate_now(iteration)
         state["last"] = result
-        if result.mean > state["best"].mean:
+        if result.mean > state["best"].mean or blind_validation:
             save_best(result)
         best = state["best"]
         reporter.note(f"validation at iteration {iteration}: mean Dice {result.mean:.4f} (best {best.mean:.4f} at iteration {best.iteration})")

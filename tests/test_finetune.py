@@ -769,3 +769,22 @@ def test_a_plain_resume_keeps_the_runs_validation_interval_and_time_limit(datase
     assert load_weights(run_dir / "last.pt").extra["schedule"] == schedule
     assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "3", *SMALL]) == 0
     assert load_weights(run_dir / "last.pt").extra["schedule"] == schedule
+
+
+def test_validation_without_foreground_makes_best_follow_the_latest_validation(weights, tmp_path, capsys):
+    # Every validation's mean Dice is 0 there: "best" would stay the untrained start.
+    from gvsl_cli.checkpoint import load_weights
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name, source in (("colin", "colin27_tissue_2mm.nii.gz"), ("icbm", "icbm152_tissue_2mm.nii.gz")):
+        shutil.copy(EXAMPLES / source.replace("tissue", "t1"), tmp_path / "images" / f"{name}.nii.gz")
+        labels = sitk.ReadImage(str(EXAMPLES / source))
+        sitk.WriteImage(labels * 0 if name == "icbm" else labels, str(tmp_path / "labels" / f"{name}.nii.gz"))
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["colin"], "val": ["icbm"]}]))
+    run_dir = tmp_path / "run"
+    code = run(["finetune", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(run_dir), "--weights", str(weights),
+                "--splits", str(tmp_path / "splits_final.json"), "--fold", "0", "--iters", "2", "--val-every", "1", "--patch", "32", "--overlap", "0"])
+    assert code == 0
+    assert "warning: the validation case(s) icbm hold no foreground voxel: Dice cannot choose a best model, so best.pt follows the latest validation" in capsys.readouterr().err
+    assert load_weights(run_dir / "best.pt").extra["iteration"] == 2
