@@ -235,7 +235,8 @@ def run(argv: list[str] | None = None) -> int:
     except GvslError as exc:
         if debug:
             raise
-        _error(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""))
+        if not getattr(exc, "printed_by_rank_0", False):  # one line per job, not per rank
+            _error(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""))
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a message
         if debug:

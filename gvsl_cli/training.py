@@ -261,7 +261,9 @@ def exclusive_run_folder(run_dir: Path, command: str, context: DistContext | Non
             error_class = getattr(errors, kind, None)
             if not (isinstance(error_class, type) and issubclass(error_class, errors.GvslError)):
                 error_class, message = TrainingError, f"rank 0 could not take the run folder {run_dir}: {kind}: {message}"
-            raise error_class(message, hint=hint)
+            told = error_class(message, hint=hint)
+            told.printed_by_rank_0 = True  # the CLI prints rank 0's line only, not one per rank
+            raise told
     if failure is not None:
         raise failure
     try:
