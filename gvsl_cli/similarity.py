@@ -165,7 +165,7 @@ class _NCCAgainstFixed(torch.autograd.Function):
             total, value = float(cc.numel()), cc.mean()
         else:
             total = weight.sum().clamp(min=1e-12)
-            value = (cc * weight).sum() / total
+            value = torch.dot(cc.flatten(), weight.flatten()) / total
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(moved, cross, denominator, cc, free_j, j_mean, *(() if weight is None else (weight, total)))
             ctx.fixed = fixed
@@ -176,14 +176,16 @@ class _NCCAgainstFixed(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         moved, cross, denominator, cc, free_j, j_mean, *weighted = ctx.saved_tensors
         fixed = ctx.fixed
-        a = 2.0 * cross / denominator
-        b = (-2.0 * cc * fixed.variance / denominator) * free_j
-        c = -(a * fixed.mean + b * j_mean)
         if weighted:
             weight, total = weighted
-            a, b, c = a * weight, b * weight, c * weight
+            # w folded into 1/D once: a, b and so c come out multiplied by w.
+            inverse = weight / denominator
         else:
             total = ctx.total
+            inverse = denominator.reciprocal()
+        a = 2.0 * cross * inverse
+        b = (-2.0 * cc * fixed.variance * inverse) * free_j
+        c = -(a * fixed.mean + b * j_mean)
         box_a, box_b, box_c = box_sum(torch.cat([a, b, c]), fixed.window).split(a.shape[0])
         grad_moved = (fixed.image * box_a + moved * box_b + box_c) * (-grad_output / total)
         if weighted:
