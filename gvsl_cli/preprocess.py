@@ -206,6 +206,31 @@ def prepare(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume:
     return PreparedVolume(array=array, grid=grid, original=original, modality=modality, detected=detected)
 
 
+def field_of_view_mask(original: Geometry, grid: Geometry) -> np.ndarray:
+    """Which voxels of ``grid`` hold intensities of the image ``original``: (D, H, W) float32, 1 or 0.
+
+    Inside means between the outermost voxel centres of ``original`` (continuous index in
+    [0, n − 1) on every axis; an axis of one voxel keeps ITK's [−0.5, 0.5)). The rest of a
+    canonical grid is the background ``prepare`` padded with (its sides are rounded up to a
+    multiple of voxels, and an oblique image's box covers more than the image), and the
+    half-voxel shell between the outer centres and the outer edges holds the edge voxels'
+    values copied outwards (ITK's resampling clamps there), not anatomy: on a thin slab that
+    copy is a large share of the voxels, and scoring it pulled the registration along z.
+    """
+    index_origin = [0.5 if n > 1 else 0.0 for n in original.size]
+    inner = Geometry(
+        size=tuple(max(n - 1, 1) for n in original.size),
+        spacing=original.spacing,
+        origin=tuple(float(v) for v in (original.index_to_physical() @ np.array([*index_origin, 1.0]))[:3]),
+        direction=original.direction,
+    )
+    # ITK's inside rule [−0.5, m − 0.5) on the grid of the m = n − 1 cells between centres.
+    ones = sitk.Image([int(s) for s in inner.size], sitk.sitkUInt8) + 1
+    inner.apply_to(ones)
+    mask = sitk.Resample(ones, reference_image(grid, sitk.sitkUInt8), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(mask).astype(np.float32)
+
+
 def to_original_grid(image_on_grid: sitk.Image, original: Geometry, *, labels: bool = False) -> sitk.Image:
     """Map an image computed on the canonical grid back onto the input's own grid.
 

@@ -6,6 +6,14 @@ Every metric works in two steps so that expensive features are computed once per
 itself for NCC and MSE, 12 MIND-SSC descriptor channels for MIND), and ``loss(fixed,
 moved)`` compares features on the same grid (lower is better). The moving image's features
 are computed on its own grid and then warped, as ConvexAdam does for MIND.
+
+Every loss takes optional voxel weights (``weight``, (B, 1, D, H, W) in [0, 1], no gradient):
+registration passes the fixed image's field-of-view mask times the moving image's, warped
+(``registration.Level.weight``), so that neither the padding of the working grids nor fixed
+points mapped outside the moving image are scored, as ITK's, ANTs' and elastix's metrics
+count only valid points. Each loss is then the weighted *mean* of its per-voxel terms (the
+weighted histogram for mutual information): dividing by Σ weight, not by the voxel count,
+so that moving out of the field of view neither lowers nor raises the loss by itself.
 """
 
 from __future__ import annotations
@@ -130,11 +138,19 @@ class _NCCAgainstFixed(torch.autograd.Function):
     cc = cross²/D, d mean(cc)/dJ = (I·box(a) + J·box(b) + box(c))/N with a = 2·cross/D,
     b = −2·cc·var_I/D, c = −(a·Ī + b·J̄). Per call: three box sums forward (J, J², IJ) and
     three backward, instead of five and three.
+
+    With voxel weights w (``weight``): the loss is 1 − Σ w·cc / Σ w, and the window sums read
+    J̃ = w·J, so a voxel of weight 0 (padding, or outside the moving image) adds nothing to
+    its neighbours' windows and receives no gradient; where the fixed image is padding its
+    own intensity is the background 0 too, so both sides agree there. The gradient is the
+    one above with a, b, c multiplied by w, N replaced by Σ w, and the result by w.
     """
 
     @staticmethod
-    def forward(ctx, moved: torch.Tensor, fixed: FixedWindowStatistics) -> torch.Tensor:
+    def forward(ctx, moved: torch.Tensor, fixed: FixedWindowStatistics, weight: torch.Tensor | None) -> torch.Tensor:
         count = float(fixed.window**3)
+        if weight is not None:
+            moved = moved * weight
         sums = box_sum(torch.cat([moved, moved * moved, fixed.image * moved]), fixed.window)
         j_sum, j2_sum, ij_sum = sums.split(moved.shape[0])
         j_mean = j_sum / count
@@ -145,29 +161,66 @@ class _NCCAgainstFixed(torch.autograd.Function):
         var_j.clamp_(min=0)
         denominator = fixed.variance * var_j + NCC_EPS
         cc = cross * cross / denominator
+        if weight is None:
+            total, value = float(cc.numel()), cc.mean()
+        else:
+            total = weight.sum().clamp(min=1e-12)
+            value = torch.dot(cc.flatten(), weight.flatten()) / total
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(moved, cross, denominator, cc, free_j, j_mean)
+            ctx.save_for_backward(moved, cross, denominator, cc, free_j, j_mean, *(() if weight is None else (weight, total)))
             ctx.fixed = fixed
-        return 1.0 - cc.mean()
+            ctx.total = total if weight is None else None
+        return 1.0 - value
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        moved, cross, denominator, cc, free_j, j_mean = ctx.saved_tensors
+        moved, cross, denominator, cc, free_j, j_mean, *weighted = ctx.saved_tensors
         fixed = ctx.fixed
-        a = 2.0 * cross / denominator
-        b = (-2.0 * cc * fixed.variance / denominator) * free_j
+        if weighted:
+            weight, total = weighted
+            # w folded into 1/D once: a, b and so c come out multiplied by w.
+            inverse = weight / denominator
+        else:
+            total = ctx.total
+            inverse = denominator.reciprocal()
+        a = 2.0 * cross * inverse
+        b = (-2.0 * cc * fixed.variance * inverse) * free_j
         c = -(a * fixed.mean + b * j_mean)
         box_a, box_b, box_c = box_sum(torch.cat([a, b, c]), fixed.window).split(a.shape[0])
-        grad_moved = (fixed.image * box_a + moved * box_b + box_c) * (-grad_output / cc.numel())
-        return grad_moved, None
+        grad_moved = (fixed.image * box_a + moved * box_b + box_c) * (-grad_output / total)
+        if weighted:
+            grad_moved = grad_moved * weight
+        return grad_moved, None, None
 
 
-def ncc_against_fixed(fixed: FixedWindowStatistics, moved: torch.Tensor) -> torch.Tensor:
-    """1 − mean squared local NCC of ``moved`` (B, 1, D, H, W) against precomputed fixed statistics."""
+def ncc_against_fixed(fixed: FixedWindowStatistics, moved: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − mean squared local NCC of ``moved`` (B, 1, D, H, W) against precomputed fixed statistics.
+
+    ``weight`` (B, 1, D, H, W) in [0, 1], or None for all ones: the weighted mean, with the
+    moved image multiplied by the weights in the window sums (see ``_NCCAgainstFixed``).
+    """
     if moved.shape != fixed.image.shape:
         raise ValueError(f"moved must have the fixed image's shape {tuple(fixed.image.shape)}, got {tuple(moved.shape)}")
+    if weight is not None and weight.shape != moved.shape:
+        raise ValueError(f"weight must have the moved image's shape {tuple(moved.shape)}, got {tuple(weight.shape)}")
     with torch.autocast(device_type=moved.device.type, enabled=False):
-        return _NCCAgainstFixed.apply(moved.to(fixed.image.dtype), fixed)
+        if weight is not None:
+            weight = weight.detach().to(fixed.image.dtype)
+        return _NCCAgainstFixed.apply(moved.to(fixed.image.dtype), fixed, weight)
+
+
+def weighted_mean_squared_error(fixed: torch.Tensor, moved: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over voxels and channels of (moved − fixed)², each voxel counted with ``weight``.
+
+    Args:
+        fixed, moved: (B, C, D, H, W) features on the same grid.
+        weight: (B, 1, D, H, W) in [0, 1] (no gradient), or None: ``losses.mse_loss``.
+    """
+    if weight is None:
+        return mse_loss(moved, fixed)
+    squared = (moved.float() - fixed.float()).square().sum(dim=1, keepdim=True)
+    weight = weight.detach().float()
+    return (squared * weight).sum() / (weight.sum().clamp(min=1e-12) * fixed.shape[1])
 
 
 @dataclass(frozen=True)
@@ -193,14 +246,20 @@ class Similarity:
         """(1, 1, D, H, W) image -> (1, C, D, H, W) features compared by ``loss``."""
         return mind_ssc(image) if self.metric == "mind" else image
 
-    def loss(self, fixed: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-        """Scalar, lower is better; ``fixed`` and ``moved`` are features on the same grid."""
-        if self.metric == "ncc":
-            return local_ncc_loss(fixed, moved, self.ncc_window)
-        return mse_loss(moved, fixed)
+    def loss(self, fixed: torch.Tensor, moved: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar, lower is better; ``fixed`` and ``moved`` are features on the same grid.
 
-    def against(self, fixed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``loss`` with its first argument fixed: moved features -> scalar loss.
+        ``weight`` (B, 1, D, H, W) in [0, 1] (no gradient): voxel weights of the mean (module
+        docstring); None counts every voxel alike.
+        """
+        if self.metric == "ncc":
+            if weight is None:
+                return local_ncc_loss(fixed, moved, self.ncc_window)
+            return ncc_against_fixed(FixedWindowStatistics.of(fixed, self.ncc_window), moved, weight)
+        return weighted_mean_squared_error(fixed, moved, weight)
+
+    def against(self, fixed: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """``loss`` with its first argument fixed: (moved features, weight=None) -> scalar loss.
 
         For NCC the fixed image's window sums are computed here once, not at every call
         (an optimisation loop compares many moved images with one fixed image), and the
@@ -208,14 +267,15 @@ class Similarity:
         """
         if self.metric == "ncc" and fixed.shape[1] == 1:
             statistics = FixedWindowStatistics.of(fixed, self.ncc_window)
-            return lambda moved: ncc_against_fixed(statistics, moved)
-        return lambda moved: self.loss(fixed, moved)
+            return lambda moved, weight=None: ncc_against_fixed(statistics, moved, weight)
+        return lambda moved, weight=None: self.loss(fixed, moved, weight)
 
-    def score(self, fixed: torch.Tensor, moved: torch.Tensor) -> float:
+    def score(self, fixed: torch.Tensor, moved: torch.Tensor, weight: torch.Tensor | None = None) -> float:
         """The number reported to users: mean squared local NCC (higher is better) for NCC,
-        the mean squared difference (lower is better) for MSE and MIND."""
+        the mean squared difference (lower is better) for MSE and MIND; weighted by
+        ``weight`` as in ``loss``."""
         with torch.no_grad():
-            value = float(self.loss(fixed, moved))
+            value = float(self.loss(fixed, moved, weight))
         return 1.0 - value if self.metric == "ncc" else value
 
     @property
@@ -264,14 +324,18 @@ class _BSplineJointHistogram(torch.autograd.Function):
     position is Σ_k grad[row, k + 1]·β³'(p − k): four gathers from the small histogram
     gradient, instead of autograd through the spline's dozen full-length temporaries
     (262 144 samples, 1 thread: forward + backward 25 ms before, see the commit).
+    ``sample_weight`` (N,) or None scales each position's contribution and its gradient.
     """
 
     @staticmethod
-    def forward(ctx, position: torch.Tensor, fixed_bin: torch.Tensor, width: int) -> torch.Tensor:
+    def forward(ctx, position: torch.Tensor, fixed_bin: torch.Tensor, width: int, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         # The top position (width − 3) is taken as t = 1 past the bin below it: the same four
         # spline values (one of them 0), and every column stays inside the row.
         floor = position.floor().clamp_(max=width - 4)
         weights, derivatives = _bspline_weights(position - floor)
+        if sample_weight is not None:
+            weights = [weight * sample_weight for weight in weights]
+            derivatives = [derivative * sample_weight for derivative in derivatives]
         first = fixed_bin * width + floor.long()  # column of bin floor − 1 in the flat histogram
         joint = torch.zeros(width * width, dtype=position.dtype, device=position.device)
         for offset, weight in enumerate(weights):
@@ -283,10 +347,10 @@ class _BSplineJointHistogram(torch.autograd.Function):
     def backward(ctx, grad_joint: torch.Tensor):
         first, *derivatives = ctx.saved_tensors
         grad_position = sum(grad_joint[offset:][first] * derivative for offset, derivative in enumerate(derivatives))
-        return grad_position, None, None
+        return grad_position, None, None, None
 
 
-def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int = 32) -> torch.Tensor:
+def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int = 32, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Negative Mattes mutual information of two images at the same points (lower is better).
 
     Mattes et al. (2003), as ITK and ANTs compute it: intensities (clipped to [0, 1]) fall into
@@ -299,14 +363,20 @@ def mutual_information_loss(fixed: torch.Tensor, moved: torch.Tensor, bins: int 
         fixed, moved: (B, 1, D, H, W) images, intensities about [0, 1] (or samples of them
             at the same points, any shape with one channel).
         bins: histogram bins per image.
+        weight: same shape as ``fixed``, in [0, 1] (no gradient), or None: how much each
+            voxel counts in the joint histogram (0: left out, as ITK leaves out points
+            outside a mask or outside the moving image).
     """
     if fixed.shape != moved.shape or fixed.shape[1] != 1:
         raise ValueError(f"fixed and moved must both be (B, 1, D, H, W); got {tuple(fixed.shape)} and {tuple(moved.shape)}")
+    if weight is not None and weight.shape != fixed.shape:
+        raise ValueError(f"weight must have the images' shape {tuple(fixed.shape)}, got {tuple(weight.shape)}")
     width = bins + 2  # the B-spline of a value at either end reaches one bin beyond
     fixed_bin = (fixed.detach().float().clamp(0.0, 1.0) * (bins - 1)).round().long().reshape(-1) + 1
     position = moved.float().clamp(0.0, 1.0).reshape(-1) * (bins - 1)
-    joint = _BSplineJointHistogram.apply(position, fixed_bin, width)
-    p = joint.view(width, width) / joint.sum()
+    sample_weight = None if weight is None else weight.detach().float().reshape(-1)
+    joint = _BSplineJointHistogram.apply(position, fixed_bin, width, sample_weight)
+    p = joint.view(width, width) / joint.sum().clamp(min=1e-12)
     p_fixed = p.sum(dim=1, keepdim=True)
     p_moved = p.sum(dim=0, keepdim=True)
     ratio = p / (p_fixed * p_moved).clamp(min=1e-12)
@@ -334,9 +404,10 @@ class MutualInformation:
     def features(self, image: torch.Tensor) -> torch.Tensor:
         return image
 
-    def loss(self, fixed: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-        """Negative MI (lower is better) of (B, 1, ...) images on the same points."""
-        return mutual_information_loss(fixed, moved, self.bins)
+    def loss(self, fixed: torch.Tensor, moved: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative MI (lower is better) of (B, 1, ...) images on the same points, each
+        point counted with ``weight`` (same shape, no gradient; None: all alike)."""
+        return mutual_information_loss(fixed, moved, self.bins, weight)
 
     #: Intensities are mapped so that background is 0 (see ``Similarity.padding_mode``).
     padding_mode = "zeros"
