@@ -747,13 +747,19 @@ def test_dataset_json_classes_are_checked_against_the_label_files_not_the_resamp
     assert [w.split(":")[1] for w in split_warnings([icbm], [colin], label_set)] == [" no training case holds csf (255), only the validation case(s) colin"]
 
 
-def test_label_maps_that_are_all_background_are_named_as_such(weights, tmp_path, capsys):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
+def _brain_folders(root: Path, *, empty: tuple[str, ...] = ()) -> None:
+    """``root/images`` and ``root/labels`` with the colin and icbm cases; the label maps of
+    the cases in ``empty`` are background only."""
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
     for name, source in (("colin", "colin27_tissue_2mm.nii.gz"), ("icbm", "icbm152_tissue_2mm.nii.gz")):
-        shutil.copy(EXAMPLES / source.replace("tissue", "t1"), tmp_path / "images" / f"{name}.nii.gz")
-        empty = sitk.ReadImage(str(EXAMPLES / source)) * 0
-        sitk.WriteImage(empty, str(tmp_path / "labels" / f"{name}.nii.gz"))
+        shutil.copy(EXAMPLES / source.replace("tissue", "t1"), root / "images" / f"{name}.nii.gz")
+        labels = sitk.ReadImage(str(EXAMPLES / source))
+        sitk.WriteImage(labels * 0 if name in empty else labels, str(root / "labels" / f"{name}.nii.gz"))
+
+
+def test_label_maps_that_are_all_background_are_named_as_such(weights, tmp_path, capsys):
+    _brain_folders(tmp_path, empty=("colin", "icbm"))
     code = run(["finetune", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(tmp_path / "run"), "--weights", str(weights), "--iters", "2", *SMALL])
     assert code == 2
     assert _one_line_error(capsys).startswith("error: no label map holds a foreground voxel: all 2 are background (0) only")
@@ -775,12 +781,7 @@ def test_validation_without_foreground_makes_best_follow_the_latest_validation(w
     # Every validation's mean Dice is 0 there: "best" would stay the untrained start.
     from gvsl_cli.checkpoint import load_weights
 
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    for name, source in (("colin", "colin27_tissue_2mm.nii.gz"), ("icbm", "icbm152_tissue_2mm.nii.gz")):
-        shutil.copy(EXAMPLES / source.replace("tissue", "t1"), tmp_path / "images" / f"{name}.nii.gz")
-        labels = sitk.ReadImage(str(EXAMPLES / source))
-        sitk.WriteImage(labels * 0 if name == "icbm" else labels, str(tmp_path / "labels" / f"{name}.nii.gz"))
+    _brain_folders(tmp_path, empty=("icbm",))
     (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["colin"], "val": ["icbm"]}]))
     run_dir = tmp_path / "run"
     code = run(["finetune", "--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "-o", str(run_dir), "--weights", str(weights),
