@@ -173,8 +173,8 @@ _LOST_PEER_WORDS = ("connection reset by peer", "connection closed by peer", "br
 
 def _lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective step failing because another process is gone."""
-    if type(exc).__name__ in ("DistBackendError", "DistNetworkError"):
-        return True
+    # By its words only: NCCL raises DistBackendError for its own refusals too (two ranks
+    # on one GPU), which no --resume mends.
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("gloo" in text or "nccl" in text) and any(words in text for words in _LOST_PEER_WORDS)
 

@@ -118,11 +118,13 @@ def setup(device: torch.device) -> DistContext:
     rank, world, local_rank = launch
     if device.type == "cuda":
         visible = torch.cuda.device_count()
-        # One GPU visible: the site binds one per task (--gpus-per-task, --gpu-bind); it is
-        # this task's whatever its local rank. Several: GPU local_rank of them.
-        if visible > 1 and local_rank >= visible:
+        # An srun task that sees one GPU has it bound to it by the site (--gpus-per-task,
+        # --gpu-bind): it is this task's whatever its local rank. torchrun's workers (it sets
+        # LOCAL_WORLD_SIZE) all see the node's GPUs and take GPU local_rank of them.
+        bound_to_task = visible == 1 and "LOCAL_WORLD_SIZE" not in os.environ
+        if local_rank >= visible and not bound_to_task:
             raise ConfigError(f"process {rank} has local rank {local_rank} but this node has {visible} GPU(s)", hint="start at most one process per GPU")
-        device = torch.device("cuda", local_rank if visible > 1 else 0)
+        device = torch.device("cuda", 0 if bound_to_task else local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -46,3 +46,29 @@ def test_launch_environment(monkeypatch):
         launched({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
         launched({k: v for k, v in SRUN_TASK.items() if k != "MASTER_ADDR"})
+
+
+def test_gpu_choice_under_torchrun_and_srun(monkeypatch):
+    # No GPU here: device_count, set_device and the process group are stood in for.
+    import torch
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: None)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    # torchrun with 2 workers on a node with 1 GPU: the second refuses in one line (two
+    # ranks on one GPU would fail inside NCCL).
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="process 1 has local rank 1 but this node has 1 GPU"):
+        distributed.setup(torch.device("cuda"))
+    # An srun task with one GPU bound to it (--gpus-per-task=1) takes that GPU.
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    for name, value in SRUN_TASK.items():
+        monkeypatch.setenv(name, value)
+    context = distributed.setup(torch.device("cuda"))
+    assert context.device == torch.device("cuda", 0) and (context.rank, context.world_size, context.local_rank) == (2, 4, 2)
