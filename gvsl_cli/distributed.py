@@ -89,10 +89,11 @@ def launch_environment() -> tuple[int, int, int] | None:
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         world = int(env["WORLD_SIZE"])
-        if world > 1 and "MASTER_ADDR" not in env:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+        if world > 1 and missing:
             raise ConfigError(
-                f"WORLD_SIZE={world} announces several processes but MASTER_ADDR is not set",
-                hint="launch with torchrun, which sets it, or export MASTER_ADDR and MASTER_PORT",
+                f"WORLD_SIZE={world} announces several processes but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set",
+                hint="launch with torchrun, which sets them, or export MASTER_ADDR and MASTER_PORT",
             )
         return (int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0))) if world > 1 else None
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and is_srun_task(env):
@@ -101,7 +102,8 @@ def launch_environment() -> tuple[int, int, int] | None:
                 "running as one of several SLURM tasks but MASTER_ADDR is not set",
                 hint="export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) in the job script, or launch with torchrun",
             )
-        env.setdefault("MASTER_PORT", "29500")
+        # A port of this job's own (two jobs on one node must not meet at one port).
+        env.setdefault("MASTER_PORT", str(10000 + int(env["SLURM_JOB_ID"]) % 20000 if env.get("SLURM_JOB_ID", "").isdigit() else 29500))
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
 

@@ -43,7 +43,7 @@ from gvsl_cli.device import resolve_device, resolve_precision
 from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import CheckpointError, ConfigError, InputError
 from gvsl_cli.io import atomic_path, ensure_writable_folder
-from gvsl_cli.launcher import several_processes
+from gvsl_cli.launcher import torchrun_world_size
 from gvsl_cli.losses import dice_ce_loss
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
@@ -508,10 +508,12 @@ def finetune(config: FinetuneConfig, *, reporter: Reporter | None = None, should
         TrainingError: the loss became NaN.
     """
     reporter = reporter or SilentReporter()
-    several = several_processes()
-    if several:
-        # Several processes would each train their own copy into the same run folder.
-        raise ConfigError(f"gvsl finetune runs as one process on one device; it was launched as several ({several})", hint="run it without torchrun or srun -n N (one task)")
+    workers = torchrun_world_size()
+    if workers > 1:
+        # torchrun gives every worker the same -o: each would train its own copy into it.
+        # (srun tasks may each finetune into their own -o, e.g. one fold each: the run-folder
+        # lock refuses tasks that share one.)
+        raise ConfigError(f"gvsl finetune runs as one process on one device; torchrun launched {workers} (WORLD_SIZE={workers})", hint="run it without torchrun")
     # The run folder is this run's alone until it ends.
     with exclusive_run_folder(Path(config.run_dir), "finetune", reporter=reporter):
         return _finetune(config, reporter, should_stop)

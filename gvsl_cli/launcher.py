@@ -30,12 +30,17 @@ def is_srun_task(env: Mapping[str, str] | None = None) -> bool:
     return step.isdigit() and int(step) < _SPECIAL_STEPS
 
 
+def torchrun_world_size(env: Mapping[str, str] | None = None) -> int:
+    """WORLD_SIZE of a torchrun (or torchrun-like) launch; 1 for a process on its own."""
+    return _count(os.environ if env is None else env, "WORLD_SIZE")
+
+
 def several_processes(env: Mapping[str, str] | None = None) -> str | None:
     """How this process is one of several ("WORLD_SIZE=4 (torchrun)", "SLURM_NTASKS=2
     (srun)"), or None when it runs alone."""
     env = os.environ if env is None else env
-    if _count(env, "WORLD_SIZE") > 1:
-        return f"WORLD_SIZE={_count(env, 'WORLD_SIZE')} (torchrun)"
+    if torchrun_world_size(env) > 1:
+        return f"WORLD_SIZE={torchrun_world_size(env)} (torchrun)"
     if _count(env, "SLURM_NTASKS") > 1 and "SLURM_PROCID" in env and is_srun_task(env):
         return f"SLURM_NTASKS={_count(env, 'SLURM_NTASKS')} (srun)"
     return None

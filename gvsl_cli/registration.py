@@ -444,18 +444,23 @@ def choose_start(level: Level, similarity: Similarity | MutualInformation) -> tu
     """
     device = level.fixed.device
     moments = moments_affine(level.fixed_image, level.fixed_grid, level.moving_image, level.moving_grid)
+    candidates = {"identity": np.eye(4), "moments": moments}
     with torch.no_grad():
-        losses = {
-            name: float(level.loss(similarity, torch.as_tensor(a, dtype=torch.float64, device=device)))
-            for name, a in (("identity", np.eye(4)), ("moments", moments))
-        }
-    use_identity = losses["identity"] < losses["moments"]
+        affines = {name: torch.as_tensor(a, dtype=torch.float64, device=device) for name, a in candidates.items()}
+        losses = {name: float(level.loss(similarity, a)) for name, a in affines.items()}
+        overlaps = {name: level.overlap(a) for name, a in affines.items()}
+    # Losses are means over the points both images cover: a start that covers far fewer
+    # (none, for images 400 mm apart) can score a mean as good as any (MIND's squared
+    # differences over nothing are 0), so it loses whatever its loss.
+    covered = max(overlaps.values())
+    eligible = [name for name in candidates if overlaps[name] >= 0.5 * covered]
+    use_identity = "identity" in eligible and ("moments" not in eligible or losses["identity"] < losses["moments"])
     shift = ", ".join(f"{v:.1f}" for v in moments[:3, 3])
     chosen, other = ("identity", "moments") if use_identity else ("moments", "identity")
     names = {"identity": "the identity", "moments": f"the centre-of-mass translation ({shift} mm)"}
     note = (
-        f"affine start: {names[chosen]} (affine-stage loss at the coarse level {losses[chosen]:.4f}; "
-        f"{names[other]}: {losses[other]:.4f})"
+        f"affine start: {names[chosen]} (affine-stage loss at the coarse level {losses[chosen]:.4f}, overlap {overlaps[chosen]:.0%}; "
+        f"{names[other]}: {losses[other]:.4f}, overlap {overlaps[other]:.0%})"
     )
     if use_identity:
         return np.eye(4), "identity start", note

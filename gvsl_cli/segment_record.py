@@ -26,7 +26,8 @@ input it was made from (absolute path and content sha256). Two inputs of one nam
 in separate calls (``for f in p*/image.nii.gz; do gvsl segment $f -o out; done``) map to
 the same output; without the index, the second would pass for done whenever its grid
 equals the first's. An existing output counts as this input's when the recorded path is
-this input's, or, for a moved input folder, when the content is the same.
+this input's with the same size and modification time, or when the content is the same (a
+moved input folder). An input changed at the same path fails, as one of another name does.
 """
 
 from __future__ import annotations
@@ -103,6 +104,17 @@ def write_record(out_dir: Path, description: dict) -> None:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
 
 
+def _stamp(source: Path) -> list[int] | None:
+    """(size, mtime_ns) of each file of ``source``: equal stamps at the same path mean the
+    same content without reading it; None when it cannot be read."""
+    from gvsl_cli.data import _source_files
+
+    try:
+        return [n for f in _source_files(Path(source)) for n in (f.stat().st_size, f.stat().st_mtime_ns)]
+    except OSError:
+        return None
+
+
 def _index_key(out_dir: Path, output: Path) -> str:
     return Path(os.path.abspath(output)).relative_to(Path(os.path.abspath(out_dir))).as_posix()
 
@@ -147,7 +159,7 @@ class OutputRecord:
         """
         from gvsl_cli.data import content_sha256
 
-        self.inputs[_index_key(self.out_dir, output)] = {"input": os.path.abspath(source), "sha256": content_sha256(source)}
+        self.inputs[_index_key(self.out_dir, output)] = {"input": os.path.abspath(source), "sha256": content_sha256(source), "stamp": _stamp(source)}
         self._write()
 
     def made_from_another_input(self, output: Path, source: Path) -> str | None:
@@ -158,13 +170,16 @@ class OutputRecord:
         entry = self.inputs.get(_index_key(self.out_dir, output))
         if not isinstance(entry, dict) or "input" not in entry:
             return None
-        if entry["input"] == os.path.abspath(source):
-            return ""
+        same_path = entry["input"] == os.path.abspath(source)
+        if same_path and entry.get("stamp") == _stamp(source):
+            return ""  # unchanged since: no need to read it
         try:
             same_content = entry.get("sha256") == content_sha256(source)
         except OSError:
             same_content = False
-        return "" if same_content else str(entry["input"])
+        if same_content:
+            return ""
+        return f"an earlier version of {source}" if same_path else str(entry["input"])
 
     def finish(self, written: Sequence[Path]) -> str | None:
         """After a run that returned: drop the ``replacing`` marker when every output in

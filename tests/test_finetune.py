@@ -220,7 +220,7 @@ def test_several_processes_are_refused(itk_folders, weights, tmp_path, monkeypat
     monkeypatch.setenv("RANK", "0")
     images, labels = itk_folders
     assert run(["finetune", "--images", str(images), "--labels", str(labels), "--weights", str(weights), "-o", str(tmp_path / "r")]) == 2
-    assert "launched as several" in capsys.readouterr().err
+    assert "runs as one process on one device; torchrun launched 2 (WORLD_SIZE=2)" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- dataset errors

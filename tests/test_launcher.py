@@ -31,7 +31,7 @@ def test_several_processes_names_the_launcher():
 
 def test_launch_environment(monkeypatch):
     def launched(env):
-        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID"):
+        for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_JOB_ID"):
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
@@ -41,9 +41,16 @@ def test_launch_environment(monkeypatch):
     # peers for the 30-minute rendezvous timeout.
     assert launched(BATCH_SCRIPT) is None
     assert launched(SRUN_TASK) == (2, 4, 2)
-    assert launched({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}) == (1, 2, 1)
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2 announces several processes but MASTER_ADDR is not set"):
+    assert launched({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400"}) == (1, 2, 1)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 announces several processes but MASTER_ADDR and MASTER_PORT are not set"):
         launched({"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ConfigError, match="but MASTER_PORT is not set"):
+        launched({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+    # srun tasks without MASTER_PORT meet at a port of their job's own.
+    assert launched({**SRUN_TASK, "SLURM_JOB_ID": "123456"}) == (2, 4, 2)
+    import os
+
+    assert os.environ["MASTER_PORT"] == str(10000 + 123456 % 20000)
     with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
         launched({k: v for k, v in SRUN_TASK.items() if k != "MASTER_ADDR"})
 
@@ -61,7 +68,7 @@ def test_gpu_choice_under_torchrun_and_srun(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     # torchrun with 2 workers on a node with 1 GPU: the second refuses in one line (two
     # ranks on one GPU would fail inside NCCL).
-    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}.items():
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29400"}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="process 1 has local rank 1 but this node has 1 GPU"):
         distributed.setup(torch.device("cuda"))

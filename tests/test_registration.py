@@ -281,3 +281,19 @@ def test_start_is_the_identity_or_the_centres_of_mass_whichever_fits_better(tmp_
     assert any(note.startswith("affine start: the centre-of-mass translation") for note in report["notes"])
     assert abs(report["affine"][0][3] - 30.0) < 1.0
     assert report["dice"]["mean_after"] > report["dice"]["mean_before"] + 0.15
+
+
+def test_a_start_without_overlap_loses_whatever_its_loss(tmp_path, icbm_t1, colin_t1):
+    # 400 mm apart, the identity maps no fixed point into the moving image: MIND's mean of
+    # squared differences over no point is 0, which would look like a perfect start.
+    from gvsl_cli.registration_job import run_registration
+
+    image = sitk.ReadImage(str(colin_t1))
+    origin = list(image.GetOrigin())
+    origin[0] += 400.0
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(tmp_path / "far.nii.gz"))
+    report = run_registration(icbm_t1, tmp_path / "far.nii.gz", tmp_path / "far", config=RegistrationConfig(iters=0, similarity="mind"))
+    assert report["stages"] == ["moments"], report["notes"]
+    assert any(note.startswith("affine start: the centre-of-mass translation") and "overlap 0%)" in note for note in report["notes"])
+    assert abs(report["affine"][0][3] - 400.0) < 10.0

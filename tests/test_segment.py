@@ -470,7 +470,8 @@ def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(mode
     assert "skipped" in capsys.readouterr().err
     # Label maps of gvsl versions before the index: told apart by their grid.
     record = json.loads((out / "segment.json").read_text())
-    assert record["inputs"] == {"image.nii.gz": {"input": str(tmp_path / "p01" / "image.nii.gz"), "sha256": data.content_sha256(tmp_path / "p01" / "image.nii.gz")}}
+    first = tmp_path / "p01" / "image.nii.gz"
+    assert record["inputs"] == {"image.nii.gz": {"input": str(first), "sha256": data.content_sha256(first), "stamp": [first.stat().st_size, first.stat().st_mtime_ns]}}
     del record["inputs"]
     (out / "segment.json").write_text(json.dumps(record))
     assert run(["segment", str(tmp_path / "p02" / "image.nii.gz"), "--model", str(model_path), "-o", str(out), "--overlap", "0", "-q"]) == 7
@@ -494,6 +495,13 @@ def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_p
     (tmp_path / "data").rename(tmp_path / "moved")
     assert run(["segment", str(tmp_path / "moved" / "p01" / "image.nii.gz"), *segment[:-1]]) == 0
     assert f"skipped {out / 'image.nii.gz'}" in capsys.readouterr().err
+    # New content at the same path (a re-export) is not the input that made the map.
+    scan = tmp_path / "moved" / "p02" / "image.nii.gz"
+    again = ["--model", str(model_path), "-o", str(tmp_path / "out2"), "--overlap", "0", "-q"]
+    assert run(["segment", str(scan), *again]) == 0
+    sitk.WriteImage(image, str(scan))
+    assert run(["segment", str(scan), *again]) == 7
+    assert f"exists but was made from an earlier version of {scan} (see segment.json)" in capsys.readouterr().err
 
 
 def test_a_second_segment_into_a_folder_in_use_is_refused(model_path, inputs, tmp_path, capsys):
