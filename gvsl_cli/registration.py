@@ -798,6 +798,10 @@ def untrained_affine_note(kind: str, *, optimised: bool) -> str:
     return f"{why}, so its affine output is not used; the affine comes from the identity or the centres of mass (whichever fits better)" + (" and optimisation" if optimised else "")
 
 
+#: Below this share of the fixed image mapped inside the moving image, register warns.
+LOW_OVERLAP = 0.5
+
+
 def register(
     fixed_image: sitk.Image,
     moving_image: sitk.Image,
@@ -891,6 +895,13 @@ def register(
     if displacement is not None and grid != finest.fixed_grid:
         displacement, grid = resample_displacement(displacement, grid, finest.fixed_grid), finest.fixed_grid
     scores["after"] = finest.score(similarity, affine_t, displacement)
+    # Only points inside both images are scored ("What is scored"): say when few are left.
+    covered = finest.overlap(affine_t, displacement)
+    if covered < LOW_OVERLAP:
+        warnings.append(
+            f"only {covered:.0%} of the fixed image maps inside the moving image: the result rests on that part alone "
+            "(partial fields of view; check the moved image)"
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return RegistrationResult(

@@ -297,3 +297,14 @@ def test_a_start_without_overlap_loses_whatever_its_loss(tmp_path, icbm_t1, coli
     assert report["stages"] == ["moments"], report["notes"]
     assert any(note.startswith("affine start: the centre-of-mass translation") and "overlap 0%)" in note for note in report["notes"])
     assert abs(report["affine"][0][3] - 400.0) < 10.0
+
+
+def test_a_registration_resting_on_a_small_overlap_is_warned_about(tmp_path, icbm_t1, colin_t1):
+    from gvsl_cli.registration_job import run_registration
+
+    slab = sitk.ReadImage(str(colin_t1))[:, :, 40:50]  # 10 of 90 slices
+    sitk.WriteImage(slab, str(tmp_path / "slab.nii.gz"))
+    report = run_registration(icbm_t1, tmp_path / "slab.nii.gz", tmp_path / "slab", config=RegistrationConfig(iters=0))
+    assert any(note.startswith("only ") and "of the fixed image maps inside the moving image" in note for note in report["notes"]), report["notes"]
+    whole = run_registration(icbm_t1, colin_t1, tmp_path / "whole", config=RegistrationConfig(iters=0))
+    assert not any("maps inside the moving image" in note for note in whole["notes"])
