@@ -467,6 +467,24 @@ def default_cache_dir() -> Path:
     return cache_root() / "preprocessed"
 
 
+def content_stamp(source: Path, files: Sequence[Path] | None = None) -> list:
+    """What identifies the bytes of the volume ``source`` without reading them: per file of
+    ``_source_files`` (or ``files``), its resolved path, size, mtime, ctime and inode.
+
+    ctime and inode too: new content of the same size copied with the old mtime (cp -p,
+    rsync -a) changes them, and no tool can set them back. Equal stamps mean equal
+    content; different ones only mean "read it to know" (``content_sha256``).
+
+    Raises:
+        OSError: a file cannot be examined.
+    """
+    stamps = []
+    for f in _source_files(Path(source)) if files is None else files:
+        st = f.stat()
+        stamps.append([str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    return stamps
+
+
 def content_sha256(source: Path, files: Sequence[Path] | None = None) -> str:
     """Hex sha256 of the bytes of the volume ``source``: every file of ``_source_files``
     (or ``files``), with the file names for a DICOM folder (a renamed slice is another series).
@@ -573,12 +591,7 @@ class VolumeCache:
 
     def _digest(self, source: Path) -> str:
         files = _source_files(source)
-        signature = []
-        for f in files:
-            st = f.stat()
-            # ctime and inode too: a copy with the old mtime (cp -p, rsync -a) of new content
-            # of the same size changes them, and no tool can set them back.
-            signature.append([str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+        signature = content_stamp(source, files)
         stat_key = hashlib.sha256(json.dumps(signature).encode()).hexdigest()
         stat_file = self.root / "stat" / f"{stat_key}.txt"
         try:

@@ -26,7 +26,7 @@ input it was made from (absolute path and content sha256). Two inputs of one nam
 in separate calls (``for f in p*/image.nii.gz; do gvsl segment $f -o out; done``) map to
 the same output; without the index, the second would pass for done whenever its grid
 equals the first's. An existing output counts as this input's when the recorded path is
-this input's with the same size and modification time, or when the content is the same (a
+this input's with the same file stamp (size, times, inode), or when the content is the same (a
 moved input folder). An input changed at the same path fails, as one of another name does.
 """
 
@@ -104,13 +104,12 @@ def write_record(out_dir: Path, description: dict) -> None:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
 
 
-def _stamp(source: Path) -> list[int] | None:
-    """(size, mtime_ns) of each file of ``source``: equal stamps at the same path mean the
-    same content without reading it; None when it cannot be read."""
-    from gvsl_cli.data import _source_files
+def _stamp(source: Path) -> list | None:
+    """``data.content_stamp`` of ``source``, or None when it cannot be examined."""
+    from gvsl_cli.data import content_stamp
 
     try:
-        return [n for f in _source_files(Path(source)) for n in (f.stat().st_size, f.stat().st_mtime_ns)]
+        return content_stamp(Path(source))
     except OSError:
         return None
 

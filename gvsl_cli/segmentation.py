@@ -447,6 +447,8 @@ def _made_from_another_input(source: Path, target: Path, record: OutputRecord | 
     recorded = record.made_from_another_input(target, source) if record is not None else None
     if recorded is None:
         return _made_from_another_image(source, target)
+    if recorded.startswith("an earlier version of "):
+        return f"{target} exists but was made from {recorded} (see {RUN_FILE}); segment it again with --overwrite"
     if recorded:
         return (
             f"{target} exists but was made from {recorded} (see {RUN_FILE}); "

@@ -51,3 +51,20 @@ def folder_state(folder: Path) -> dict[str, tuple[int, int, bytes]]:
         str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns, path.read_bytes()[:64] if path.is_file() else b"")
         for path in sorted(folder.rglob("*"))
     }
+
+
+def lock_seen_while_training(monkeypatch, module, run_dir: Path) -> list:
+    """Filled, when ``module`` (pretraining or finetuning) starts training, with whether
+    another process could take ``run_dir``'s lock then and what the lock file says."""
+    from gvsl_cli.locking import RemovableLock
+
+    lock_file = run_dir / ".gvsl-run.lock"
+    real_run_training, seen = module.run_training, []
+
+    def checking_run_training(*args, **kwargs):
+        seen.append(RemovableLock(lock_file).try_acquire())
+        seen.append(lock_file.read_text())
+        return real_run_training(*args, **kwargs)
+
+    monkeypatch.setattr(module, "run_training", checking_run_training)
+    return seen

@@ -580,10 +580,9 @@ def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(itk_folde
     import os
     import socket
 
-    from run_folder_holder import folder_state, held_run_folder
+    from run_folder_holder import folder_state, held_run_folder, lock_seen_while_training
 
     from gvsl_cli import finetuning
-    from gvsl_cli.locking import RemovableLock
     from gvsl_cli.training import RUN_LOCK_FILE
 
     images, labels = itk_folders
@@ -602,14 +601,7 @@ def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(itk_folde
             assert folder_state(run_dir) == held
     assert folder_state(run_dir) == before
 
-    real_run_training, seen = finetuning.run_training, []
-
-    def checking_run_training(*args, **kwargs):
-        seen.append(RemovableLock(run_dir / RUN_LOCK_FILE).try_acquire())
-        seen.append((run_dir / RUN_LOCK_FILE).read_text())
-        return real_run_training(*args, **kwargs)
-
-    monkeypatch.setattr(finetuning, "run_training", checking_run_training)
+    seen = lock_seen_while_training(monkeypatch, finetuning, run_dir)
     assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "4", "--quiet"]) == 0
     assert seen == [False, f"gvsl finetune (pid {os.getpid()} on {socket.gethostname()})\n"]
     assert not (run_dir / RUN_LOCK_FILE).exists()

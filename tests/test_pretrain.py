@@ -680,12 +680,11 @@ def test_a_closed_output_pipe_does_not_end_the_training(volumes, cache_dir, tmp_
 
 
 def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(volumes, cache_dir, tmp_path, capsys, monkeypatch):
-    from run_folder_holder import folder_state, held_run_folder
+    from run_folder_holder import folder_state, held_run_folder, lock_seen_while_training
 
     import socket
 
     from gvsl_cli import pretraining
-    from gvsl_cli.locking import RemovableLock
     from gvsl_cli.training import RUN_LOCK_FILE
 
     run_dir = tmp_path / "run"
@@ -710,14 +709,7 @@ def test_a_run_folder_in_use_is_refused_untouched_and_free_again_after(volumes, 
     assert folder_state(run_dir) == before and list((tmp_path / "starting").iterdir()) == []
 
     # Free again: the resumed run holds the folder while it trains, and lets it go.
-    real_run_training, seen = pretraining.run_training, []
-
-    def checking_run_training(*args, **kwargs):
-        seen.append(RemovableLock(run_dir / RUN_LOCK_FILE).try_acquire())
-        seen.append((run_dir / RUN_LOCK_FILE).read_text())
-        return real_run_training(*args, **kwargs)
-
-    monkeypatch.setattr(pretraining, "run_training", checking_run_training)
+    seen = lock_seen_while_training(monkeypatch, pretraining, run_dir)
     assert run(["pretrain", "-o", str(run_dir), "--cache-dir", str(cache_dir), "--resume", "--iters", "4", "--quiet"]) == 0
     assert seen == [False, f"gvsl pretrain (pid {os.getpid()} on {socket.gethostname()})\n"]
     assert not (run_dir / RUN_LOCK_FILE).exists()
