@@ -53,12 +53,11 @@ from gvsl_cli.io import (
     DISK_ERRNOS,
     atomic_path,
     ensure_writable_folder,
-    image_from_array,
     itk_warnings_hidden,
     nonorthogonal_direction_warning,
     refuse_single_slice_vectors,
     remove_empty_folders,
-    write_volume,
+    write_vector_nifti,
 )
 from gvsl_cli.locking import RemovableLock
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
@@ -301,33 +300,38 @@ class FeatureExtractor:
         return tuple(min(n, GLOBAL_MAX_SIDE) for n in shape)
 
 
-def dense_image(features: VolumeFeatures, grid: str) -> sitk.Image:
-    """The dense features as a float32 vector image on the canonical or the input grid.
+def dense_geometry(features: VolumeFeatures, grid: str) -> Geometry:
+    """The grid a dense map is written on: the canonical one or the volume's own."""
+    return features.grid if grid == "canonical" else features.original
+
+
+def write_dense_map(features: VolumeFeatures, grid: str, path: Path) -> Path:
+    """Write the dense features as a float32 vector NIfTI on the canonical or the input grid.
 
     Back on the input grid each component is interpolated linearly (the features are
     smooth at the canonical spacing); outside the canonical grid the value is 0. The
-    components are resampled one at a time into one channels-last array, so memory peaks
-    near the canonical map plus two input-grid maps, not several copies of each (a fine
-    CT's map on its own grid is gigabytes).
+    components are resampled and written one at a time (``io.write_vector_nifti``), so
+    memory holds the canonical map and one input-grid component, never the whole map on
+    the input grid (a fine CT's map on its own grid is gigabytes).
     """
+    target = dense_geometry(features, grid)
+    channels = features.dense.shape[0]
     if grid == "canonical":
-        return image_from_array(np.ascontiguousarray(np.moveaxis(features.dense, 0, -1)), geometry=features.grid)
-    original = features.original
+        return write_vector_nifti(path, target, channels, lambda channel: features.dense[channel])
     resampler = sitk.ResampleImageFilter()
-    resampler.SetSize([int(n) for n in original.size])
-    resampler.SetOutputSpacing(original.spacing)
-    resampler.SetOutputOrigin(original.origin)
-    resampler.SetOutputDirection(original.direction)
+    resampler.SetSize([int(n) for n in target.size])
+    resampler.SetOutputSpacing(target.spacing)
+    resampler.SetOutputOrigin(target.origin)
+    resampler.SetOutputDirection(target.direction)
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetDefaultPixelValue(0.0)
-    channels = features.dense.shape[0]
-    out = np.empty((*original.shape_zyx, channels), dtype=np.float32)
-    for channel in range(channels):
+
+    def resampled(channel: int) -> np.ndarray:
         component = sitk.GetImageFromArray(features.dense[channel])
         features.grid.apply_to(component)
-        resampled = resampler.Execute(component)  # kept alive: the view below reads its buffer
-        out[..., channel] = sitk.GetArrayViewFromImage(resampled)
-    return image_from_array(out, geometry=original)
+        return sitk.GetArrayFromImage(resampler.Execute(component))
+
+    return write_vector_nifti(path, target, channels, resampled)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -622,11 +626,10 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
             summary.failed.append(Skipped(str(source.path), reason))
             reporter.volume_failed(source, reason)
             continue
-        dense = None
-        if features.dense is not None:
+        dense = features.dense is not None
+        if dense:
             try:
-                dense = dense_image(features, config.dense_grid)
-                refuse_single_slice_vectors(dense.GetSize(), "its dense feature map")
+                refuse_single_slice_vectors(dense_geometry(features, config.dense_grid).size, "its dense feature map")
             except InputError as exc:
                 summary.failed.append(Skipped(str(source.path), str(exc)))
                 reporter.volume_failed(source, str(exc))
@@ -634,7 +637,7 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
         misfit = modality_misfit(extractor.preprocess.modality, features.detected)
         if misfit:
             reporter.volume_warning(source, f"{misfit} ({extractor.mapping_source}); give --modality if the contract does not fit the data")
-        direction = nonorthogonal_direction_warning(features.original, None) if dense is not None and config.dense_grid == "input" else None
+        direction = nonorthogonal_direction_warning(features.original, None) if dense and config.dense_grid == "input" else None
         if direction:
             reporter.volume_warning(source, direction)
         if description is not None:
@@ -645,9 +648,9 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
         # vector is written last.
         dense_written = False
         try:
-            if dense is not None:
+            if dense:
                 with itk_warnings_hidden(direction is not None):
-                    write_volume(dense, dense_path(source))
+                    write_dense_map(features, config.dense_grid, dense_path(source))
                 dense_written = True
             if lines is None:
                 with atomic_path(vector_path(source)) as tmp:

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -394,6 +394,68 @@ def _check_nifti_complete(written: Path, image: sitk.Image, path: Path) -> None:
     if size < needed:
         shown = "a damaged file" if size < 0 else f"{size} of {needed} bytes"
         raise InputError(f"{path}: the NIfTI writer left {shown} (no space left on the device?)", hint="free disk space there, or write the output elsewhere")
+
+
+#: gzip level of the NIfTI files gvsl streams itself: zlib's default, which gives files
+#: within 0.2 % of ITK's size in about 60 % of ITK's time (a 131 MB map of width 8).
+STREAMED_GZIP_LEVEL = 6
+
+
+def write_vector_nifti(path: str | os.PathLike, geometry, channels: int, component: Callable[[int], np.ndarray]) -> Path:
+    """Write a float32 vector NIfTI one component at a time, atomically; returns ``path``.
+
+    A NIfTI vector image stores its components one after the other (dims x, y, z, 1, C,
+    x fastest), so a map is written from ``component(c)`` (a (z, y, x) float32 array on
+    ``geometry``, C-contiguous) without ever holding the whole map: building an ITK vector
+    image of a fine CT's feature map would hold it two or three times over (the
+    channels-last array, ITK's copy, its writer's planar copy).
+
+    The header is ITK's own, written for a 1×1×1 image of the same grid and component
+    count (origin, spacing and direction make its qform/sform; the size is only in dim[1..3],
+    patched here), so gvsl, ITK, ANTs and nibabel read the geometry exactly as from
+    ``write_volume``. Python's gzip raises when the disk fills up, unlike ITK's NIfTI writer.
+    """
+    import gzip
+
+    path = Path(path)
+    if volume_suffix(path) != ".nii.gz":
+        raise InputError(f"{path}: streamed vector maps are written as .nii.gz only")
+    header = _vector_nifti_header(geometry, channels)
+    expected_shape = tuple(geometry.shape_zyx)
+    with atomic_path(path) as tmp:
+        with gzip.open(tmp, "wb", compresslevel=STREAMED_GZIP_LEVEL) as handle:
+            handle.write(header)
+            for channel in range(channels):
+                values = component(channel)
+                if values.shape != expected_shape or values.dtype != np.float32:
+                    raise ValueError(f"component {channel}: {values.dtype} {values.shape}, expected float32 {expected_shape}")
+                # Native byte order, as ITK wrote the header (and says so in it).
+                handle.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+    return path
+
+
+def _vector_nifti_header(geometry, channels: int) -> bytes:
+    """ITK's NIfTI header (and extension flag) of a float32 ``channels``-vector image on
+    ``geometry``: written for a 1×1×1 image with the same spacing, origin and direction,
+    then dim[1..3] set to the grid's size."""
+    import struct
+
+    probe = sitk.Image([1, 1, 1], sitk.sitkVectorFloat32, channels)
+    probe.SetSpacing(geometry.spacing)
+    probe.SetOrigin(geometry.origin)
+    probe.SetDirection(geometry.direction)
+    with tempfile.TemporaryDirectory(prefix="gvsl-header-") as folder:
+        probe_path = os.path.join(folder, "probe.nii")
+        sitk.WriteImage(probe, probe_path, False)
+        with open(probe_path, "rb") as handle:
+            written = handle.read()
+    order = "<" if struct.unpack("<i", written[:4])[0] == NIFTI_HEADER_BYTES else ">"
+    voxel_offset = int(struct.unpack(f"{order}f", written[108:112])[0])
+    header = bytearray(written[:voxel_offset])
+    if any(int(n) > 32767 for n in geometry.size):
+        raise InputError(f"a grid of size {tuple(geometry.size)} does not fit a NIfTI-1 header (at most 32767 voxels a side)")
+    struct.pack_into(f"{order}3h", header, 42, *(int(n) for n in geometry.size))
+    return bytes(header)
 
 
 def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:

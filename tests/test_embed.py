@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import gzip
 import io
 import json
 import shutil
@@ -422,25 +424,68 @@ def test_window_defaults_to_the_training_patch(tmp_path, volumes):
     shutil.rmtree(tmp_path / "data")
 
 
-def test_dense_maps_resampled_by_component_equal_a_vector_resampling():
-    from gvsl_cli.embedding import VolumeFeatures, dense_image
+def _dense_features(seed: int = 3):
+    """VolumeFeatures with a random 5-channel map on a 2 mm canonical grid, and an oblique
+    input grid of another size and spacing."""
+    from gvsl_cli.embedding import VolumeFeatures
     from gvsl_cli.geometry import Geometry
 
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     canonical = Geometry(size=(16, 32, 16), spacing=(2.0, 2.0, 2.0), origin=(-10.0, -20.0, -5.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
     c, s = np.cos(0.4), np.sin(0.4)
     original = Geometry(size=(20, 30, 11), spacing=(1.3, 1.5, 2.5), origin=(-8.0, -15.0, 0.0), direction=(c, -s, 0, s, c, 0, 0, 0, 1))
     dense = rng.normal(size=(5, 16, 32, 16)).astype(np.float32)
-    features = VolumeFeatures(vector=np.zeros(1, np.float32), dense=dense, grid=canonical, original=original, modality="mr", windows=1)
+    return VolumeFeatures(vector=np.zeros(1, np.float32), dense=dense, grid=canonical, original=original, modality="mr", windows=1)
 
-    written = dense_image(features, "input")
-    vector_image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(dense, 0, -1)), isVector=True)
-    canonical.apply_to(vector_image)
-    reference = sitk.Image([int(n) for n in original.size], sitk.sitkVectorFloat32, 5)
-    original.apply_to(reference)
-    expected = sitk.Resample(vector_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-    assert written.GetNumberOfComponentsPerPixel() == 5 and Geometry.of(written) == Geometry.of(expected)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+
+def _itk_written_bytes(image, path) -> bytes:
+    """The decompressed bytes of ``image`` as ITK writes it to a .nii.gz file."""
+    sitk.WriteImage(image, str(path), True)
+    return gzip.open(path).read()
+
+
+@pytest.mark.parametrize("grid", ["input", "canonical"])
+def test_streamed_dense_maps_equal_itk_writing_the_whole_vector_image(tmp_path, grid):
+    """Written one component at a time, the file holds exactly the bytes ITK writes for the
+    whole vector image (resampled as a vector image on the input grid): same header, so the
+    same geometry for every reader, and the same values."""
+    from gvsl_cli.embedding import write_dense_map
+
+    features = _dense_features()
+    vector_image = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(features.dense, 0, -1)), isVector=True)
+    features.grid.apply_to(vector_image)
+    if grid == "input":
+        reference = sitk.Image([int(n) for n in features.original.size], sitk.sitkVectorFloat32, 5)
+        features.original.apply_to(reference)
+        expected = sitk.Resample(vector_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    else:
+        expected = vector_image
+
+    written = write_dense_map(features, grid, tmp_path / "case_features.nii.gz")
+    assert gzip.open(written).read() == _itk_written_bytes(expected, tmp_path / "itk.nii.gz")
+    read_back = sitk.ReadImage(str(written))
+    assert read_back.GetNumberOfComponentsPerPixel() == 5 and read_back.GetSize() == expected.GetSize()
+    for got, wanted in ((read_back.GetSpacing(), expected.GetSpacing()), (read_back.GetOrigin(), expected.GetOrigin()), (read_back.GetDirection(), expected.GetDirection())):
+        np.testing.assert_allclose(got, wanted, atol=1e-5)  # NIfTI stores float32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_back), sitk.GetArrayFromImage(expected))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_a_streamed_map_that_fails_midway_leaves_no_file(tmp_path):
+    from gvsl_cli.io import write_vector_nifti
+
+    features = _dense_features()
+    target = tmp_path / "case_features.nii.gz"
+
+    def component(channel):
+        if channel == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as gzip's write on a full disk
+        return features.dense[channel]
+
+    with pytest.raises(OSError) as raised:
+        write_vector_nifti(target, features.grid, 5, component)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_that_embeds_nothing_leaves_no_output_folder(tmp_path, weights_file, capsys):
