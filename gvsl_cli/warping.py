@@ -261,15 +261,24 @@ def deformable_part(field: sitk.Image, affine: sitk.Transform) -> sitk.Image:
 
 
 def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
-    """Read transforms given like ``antsApplyTransforms -t``: the last one is applied first.
+    """Read transforms given like ``antsApplyTransforms -t``: the first one is applied first
+    to output points.
+
+    ``-t warp -t affine`` maps an output point x to affine(warp(x)), as ANTs does (its
+    registrations are applied as ``-t 1Warp.nii.gz -t 0GenericAffine.mat``): seen from the
+    moving image, the last transform acts first, which is what ANTs' "applied in reverse
+    order" means. ITK's CompositeTransform applies the transform added *last* first, so the
+    paths are added in reverse order; a register folder's pair [A, v] stays one unit.
 
     Each path is a complete ``gvsl register`` output folder (its ``displacement.nii.gz``; the
     folder must hold ``report.json``), a displacement field image (3-vector, mm; ITK
     convention), or an ITK transform file (.tfm, .txt, .mat, .h5).
 
     Returns:
-        The composite transform (output point -> input point) and the grid of the first
-        displacement field met (the natural output grid), or None when there is none.
+        The composite transform (output point -> input point) and, when the first path
+        is a displacement field or a register folder, its field's grid: the natural output
+        grid, since the first transform acts on output points. None otherwise (a field
+        further down the chain lives in another image's space).
 
     Raises:
         InputError: a path that is missing or is neither of those, or a register folder
@@ -282,10 +291,11 @@ def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
 
     if not paths:
         raise InputError("no transform given", hint="pass -t with a gvsl register output folder, a displacement field or an ITK transform file")
-    composite = sitk.CompositeTransform(3)
+    units: list[list[sitk.Transform]] = []  # per path, in CompositeTransform add order
     reference = None
     for raw in paths:
         path = Path(raw)
+        first = not units
         if path.is_dir():
             field_path = path / REGISTRATION_FIELD_NAME
             if not field_path.is_file():
@@ -307,25 +317,30 @@ def read_transform_chain(paths: list) -> tuple[sitk.Transform, Geometry | None]:
                 except RuntimeError as exc:
                     detail = (str(exc).strip().splitlines() or [""])[-1][:160]
                     raise InputError(f"{affine_path}: cannot read as an ITK affine transform ({detail})") from None
-                reference = reference or Geometry.of(field)
-                composite.AddTransform(affine)
-                composite.AddTransform(sitk.DisplacementFieldTransform(deformable_part(field, affine)))
+                if first:
+                    reference = Geometry.of(field)
+                units.append([affine, sitk.DisplacementFieldTransform(deformable_part(field, affine))])  # v first, then A
                 continue
             path = field_path
         if not path.exists():
             raise InputError(f"{path}: no such transform file or folder")
         if volume_suffix(path) is not None:
             field = read_volume(path, vector=True)
-            reference = reference or Geometry.of(field)
-            composite.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64)))
+            if first:
+                reference = Geometry.of(field)
+            units.append([sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
             continue
         if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
             raise InputError(f"{path}: not a transform: expected a displacement field image or an ITK transform file (.tfm, .txt, .mat, .h5)")
         try:
-            composite.AddTransform(sitk.ReadTransform(str(path)))
+            units.append([sitk.ReadTransform(str(path))])
         except RuntimeError as exc:
             detail = (str(exc).strip().splitlines() or [""])[-1][:160]
             raise InputError(f"{path}: cannot read as an ITK transform ({detail})") from None
+    composite = sitk.CompositeTransform(3)
+    for unit in reversed(units):  # the first path's transform is added last: applied first
+        for transform in unit:
+            composite.AddTransform(transform)
     return composite, reference
 
 

@@ -637,3 +637,52 @@ def test_a_single_slice_fixed_image_is_refused(tmp_path, capsys, icbm_t1, colin_
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'slice.nii.gz'}: fixed image is a single slice (size (") and "\n" not in err
     assert not out.exists()
+
+
+def _ramp(tmp_path) -> Path:
+    """A 12×4×4 image of 1 mm voxels at the origin whose value is the voxel's x index."""
+    ramp = np.broadcast_to(np.arange(12, dtype=np.float32), (4, 4, 12)).copy()
+    path = tmp_path / "ramp.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(ramp), str(path))
+    return path
+
+
+def test_apply_chains_transforms_as_ants_does(tmp_path, capsys):
+    """antsApplyTransforms -t A -t B maps an output point x to B(A(x)): the first -t acts
+    first (ANTs' own registrations are applied as -t 1Warp.nii.gz -t 0GenericAffine.mat).
+    Checked against ANTs (antspyx 0.6.3) in review: -t scale2 -t translate1 reads 7 at x = 3."""
+    ramp = _ramp(tmp_path)
+    scale = sitk.AffineTransform(3)
+    scale.SetMatrix((2, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteTransform(scale, str(tmp_path / "scale2.tfm"))
+    sitk.WriteTransform(sitk.TranslationTransform(3, (1.0, 0.0, 0.0)), str(tmp_path / "translate1.tfm"))
+
+    def value_at_3(*transforms: str) -> float:
+        out = tmp_path / "-".join(transforms)
+        chain = [arg for name in transforms for arg in ("-t", str(tmp_path / f"{name}.tfm"))]
+        assert run(["apply", str(ramp), *chain, "-r", str(ramp), "-o", str(out), "-q"]) == 0
+        return float(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ramp_warped.nii.gz")))[2, 2, 3])
+
+    assert value_at_3("scale2", "translate1") == 7.0  # translate1(scale2(3)) = 2·3 + 1
+    assert value_at_3("translate1", "scale2") == 8.0  # scale2(translate1(3)) = 2·(3 + 1)
+
+
+def test_apply_takes_its_grid_from_the_first_transform_only(tmp_path, capsys):
+    """The first -t acts on output points, so its field's grid is the output grid; a field
+    further down the chain lives in another image's space and gives no grid."""
+    ramp = _ramp(tmp_path)
+    field_grid = sitk.Image([6, 5, 4], sitk.sitkVectorFloat64, 3)
+    field_grid.SetSpacing((2.0, 1.0, 1.0))
+    field_grid.SetOrigin((0.5, 0.0, 0.0))
+    field = tmp_path / "shift.nii.gz"
+    sitk.WriteImage(field_grid + 0.0, str(field))  # a zero displacement on its own grid
+    affine = tmp_path / "translate1.tfm"
+    sitk.WriteTransform(sitk.TranslationTransform(3, (1.0, 0.0, 0.0)), str(affine))
+
+    assert run(["apply", str(ramp), "-t", str(field), "-t", str(affine), "-o", str(tmp_path / "a"), "-q"]) == 0
+    warped = sitk.ReadImage(str(tmp_path / "a" / "ramp_warped.nii.gz"))
+    assert warped.GetSize() == (6, 5, 4) and warped.GetSpacing() == (2.0, 1.0, 1.0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(warped)[0, 0], [1.5, 3.5, 5.5, 7.5, 9.5, 0.0])  # x + 1; 11.5 is outside the ramp
+
+    assert run(["apply", str(ramp), "-t", str(affine), "-t", str(field), "-o", str(tmp_path / "b")]) == 2
+    assert "no output grid: the first -t is not a displacement field" in capsys.readouterr().err

@@ -27,9 +27,9 @@ def output_name(path: Path) -> str:
 
 def apply(
     images: Optional[List[Path]] = typer.Argument(None, help="Images to warp (linear interpolation, float32 output): files, DICOM series folders, folders of volumes, glob patterns or lists of paths; - reads their paths from stdin, one a line."),
-    transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain (the last is applied first, as antsApplyTransforms)."),
+    transform: List[Path] = typer.Option(..., "-t", "--transform", help="A gvsl register output folder, a displacement field, or an ITK transform file; repeat to chain as antsApplyTransforms: the first -t acts first on output points (-t warp -t affine)."),
     labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept), named as the images are; repeatable; -l - reads their paths from stdin."),
-    reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the displacement field's grid (the fixed image of gvsl register)."),
+    reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the grid of the first -t when it is a displacement field or a register folder (the fixed image of gvsl register)."),
     out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext>, in the input's sub-folder below a folder given (DIR/p01/ct.nii.gz -> OUT/p01/ct_warped.nii.gz); files given directly go to its top unless two share a name."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors (the --json lines are still printed)."),
@@ -58,7 +58,7 @@ def apply(
     elif field_grid is not None:
         grid = field_grid
     else:
-        raise InputError("no output grid: the transforms hold no displacement field", hint="give --reference (the fixed image)")
+        raise InputError("no output grid: the first -t is not a displacement field or a gvsl register folder", hint="give --reference (the fixed image)")
     # Inputs are read once to check them; they are kept in memory up to KEEP_BYTES and read
     # again for the warp beyond that, so many large inputs never fill the memory.
     kept: dict[int, object] = {}
