@@ -634,10 +634,15 @@ class VolumeCache:
         if layout is None or layout != (tuple(meta["shape"]), np.dtype(np.float32)):
             return None
         value_range = tuple(float(v) for v in meta["range"]) if "range" in meta else None
-        return CachedVolume(key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]), value_range=value_range)
+        return CachedVolume(
+            key=key, array_path=array_path, source=meta["source"], modality=meta["modality"], shape=tuple(meta["shape"]), value_range=value_range,
+            detected=str(meta.get("detected", "")),
+        )
 
-    def put(self, key: str, source: Path, array: np.ndarray, modality: str, grid: dict) -> "CachedVolume":
-        """Store a prepared (D, H, W) array under ``key``; returns the entry.
+    def put(self, key: str, source: Path, array: np.ndarray, modality: str, grid: dict, detected: str = "") -> "CachedVolume":
+        """Store a prepared (D, H, W) array under ``key``; returns the entry. ``detected``:
+        what the raw intensities looked like ("ct"/"mr"), kept so that a run served from the
+        cache can still warn about a mapping that does not fit.
 
         Raises:
             CacheWriteError: the entry could not be written (a full disk, a quota); nothing
@@ -645,7 +650,7 @@ class VolumeCache:
         """
         array_path, meta_path = self._paths(key)
         value_range = (float(array.min()), float(array.max()))
-        meta = {"source": str(source), "modality": modality, "shape": list(array.shape), "range": list(value_range), "grid": grid, "format": CACHE_FORMAT}
+        meta = {"source": str(source), "modality": modality, "detected": detected, "shape": list(array.shape), "range": list(value_range), "grid": grid, "format": CACHE_FORMAT}
         try:
             with atomic_path(array_path) as tmp:
                 with open(tmp, "wb") as handle:
@@ -658,7 +663,7 @@ class VolumeCache:
                 f"cannot write the preprocessed-volume cache in {self.root}: {exc.strerror or exc}",
                 hint="free disk space there, or give another folder with --cache-dir" if full else "give a writable folder with --cache-dir",
             ) from exc
-        return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape), value_range=value_range)
+        return CachedVolume(key=key, array_path=array_path, source=str(source), modality=modality, shape=tuple(array.shape), value_range=value_range, detected=detected)
 
     def record_range(self, entry: "CachedVolume") -> tuple[float, float]:
         """Compute (min, max) of an entry made before ranges were stored, and store it.
@@ -692,6 +697,8 @@ class CachedVolume:
             None for entries of older gvsl versions until ``VolumeCache.record_range``.
         from_cache: True when this run found it in the cache, False when this process
             prepared it (read and resampled the source).
+        detected: what the raw intensities look like, "ct" or "mr"
+            (``preprocess.detect_modality``); "" for entries of older gvsl versions.
     """
 
     key: str
@@ -701,6 +708,7 @@ class CachedVolume:
     shape: tuple[int, int, int]
     value_range: tuple[float, float] | None = None
     from_cache: bool = False
+    detected: str = ""
     # Not in repr or ==: printing a memory-mapped array reads the whole file.
     _array: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -781,7 +789,7 @@ def _prepare_one(source: Path, config: PreprocessConfig, cache: VolumeCache, ref
         # (e.g. a CT wholly above the +1024 HU clip); it is as useless then.
         check_not_constant(float(prepared.array.min()), float(prepared.array.max()), " after preprocessing")
         grid = {"size": list(prepared.grid.size), "spacing": list(prepared.grid.spacing), "origin": list(prepared.grid.origin)}
-        return cache.put(key, source, prepared.array, prepared.modality, grid)
+        return cache.put(key, source, prepared.array, prepared.modality, grid, detected=prepared.detected)
     # The entry remembers the path it was first made from; report this input's path.
     entry = dataclasses.replace(entry, source=str(source), from_cache=True)
     if entry.value_range is None:

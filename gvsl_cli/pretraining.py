@@ -357,7 +357,27 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
             names = [Path(v.source).name for v in dataset.volumes if v.modality == fewer]
             decided += f"; {fewer.upper()}: " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         reporter.note(f"--modality auto: {decided} (CT when the minimum is below -500, i.e. Hounsfield units; MR otherwise; set --modality to override)")
+    else:
+        _warn_about_misfit_mapping(dataset, preprocess.modality, "--modality" if "modality" in config.explicit else f"the contract of --init {config.init}", reporter, on_rank)
     return dataset
+
+
+def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_source: str, reporter: Reporter, on_rank: str) -> None:
+    """One warning when volumes look like another modality than the fixed ``mapping``
+    ("ct"/"mr") maps them as: an MR squeezed by the CT window (or a HU CT mapped by MR
+    percentiles) trains the network on intensities it will never be given, and the weights'
+    contract then names the wrong modality. Entries cached by older versions, which did
+    not record what they looked like, are not judged."""
+    misfits = [volume for volume in dataset.volumes if volume.detected and volume.detected != mapping]
+    if not misfits:
+        return
+    names = ", ".join(Path(v.source).name for v in misfits[:3]) + (f" and {len(misfits) - 3} more" if len(misfits) > 3 else "")
+    other = "ct" if mapping == "mr" else "mr"
+    looks = "CT (minimum below -500: Hounsfield units)" if other == "ct" else "MR (no Hounsfield-unit minimum)"
+    reporter.note(
+        f"warning: {len(misfits)} of {len(dataset.volumes)} volumes{on_rank} look like {looks} but are mapped as {mapping.upper()} "
+        f"({mapping_source}): {names}; give --modality {other} (or auto) if they are {other.upper()}"
+    )
 
 
 def _contract_for_checkpoint(preprocess: PreprocessConfig, dataset: data_mod.Dataset) -> PreprocessConfig:

@@ -736,3 +736,26 @@ def test_torchrun_ranks_all_stop_when_the_run_folder_is_in_use(volumes, cache_di
     refusal = f"error: {run_dir}: another gvsl pretrain (pid 4242 on node7) is running in this run folder"
     assert sum(refusal in text for text in rank_errors) == 1, rank_errors
     assert list(run_dir.iterdir()) == []
+
+
+def test_mr_volumes_mapped_by_ct_init_weights_are_warned_about_also_from_the_cache(volumes, tmp_path, capsys):
+    """--init weights with a CT contract map MR volumes with the CT window unless --modality
+    is given: one warning (also under --quiet, also when every volume comes from the
+    cache), none with --modality mr."""
+    from gvsl_cli.checkpoint import save_checkpoint
+    from gvsl_cli.config import ModelConfig, PreprocessConfig
+    from gvsl_cli.model import GVSL
+
+    ct_weights = tmp_path / "ct8.pt"
+    torch.manual_seed(0)
+    save_checkpoint(ct_weights, GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0, modality="ct"))
+    cache = tmp_path / "cache"
+    for attempt in ("prepared", "cached"):
+        assert run(_args(volumes, tmp_path / f"run_{attempt}", cache, "--iters", "1", "--init", str(ct_weights))) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert warnings == [
+            f"warning: 2 of 2 volumes look like MR (no Hounsfield-unit minimum) but are mapped as CT (the contract of --init {ct_weights}): "
+            "colin27_t1_2mm.nii.gz, icbm152_t1_2mm.nii.gz; give --modality mr (or auto) if they are MR"
+        ], attempt
+    assert run(_args(volumes, tmp_path / "run_mr", cache, "--iters", "1", "--init", str(ct_weights), "--modality", "mr")) == 0
+    assert "warning:" not in capsys.readouterr().err
