@@ -74,13 +74,13 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def read_volume(path: str | os.PathLike, *, vector: bool = False, finite: bool = True) -> sitk.Image:
+def read_volume(path: str | os.PathLike, *, vector: bool | None = False, finite: bool = True) -> sitk.Image:
     """Read a 3D volume (NIfTI, NRRD, MHA/MHD, or a DICOM series folder).
 
     Args:
         path: a file or a folder holding one DICOM series.
         vector: accept a 3-component vector image (a displacement field) instead of a
-            scalar one.
+            scalar one; None accepts any number of components (``gvsl info``).
 
     Returns:
         The SimpleITK image with its spacing, origin and direction as stored.
@@ -225,7 +225,7 @@ def _itk_read_reason(message: str) -> str:
     return detail[:160]
 
 
-def check_volume(image: sitk.Image, *, name: str, vector: bool = False, finite: bool = True) -> None:
+def check_volume(image: sitk.Image, *, name: str, vector: bool | None = False, finite: bool = True) -> None:
     """Raise InputError unless ``image`` is a usable 3D volume (see ``read_volume``).
 
     ``finite=False`` lets NaN or infinite voxels through (``gvsl info`` counts them).
@@ -237,7 +237,7 @@ def check_volume(image: sitk.Image, *, name: str, vector: bool = False, finite: 
     components = image.GetNumberOfComponentsPerPixel()
     if vector and components != 3:
         raise InputError(f"{name}: expected a 3-component vector field, got {components} component(s)")
-    if not vector and components != 1:
+    if vector is False and components != 1:
         raise InputError(f"{name}: expected a scalar volume, got {components} components per voxel")
     if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
         raise InputError(f"{name}: volume has no voxels (size {image.GetSize()})")

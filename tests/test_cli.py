@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import SimpleITK as sitk
 
 from gvsl_cli import __version__
@@ -41,6 +42,26 @@ def test_info_says_when_a_grid_is_oblique(capsys, tmp_path, colin_t1):
     assert run(["info", str(tmp_path / "oblique.nii.gz"), str(colin_t1)]) == 0
     table = capsys.readouterr().out
     assert table.count("(oblique)") == 1
+
+
+def test_info_describes_vector_outputs_such_as_displacement_fields(capsys, tmp_path, colin_t1):
+    """gvsl's own vector outputs (a displacement field, probability and feature maps) are
+    described: their grid is what one checks when a field "does not line up"."""
+    reference = sitk.ReadImage(str(colin_t1))
+    field = sitk.Compose(*[sitk.Cast(reference, sitk.sitkFloat32) * 0.0 + value for value in (-1.5, 0.0, 2.5)])
+    field.CopyInformation(reference)
+    values = sitk.GetArrayFromImage(field)
+    values[3, 4, 5, 1] = np.nan
+    broken = sitk.GetImageFromArray(values, isVector=True)
+    broken.CopyInformation(reference)
+    sitk.WriteImage(broken, str(tmp_path / "displacement.mha"))  # NIfTI would read NaN back as 0
+    assert run(["info", "--json", str(tmp_path / "displacement.mha"), str(colin_t1)]) == 0
+    field_row, image_row = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert field_row["components"] == 3 and field_row["size"] == [90, 108, 90] and field_row["modality"] == "n/a"
+    assert (field_row["min"], field_row["max"], field_row["nonfinite_voxels"]) == (-1.5, 2.5, 1)
+    assert image_row["components"] == 1 and image_row["modality"] == "mr"
+    assert run(["info", str(tmp_path / "displacement.mha")]) == 0
+    assert "3-vector" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_error_with_exit_code(capsys, tmp_path):

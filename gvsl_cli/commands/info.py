@@ -24,7 +24,9 @@ def describe_volume(path: Path, spacing: float) -> dict:
     """Geometry, intensity range, detected modality and canonical grid of one volume.
 
     ``nonfinite_voxels`` counts NaN/inf voxels; range and modality use the finite ones (None
-    and "unknown" when there are none).
+    and "unknown" when there are none). Vector images (gvsl's displacement fields,
+    probability and feature maps) are described too: ``components`` > 1, the range over
+    all components, and modality "n/a" (intensities of no scanner).
     """
     import numpy as np
     import SimpleITK as sitk
@@ -35,10 +37,13 @@ def describe_volume(path: Path, spacing: float) -> dict:
 
     # info is the diagnostic command: NaN/inf voxels, which every other command refuses, are
     # counted and shown instead.
-    image = read_volume(path, finite=False)
+    image = read_volume(path, vector=None, finite=False)
+    components = image.GetNumberOfComponentsPerPixel()
     geometry = Geometry.of(image)
     array = sitk.GetArrayViewFromImage(image)
-    nonfinite = int(np.count_nonzero(~np.isfinite(array))) if array.dtype.kind == "f" else 0
+    bad = ~np.isfinite(array) if array.dtype.kind == "f" else None
+    # Voxels with a NaN/inf value (in any component of a vector image).
+    nonfinite = 0 if bad is None else int(np.count_nonzero(bad.any(axis=-1) if components > 1 else bad))
     finite = array[np.isfinite(array)] if nonfinite else array
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
     # The code names the nearest axes only: an axis more than 0.5° off them is oblique.
@@ -53,10 +58,11 @@ def describe_volume(path: Path, spacing: float) -> dict:
         "orientation": orientation,
         "oblique": oblique,
         "pixel_type": image.GetPixelIDTypeAsString(),
+        "components": components,
         "min": float(np.min(finite)) if finite.size else None,
         "max": float(np.max(finite)) if finite.size else None,
         "nonfinite_voxels": nonfinite,
-        "modality": detect_modality(finite) if finite.size else "unknown",
+        "modality": "n/a" if components > 1 else detect_modality(finite) if finite.size else "unknown",
         "canonical_size": list(canonical.size),
         "canonical_spacing": spacing,
     }
@@ -144,7 +150,7 @@ def render_table(rows: list[dict], spacing: float) -> None:
             "×".join(f"{s:.3g}" for s in row["spacing"]),
             row["orientation"] + (" (oblique)" if row["oblique"] else ""),
             value_range,
-            row["modality"],
+            f"{row['components']}-vector" if row["components"] > 1 else row["modality"],
             "×".join(str(s) for s in row["canonical_size"]),
         )
     from gvsl_cli.commands.output import table_console
