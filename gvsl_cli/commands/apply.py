@@ -31,10 +31,12 @@ def apply(
     labels: List[Path] = typer.Option([], "-l", "--labels", help="Label maps to warp (nearest neighbour, values and pixel type kept), named as the images are; repeatable; -l - reads their paths from stdin."),
     reference: Optional[Path] = typer.Option(None, "-r", "--reference", help="Image whose grid the outputs take; default: the grid of the first -t when it is a displacement field or a register folder (the fixed image of gvsl register)."),
     out_dir: Path = typer.Option(Path("."), "-o", "--out", "--output", callback=refuse_stdout_folder, help="Output folder; each output is named <input>_warped.<ext>, in the input's sub-folder below a folder given (DIR/p01/ct.nii.gz -> OUT/p01/ct_warped.nii.gz); files given directly go to its top unless two share a name."),
+    inverse: bool = typer.Option(False, "--inverse", help="Apply the inverse of the whole chain (fields inverted numerically): fixed-image data (atlas labels) onto the moving image; needs -r (the moving image)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per output on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings and errors (the --json lines are still printed)."),
 ) -> None:
-    """Warp IMAGES (and --labels maps) with a saved transform onto the fixed grid."""
+    """Warp IMAGES (and --labels maps) with a saved transform onto the fixed grid (with
+    --inverse: fixed-grid data onto the moving image's grid)."""
     from rich.console import Console
 
     from gvsl_cli.data import output_subfolders
@@ -52,9 +54,12 @@ def apply(
     # transforms, reference and every input volume; then the output folder.
     subfolders = output_subfolders([*image_sources, *label_sources], output_name)
     targets = planned_outputs(jobs, out_dir, protected=[*transform, *([reference] if reference is not None else [])], subfolders=subfolders)
-    chain, field_grid = read_transform_chain(list(transform))
-    if reference is not None:
-        grid = Geometry.of(read_volume(reference))
+    if inverse and reference is None:
+        raise InputError("--inverse needs -r: the outputs belong on the moving image's grid, not on the fixed grid of the fields", hint="give -r MOVING_IMAGE")
+    reference_grid = Geometry.of(read_volume(reference)) if reference is not None else None  # before a field's inversion (seconds)
+    chain, field_grid = read_transform_chain(list(transform), inverse=inverse)
+    if reference_grid is not None:
+        grid = reference_grid
     elif field_grid is not None:
         grid = field_grid
     else:
