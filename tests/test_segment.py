@@ -478,7 +478,7 @@ def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(mode
     assert f"{out / 'image.nii.gz'} exists but was made from another image" in capsys.readouterr().err
 
 
-def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_path, tmp_path, capsys):
+def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_path, tmp_path, capsys, monkeypatch):
     # Two patients on one grid (resampled datasets): only the record of inputs tells them apart.
     image = sitk.ReadImage(str(EXAMPLES / "colin27_t1_2mm.nii.gz"))
     other = sitk.Flip(image, [True, False, False])
@@ -493,8 +493,19 @@ def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_p
     assert f"exists but was made from {tmp_path / 'data' / 'p01' / 'image.nii.gz'}" in capsys.readouterr().err
     # A moved input folder is the same input (same content): skipped as done.
     (tmp_path / "data").rename(tmp_path / "moved")
-    assert run(["segment", str(tmp_path / "moved" / "p01" / "image.nii.gz"), *segment[:-1]]) == 0
+    before = json.loads((out / "segment.json").read_text())
+    moved = tmp_path / "moved" / "p01" / "image.nii.gz"
+    assert run(["segment", str(moved), *segment[:-1]]) == 0
     assert f"skipped {out / 'image.nii.gz'}" in capsys.readouterr().err
+    # ... and its index entry now names the input where it is (the record rewritten whole).
+    after = json.loads((out / "segment.json").read_text())
+    assert after["inputs"] == {"image.nii.gz": {"input": str(moved), "sha256": before["inputs"]["image.nii.gz"]["sha256"], "stamp": data.content_stamp(moved)}}
+    assert {k: v for k, v in after.items() if k != "inputs"} == {k: v for k, v in before.items() if k != "inputs"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    # Known by its stamp at the new path from now on: the content is not read again.
+    monkeypatch.setattr(data, "content_sha256", lambda *a, **k: pytest.fail("content read again"))
+    assert run(["segment", str(moved), *segment]) == 0
+    monkeypatch.undo()
     # New content at the same path (a re-export) is not the input that made the map.
     scan = tmp_path / "moved" / "p02" / "image.nii.gz"
     again = ["--model", str(model_path), "-o", str(tmp_path / "out2"), "--overlap", "0", "-q"]
