@@ -7,7 +7,8 @@ splitting them, and sampling training patches.
    returns the (image, label) pairs and the label set, refusing anything nnU-Net would
    refuse (multi-channel data, an image without its label) in one line naming the file.
    A ``_NNNN`` ending is nnU-Net's channel only where that reading is the plain one
-   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels.
+   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels;
+   ``nnunet_channels`` finds nnU-Net's multi-channel pattern (``gvsl segment`` refuses it).
 2. ``prepare_cases`` reads every pair once, checks the label map (same grid as its image,
    integer values, values of the label set; the values as read are kept, since a
    structure smaller than a canonical voxel vanishes in resampling) and brings both
