@@ -620,3 +620,14 @@ def test_a_one_file_per_call_loop_and_a_folder_call_write_the_same_names(model_p
     for name in folders["numbered"]:
         assert run(["segment", str(tmp_path / "numbered" / name), "-o", str(tmp_path / "loop"), *segment]) == 0
     assert _files(tmp_path / "loop") == _files(tmp_path / "call") == ["segment.json", *expected["numbered"]]
+
+
+def test_the_multi_channel_pattern_is_several_cases_sharing_channels_from_zero():
+    from gvsl_cli.segmentation_data import Channel, nnunet_channels
+
+    brats = [f"BRATS_00{c}_{k:04d}" for c in (1, 2) for k in range(4)]
+    assert nnunet_channels(brats)["BRATS_002_0003"] == Channel("BRATS_002", 3, (0, 1, 2, 3))
+    # Not the pattern: one stem numbered 0000..0002 (numbered cases or one case: ambiguous),
+    # CASE_0000 alone, cases with different channel sets, channels not starting at 0.
+    for names in (["sub_0000", "sub_0001", "sub_0002"], ["liver_3_0000", "liver_4_0000"], ["a_0000", "a_0001", "b_0000"], ["a_0001", "a_0002", "b_0001", "b_0002"]):
+        assert set(nnunet_channels(names).values()) == {None}, names
