@@ -398,6 +398,54 @@ def split_warnings(train_cases: list[PreparedCase], val_cases: list[PreparedCase
     return warnings
 
 
+def resumed_label_set(cases: list[PreparedCase], label_set: LabelSet, stored: dict[str, Any], spacing: float) -> tuple[LabelSet, str | None]:
+    """The classes a resumed run goes on with, and a note when they are not the data's.
+
+    They are the run's own (its head has one output per class). The data's label set
+    (``prepare_cases``: from dataset.json, or from the label files as read) must be the
+    same, with one exception: runs begun before gvsl took the classes from the files as
+    read took them from the label maps resampled onto the canonical grid, where a structure
+    smaller than a voxel vanishes. Such a run goes on with its classes when the data's
+    extra classes are exactly ones that vanish on the grid in every case (so no voxel of
+    the prepared cases holds them); ``cases`` are then re-indexed to the run's classes.
+
+    Raises:
+        ConfigError: other differences, one line saying which classes and why.
+    """
+    names, values = [str(n) for n in stored["label_names"]], [int(v) for v in stored["label_values"]]
+    if values == list(label_set.values) and names == list(label_set.names):
+        return label_set, None
+    data_names = dict(zip(label_set.values, label_set.names))
+    extra = [k for k, v in enumerate(label_set.values) if v not in values]
+    on_grid = [k for k in extra if any(k in c.classes_on_grid for c in cases)]
+    same_names = all(data_names.get(v) == n for n, v in zip(names, values))
+    if not (set(values) <= set(label_set.values) and same_names and extra and not on_grid):
+        missing = [f"{n} ({v})" for n, v in zip(names, values) if data_names.get(v) != n]
+        why = "; ".join(
+            part for part in (
+                f"the data holds {', '.join(_class(label_set, k) for k in on_grid or extra)}, which the run has no class for" if extra else "",
+                f"the run has {', '.join(missing)}, which the data does not" if missing else "",
+            ) if part
+        )
+        raise ConfigError(
+            f"the classes of the data ({label_set.to_dict()}) differ from the run being resumed ({dict(zip(names, values))}): {why}",
+            hint="a run's classes cannot change: resume it with its own data, or start a new run in another -o folder",
+        )
+    run_set = LabelSet(names=tuple(names), values=tuple(values))
+    remap = np.array([values.index(v) if v in values else 0 for v in label_set.values], dtype=np.uint8)
+    for case in cases:
+        case.target = remap[case.target]
+        case.classes_in_file = frozenset(int(remap[k]) for k in case.classes_in_file if k not in extra)
+        case.classes_on_grid = frozenset(int(remap[k]) for k in case.classes_on_grid)
+    vanished = ", ".join(_class(label_set, k) for k in extra)
+    return run_set, (
+        f"note: the run being resumed has no class for {vanished}: it began before gvsl took the classes from the label files as read, "
+        f"and {'it vanishes' if len(extra) == 1 else 'they vanish'} at {spacing:g} mm in every case; it goes on with its own classes "
+        f"({', '.join(f'{n}={v}' for n, v in zip(names, values))}), so its models cannot write {'that value' if len(extra) == 1 else 'those values'} "
+        "(a new run in another -o folder keeps it as a class)"
+    )
+
+
 def _resolve_settings(config: FinetuneConfig, stored: dict[str, Any], contract: PreprocessConfig) -> FinetuneConfig:
     """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused.
 
@@ -570,9 +618,9 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
             f"{'MR' if imposed == 'CT' else 'CT'} ({', '.join(misfits[:3])}{' ...' if len(misfits) > 3 else ''}); give --modality if the contract does not fit the data"
         )
     if resumed is not None:
-        stored = resumed.extra[SEGMENTATION_KEY]
-        if list(stored["label_values"]) != list(label_set.values):
-            raise ConfigError(f"the label values of the data ({list(label_set.values)}) differ from the run being resumed ({list(stored['label_values'])})")
+        label_set, note = resumed_label_set(prepared, label_set, resumed.extra[SEGMENTATION_KEY], contract.spacing)
+        if note:
+            reporter.note(note)
     elif contract.modality == "auto" and len(modalities) == 1:
         contract = dataclasses.replace(contract, modality=modalities[0])  # what segment will use
     by_name = {c.name: c for c in prepared}

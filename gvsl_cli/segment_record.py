@@ -27,7 +27,8 @@ in separate calls (``for f in p*/image.nii.gz; do gvsl segment $f -o out; done``
 the same output; without the index, the second would pass for done whenever its grid
 equals the first's. An existing output counts as this input's when the recorded path is
 this input's with the same file stamp (size, times, inode), or when the content is the same (a
-moved input folder). An input changed at the same path fails, as one of another name does.
+moved input folder; the entry is then rewritten with the input's new path and stamp). An
+input changed at the same path fails, as one of another name does.
 """
 
 from __future__ import annotations
@@ -163,20 +164,35 @@ class OutputRecord:
 
     def made_from_another_input(self, output: Path, source: Path) -> str | None:
         """The input that made ``output`` when it is not ``source``; '' when it is ``source``;
-        None when the index does not know (outputs of gvsl versions before the index)."""
+        None when the index does not know (outputs of gvsl versions before the index).
+
+        An entry that matches by content only (a moved input folder, or the same bytes
+        written again) is brought up to date, the record rewritten atomically: the index
+        names the input where it is now, and the next run knows it by its stamp without
+        reading it. (When the record cannot be written, a full disk, it keeps the old path:
+        the output is this input's all the same.)
+        """
         from gvsl_cli.data import content_sha256
 
-        entry = self.inputs.get(_index_key(self.out_dir, output))
+        key = _index_key(self.out_dir, output)
+        entry = self.inputs.get(key)
         if not isinstance(entry, dict) or "input" not in entry:
             return None
         same_path = entry["input"] == os.path.abspath(source)
-        if same_path and entry.get("stamp") == _stamp(source):
+        stamp = _stamp(source)
+        if same_path and entry.get("stamp") == stamp:
             return ""  # unchanged since: no need to read it
         try:
             same_content = entry.get("sha256") == content_sha256(source)
         except OSError:
             same_content = False
         if same_content:
+            self.inputs[key] = {**entry, "input": os.path.abspath(source), "stamp": stamp}
+            if not self.write_first:  # else the first output writes it, with the new settings
+                try:
+                    self._write()
+                except OSError:
+                    pass  # a full disk: the stale path stays on disk (as before); the outputs are still this input's
             return ""
         return f"an earlier version of {source}" if same_path else str(entry["input"])
 

@@ -274,26 +274,101 @@ def probabilities_name(label_map: Path) -> str:
     return label_map.name[: -len(".nii.gz")] + "_probabilities.nii.gz"
 
 
-def output_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """The label map's file name of each input of one run: CASE.nii.gz for CASE_0000.nii.gz
-    or CASE.mha, nnU-Net's naming where it is the plain reading of the names around
-    (``segmentation_data.nnunet_case_names``, among the inputs in the same folder).
+@dataclass(frozen=True)
+class InputName:
+    """How ``gvsl segment`` names an input's label map (``input_names``).
 
-    ``_0000`` is dropped unless the inputs hold another ``CASE_NNNN`` in that folder:
-    ``sub_0000``, ``sub_0001``, ``sub_0002`` given together keep their whole names
-    (numbered cases) rather than giving ``sub`` beside ``sub_0001``.
+    Attributes:
+        file_name: the label map's file name, ``CASE.nii.gz``.
+        channel: the ``segmentation_data.Channel`` the input is when its folder holds a
+            multi-channel nnU-Net dataset (``BRATS_001_0002``: channel 2 of ``BRATS_001``),
+            else None.
+    """
+
+    file_name: str
+    channel: object = None  # segmentation_data.Channel | None
+
+
+def _volume_stems(folder: Path) -> set[str]:
+    """The names (volume ending stripped) of the volume files directly in ``folder``,
+    hidden ones (macOS ``._*``) left out; empty when it cannot be listed."""
+    from gvsl_cli.data import strip_volume_suffix
+    from gvsl_cli.io import volume_suffix
+
+    try:
+        with os.scandir(folder) as entries:
+            return {strip_volume_suffix(e.name) for e in entries if not e.name.startswith(".") and volume_suffix(e.name) is not None}
+    except OSError:
+        return set()
+
+
+def input_names(paths: Sequence[Path]) -> dict[Path, InputName]:
+    """The label map's name of each input: ``CASE.nii.gz`` for ``CASE_0000.nii.gz`` or
+    ``CASE.mha``, nnU-Net's naming where it is the plain reading of the file names **in the
+    input's own folder on disk** (with the inputs of the call in it), never of the other
+    inputs of the call, so a loop of one-file calls and one call on the folder agree.
+
+    - ``CASE_0000`` is channel 0 of ``CASE`` (``CASE.nii.gz``) when its folder holds no
+      other ``CASE_NNNN`` (``segmentation_data.nnunet_case_names``);
+    - numbered files (``sub_0000``, ``sub_0001``, ``sub_0002`` in one folder, the one stem
+      so numbered) keep their whole names;
+    - in a folder of nnU-Net's multi-channel pattern (several cases sharing channels
+      0..k, ``segmentation_data.nnunet_channels``) every channel is named by its case
+      (``BRATS_001_0002`` -> ``BRATS_001.nii.gz``), and ``channel`` says which it is
+      (``plan_outputs`` refuses two channels of one case).
     """
     from gvsl_cli.data import strip_volume_suffix
-    from gvsl_cli.segmentation_data import nnunet_case_names
+    from gvsl_cli.segmentation_data import nnunet_case_names, nnunet_channels
 
-    keys = {path: str(Path(os.path.abspath(path)).parent / strip_volume_suffix(Path(path).name)) for path in paths}
-    names = nnunet_case_names(set(keys.values()))
-    return {path: f"{Path(names[key]).name}.nii.gz" for path, key in keys.items()}
+    by_folder: dict[Path, list[Path]] = {}
+    for path in paths:
+        by_folder.setdefault(Path(os.path.abspath(path)).parent, []).append(path)
+    named: dict[Path, InputName] = {}
+    for folder, members in by_folder.items():
+        stems = {strip_volume_suffix(Path(p).name) for p in members} | _volume_stems(folder)
+        cases, channels = nnunet_case_names(stems), nnunet_channels(stems)
+        for path in members:
+            stem = strip_volume_suffix(Path(path).name)
+            channel = channels[stem]
+            named[path] = InputName(f"{channel.case if channel is not None else cases[stem]}.nii.gz", channel)
+    return named
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The label map's file name of each input (``input_names``)."""
+    return {path: name.file_name for path, name in input_names(paths).items()}
 
 
 def output_name(path: Path) -> str:
-    """``output_names`` of an input on its own (CASE_0000.nii.gz -> CASE.nii.gz)."""
+    """``output_names`` of one input (CASE_0000.nii.gz -> CASE.nii.gz); the same whatever
+    else a call is given."""
     return output_names([path])[path]
+
+
+def refuse_several_channels(names: dict[Path, InputName]) -> None:
+    """Refuse inputs holding two or more channels of one multi-channel nnU-Net case: a
+    ``gvsl finetune`` model takes one image per case, and each channel would otherwise be
+    segmented as a case of its own.
+
+    Raises:
+        InputError: naming the first such case, its folder and the channels given.
+    """
+    from gvsl_cli.io import volume_suffix
+
+    given: dict[tuple[Path, str], list[tuple[int, Path]]] = {}
+    for path, name in names.items():
+        if name.channel is not None:
+            given.setdefault((Path(os.path.abspath(path)).parent, name.channel.case), []).append((name.channel.channel, Path(path)))
+    several = {key: sorted(found) for key, found in given.items() if len(found) > 1}
+    if not several:
+        return
+    (folder, case), found = sorted(several.items(), key=lambda item: (str(item[0][0]), item[0][1]))[0]
+    others = f" and of {len(several) - 1} other case(s)" if len(several) > 1 else ""
+    raise InputError(
+        f"{folder}: the inputs hold {len(found)} channels of the multi-channel nnU-Net case {case} ({', '.join(p.name for _, p in found)}){others}; "
+        "a gvsl finetune model is single-channel: one image per case",
+        hint=f"give only the channel the model was trained on, e.g. '{folder}/*_{found[0][0]:04d}{volume_suffix(found[0][1]) or ''}'; each label map is then named by its case ({case}.nii.gz)",
+    )
 
 
 @dataclass
@@ -314,13 +389,17 @@ def plan_outputs(sources: Sequence[Path | Source], out_dir: Path) -> list[tuple[
     """(input path, output path) pairs: ``output_name`` in the sub-folder that
     ``data.output_subfolders`` gives (a folder per patient is mirrored, ``out/p01/image.nii.gz``;
     a flat folder or files of distinct names stay flat, ``out/CASE.nii.gz``). A bare path is
-    taken as a file given directly. Two inputs that would write the same file are refused.
+    taken as a file given directly. Two channels of one multi-channel nnU-Net case
+    (``refuse_several_channels``), and two inputs that would write the same file, are
+    refused.
     """
     from gvsl_cli.data import output_subfolders
 
     sources = [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
+    read = input_names([source.path for source in sources])
+    refuse_several_channels(read)
     # By absolute path: output_subfolders names the loose inputs by theirs.
-    names = {os.path.abspath(path): name for path, name in output_names([source.path for source in sources]).items()}
+    names = {os.path.abspath(path): name.file_name for path, name in read.items()}
 
     def name(path: Path) -> str:
         return names[os.path.abspath(path)]
@@ -373,12 +452,14 @@ def segment_files(
 
     results = []
     replacing = record is not None and record.replacing
-    for source, target in plan_outputs(sources, out_dir):
+    planned = plan_outputs(sources, out_dir)
+    channels = {os.path.abspath(path): name.channel for path, name in input_names([source for source, _ in planned]).items()}
+    for source, target in planned:
         started = time.perf_counter()
         probability_target = target.with_name(probabilities_name(target)) if probabilities else None
         earlier_probabilities = target.with_name(probabilities_name(target))
         if target.exists() and (probability_target is None or probability_target.exists()) and not overwrite:
-            other = _made_from_another_input(source, target, record)
+            other = _made_from_another_input(source, target, record, channels[os.path.abspath(source)])
             if other:
                 result = SegmentResult(str(source), str(target), "failed", other)
             else:
@@ -440,21 +521,37 @@ def _grid_in_header(path: Path):
     return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
 
 
-def _made_from_another_input(source: Path, target: Path, record: OutputRecord | None) -> str:
+def _made_from_another_input(source: Path, target: Path, record: OutputRecord | None, channel=None) -> str:
     """Why an existing output cannot be this input's ('' when it can be): by the folder's
     index of inputs (``segment_record``), else, for outputs the index does not know, by
-    the grid (``_made_from_another_image``)."""
+    the grid (``_made_from_another_image``). ``channel``: the input's
+    ``segmentation_data.Channel`` (a loop of one-file calls over a multi-channel folder
+    meets the label map its case's other channel made)."""
     recorded = record.made_from_another_input(target, source) if record is not None else None
     if recorded is None:
         return _made_from_another_image(source, target)
     if recorded.startswith("an earlier version of "):
         return f"{target} exists but was made from {recorded} (see {RUN_FILE}); segment it again with --overwrite"
+    if recorded and channel is not None and _is_channel_of(Path(recorded), channel.case, Path(os.path.abspath(source)).parent):
+        return (
+            f"{target} exists, made from {Path(recorded).name}, another channel of the multi-channel nnU-Net case {channel.case} "
+            f"(see {RUN_FILE}); a single-channel model segments one channel per case: give only the channel it was trained on"
+        )
     if recorded:
         return (
             f"{target} exists but was made from {recorded} (see {RUN_FILE}); "
             "give all inputs in one call (same-named files then get sub-folders), use another -o, or --overwrite"
         )
     return ""
+
+
+def _is_channel_of(path: Path, case: str, folder: Path) -> bool:
+    """Whether ``path`` is an image ``CASE_NNNN`` of ``case`` in ``folder``."""
+    from gvsl_cli.data import strip_volume_suffix
+    from gvsl_cli.segmentation_data import split_channel
+
+    split = split_channel(strip_volume_suffix(path.name))
+    return path.parent == folder and split is not None and split[0] == case
 
 
 def _made_from_another_image(source: Path, target: Path) -> str:

@@ -7,7 +7,8 @@ splitting them, and sampling training patches.
    returns the (image, label) pairs and the label set, refusing anything nnU-Net would
    refuse (multi-channel data, an image without its label) in one line naming the file.
    A ``_NNNN`` ending is nnU-Net's channel only where that reading is the plain one
-   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels.
+   (``nnunet_case_names``): numbered cases (``amos_0001``) are not channels;
+   ``nnunet_channels`` finds nnU-Net's multi-channel pattern (``gvsl segment`` refuses it).
 2. ``prepare_cases`` reads every pair once, checks the label map (same grid as its image,
    integer values, values of the label set; the values as read are kept, since a
    structure smaller than a canonical voxel vanishes in resampling) and brings both
@@ -181,6 +182,46 @@ def nnunet_case_names(names: Iterable[str]) -> dict[str, str]:
         split = split_channel(name)
         single_channel = split is not None and channels[split[0]] == {0}
         result[name] = split[0] if single_channel else name
+    return result
+
+
+@dataclass(frozen=True)
+class Channel:
+    """An image that is one channel of a multi-channel nnU-Net case (``nnunet_channels``):
+    ``BRATS_001_0002`` is channel 2 of case ``BRATS_001``, whose ``channels`` are (0, 1, 2, 3)."""
+
+    case: str
+    channel: int
+    channels: tuple[int, ...]
+
+
+def nnunet_channels(names: Iterable[str]) -> dict[str, Channel | None]:
+    """For each image name of one folder (without its volume ending): the ``Channel`` it is
+    when the names show nnU-Net's multi-channel pattern, else None.
+
+    The pattern is several cases sharing one channel set 0..k with k >= 1
+    (``BRATS_001_0000`` … ``_0003`` and ``BRATS_002_0000`` … ``_0003``): each of their
+    images is a channel. One stem with ``_0000``, ``_0001``, ``_0002`` and nothing else is
+    ambiguous (numbered cases ``sub_0000`` … or the channels of one case) and is not read
+    as channels, as ``nnunet_case_names`` names such images whole; nor is ``CASE_0000``
+    alone (single-channel nnU-Net naming).
+    """
+    names = list(names)
+    channels: dict[str, set[int]] = {}
+    for name in names:
+        split = split_channel(name)
+        if split is not None:
+            channels.setdefault(split[0], set()).add(split[1])
+    shared: dict[tuple[int, ...], int] = {}
+    for found in channels.values():
+        key = tuple(sorted(found))
+        shared[key] = shared.get(key, 0) + 1
+    result: dict[str, Channel | None] = {}
+    for name in names:
+        split = split_channel(name)
+        found = tuple(sorted(channels[split[0]])) if split is not None else ()
+        pattern = len(found) >= 2 and found == tuple(range(len(found))) and shared[found] >= 2
+        result[name] = Channel(split[0], split[1], found) if pattern else None
     return result
 
 

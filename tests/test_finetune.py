@@ -781,3 +781,48 @@ def test_validation_without_foreground_makes_best_follow_the_latest_validation(w
     assert code == 0
     assert "warning: the validation case(s) icbm hold no foreground voxel: Dice cannot choose a best model, so best.pt follows the latest validation" in capsys.readouterr().err
     assert load_weights(run_dir / "best.pt").extra["iteration"] == 2
+
+
+def _as_an_older_run(checkpoint: Path, dropped_value: int) -> None:
+    """Rewrite a finetune checkpoint as a run begun before the classes came from the label
+    files as read would have it: without the class ``dropped_value`` (its head output
+    removed), as if it had vanished in resampling."""
+    data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    meta = data["segmentation"]
+    index = meta["label_values"].index(dropped_value)
+    keep = [k for k in range(len(meta["label_values"])) if k != index]
+    meta["label_names"] = [meta["label_names"][k] for k in keep]
+    meta["label_values"] = [meta["label_values"][k] for k in keep]
+    meta["labels"] = dict(zip(meta["label_names"], meta["label_values"]))
+    for key in ("head.weight", "head.bias"):
+        data["state_dict"][key] = data["state_dict"][key][keep].clone()
+    optimizer = data["training"]["optimizer"]
+    for param in optimizer["param_groups"][0]["params"][-2:]:  # the head's weight and bias, last
+        for key in ("exp_avg", "exp_avg_sq"):
+            optimizer["state"][param][key] = optimizer["state"][param][key][keep].clone()
+    torch.save(data, checkpoint)
+
+
+def test_an_older_run_whose_classes_lost_a_voxel_sized_structure_resumes(tmp_path, capsys):
+    # Colin27's one voxel of 11 vanishes at 4 mm: a run begun before the classes came from
+    # the label files has no class 11; the data now has one.
+    images, labels = _labelled_folders(tmp_path, ("colin.nii.gz", "icbm.nii.gz"), ("colin.nii.gz", "icbm.nii.gz"), dot=True)
+    run_dir = tmp_path / "run"
+    assert run(["finetune", "--images", str(images), "--labels", str(labels), "-o", str(run_dir), *SCRATCH]) == 0
+    shutil.copytree(run_dir, tmp_path / "other")
+    _as_an_older_run(run_dir / "last.pt", 11)
+    capsys.readouterr()
+    assert run(["finetune", "-o", str(run_dir), "--resume", "--iters", "4", "--log-every", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the run being resumed has no class for label_11 (11): it began before gvsl took the classes from the label files as read" in err
+    assert "it vanishes at 4 mm in every case; it goes on with its own classes (background=0, label_2=2, label_7=7, label_255=255)" in err
+    resumed = load_weights(run_dir / "last.pt")
+    assert resumed.extra["training"]["iteration"] == 4
+    assert resumed.extra["segmentation"]["label_values"] == [0, 2, 7, 255]
+    assert json.loads((run_dir / "run.json").read_text())["labels"] == {"background": 0, "label_2": 2, "label_7": 7, "label_255": 255}
+    # A class that is on the grid (7: grey matter) is no such leftover: refused, saying which.
+    _as_an_older_run(tmp_path / "other" / "last.pt", 7)
+    assert run(["finetune", "-o", str(tmp_path / "other"), "--resume", "--iters", "4", "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the warning about 11
+    assert error.startswith("error: the classes of the data ({'background': 0, 'label_2': 2, 'label_7': 7, 'label_11': 11, 'label_255': 255}) differ from the run being resumed")
+    assert ": the data holds label_7 (7), which the run has no class for (hint: a run's classes cannot change" in error

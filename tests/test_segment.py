@@ -478,7 +478,7 @@ def test_one_file_per_call_into_one_folder_does_not_take_anothers_label_map(mode
     assert f"{out / 'image.nii.gz'} exists but was made from another image" in capsys.readouterr().err
 
 
-def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_path, tmp_path, capsys):
+def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_path, tmp_path, capsys, monkeypatch):
     # Two patients on one grid (resampled datasets): only the record of inputs tells them apart.
     image = sitk.ReadImage(str(EXAMPLES / "colin27_t1_2mm.nii.gz"))
     other = sitk.Flip(image, [True, False, False])
@@ -493,8 +493,19 @@ def test_one_file_per_call_on_identical_grids_is_told_apart_by_the_index(model_p
     assert f"exists but was made from {tmp_path / 'data' / 'p01' / 'image.nii.gz'}" in capsys.readouterr().err
     # A moved input folder is the same input (same content): skipped as done.
     (tmp_path / "data").rename(tmp_path / "moved")
-    assert run(["segment", str(tmp_path / "moved" / "p01" / "image.nii.gz"), *segment[:-1]]) == 0
+    before = json.loads((out / "segment.json").read_text())
+    moved = tmp_path / "moved" / "p01" / "image.nii.gz"
+    assert run(["segment", str(moved), *segment[:-1]]) == 0
     assert f"skipped {out / 'image.nii.gz'}" in capsys.readouterr().err
+    # ... and its index entry now names the input where it is (the record rewritten whole).
+    after = json.loads((out / "segment.json").read_text())
+    assert after["inputs"] == {"image.nii.gz": {"input": str(moved), "sha256": before["inputs"]["image.nii.gz"]["sha256"], "stamp": data.content_stamp(moved)}}
+    assert {k: v for k, v in after.items() if k != "inputs"} == {k: v for k, v in before.items() if k != "inputs"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    # Known by its stamp at the new path from now on: the content is not read again.
+    monkeypatch.setattr(data, "content_sha256", lambda *a, **k: pytest.fail("content read again"))
+    assert run(["segment", str(moved), *segment]) == 0
+    monkeypatch.undo()
     # New content at the same path (a re-export) is not the input that made the map.
     scan = tmp_path / "moved" / "p02" / "image.nii.gz"
     again = ["--model", str(model_path), "-o", str(tmp_path / "out2"), "--overlap", "0", "-q"]
@@ -540,3 +551,83 @@ def test_single_slice_probabilities_and_non_orthonormal_directions(model_path, t
     assert "WARNING" not in err and (out / "shear.nii.gz").is_file()
     # The label map alone of the single slice is fine.
     assert run(["segment", str(tmp_path / "slice.nii.gz"), "--model", str(model_path), "-o", str(tmp_path / "labels"), "--overlap", "0", "-q"]) == 0
+
+
+def _noise_volumes(folder: Path, names: list[str]) -> Path:
+    """Small noise volumes (16³ voxels of 5 mm) named ``names`` in ``folder``."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        image = sitk.GetImageFromArray(rng.uniform(0, 100, (16, 16, 16)).astype(np.float32))
+        image.SetSpacing((5.0, 5.0, 5.0))
+        sitk.WriteImage(image, str(folder / name))
+    return folder
+
+
+def test_a_multichannel_imagests_is_refused_and_one_chosen_channel_is_named_by_case(model_path, tmp_path, capsys):
+    # nnU-Net's multi-channel pattern: several cases sharing channels 0000..0003.
+    ts = _noise_volumes(tmp_path / "imagesTs", [f"BRATS_00{case}_{k:04d}.nii.gz" for case in (1, 2) for k in range(4)])
+    out = tmp_path / "out"
+    segment = ["--model", str(model_path), "-o", str(out), "--overlap", "0"]
+    for given in ([str(ts)], [str(ts / "BRATS_001_0000.nii.gz"), str(ts / "BRATS_001_0002.nii.gz")]):
+        assert run(["segment", *given, *segment]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"error: {ts}: the inputs hold ")
+        assert "channels of the multi-channel nnU-Net case BRATS_001 (BRATS_001_0000.nii.gz, " in err
+        assert f"(hint: give only the channel the model was trained on, e.g. '{ts}/*_0000.nii.gz'" in err
+        assert not out.exists()  # refused before any work
+    # One channel per case, chosen by the user: each label map is named by its case.
+    assert run(["segment", str(ts / "*_0002.nii.gz"), *segment]) == 0
+    assert "note: 2 input(s) are one channel of a multi-channel nnU-Net case (e.g. BRATS_001_0002.nii.gz: channel 2 of BRATS_001" in capsys.readouterr().err
+    assert _files(out) == ["BRATS_001.nii.gz", "BRATS_002.nii.gz", "segment.json"]
+    # A loop of one-file calls meets the label map another channel made: a failure that says so.
+    assert run(["segment", str(ts / "BRATS_001_0001.nii.gz"), *segment, "-q"]) == 7
+    assert "exists, made from BRATS_001_0002.nii.gz, another channel of the multi-channel nnU-Net case BRATS_001" in capsys.readouterr().err
+    # One stem numbered 0000, 0001, 0002 and nothing else: three numbered cases, as before.
+    numbered = _noise_volumes(tmp_path / "numbered", ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"])
+    assert run(["segment", str(numbered), "--model", str(model_path), "-o", str(tmp_path / "num_out"), "--overlap", "0", "-q"]) == 0
+    assert _files(tmp_path / "num_out") == ["segment.json", "sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"]
+
+
+def test_a_one_file_per_call_loop_and_a_folder_call_write_the_same_names(model_path, tmp_path):
+    # The name of a file's label map follows the file names in its own folder, not the
+    # other inputs of the call: CASE_0000 -> CASE in nnU-Net's imagesTs; numbered files
+    # (sub_0000 beside sub_0001) keep their names, also when given one by one.
+    from gvsl_cli.data import discover_named
+    from gvsl_cli.segmentation import plan_outputs
+
+    folders = {
+        "imagesTs": ["la_003_0000.nii.gz", "la_004_0000.nii.gz", "spleen.mha"],
+        "numbered": ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"],
+        "channels": ["BRATS_001_0000.nii.gz", "BRATS_001_0001.nii.gz", "BRATS_002_0000.nii.gz", "BRATS_002_0001.nii.gz"],
+    }
+    for folder, names in folders.items():
+        _noise_volumes(tmp_path / folder, names)
+    expected = {
+        "imagesTs": ["la_003.nii.gz", "la_004.nii.gz", "spleen.nii.gz"],
+        "numbered": ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"],
+        "channels": ["BRATS_001.nii.gz", "BRATS_002.nii.gz"],  # channel 0 chosen: '*_0000.nii.gz'
+    }
+    for folder, names in folders.items():
+        given = [str(tmp_path / folder)] if folder != "channels" else [str(tmp_path / folder / "*_0000.nii.gz")]
+        sources, _ = discover_named(given)
+        whole_call = sorted(target.name for _, target in plan_outputs(sources, tmp_path / "out"))
+        one_by_one = sorted(target.name for source in sources for _, target in plan_outputs([source.path], tmp_path / "out"))
+        assert whole_call == one_by_one == expected[folder], folder
+    # The numbered folder through the command: a loop of one-file calls and one folder call.
+    segment = ["--model", str(model_path), "--overlap", "0", "-q"]
+    assert run(["segment", str(tmp_path / "numbered"), "-o", str(tmp_path / "call"), *segment]) == 0
+    for name in folders["numbered"]:
+        assert run(["segment", str(tmp_path / "numbered" / name), "-o", str(tmp_path / "loop"), *segment]) == 0
+    assert _files(tmp_path / "loop") == _files(tmp_path / "call") == ["segment.json", *expected["numbered"]]
+
+
+def test_the_multi_channel_pattern_is_several_cases_sharing_channels_from_zero():
+    from gvsl_cli.segmentation_data import Channel, nnunet_channels
+
+    brats = [f"BRATS_00{c}_{k:04d}" for c in (1, 2) for k in range(4)]
+    assert nnunet_channels(brats)["BRATS_002_0003"] == Channel("BRATS_002", 3, (0, 1, 2, 3))
+    # Not the pattern: one stem numbered 0000..0002 (numbered cases or one case: ambiguous),
+    # CASE_0000 alone, cases with different channel sets, channels not starting at 0.
+    for names in (["sub_0000", "sub_0001", "sub_0002"], ["liver_3_0000", "liver_4_0000"], ["a_0000", "a_0001", "b_0000"], ["a_0001", "a_0002", "b_0001", "b_0002"]):
+        assert set(nnunet_channels(names).values()) == {None}, names

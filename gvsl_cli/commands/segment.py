@@ -38,7 +38,7 @@ def segment(
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
     from gvsl_cli.locking import exclusive_output_folder
     from gvsl_cli.segment_record import RUN_FILE, check_output_folder, run_description
-    from gvsl_cli.segmentation import check_ensemble, check_overlap, load_segmenter, plan_outputs, probabilities_name, segment_files
+    from gvsl_cli.segmentation import check_ensemble, check_overlap, input_names, load_segmenter, plan_outputs, probabilities_name, segment_files
 
     check_overlap(overlap)
     if batch < 1:
@@ -63,6 +63,14 @@ def segment(
     if not sources:
         raise InputError(f"no image among {len(inputs)} input(s)", hint="give NIfTI, NRRD, MHA/MHD files, folders of them or DICOM series folders")
     planned = plan_outputs(sources, output)  # refuses two inputs with one output name, before any work
+    channels = [(path, name.channel) for path, name in input_names([s for s, _ in planned]).items() if name.channel is not None]
+    if channels and not quiet:
+        path, channel = channels[0]
+        console.print(
+            f"note: {len(channels)} input(s) are one channel of a multi-channel nnU-Net case (e.g. {path.name}: channel {channel.channel} of {channel.case}, "
+            f"whose folder holds channels {', '.join(f'{c:04d}' for c in channel.channels)}); each label map is named by its case ({channel.case}.nii.gz)",
+            markup=False,
+        )
     for source, target in planned:
         if Path(os.path.abspath(target)).resolve() == source.resolve():
             # Without this, --overwrite would replace the image by its label map.
