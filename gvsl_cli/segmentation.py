@@ -122,8 +122,10 @@ def _checkpoint_of(spec: str) -> str:
     return spec
 
 
-def load_segmenter(spec: str) -> Segmenter:
+def load_segmenter(spec: str, downloads=None) -> Segmenter:
     """The segmentation model of a ``gvsl finetune`` run folder, checkpoint file or URL.
+
+    ``downloads``: the ``download.Reporter`` of a URL's download (None: a progress bar).
 
     Raises:
         CheckpointError: not a segmentation checkpoint (e.g. GVSL pre-trained weights), or
@@ -133,7 +135,7 @@ def load_segmenter(spec: str) -> Segmenter:
     from gvsl_cli.checkpoint import load_state_strict, state_checksum
     from gvsl_cli.weights import load_weights_spec
 
-    loaded = load_weights_spec(_checkpoint_of(spec))
+    loaded = load_weights_spec(_checkpoint_of(spec), reporter=downloads)
     meta = loaded.extra.get(SEGMENTATION_KEY)
     where = loaded.extra.get("path", spec)
     if not isinstance(meta, dict):

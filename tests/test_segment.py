@@ -631,3 +631,24 @@ def test_the_multi_channel_pattern_is_several_cases_sharing_channels_from_zero()
     # CASE_0000 alone, cases with different channel sets, channels not starting at 0.
     for names in (["sub_0000", "sub_0001", "sub_0002"], ["liver_3_0000", "liver_4_0000"], ["a_0000", "a_0001", "b_0000"], ["a_0001", "a_0002", "b_0001", "b_0002"]):
         assert set(nnunet_channels(names).values()) == {None}, names
+
+
+def test_quiet_segment_draws_no_download_bar_for_a_model_url(tmp_path, model_path, inputs, capsys, monkeypatch):
+    """-q: a model given as a URL downloads without its progress bar (as embed, register,
+    finetune and pretrain do); without -q the bar names the file."""
+    from weights_server import Route, WeightsServer
+
+    monkeypatch.setenv("GVSL_HOME", str(tmp_path / "home"))
+    server = WeightsServer().start()
+    try:
+        route = Route(body=model_path.read_bytes())
+        server.routes["/models/liver.pt"] = route
+        url = f"{server.url('/models/liver.pt')}#sha256={route.sha256}"
+        image = str(inputs / "colin_0000.nii.gz")
+        assert run(["segment", image, "--model", url, "-o", str(tmp_path / "quiet"), "-q"]) == 0
+        assert capsys.readouterr().err == ""
+        monkeypatch.setenv("GVSL_HOME", str(tmp_path / "home2"))  # downloaded again
+        assert run(["segment", image, "--model", url, "-o", str(tmp_path / "loud")]) == 0
+        assert "liver.pt" in capsys.readouterr().err
+    finally:
+        server.stop()

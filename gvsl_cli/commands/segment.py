@@ -53,7 +53,9 @@ def segment(
     # Earlier label maps in an output folder inside an input folder are not images to
     # segment; a file named on the command line is (the check below guards it).
     sources, skipped = discover_named(inputs, skip_under=output, stdin_lines=stdin_for(inputs))
-    segmenters = [load_segmenter(spec) for spec in model]
+    from gvsl_cli.download import ConsoleReporter
+
+    segmenters = [load_segmenter(spec, downloads=ConsoleReporter(quiet=quiet)) for spec in model]
     check_ensemble(segmenters)  # before any work
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     duplicates = [s for s in skipped if s.reason.startswith(("given more than once", "same file as"))]
