@@ -204,6 +204,31 @@ def segment_image(
     return segment_image_with_probabilities(segmenters, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=False)[0]
 
 
+@dataclass
+class ClassProbabilities:
+    """The K class probabilities of an image on its own grid, one (z, y, x) float32 array
+    per class (index k = the model's ``label_names[k]``), before normalisation.
+
+    Written by ``write`` as a K-component NIfTI, one component at a time
+    (``io.write_vector_nifti``), each divided by the voxel's sum so that the file is a
+    distribution everywhere (linear resampling keeps the sum at 1 up to rounding, except
+    where the input reaches past the canonical grid). Memory: the K arrays and their sum,
+    not the two or three extra copies a whole ITK vector image would need.
+    """
+
+    components: list
+    geometry: object  # geometry.Geometry of the input image
+
+    def write(self, path) -> None:
+        from gvsl_cli.io import write_vector_nifti
+
+        total = self.components[0].copy()
+        for component in self.components[1:]:  # in place: np.sum of the list would stack all K
+            total += component
+        np.maximum(total, np.float32(1e-12), out=total)
+        write_vector_nifti(path, self.geometry, len(self.components), lambda k: np.asarray(self.components[k] / total, dtype=np.float32))
+
+
 def segment_image_with_probabilities(
     segmenters: Segmenter | Sequence[Segmenter],
     image,
@@ -214,12 +239,10 @@ def segment_image_with_probabilities(
     batch: int = 1,
     keep_probabilities: bool = True,
 ):
-    """(label map, class probabilities) of ``image``, both SimpleITK images on its own grid.
-
-    The probabilities are a float32 vector image of K components, component k the
-    probability of class index k (the model's ``label_names[k]``), summing to 1 per voxel;
-    None unless ``keep_probabilities``, which costs K input-sized float32 volumes of memory
-    (the label map alone keeps a running maximum: two volumes).
+    """(label map, class probabilities) of ``image``: a SimpleITK image on its own grid,
+    and ``ClassProbabilities`` on that grid (None unless ``keep_probabilities``, which
+    costs K input-sized float32 volumes of memory; the label map alone keeps a running
+    maximum: two volumes).
     """
     import SimpleITK as sitk
 
@@ -262,13 +285,9 @@ def segment_image_with_probabilities(
     labels.CopyInformation(image)
     if not keep_probabilities:
         return labels, None
-    stacked = np.stack(kept, axis=-1).astype(np.float32)
-    # Linear resampling keeps each voxel's sum at 1 up to rounding, except where the input
-    # reaches past the canonical grid; renormalise so the file is a distribution everywhere.
-    stacked /= np.maximum(stacked.sum(axis=-1, keepdims=True), np.float32(1e-12))
-    probability_image = sitk.GetImageFromArray(stacked, isVector=True)
-    probability_image.CopyInformation(image)
-    return labels, probability_image
+    from gvsl_cli.geometry import Geometry
+
+    return labels, ClassProbabilities([np.asarray(k, dtype=np.float32) for k in kept], Geometry.of(image))
 
 
 def probabilities_name(label_map: Path) -> str:
@@ -474,15 +493,15 @@ def segment_files(
                 extremes = sitk.MinimumMaximumImageFilter()
                 extremes.Execute(image)
                 check_not_constant(extremes.GetMinimum(), extremes.GetMaximum())  # nothing to segment
-                labels, probability_image = segment_image_with_probabilities(
+                labels, probabilities_found = segment_image_with_probabilities(
                     segmenter, image, device=device, autocast_dtype=autocast_dtype, overlap=overlap, batch=batch, keep_probabilities=probabilities
                 )
                 direction = nonorthogonal_direction_warning(Geometry.of(image), None)
                 with _stop_when_the_disk_fails(target, results), itk_warnings_hidden(direction is not None):
                     if record is not None:
                         record.before_first_output()
-                    if probability_image is not None:
-                        write_volume(probability_image, probability_target)  # first: the label map marks the input as done
+                    if probabilities_found is not None:
+                        probabilities_found.write(probability_target)  # first: the label map marks the input as done
                     elif replacing:
                         earlier_probabilities.unlink(missing_ok=True)  # another model's
                     write_volume(labels, target)
