@@ -160,6 +160,16 @@ def split_channel(name: str) -> tuple[str, int] | None:
     return (match.group("case"), int(match.group("channel"))) if match else None
 
 
+def _channel_sets(names: list[str]) -> dict[str, set[int]]:
+    """The ``_NNNN`` numbers found for each stem among ``names`` (``split_channel``)."""
+    channels: dict[str, set[int]] = {}
+    for name in names:
+        split = split_channel(name)
+        if split is not None:
+            channels.setdefault(split[0], set()).add(split[1])
+    return channels
+
+
 def nnunet_case_names(names: Iterable[str]) -> dict[str, str]:
     """The case name of each image name (a file name or path without its volume ending),
     reading nnU-Net's channel suffix only where that reading is the plain one.
@@ -172,11 +182,7 @@ def nnunet_case_names(names: Iterable[str]) -> dict[str, str]:
     case ``sub`` (the label maps, when there are any, tell which: see ``_pair``).
     """
     names = list(names)
-    channels: dict[str, set[int]] = {}
-    for name in names:
-        split = split_channel(name)
-        if split is not None:
-            channels.setdefault(split[0], set()).add(split[1])
+    channels = _channel_sets(names)
     result = {}
     for name in names:
         split = split_channel(name)
@@ -207,11 +213,7 @@ def nnunet_channels(names: Iterable[str]) -> dict[str, Channel | None]:
     alone (single-channel nnU-Net naming).
     """
     names = list(names)
-    channels: dict[str, set[int]] = {}
-    for name in names:
-        split = split_channel(name)
-        if split is not None:
-            channels.setdefault(split[0], set()).add(split[1])
+    channels = _channel_sets(names)
     shared: dict[tuple[int, ...], int] = {}
     for found in channels.values():
         key = tuple(sorted(found))
