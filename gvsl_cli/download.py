@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from gvsl_cli import __version__
 from gvsl_cli.errors import WeightsError
-from gvsl_cli.locking import try_lock, unlock
+from gvsl_cli.locking import open_lock_file, try_lock, unlock
 
 if TYPE_CHECKING:
     import requests
@@ -164,6 +164,49 @@ def new_session() -> "requests.Session":
 # --------------------------------------------------------------------------- locking
 
 
+def make_shared_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents; in a group-shared tree, as shared as it.
+
+    A folder with the setgid bit is the usual way to share files with a group (new files
+    get the folder's group). Linux passes that bit on to subfolders, but their permissions
+    come from the creating user's umask (typically 022: no group write), so the first
+    user to fetch would make ``weights/`` or ``urls/<key>/`` read-only for everyone else.
+    A new folder under a setgid folder therefore gets that folder's permissions.
+    """
+    import stat
+
+    missing = []
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for new in reversed(missing):  # from the top down, each like the one above it
+        try:
+            parent_mode = stat.S_IMODE(new.parent.stat().st_mode)
+            if parent_mode & stat.S_ISGID:
+                os.chmod(new, parent_mode & 0o2777)  # not the sticky bit: it would stop replacing files
+        except OSError:  # a file system without modes, or a folder another process made: keep what mkdir gave
+            pass
+
+
+class LockUnavailable(WeightsError):
+    """The lock file of a cached file can be neither created nor opened (a read-only
+    folder, or another user's lock file without read permission for this one).
+
+    Attributes:
+        path: the lock file.
+    """
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        if path.exists() and os.access(path.parent, os.W_OK):
+            hint = f"the folder is writable but this lock file is not readable for you: ask its owner to run `chmod a+rw {path}`, or point GVSL_HOME at a folder of your own"
+        else:
+            hint = "make the cache folder writable for you, or point GVSL_HOME at a writable folder"
+        super().__init__(f"cannot open the lock file {path} ({exc.strerror or exc})", hint=hint)
+        self.path = path
+
+
 @contextmanager
 def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
@@ -173,14 +216,19 @@ def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None 
     lock a fresh file while a second still waits on the old one). ``on_wait`` is called
     once if another process holds the lock.
 
+    The lock file is created readable and writable by all, and an existing one this user
+    may not write is locked through a read-only descriptor (``locking.open_lock_file``), so
+    a group-shared cache works for every member, not only for the one who fetched first.
+
     Raises:
-        WeightsError: the folder is not writable, or ``timeout`` seconds passed.
+        LockUnavailable: the lock file can be neither created nor opened.
+        WeightsError: ``timeout`` seconds passed.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        make_shared_folder(path.parent)
+        fd = open_lock_file(path)
     except OSError as exc:
-        raise WeightsError(f"cannot create the lock file {path} ({exc.strerror or exc})", hint="make the cache writable or point GVSL_HOME at a writable folder") from None
+        raise LockUnavailable(path, exc) from None
     try:
         deadline = time.monotonic() + timeout
         waiting = False
@@ -330,11 +378,15 @@ class _Partial:
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0, None
-        if meta.get("url") != url:
-            return 0, None
+        if meta.get("url") != url or not os.access(self.path, os.W_OK):
+            return 0, None  # another mirror's bytes, or another user's file we cannot append to
         return size, meta.get("validator")
 
     def begin(self, url: str, validator: str | None) -> None:
+        """Start the file afresh for ``url``. The old files are removed rather than
+        overwritten: in a shared cache they may be another user's, which we may replace
+        (the folder is writable) but not write into."""
+        self.discard()
         self.meta.write_text(json.dumps({"url": url, "validator": validator}), encoding="utf-8")
 
     def discard(self) -> None:

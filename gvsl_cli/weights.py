@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gvsl_cli.download import (
     ConsoleReporter,
     DownloadOptions,
+    LockUnavailable,
     Reporter,
     download,
     env_flag,
@@ -189,29 +190,44 @@ def _pin_notice(target: Target, sha256: str, size: int) -> str:
     return f"{target.label}: no published sha256; trusted on your request and pinned sha256 {sha256} ({size} bytes) in {target.record_path}"
 
 
-def _use_read_only(target: Target, *, offline: bool = False) -> Fetched:
-    """Verify a file in a cache this process cannot write (a shared site cache), or must not
-    write (``offline``: a look-up that cannot download touches nothing): no lock is taken and
-    nothing is pinned or deleted."""
+#: Why a cached file is verified without the lock (``_use_read_only``): the end of the
+#: message when the file does not match, and the hint.
+_READ_ONLY_REASONS = {
+    "read-only": ("the cache is read-only", "ask whoever maintains the cache to run gvsl fetch-weights --verify, or set GVSL_HOME to a writable folder"),
+    "offline": (f"{OFFLINE_ENV}=1 forbids downloading it again", f"unset {OFFLINE_ENV} so gvsl replaces it, or copy a good cache folder"),
+    "unlockable": ("its lock file cannot be opened, so gvsl may not replace it", "ask whoever fetched it to run gvsl fetch-weights --verify, or set GVSL_HOME to a folder of your own"),
+    "unlisted": ("no manifest names it, so gvsl cannot download it again", "give the manifest you fetched it with (GVSL_MANIFEST=FILE) so gvsl replaces it, or delete the file"),
+}
+
+
+def _use_read_only(target: Target, *, why: str = "read-only", lock_hint: str | None = None) -> Fetched:
+    """Verify a cached file without taking its lock; nothing is pinned or deleted.
+
+    ``why`` says why (a key of ``_READ_ONLY_REASONS``): a cache this process cannot write
+    (a shared site cache); ``offline``, a look-up that cannot download and so touches
+    nothing; ``unlockable``, a writable cache whose lock file this user cannot open;
+    ``unlisted``, a name no manifest knows, vouched for by its cache record alone.
+    """
     expected, source = target.expected_hash()
-    if expected is None and offline:
+    if expected is None and why == "offline":
         raise _refuse_unverified(target)
     if expected is None:
+        if why == "unlockable":
+            raise WeightsError(
+                f"{target.label}: {target.path} has no known or pinned sha256 and its lock file {target.lock_path} cannot be opened to pin one",
+                hint=lock_hint,
+            )
         raise WeightsError(
             f"{target.label}: {target.path} is in a read-only cache without a known or pinned sha256",
             hint="ask whoever maintains the cache to pin it (gvsl fetch-weights --trust-unverified), or set GVSL_HOME to a writable folder",
         )
     digest = sha256_file(target.path)
     size = target.path.stat().st_size
-    if (digest != expected or (target.size and size != target.size)) and offline:
-        raise WeightsError(
-            f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}) and {OFFLINE_ENV}=1 forbids downloading it again",
-            hint=f"unset {OFFLINE_ENV} so gvsl replaces it, or copy a good cache folder",
-        )
     if digest != expected or (target.size and size != target.size):
+        tail, hint = _READ_ONLY_REASONS[why]
         raise WeightsError(
-            f"{target.label}: {target.path} does not match its sha256 (expected {expected}, got {digest}) and the cache is read-only",
-            hint="ask whoever maintains the cache to run gvsl fetch-weights --verify, or set GVSL_HOME to a writable folder",
+            f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}) and {tail}",
+            hint=lock_hint or hint,
         )
     return Fetched(target.path, digest, size, source, downloaded=False)
 
@@ -251,13 +267,19 @@ def fetch(
     if offline and not trust_unverified:
         # Pinning a hash (trust_unverified) is the one write an offline look-up may make,
         # on the user's request; it takes the locked path below.
-        return _use_read_only(target, offline=True)
+        return _use_read_only(target, why="offline")
 
     def waiting() -> None:
         reporter.notice(f"{target.label}: another process is downloading it; waiting")
 
     try:
         return _fetch_locked(target, force=force, trust_unverified=trust_unverified, offline=offline, reporter=reporter, options=options, session_factory=session_factory, on_wait=waiting)
+    except LockUnavailable as exc:
+        # A writable, shared cache whose lock file another user made unreadable for us:
+        # the verified file can still be used as it is, like in a read-only cache.
+        if force or not target.path.is_file():
+            raise
+        return _use_read_only(target, why="unlockable", lock_hint=exc.hint)
     except OSError as exc:  # the cache's file system: full, quota, permissions (network errors are WeightsErrors by now)
         where = exc.filename or target.path.parent
         raise WeightsError(
@@ -325,8 +347,13 @@ def verify(target: Target, *, options: DownloadOptions = DownloadOptions()) -> V
     """
     if target.path.is_file() and not os.access(target.path.parent, os.W_OK):
         return _rehash(target, delete=False)
-    with file_lock(target.lock_path, timeout=options.lock_timeout):
-        return _rehash(target, delete=True)
+    try:
+        with file_lock(target.lock_path, timeout=options.lock_timeout):
+            return _rehash(target, delete=True)
+    except LockUnavailable:  # another user's lock file we cannot open: check, change nothing
+        if not target.path.is_file():
+            raise
+        return _rehash(target, delete=False)
 
 
 def _rehash(target: Target, *, delete: bool) -> Verified:

@@ -453,3 +453,123 @@ def test_a_refused_connection_is_said_in_the_systems_words(tmp_path, cache_home,
     import re
 
     assert re.search(r"cannot connect \(\[Errno \d+\] Connection refused\)", str(failed.value))
+
+
+# --------------------------------------------------------------------------- a group-shared cache
+
+
+def refuse_opening(monkeypatch, path: Path, *, writable_only: bool) -> None:
+    """Make ``os.open`` of ``path`` fail with EACCES as for another user's lock file:
+    opening for writing only (``writable_only``: a 0644 file of a colleague), or at all (0600).
+
+    The tests also chmod the file; that alone is what a non-root user meets, but root
+    (whom these tests may run as) bypasses file modes, hence the stand-in.
+    """
+    import errno
+
+    real_open = os.open
+
+    def fake_open(file, flags, *args, **kwargs):
+        exclusive = flags & os.O_EXCL  # an existing file: EEXIST comes before any permission check
+        if Path(file) == path and path.exists() and not exclusive and (not writable_only or flags & os.O_ACCMODE != os.O_RDONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_lock_files_are_created_open_to_every_user_whatever_the_umask(tmp_path):
+    import stat
+
+    from gvsl_cli.download import file_lock
+
+    previous = os.umask(0o022)  # the usual umask: without the fix the file is 0644, the first fetcher's only
+    try:
+        with file_lock(tmp_path / "w.pt.lock", timeout=1.0):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "w.pt.lock").stat().st_mode) == 0o666
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock semantics (POSIX)")
+def test_another_users_read_only_lock_file_still_locks(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):
+    """A colleague's 0644 lock file: opened read-only, and flock on that still excludes."""
+    from gvsl_cli.download import file_lock
+    from gvsl_cli.locking import try_lock
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    lock = cache_home / "weights" / "tiny.pt.lock"
+    lock.chmod(0o444)
+    refuse_opening(monkeypatch, lock, writable_only=True)
+    with pytest.raises(PermissionError):
+        os.open(lock, os.O_RDWR)  # what the old code did, and failed on
+    # The verified file is used (before the fix: "cannot create the lock file ... Permission denied").
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).extra["weights_sha256"] == sha(body)
+    # The lock taken through a read-only descriptor is a real one: a holder keeps others out.
+    holder = os.open(lock, os.O_RDONLY)
+    try:
+        assert try_lock(holder)
+        with pytest.raises(WeightsError, match="another process is still downloading"):
+            with file_lock(lock, timeout=0.3):
+                pass
+    finally:
+        os.close(holder)
+    # A damaged file is replaced as in a cache of one's own (delete and download: the folder is writable).
+    (cache_home / "weights" / "tiny.pt").write_bytes(body[:-1] + b"!")
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == body and len(server.seen) == 2
+
+
+def test_a_lock_file_that_cannot_be_opened_leaves_the_verified_file_usable(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch, capsys):
+    from gvsl_cli.cli import run
+    from gvsl_cli.manifest import load_manifest
+    from gvsl_cli.weights import entry_target, verify
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    lock = cache_home / "weights" / "tiny.pt.lock"
+    lock.chmod(0o600)  # another user's lock file with a strict umask: not even readable
+    refuse_opening(monkeypatch, lock, writable_only=False)
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).kind == "gvsl"
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "tiny"]) == 0
+    assert "\tcached (manifest hash)" in capsys.readouterr().out
+    target = entry_target(load_manifest(manifest).get("tiny"))
+    assert verify(target).status == "ok"
+    # Damaged: reported, not deleted (without the lock gvsl may not replace it), and the hint
+    # does not tell a user whose cache folder is writable to make it writable.
+    target.path.write_bytes(body[:-1] + b"!")
+    with pytest.raises(WeightsError, match="does not match its sha256 .* and its lock file cannot be opened") as refused:
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert f"chmod a+rw {lock}" in refused.value.hint and "make the cache" not in refused.value.hint
+    assert verify(target).status == "mismatch" and target.path.exists()
+    # Not cached at all: a clear error with the same hint.
+    target.path.unlink()
+    with pytest.raises(WeightsError, match=f"cannot open the lock file {lock} \\(Permission denied\\)") as refused:
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert "make the cache" not in refused.value.hint and len(server.seen) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_cache_folders_made_in_a_group_folder_stay_writable_for_the_group(tmp_path, monkeypatch):
+    import stat
+
+    from gvsl_cli.download import file_lock
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a setgid group folder, as labs share them
+    private = tmp_path / "private"
+    previous = os.umask(0o022)
+    try:
+        with file_lock(shared / "urls" / "0123" / "w.pt.lock", timeout=1.0):
+            pass
+        with file_lock(private / "weights" / "w.pt.lock", timeout=1.0):
+            pass
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE((shared / sub).stat().st_mode) for sub in ("urls", "urls/0123")] == [0o2775, 0o2775]
+    assert stat.S_IMODE((private / "weights").stat().st_mode) == 0o755  # elsewhere: the umask, as before
