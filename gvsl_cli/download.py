@@ -134,7 +134,8 @@ class ConsoleReporter(Reporter):
 
 @dataclass(frozen=True)
 class Downloaded:
-    """A verified file now at ``path``: its sha256, size in bytes and the URL that served it."""
+    """A verified file now at ``path``: its sha256, size in bytes and the mirror URL it came
+    from (as listed: not a one-time URL such as Drive's confirmed one)."""
 
     path: Path
     sha256: str
@@ -399,12 +400,16 @@ def _fetch_into(
     partial: _Partial,
     *,
     expected_size: int,
+    hash_known: bool,
     session: "requests.Session",
     options: DownloadOptions,
     reporter: Reporter,
     label: str,
-) -> str:
-    """Make ``partial.path`` hold the complete body of ``url``; returns the URL that served it.
+) -> None:
+    """Make ``partial.path`` hold the complete body of ``url`` (a mirror URL as listed).
+
+    ``hash_known``: the caller checks the result against a known sha256; without one, bytes
+    are only resumed when the server gave a validator for If-Range.
 
     Raises:
         _MirrorFailed: the mirror cannot give the file, or transient failures outlasted
@@ -412,11 +417,17 @@ def _fetch_into(
     """
     import requests
 
+    # The .part file belongs to the mirror URL, not to the URL that serves its bytes: Drive's
+    # confirmed URL carries a one-time uuid, new on every warning page, so keying on it would
+    # never resume across runs. If-Range (the file's ETag / Last-Modified) is what makes sure
+    # the bytes still come from the same file.
     current = url  # becomes Drive's confirmed URL after a confirmation page
     failures_in_a_row = 0
     html_hops = 0
     while True:
-        offset, validator = partial.resumable_from(current)
+        offset, validator = partial.resumable_from(url)
+        if offset and validator is None and not hash_known:
+            offset = 0  # nothing would tell a spliced file from the real one: start over
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -454,7 +465,7 @@ def _fetch_into(
                     length = response.headers.get("Content-Length", "")
                     total = int(length) if length.isdigit() else None
                     mode = "wb"
-                    partial.begin(current, _validator(response))
+                    partial.begin(url, _validator(response))
                 if expected_size and total is not None and total != expected_size:
                     partial.discard()
                     raise _MirrorFailed(f"size mismatch: the server offers {total} bytes, expected {expected_size}; nothing was kept")
@@ -475,7 +486,7 @@ def _fetch_into(
                     reporter.stop()
                 if total is not None and done < total:  # an older urllib3 may end short silently
                     raise _Transient(f"connection closed after {done} of {total} bytes")
-                return current
+                return
         except requests.exceptions.SSLError as exc:
             raise _MirrorFailed(f"TLS error ({_first_line(exc)})") from None
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, _Transient) as exc:
@@ -548,7 +559,7 @@ def download(
     failures = []
     for url in urls:
         try:
-            served_by = _fetch_into(url, partial, expected_size=size, session=session, options=options, reporter=reporter, label=label)
+            _fetch_into(url, partial, expected_size=size, hash_known=sha256 is not None, session=session, options=options, reporter=reporter, label=label)
         except _MirrorFailed as exc:
             failures.append(f"{url}: {exc}")
             continue
@@ -567,5 +578,5 @@ def download(
             continue
         os.replace(partial.path, dest)
         partial.meta.unlink(missing_ok=True)
-        return Downloaded(path=dest, sha256=digest, size=actual_size, url=served_by)
+        return Downloaded(path=dest, sha256=digest, size=actual_size, url=url)
     raise WeightsError(f"{label}: download failed: " + "; ".join(failures), hint="check the URL and your network (proxies: HTTPS_PROXY; CA bundle: REQUESTS_CA_BUNDLE), or use another mirror")

@@ -189,6 +189,45 @@ def test_google_drive_confirmation_page(style, tmp_path, server, cache_home, che
     assert ("uuid=" in confirmed.path) == (style == "form")
 
 
+@pytest.mark.parametrize("changed", [False, True], ids=["same-file", "file-changed"])
+def test_google_drive_download_resumes_in_the_next_run(changed, tmp_path, server, cache_home, checkpoint_bytes):
+    """Drive puts a new uuid in every warning page, so the .part must belong to the manifest's
+    URL; If-Range keeps a file that changed meanwhile from being spliced."""
+    from urllib.parse import parse_qs, urlsplit
+
+    old, new = checkpoint_bytes["gvsl"], checkpoint_bytes["gvsl-v2"] if changed else checkpoint_bytes["gvsl"]
+    server.routes["/uc"] = Route(body=old, drive="form", drop_after=3_000_000, drops=1)
+    mirror = server.url("/uc?export=download&id=FILEID")
+    manifest = add_entry(tmp_path, server, new, urls=[mirror])
+    no_retry = DownloadOptions(read_timeout=2.0, retries=0, backoff=0.01)
+    with pytest.raises(WeightsError, match="connection broke"):  # a run killed mid-file, as far as the cache knows
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=no_retry)
+    kept = (cache_home / "weights" / ".tiny.pt.part").stat().st_size
+    assert 0 < kept <= 3_000_000
+    if changed:
+        server.routes["/uc"].body, server.routes["/uc"].etag = new, '"v2"'
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=no_retry)
+    page1, file1, page2, file2 = server.requests_to("/uc")
+    uuids = [parse_qs(urlsplit(seen.path).query)["uuid"][0] for seen in (file1, file2)]
+    assert uuids[0] != uuids[1]  # a new confirmation URL in the second run...
+    assert file2.range == f"bytes={kept}-" and file2.headers.get("If-Range") == '"v1"'  # ...yet it resumed
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == new  # whole, not spliced, when the file changed
+    assert json.loads((cache_home / "weights" / "tiny.pt.json").read_text())["url"] == mirror
+
+
+def test_without_a_validator_or_a_hash_a_partial_file_is_not_resumed(server, cache_home, checkpoint_bytes):
+    """Trusting an unverified file pins whatever arrives: bytes of two versions spliced
+    together would be pinned, so without If-Range the download starts over."""
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/nv.pt"] = Route(body=body, etag="", drop_after=3_000_000, drops=1)
+    no_retry = DownloadOptions(read_timeout=2.0, retries=0, backoff=0.01)
+    with pytest.raises(WeightsError, match="connection broke"):
+        load_weights_spec(server.url("/nv.pt"), trust_unverified=True, reporter=Reporter(), options=no_retry)
+    load_weights_spec(server.url("/nv.pt"), trust_unverified=True, reporter=Reporter(), options=no_retry)
+    assert [seen.range for seen in server.seen] == [None, None]
+    assert url_target(server.url("/nv.pt")).path.read_bytes() == body
+
+
 def test_google_drive_quota_page_is_explained(tmp_path, server, cache_home, checkpoint_bytes):
     body = checkpoint_bytes["gvsl"]
     server.routes["/uc"] = Route(body=body, drive="quota")
