@@ -492,30 +492,82 @@ def _fetch_into(
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, _Transient) as exc:
             failures_in_a_row = 1 if received else failures_in_a_row + 1
             if failures_in_a_row > options.retries:
-                raise _MirrorFailed(_describe(exc, options)) from None
+                raise _MirrorFailed(_describe(exc, options, url=current, session=session)) from None
             wait = min(options.backoff * 2 ** (failures_in_a_row - 1), options.backoff_max)
             if isinstance(exc, _Transient) and exc.retry_after is not None:
                 wait = min(max(wait, exc.retry_after), options.backoff_max)
-            reporter.notice(f"{label}: {_describe(exc, options)}; retrying in {wait:.1f} s")
+            reporter.notice(f"{label}: {_describe(exc, options, url=current, session=session)}; retrying in {wait:.1f} s")
             time.sleep(wait)
         except requests.exceptions.RequestException as exc:
             raise _MirrorFailed(_first_line(exc)) from None
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return _shortened((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """``text`` cut at a word boundary to at most about ``limit`` characters, marked "…"."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " …"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception at the bottom of requests' and urllib3's wrappers (MaxRetryError's
+    ``reason``, urllib3 ProxyError's ``original_error``, an exception among ``args``)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = getattr(exc, "original_error", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
 
 
 def _connection_reason(exc: BaseException) -> str:
     """The operating system's reason inside urllib3's long wrapper text ("[Errno 111]
-    Connection refused"), else the first line."""
+    Connection refused"), else the message of the innermost exception, whole sentences
+    rather than 200 characters of nested reprs."""
     import re
 
     found = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
-    return found.group(0).strip() if found else _first_line(exc)
+    if found:
+        return found.group(0).strip()
+    inner = _innermost(exc)
+    text = re.sub(r"^\w+\(host=[^)]*\):\s*", "", str(inner).strip())  # urllib3's "HTTPConnection(host=..., port=...): "
+    return _shortened(text.splitlines()[0]) if text else type(inner).__name__
 
 
-def _describe(exc: BaseException, options: DownloadOptions) -> str:
+def _proxy_for(url: str, session: "requests.Session") -> str | None:
+    """The proxy requests uses for ``url`` (environment and session), without credentials."""
+    import requests
+
+    try:
+        proxies = session.merge_environment_settings(url, {}, None, None, None)["proxies"]
+        proxy = requests.utils.select_proxy(url, proxies)
+    except Exception:  # noqa: BLE001 - naming the proxy is a courtesy; the error is reported anyway
+        return None
+    if not proxy:
+        return None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def proxy_variable(urls: Sequence[str]) -> str:
+    """The environment variable(s) that set the proxy for these URLs' schemes."""
+    schemes = sorted({urlsplit(url).scheme.lower() for url in urls} & {"http", "https"}) or ["https"]
+    return " or ".join(f"{scheme.upper()}_PROXY" for scheme in schemes)
+
+
+def _describe(exc: BaseException, options: DownloadOptions, *, url: str = "", session: "requests.Session | None" = None) -> str:
     import requests
 
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -525,7 +577,8 @@ def _describe(exc: BaseException, options: DownloadOptions) -> str:
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "the connection broke during the transfer"
     if isinstance(exc, requests.exceptions.ProxyError):
-        return f"proxy error ({_first_line(exc)})"
+        proxy = _proxy_for(url, session) if url and session is not None else None
+        return f"cannot connect through the proxy{' ' + proxy if proxy else ''} ({_connection_reason(exc)})"
     if isinstance(exc, requests.exceptions.ConnectionError):
         return f"cannot connect ({_connection_reason(exc)})"
     return str(exc)
@@ -579,4 +632,4 @@ def download(
         os.replace(partial.path, dest)
         partial.meta.unlink(missing_ok=True)
         return Downloaded(path=dest, sha256=digest, size=actual_size, url=url)
-    raise WeightsError(f"{label}: download failed: " + "; ".join(failures), hint="check the URL and your network (proxies: HTTPS_PROXY; CA bundle: REQUESTS_CA_BUNDLE), or use another mirror")
+    raise WeightsError(f"{label}: download failed: " + "; ".join(failures), hint=f"check the URL and your network (proxy: {proxy_variable(urls)}; CA bundle: REQUESTS_CA_BUNDLE), or use another mirror")

@@ -612,3 +612,35 @@ def test_cache_folders_made_in_a_group_folder_stay_writable_for_the_group(tmp_pa
         os.umask(previous)
     assert [stat.S_IMODE((shared / sub).stat().st_mode) for sub in ("urls", "urls/0123")] == [0o2775, 0o2775]
     assert stat.S_IMODE((private / "weights").stat().st_mode) == 0o755  # elsewhere: the umask, as before
+
+
+def test_a_dead_proxy_is_named_with_the_systems_reason(cache_home, checkpoint_bytes, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://someone:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    url = f"http://weights.invalid/w.pt#sha256={sha(checkpoint_bytes['gvsl'])}"
+    with pytest.raises(WeightsError) as failed:
+        load_weights_spec(url, reporter=Reporter(), options=DownloadOptions(connect_timeout=2.0, retries=0, backoff=0.01))
+    message = str(failed.value)
+    # Was: "proxy error (HTTPConnectionPool(host='127.0.0.1', port=…): Max retries exceeded … NewConnectionError("HTTPConnection(host='1"
+    import re
+
+    assert re.search(rf"http://weights\.invalid/w\.pt: cannot connect through the proxy http://127\.0\.0\.1:{port} \(\[Errno \d+\] Connection refused\)$", message)
+    assert "s3cret" not in message  # the proxy's credentials are not printed
+    assert "HTTP_PROXY" in failed.value.hint and "HTTPS_PROXY" not in failed.value.hint  # the variable of an http:// URL
+
+
+def test_a_proxy_refusal_without_an_errno_is_said_in_whole():
+    import requests
+    import urllib3
+
+    from gvsl_cli.download import _describe
+
+    refused = urllib3.exceptions.ProxyError("Unable to connect to proxy", OSError("Tunnel connection failed: 407 Proxy Authentication Required"))
+    wrapped = requests.exceptions.ProxyError(urllib3.exceptions.MaxRetryError(None, "/w.pt", reason=refused))
+    assert _describe(wrapped, DownloadOptions()) == "cannot connect through the proxy (Tunnel connection failed: 407 Proxy Authentication Required)"
