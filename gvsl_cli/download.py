@@ -551,13 +551,13 @@ def _proxy_for(url: str, session: "requests.Session") -> str | None:
     try:
         proxies = session.merge_environment_settings(url, {}, None, None, None)["proxies"]
         proxy = requests.utils.select_proxy(url, proxies)
-    except Exception:  # noqa: BLE001 - naming the proxy is a courtesy; the error is reported anyway
+        if not proxy:
+            return None
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    except Exception:  # noqa: BLE001 - naming the proxy is a courtesy (a malformed proxy URL): the error is reported anyway
         return None
-    if not proxy:
-        return None
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    host = parts.hostname or ""
-    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 

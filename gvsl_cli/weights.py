@@ -16,7 +16,10 @@ known (e.g. the official GVSL weights, published without one), gvsl refuses to d
 unless the user opts in (``trust_unverified``; ``--trust-unverified`` or
 ``GVSL_TRUST_UNVERIFIED=1``); it then reports the sha256 it received and pins it in the
 record, and every later load is verified against that pin. Every load re-hashes the cached
-file (about 2 GB/s with SHA extensions), so a file damaged in the cache is caught.
+file (about 2 GB/s with SHA extensions), so a file damaged in the cache is caught. Without a
+hash known now, the record's vouches for the file (the sha256 it was verified against when
+fetched): a bare URL fetched before with ``#sha256=``, or a name fetched with a manifest that
+is not given now (``open_name``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``gvsl fetch-weights``: list, download and verify the pretrained weights of the manifest."""
+"""``gvsl fetch-weights``: list, download, load and verify the pretrained weights of the manifest.
+
+With several names, a failure is reported on its own line and the others are still
+fetched; the exit code is then 7 when some succeeded and 4 when none did (conventions.md).
+"""
 
 from __future__ import annotations
 
@@ -112,7 +116,7 @@ def _verify(manifest, names: list[str], as_json: bool) -> None:
 def fetch_weights(
     names: Optional[List[str]] = typer.Argument(None, help="Manifest names (or http(s) URLs) to fetch or verify.", show_default=False),
     all_entries: bool = typer.Option(False, "--all", help="Fetch every entry of the manifest."),
-    list_entries: bool = typer.Option(False, "--list", help="Show the manifest's entries and whether each is cached."),
+    list_entries: bool = typer.Option(False, "--list", help="Show the manifest's entries and whether each is cached (and cached weights fetched with another manifest)."),
     force: bool = typer.Option(False, "--force", help="Download again even if the cached file is good."),
     verify_cache: bool = typer.Option(False, "--verify", help="Re-hash cached files (the named ones, or all); delete those that do not match."),
     manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="A user manifest added to the built-in one (default: $GVSL_MANIFEST).", show_default=False),
