@@ -215,6 +215,34 @@ def test_google_drive_download_resumes_in_the_next_run(changed, tmp_path, server
     assert json.loads((cache_home / "weights" / "tiny.pt.json").read_text())["url"] == mirror
 
 
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_killed_google_drive_download_resumes_in_the_next_run(tmp_path, server, cache_home, checkpoint_bytes):
+    """The SLURM case: the process is killed (-9) mid-file; the next run asks Drive again,
+    gets a new uuid, and still resumes the .part with a Range request."""
+    import signal
+
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/uc"] = Route(body=body, drive="form", seconds=20.0)  # slow enough to be killed mid-file
+    manifest = add_entry(tmp_path, server, body, urls=[server.url("/uc?export=download&id=FILEID")])
+    part = cache_home / "weights" / ".tiny.pt.part"
+    command = [sys.executable, "-m", "gvsl_cli", "fetch-weights", "-q", "--manifest", str(manifest), "tiny"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.wait(timeout=30)
+    kept = part.stat().st_size
+    assert 0 < kept < len(body)
+    server.routes["/uc"].seconds = 0.0
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    resumed = server.requests_to("/uc")[-1]
+    assert "uuid=" in resumed.path and resumed.range == f"bytes={kept}-"
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == body
+
+
 def test_without_a_validator_or_a_hash_a_partial_file_is_not_resumed(server, cache_home, checkpoint_bytes):
     """Trusting an unverified file pins whatever arrives: bytes of two versions spliced
     together would be pinned, so without If-Range the download starts over."""
