@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from gvsl_cli import __version__
 from gvsl_cli.errors import WeightsError
-from gvsl_cli.locking import try_lock, unlock
+from gvsl_cli.locking import open_lock_file, try_lock, unlock
 
 if TYPE_CHECKING:
     import requests
@@ -134,7 +134,8 @@ class ConsoleReporter(Reporter):
 
 @dataclass(frozen=True)
 class Downloaded:
-    """A verified file now at ``path``: its sha256, size in bytes and the URL that served it."""
+    """A verified file now at ``path``: its sha256, size in bytes and the mirror URL it came
+    from (as listed: not a one-time URL such as Drive's confirmed one)."""
 
     path: Path
     sha256: str
@@ -164,6 +165,49 @@ def new_session() -> "requests.Session":
 # --------------------------------------------------------------------------- locking
 
 
+def make_shared_folder(folder: Path) -> None:
+    """Create ``folder`` and its missing parents; in a group-shared tree, as shared as it.
+
+    A folder with the setgid bit is the usual way to share files with a group (new files
+    get the folder's group). Linux passes that bit on to subfolders, but their permissions
+    come from the creating user's umask (typically 022: no group write), so the first
+    user to fetch would make ``weights/`` or ``urls/<key>/`` read-only for everyone else.
+    A new folder under a setgid folder therefore gets that folder's permissions.
+    """
+    import stat
+
+    missing = []
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for new in reversed(missing):  # from the top down, each like the one above it
+        try:
+            parent_mode = stat.S_IMODE(new.parent.stat().st_mode)
+            if parent_mode & stat.S_ISGID:
+                os.chmod(new, parent_mode & 0o2777)  # not the sticky bit: it would stop replacing files
+        except OSError:  # a file system without modes, or a folder another process made: keep what mkdir gave
+            pass
+
+
+class LockUnavailable(WeightsError):
+    """The lock file of a cached file can be neither created nor opened (a read-only
+    folder, or another user's lock file without read permission for this one).
+
+    Attributes:
+        path: the lock file.
+    """
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        if path.exists() and os.access(path.parent, os.W_OK):
+            hint = f"the folder is writable but this lock file is not readable for you: ask its owner to run `chmod a+rw {path}`, or point GVSL_HOME at a folder of your own"
+        else:
+            hint = "make the cache folder writable for you, or point GVSL_HOME at a writable folder"
+        super().__init__(f"cannot open the lock file {path} ({exc.strerror or exc})", hint=hint)
+        self.path = path
+
+
 @contextmanager
 def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
@@ -173,14 +217,19 @@ def file_lock(path: Path, *, timeout: float, on_wait: Callable[[], None] | None 
     lock a fresh file while a second still waits on the old one). ``on_wait`` is called
     once if another process holds the lock.
 
+    The lock file is created readable and writable by all, and an existing one this user
+    may not write is locked through a read-only descriptor (``locking.open_lock_file``), so
+    a group-shared cache works for every member, not only for the one who fetched first.
+
     Raises:
-        WeightsError: the folder is not writable, or ``timeout`` seconds passed.
+        LockUnavailable: the lock file can be neither created nor opened.
+        WeightsError: ``timeout`` seconds passed.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        make_shared_folder(path.parent)
+        fd = open_lock_file(path)
     except OSError as exc:
-        raise WeightsError(f"cannot create the lock file {path} ({exc.strerror or exc})", hint="make the cache writable or point GVSL_HOME at a writable folder") from None
+        raise LockUnavailable(path, exc) from None
     try:
         deadline = time.monotonic() + timeout
         waiting = False
@@ -330,11 +379,15 @@ class _Partial:
             size = self.path.stat().st_size
         except (OSError, ValueError):
             return 0, None
-        if meta.get("url") != url:
-            return 0, None
+        if meta.get("url") != url or not os.access(self.path, os.W_OK):
+            return 0, None  # another mirror's bytes, or another user's file we cannot append to
         return size, meta.get("validator")
 
     def begin(self, url: str, validator: str | None) -> None:
+        """Start the file afresh for ``url``. The old files are removed rather than
+        overwritten: in a shared cache they may be another user's, which we may replace
+        (the folder is writable) but not write into."""
+        self.discard()
         self.meta.write_text(json.dumps({"url": url, "validator": validator}), encoding="utf-8")
 
     def discard(self) -> None:
@@ -347,12 +400,16 @@ def _fetch_into(
     partial: _Partial,
     *,
     expected_size: int,
+    hash_known: bool,
     session: "requests.Session",
     options: DownloadOptions,
     reporter: Reporter,
     label: str,
-) -> str:
-    """Make ``partial.path`` hold the complete body of ``url``; returns the URL that served it.
+) -> None:
+    """Make ``partial.path`` hold the complete body of ``url`` (a mirror URL as listed).
+
+    ``hash_known``: the caller checks the result against a known sha256; without one, bytes
+    are only resumed when the server gave a validator for If-Range.
 
     Raises:
         _MirrorFailed: the mirror cannot give the file, or transient failures outlasted
@@ -360,11 +417,17 @@ def _fetch_into(
     """
     import requests
 
+    # The .part file belongs to the mirror URL, not to the URL that serves its bytes: Drive's
+    # confirmed URL carries a one-time uuid, new on every warning page, so keying on it would
+    # never resume across runs. If-Range (the file's ETag / Last-Modified) is what makes sure
+    # the bytes still come from the same file.
     current = url  # becomes Drive's confirmed URL after a confirmation page
     failures_in_a_row = 0
     html_hops = 0
     while True:
-        offset, validator = partial.resumable_from(current)
+        offset, validator = partial.resumable_from(url)
+        if offset and validator is None and not hash_known:
+            offset = 0  # nothing would tell a spliced file from the real one: start over
         headers = {"Accept-Encoding": "identity"}  # byte offsets must be those of the file itself
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -402,7 +465,7 @@ def _fetch_into(
                     length = response.headers.get("Content-Length", "")
                     total = int(length) if length.isdigit() else None
                     mode = "wb"
-                    partial.begin(current, _validator(response))
+                    partial.begin(url, _validator(response))
                 if expected_size and total is not None and total != expected_size:
                     partial.discard()
                     raise _MirrorFailed(f"size mismatch: the server offers {total} bytes, expected {expected_size}; nothing was kept")
@@ -423,36 +486,88 @@ def _fetch_into(
                     reporter.stop()
                 if total is not None and done < total:  # an older urllib3 may end short silently
                     raise _Transient(f"connection closed after {done} of {total} bytes")
-                return current
+                return
         except requests.exceptions.SSLError as exc:
             raise _MirrorFailed(f"TLS error ({_first_line(exc)})") from None
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, _Transient) as exc:
             failures_in_a_row = 1 if received else failures_in_a_row + 1
             if failures_in_a_row > options.retries:
-                raise _MirrorFailed(_describe(exc, options)) from None
+                raise _MirrorFailed(_describe(exc, options, url=current, session=session)) from None
             wait = min(options.backoff * 2 ** (failures_in_a_row - 1), options.backoff_max)
             if isinstance(exc, _Transient) and exc.retry_after is not None:
                 wait = min(max(wait, exc.retry_after), options.backoff_max)
-            reporter.notice(f"{label}: {_describe(exc, options)}; retrying in {wait:.1f} s")
+            reporter.notice(f"{label}: {_describe(exc, options, url=current, session=session)}; retrying in {wait:.1f} s")
             time.sleep(wait)
         except requests.exceptions.RequestException as exc:
             raise _MirrorFailed(_first_line(exc)) from None
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return _shortened((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """``text`` cut at a word boundary to at most about ``limit`` characters, marked "…"."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:(") + " …"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception at the bottom of requests' and urllib3's wrappers (MaxRetryError's
+    ``reason``, urllib3 ProxyError's ``original_error``, an exception among ``args``)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = getattr(exc, "original_error", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in exc.args if isinstance(arg, BaseException)), None)
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
 
 
 def _connection_reason(exc: BaseException) -> str:
     """The operating system's reason inside urllib3's long wrapper text ("[Errno 111]
-    Connection refused"), else the first line."""
+    Connection refused"), else the message of the innermost exception, whole sentences
+    rather than 200 characters of nested reprs."""
     import re
 
     found = re.search(r"\[Errno -?\d+\][^'\")\]]*", str(exc))
-    return found.group(0).strip() if found else _first_line(exc)
+    if found:
+        return found.group(0).strip()
+    inner = _innermost(exc)
+    text = re.sub(r"^\w+\(host=[^)]*\):\s*", "", str(inner).strip())  # urllib3's "HTTPConnection(host=..., port=...): "
+    return _shortened(text.splitlines()[0]) if text else type(inner).__name__
 
 
-def _describe(exc: BaseException, options: DownloadOptions) -> str:
+def _proxy_for(url: str, session: "requests.Session") -> str | None:
+    """The proxy requests uses for ``url`` (environment and session), without credentials."""
+    import requests
+
+    try:
+        proxies = session.merge_environment_settings(url, {}, None, None, None)["proxies"]
+        proxy = requests.utils.select_proxy(url, proxies)
+        if not proxy:
+            return None
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    except Exception:  # noqa: BLE001 - naming the proxy is a courtesy (a malformed proxy URL): the error is reported anyway
+        return None
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def proxy_variable(urls: Sequence[str]) -> str:
+    """The environment variable(s) that set the proxy for these URLs' schemes."""
+    schemes = sorted({urlsplit(url).scheme.lower() for url in urls} & {"http", "https"}) or ["https"]
+    return " or ".join(f"{scheme.upper()}_PROXY" for scheme in schemes)
+
+
+def _describe(exc: BaseException, options: DownloadOptions, *, url: str = "", session: "requests.Session | None" = None) -> str:
     import requests
 
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -462,7 +577,8 @@ def _describe(exc: BaseException, options: DownloadOptions) -> str:
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "the connection broke during the transfer"
     if isinstance(exc, requests.exceptions.ProxyError):
-        return f"proxy error ({_first_line(exc)})"
+        proxy = _proxy_for(url, session) if url and session is not None else None
+        return f"cannot connect through the proxy{' ' + proxy if proxy else ''} ({_connection_reason(exc)})"
     if isinstance(exc, requests.exceptions.ConnectionError):
         return f"cannot connect ({_connection_reason(exc)})"
     return str(exc)
@@ -496,7 +612,7 @@ def download(
     failures = []
     for url in urls:
         try:
-            served_by = _fetch_into(url, partial, expected_size=size, session=session, options=options, reporter=reporter, label=label)
+            _fetch_into(url, partial, expected_size=size, hash_known=sha256 is not None, session=session, options=options, reporter=reporter, label=label)
         except _MirrorFailed as exc:
             failures.append(f"{url}: {exc}")
             continue
@@ -515,5 +631,5 @@ def download(
             continue
         os.replace(partial.path, dest)
         partial.meta.unlink(missing_ok=True)
-        return Downloaded(path=dest, sha256=digest, size=actual_size, url=served_by)
-    raise WeightsError(f"{label}: download failed: " + "; ".join(failures), hint="check the URL and your network (proxies: HTTPS_PROXY; CA bundle: REQUESTS_CA_BUNDLE), or use another mirror")
+        return Downloaded(path=dest, sha256=digest, size=actual_size, url=url)
+    raise WeightsError(f"{label}: download failed: " + "; ".join(failures), hint=f"check the URL and your network (proxy: {proxy_variable(urls)}; CA bundle: REQUESTS_CA_BUNDLE), or use another mirror")

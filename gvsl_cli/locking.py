@@ -44,6 +44,38 @@ except ImportError:  # Windows
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
+def open_lock_file(path) -> int:
+    """Open (creating it if needed) a lock file that stays in place, for ``try_lock``.
+
+    Such a file is shared by every user of a folder (a group's weights cache): a new one
+    is made readable and writable by all (0666 whatever the umask: it holds no data, and
+    a colleague must be able to open it after us). An existing file this process may not
+    write (another user's, made before that rule, or under a strict umask) is opened
+    read-only: ``flock`` needs no write access. On Windows, where ``msvcrt.locking``
+    needs a descriptor open for writing, only the first open applies.
+
+    Returns:
+        An open file descriptor (the caller closes it).
+
+    Raises:
+        OSError: the file can be neither created nor opened (a read-only folder, a lock
+            file without read permission).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        try:
+            return os.open(path, os.O_RDWR)
+        except PermissionError:
+            if os.name == "nt":
+                raise
+            return os.open(path, os.O_RDONLY)
+    if hasattr(os, "fchmod"):
+        with contextlib.suppress(OSError):  # a file system without modes (FAT, some SMB): nothing to widen
+            os.fchmod(fd, 0o666)
+    return fd
+
+
 #: The lock file of an output folder while a command writes into it.
 OUTPUT_LOCK_FILE = ".gvsl-output.lock"
 

@@ -91,11 +91,15 @@ class Manifest:
         try:
             return self.entries[name]
         except KeyError:
-            known = ", ".join(self.entries) or "none"
-            raise WeightsError(
-                f"no weights named {name!r} in {', '.join(str(p) for p in self.paths)} (known: {known})",
-                hint="run `gvsl fetch-weights --list`, or give a file path or an http(s) URL",
-            ) from None
+            raise self.unknown(name) from None
+
+    def unknown(self, name: str) -> WeightsError:
+        """The error for a name this manifest does not list."""
+        known = ", ".join(self.entries) or "none"
+        return WeightsError(
+            f"no weights named {name!r} in {', '.join(str(p) for p in self.paths)} (known: {known})",
+            hint="run `gvsl fetch-weights --list`, or give a file path or an http(s) URL",
+        )
 
 
 def _fail(path: Path, where: str, message: str) -> WeightsError:

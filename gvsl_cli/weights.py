@@ -16,7 +16,10 @@ known (e.g. the official GVSL weights, published without one), gvsl refuses to d
 unless the user opts in (``trust_unverified``; ``--trust-unverified`` or
 ``GVSL_TRUST_UNVERIFIED=1``); it then reports the sha256 it received and pins it in the
 record, and every later load is verified against that pin. Every load re-hashes the cached
-file (about 2 GB/s with SHA extensions), so a file damaged in the cache is caught.
+file (about 2 GB/s with SHA extensions), so a file damaged in the cache is caught. Without a
+hash known now, the record's vouches for the file (the sha256 it was verified against when
+fetched): a bare URL fetched before with ``#sha256=``, or a name fetched with a manifest that
+is not given now (``open_name``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gvsl_cli.download import (
     ConsoleReporter,
     DownloadOptions,
+    LockUnavailable,
     Reporter,
     download,
     env_flag,
@@ -42,7 +46,7 @@ from gvsl_cli.download import (
     sha256_file,
 )
 from gvsl_cli.errors import CheckpointError, WeightsError
-from gvsl_cli.manifest import SHA256_PATTERN, Manifest, WeightsEntry, load_manifest
+from gvsl_cli.manifest import NAME_PATTERN, SHA256_PATTERN, Manifest, WeightsEntry, load_manifest
 from gvsl_cli.resources import cache_root
 
 if TYPE_CHECKING:
@@ -97,13 +101,19 @@ class Target:
         return record if isinstance(record, dict) else None
 
     def expected_hash(self) -> tuple[str | None, str | None]:
-        """(sha256, where it comes from); (None, None) when nothing vouches for the file."""
+        """(sha256, where it comes from); (None, None) when nothing vouches for the file.
+
+        The hash known in advance wins. Without one, the record's: the sha256 the cached file
+        was verified against when it was fetched (a pin, or the hash a manifest or a
+        ``#sha256=`` fragment gave then), so a name or bare URL fetched once with a hash
+        stays verifiable without repeating it.
+        """
         if self.sha256:
             return self.sha256, self.hash_source
         record = self.read_record() or {}
-        pinned = record.get("sha256", "")
-        if record.get("hash_source") == HASH_PINNED and isinstance(pinned, str) and SHA256_PATTERN.match(pinned):
-            return pinned, HASH_PINNED
+        recorded, source = record.get("sha256", ""), record.get("hash_source")
+        if source in (HASH_FROM_MANIFEST, HASH_FROM_URL, HASH_PINNED) and isinstance(recorded, str) and SHA256_PATTERN.match(recorded):
+            return recorded, source
         return None, None
 
 
@@ -189,29 +199,44 @@ def _pin_notice(target: Target, sha256: str, size: int) -> str:
     return f"{target.label}: no published sha256; trusted on your request and pinned sha256 {sha256} ({size} bytes) in {target.record_path}"
 
 
-def _use_read_only(target: Target, *, offline: bool = False) -> Fetched:
-    """Verify a file in a cache this process cannot write (a shared site cache), or must not
-    write (``offline``: a look-up that cannot download touches nothing): no lock is taken and
-    nothing is pinned or deleted."""
+#: Why a cached file is verified without the lock (``_use_read_only``): the end of the
+#: message when the file does not match, and the hint.
+_READ_ONLY_REASONS = {
+    "read-only": ("the cache is read-only", "ask whoever maintains the cache to run gvsl fetch-weights --verify, or set GVSL_HOME to a writable folder"),
+    "offline": (f"{OFFLINE_ENV}=1 forbids downloading it again", f"unset {OFFLINE_ENV} so gvsl replaces it, or copy a good cache folder"),
+    "unlockable": ("its lock file cannot be opened, so gvsl may not replace it", "ask whoever fetched it to run gvsl fetch-weights --verify, or set GVSL_HOME to a folder of your own"),
+    "unlisted": ("no manifest lists it, so gvsl cannot download it again", "give the manifest you fetched it with (GVSL_MANIFEST=FILE) so gvsl replaces it, or delete the file"),
+}
+
+
+def _use_read_only(target: Target, *, why: str = "read-only", lock_hint: str | None = None) -> Fetched:
+    """Verify a cached file without taking its lock; nothing is pinned or deleted.
+
+    ``why`` says why (a key of ``_READ_ONLY_REASONS``): a cache this process cannot write
+    (a shared site cache); ``offline``, a look-up that cannot download and so touches
+    nothing; ``unlockable``, a writable cache whose lock file this user cannot open;
+    ``unlisted``, a name no manifest knows, vouched for by its cache record alone.
+    """
     expected, source = target.expected_hash()
-    if expected is None and offline:
+    if expected is None and why == "offline":
         raise _refuse_unverified(target)
     if expected is None:
+        if why == "unlockable":
+            raise WeightsError(
+                f"{target.label}: {target.path} has no known or pinned sha256 and its lock file {target.lock_path} cannot be opened to pin one",
+                hint=lock_hint,
+            )
         raise WeightsError(
             f"{target.label}: {target.path} is in a read-only cache without a known or pinned sha256",
             hint="ask whoever maintains the cache to pin it (gvsl fetch-weights --trust-unverified), or set GVSL_HOME to a writable folder",
         )
     digest = sha256_file(target.path)
     size = target.path.stat().st_size
-    if (digest != expected or (target.size and size != target.size)) and offline:
-        raise WeightsError(
-            f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}) and {OFFLINE_ENV}=1 forbids downloading it again",
-            hint=f"unset {OFFLINE_ENV} so gvsl replaces it, or copy a good cache folder",
-        )
     if digest != expected or (target.size and size != target.size):
+        tail, hint = _READ_ONLY_REASONS[why]
         raise WeightsError(
-            f"{target.label}: {target.path} does not match its sha256 (expected {expected}, got {digest}) and the cache is read-only",
-            hint="ask whoever maintains the cache to run gvsl fetch-weights --verify, or set GVSL_HOME to a writable folder",
+            f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}) and {tail}",
+            hint=lock_hint or hint,
         )
     return Fetched(target.path, digest, size, source, downloaded=False)
 
@@ -251,13 +276,19 @@ def fetch(
     if offline and not trust_unverified:
         # Pinning a hash (trust_unverified) is the one write an offline look-up may make,
         # on the user's request; it takes the locked path below.
-        return _use_read_only(target, offline=True)
+        return _use_read_only(target, why="offline")
 
     def waiting() -> None:
         reporter.notice(f"{target.label}: another process is downloading it; waiting")
 
     try:
         return _fetch_locked(target, force=force, trust_unverified=trust_unverified, offline=offline, reporter=reporter, options=options, session_factory=session_factory, on_wait=waiting)
+    except LockUnavailable as exc:
+        # A writable, shared cache whose lock file another user made unreadable for us:
+        # the verified file can still be used as it is, like in a read-only cache.
+        if force or not target.path.is_file():
+            raise
+        return _use_read_only(target, why="unlockable", lock_hint=exc.hint)
     except OSError as exc:  # the cache's file system: full, quota, permissions (network errors are WeightsErrors by now)
         where = exc.filename or target.path.parent
         raise WeightsError(
@@ -285,8 +316,8 @@ def _fetch_locked(target: Target, *, force, trust_unverified, offline, reporter,
             reporter.notice(f"{target.label}: the cached file {target.path} does not match its sha256 (expected {expected}, got {digest}); deleted it", warning=True)
         if offline:  # the cached file failed its check and was deleted
             raise _offline_not_cached(target)
-        if force and trust_unverified and source == HASH_PINNED:
-            expected, source = None, None  # the user asked to trust what the server gives now
+        if force and trust_unverified and not target.sha256:
+            expected, source = None, None  # only the record vouched: the user asked to trust what the server gives now
         if expected is None and not trust_unverified:
             raise _refuse_unverified(target)
         got = download(
@@ -325,8 +356,13 @@ def verify(target: Target, *, options: DownloadOptions = DownloadOptions()) -> V
     """
     if target.path.is_file() and not os.access(target.path.parent, os.W_OK):
         return _rehash(target, delete=False)
-    with file_lock(target.lock_path, timeout=options.lock_timeout):
-        return _rehash(target, delete=True)
+    try:
+        with file_lock(target.lock_path, timeout=options.lock_timeout):
+            return _rehash(target, delete=True)
+    except LockUnavailable:  # another user's lock file we cannot open: check, change nothing
+        if not target.path.is_file():
+            raise
+        return _rehash(target, delete=False)
 
 
 def _rehash(target: Target, *, delete: bool) -> Verified:
@@ -380,6 +416,29 @@ def _check_against_entry(loaded: "LoadedWeights", entry: WeightsEntry, path: Pat
         )
 
 
+def _load_fetched(target: Target, fetched: Fetched, check: Callable[["LoadedWeights"], None] | None = None) -> "LoadedWeights":
+    """Load a fetched file (and ``check`` it). When this very call pinned it and it fails,
+    file and pin are removed: what the server gave is not weights gvsl can use.
+
+    Raises:
+        CheckpointError: unloadable file, or ``check`` refused it.
+    """
+    from gvsl_cli.checkpoint import load_weights
+
+    try:
+        loaded = load_weights(fetched.path)
+        if check is not None:
+            check(loaded)
+    except CheckpointError:
+        if fetched.pinned_now:
+            with file_lock(target.lock_path, timeout=DownloadOptions().lock_timeout):
+                target.path.unlink(missing_ok=True)
+                target.record_path.unlink(missing_ok=True)
+        raise
+    loaded.extra["weights_sha256"] = fetched.sha256
+    return loaded
+
+
 def open_entry(entry: WeightsEntry, *, root: Path | None = None, **fetch_options) -> tuple[Fetched, "LoadedWeights"]:
     """Fetch a manifest entry (see ``fetch``), load it and check it is what the entry says.
 
@@ -392,21 +451,104 @@ def open_entry(entry: WeightsEntry, *, root: Path | None = None, **fetch_options
         WeightsError: see ``fetch``.
         CheckpointError: unloadable file, or format/width other than the entry's.
     """
-    from gvsl_cli.checkpoint import load_weights
-
     target = entry_target(entry, root)
     fetched = fetch(target, **fetch_options)
-    try:
-        loaded = load_weights(fetched.path)
-        _check_against_entry(loaded, entry, fetched.path)
-    except CheckpointError:
-        if fetched.pinned_now:
-            with file_lock(target.lock_path, timeout=DownloadOptions().lock_timeout):
-                target.path.unlink(missing_ok=True)
-                target.record_path.unlink(missing_ok=True)
-        raise
+    loaded = _load_fetched(target, fetched, lambda loaded: _check_against_entry(loaded, entry, fetched.path))
     loaded.extra["weights_name"] = entry.name
-    loaded.extra["weights_sha256"] = fetched.sha256
+    return fetched, loaded
+
+
+def open_url(url: str, *, root: Path | None = None, **fetch_options) -> tuple[Fetched, "LoadedWeights"]:
+    """Fetch the file at an http(s) URL (see ``fetch``; ``#sha256=`` gives its hash) and load it.
+
+    Raises:
+        WeightsError: see ``fetch``.
+        CheckpointError: not a loadable gvsl checkpoint or official GVSL state_dict (a file
+            pinned by this call is then removed with its pin).
+    """
+    target = url_target(url, root)
+    fetched = fetch(target, **fetch_options)
+    return fetched, _load_fetched(target, fetched)
+
+
+def cached_name_target(name: str, root: Path | None = None) -> Target | None:
+    """The cache slot ``weights/NAME.pt`` of a name no manifest lists, when the file is
+    there and its record holds the sha256 it was verified against; else None.
+
+    Such a file was fetched with a manifest that is not given now (``fetch-weights
+    --manifest site.toml NAME`` on a login node, then ``--weights NAME`` in a job): its
+    record vouches for it as the manifest did, so the name still means it.
+    """
+    if not NAME_PATTERN.match(name):
+        return None
+    root = cache_root() if root is None else root
+    path = root / "weights" / f"{name}.pt"
+    if not path.is_file():
+        return None
+    bare = Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=path, root=root)
+    record = bare.read_record() or {}
+    if bare.expected_hash()[0] is None:
+        return None
+    url, size = record.get("url"), record.get("size")
+    return Target(
+        label=bare.label,
+        urls=(url,) if isinstance(url, str) and is_url(url) else (),
+        sha256="",  # expected_hash() takes the record's
+        hash_source=HASH_FROM_MANIFEST,
+        size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
+        path=path,
+        root=root,
+    )
+
+
+def cached_name_targets(manifest: Manifest, root: Path | None = None) -> list[tuple[str, Target]]:
+    """(name, target) of each verified-on-fetch file in ``weights/`` that ``manifest`` does not list."""
+    root = cache_root() if root is None else root
+    found = []
+    for path in sorted((root / "weights").glob("*.pt")):
+        name = path.name[: -len(".pt")]
+        target = None if name in manifest.entries else cached_name_target(name, root)
+        if target is not None:
+            found.append((name, target))
+    return found
+
+
+def _unknown_name(name: str, manifest: Manifest, root: Path) -> WeightsError:
+    """The error for a name neither the manifest nor a cache record knows."""
+    unknown = manifest.unknown(name)
+    orphan = root / "weights" / f"{name}.pt"
+    if not (NAME_PATTERN.match(name) and orphan.is_file()):
+        return unknown
+    return WeightsError(
+        f"{unknown}; {orphan} is in the cache but has no record of the sha256 it was verified against",
+        hint=f"give the manifest you fetched it with (GVSL_MANIFEST=FILE), or its path {orphan} to load it as a plain file",
+    )
+
+
+def open_name(name: str, manifest: Manifest, *, root: Path | None = None, reporter: Reporter = Reporter(), **fetch_options) -> tuple[Fetched, "LoadedWeights"]:
+    """Fetch and load the weights called ``name``: a manifest entry (``open_entry``), else a
+    file in the cache that was verified when fetched under that name (``cached_name_target``:
+    verified against its record, never downloaded, nothing written).
+
+    Raises:
+        WeightsError: unknown name (the message says so when the cache holds a file of
+            that name without a record), or see ``fetch``.
+        CheckpointError: see ``open_entry``.
+    """
+    if name in manifest.entries:
+        return open_entry(manifest.get(name), root=root, reporter=reporter, **fetch_options)
+    target = cached_name_target(name, root)
+    if target is None:
+        raise _unknown_name(name, manifest, cache_root() if root is None else root)
+    if fetch_options.get("force"):
+        raise WeightsError(
+            f"{target.label}: no manifest lists it, so gvsl cannot download it again (--force); the cached {target.path} stays",
+            hint="give the manifest you fetched it with (--manifest FILE or GVSL_MANIFEST=FILE)",
+        )
+    reporter.notice(f"{target.label}: no manifest lists it; using the cached file, verified against the sha256 in {target.record_path}")
+    fetched = _use_read_only(target, why="unlisted")
+    loaded = _load_fetched(target, fetched)
+    loaded.extra["weights_name"] = name
     return fetched, loaded
 
 
@@ -464,9 +606,7 @@ def load_weights_spec(
         options=options,
     )
     if is_url(spec):
-        fetched = fetch(url_target(spec), **fetch_options)
-        loaded = load_weights(fetched.path)
-        loaded.extra["weights_sha256"] = fetched.sha256
+        _, loaded = open_url(spec, **fetch_options)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -482,6 +622,6 @@ def load_weights_spec(
             raise WeightsError(f"weights {spec!r}: no such file", hint="give the path of a gvsl checkpoint or an official GVSL .pth file, a manifest name or a URL")
         else:
             known = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-            _, loaded = open_entry(known.get(spec), **fetch_options)
+            _, loaded = open_name(spec, known, **fetch_options)
     loaded.extra["weights_spec"] = spec
     return loaded

@@ -82,11 +82,14 @@ def test_unverified_entry_needs_trust_then_pins(tmp_path, server, cache_home, ch
 def test_all_goes_on_after_a_failure(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
     manifest = write_manifest(tmp_path, server, {"one": checkpoint_bytes["gvsl"]})
     monkeypatch.setenv("GVSL_MANIFEST", str(manifest))
-    assert run(["fetch-weights", "--all"]) == 4  # the official entry has no hash: refused
+    assert run(["fetch-weights", "--all"]) == 7  # some done, some failed (conventions.md); the official entry has no hash
     captured = capsys.readouterr()
     assert captured.out.startswith("one\t")
     assert "error: gvsl-official-cardiac-ct: " in captured.err
     assert "1 of 2 weights could not be fetched: gvsl-official-cardiac-ct" in captured.err
+    assert run(["fetch-weights", "-q", "nosuch", "gvsl-official-cardiac-ct"]) == 4  # none fetched: the weights error
+    captured = capsys.readouterr()
+    assert captured.out == "" and "2 of 2 weights could not be fetched: nosuch, gvsl-official-cardiac-ct" in captured.err
 
 
 def test_offline_cli_names_the_missing_entry(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
@@ -154,3 +157,83 @@ def test_quiet_commands_download_weights_without_a_progress_bar(tmp_path, server
     (cache_home / "urls").rename(tmp_path / "moved-cache")  # download again, not quiet
     assert run([*args, "-o", str(tmp_path / "loud")]) == 0
     assert "w.pt" in capsys.readouterr().err and len(server.seen) == 2
+
+
+def test_weights_fetched_with_a_manifest_stay_usable_by_name_without_it(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
+    """fetch-weights --manifest site.toml NAME on a login node, then --weights NAME in a job
+    that does not give the manifest: the cache record's sha256 vouches for the file."""
+    import json
+
+    from gvsl_cli.download import Reporter
+    from gvsl_cli.weights import load_weights_spec
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"site8": body})
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "site8"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("GVSL_OFFLINE", "1")  # the job: no network, no manifest
+    loaded = load_weights_spec("site8", reporter=Reporter())
+    assert loaded.kind == "gvsl" and loaded.extra["weights_name"] == "site8" and loaded.extra["weights_sha256"] == hashlib.sha256(body).hexdigest()
+    assert run(["fetch-weights", "site8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("site8\t") and "\tcached (manifest hash)" in captured.out
+    assert "no manifest lists it; using the cached file, verified against the sha256 in" in captured.err
+    assert run(["fetch-weights", "--list"]) == 0
+    assert table_row(capsys.readouterr().out, "site8") == ["site8", "8.2 MB", "-", "-", "yes", "record", "(in the cache; no manifest lists it)"]
+    assert run(["fetch-weights", "--list", "--json", "site8"]) == 0
+    assert json.loads(capsys.readouterr().out)["hash"] == "record"
+    assert run(["fetch-weights", "--verify", "--json"]) == 0
+    assert [json.loads(line)["status"] for line in capsys.readouterr().out.splitlines()] == ["ok"]
+    # A damaged copy is refused (it cannot be downloaded again without the manifest) and kept...
+    cached = cache_home / "weights" / "site8.pt"
+    cached.write_bytes(b"x" + body[1:])
+    assert run(["fetch-weights", "site8"]) == 4
+    err = capsys.readouterr().err
+    assert "does not match its sha256" in err and "no manifest lists it, so gvsl cannot download it again" in err and cached.exists()
+    # ...until --verify removes it, like any damaged cached file.
+    assert run(["fetch-weights", "--verify", "site8"]) == 4
+    assert not cached.exists() and "MISMATCH: deleted" in capsys.readouterr().out
+    assert len(server.seen) == 1
+    # A file of that name without a record: the unknown-name error says where it is.
+    cached.write_bytes(body)
+    (cache_home / "weights" / "site8.pt.json").unlink()
+    assert run(["fetch-weights", "site8"]) == 4
+    err = capsys.readouterr().err
+    assert "no weights named 'site8'" in err and f"{cached} is in the cache but has no record of the sha256" in err
+
+
+def test_fetching_a_url_loads_the_file(tmp_path, server, cache_home, checkpoint_bytes, capsys):
+    server.routes["/empty.pt"] = Route(body=b"")
+    server.routes["/notes.txt"] = Route(body=b"not weights\n")
+    empty = server.url("/empty.pt") + f"#sha256={hashlib.sha256(b'').hexdigest()}"
+    assert run(["fetch-weights", "-q", empty]) == 3  # was "downloaded", exit 0, for a file no command can use
+    assert "the file is empty" in capsys.readouterr().err
+    # Trusted on first use and unusable: removed with its pin, as for manifest entries.
+    assert run(["fetch-weights", "-q", "--trust-unverified", server.url("/notes.txt")]) == 3
+    capsys.readouterr()
+    from gvsl_cli.weights import url_target
+
+    target = url_target(server.url("/notes.txt"))
+    assert not target.path.exists() and not target.record_path.exists()
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/w8.pt"] = Route(body=body)
+    assert run(["fetch-weights", "-q", server.url("/w8.pt") + f"#sha256={hashlib.sha256(body).hexdigest()}"]) == 0
+    assert "\tdownloaded (url hash)" in capsys.readouterr().out
+
+
+def test_verify_of_a_url_without_its_fragment_uses_the_recorded_hash(server, cache_home, checkpoint_bytes, capsys):
+    import json
+
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/w8.pt"] = Route(body=body)
+    url = server.url("/w8.pt")
+    assert run(["fetch-weights", "-q", f"{url}#sha256={hashlib.sha256(body).hexdigest()}"]) == 0
+    capsys.readouterr()
+    assert run(["fetch-weights", "--verify", "--json", url]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"  # was "unpinned" ("no known hash")
+    from gvsl_cli.weights import url_target
+
+    cached = url_target(url).path
+    cached.write_bytes(body[:100] + bytes([body[100] ^ 1]) + body[101:])
+    assert run(["fetch-weights", "--verify", "--json", url]) == 4
+    assert json.loads(capsys.readouterr().out)["status"] == "deleted" and not cached.exists()

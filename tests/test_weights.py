@@ -189,6 +189,73 @@ def test_google_drive_confirmation_page(style, tmp_path, server, cache_home, che
     assert ("uuid=" in confirmed.path) == (style == "form")
 
 
+@pytest.mark.parametrize("changed", [False, True], ids=["same-file", "file-changed"])
+def test_google_drive_download_resumes_in_the_next_run(changed, tmp_path, server, cache_home, checkpoint_bytes):
+    """Drive puts a new uuid in every warning page, so the .part must belong to the manifest's
+    URL; If-Range keeps a file that changed meanwhile from being spliced."""
+    from urllib.parse import parse_qs, urlsplit
+
+    old, new = checkpoint_bytes["gvsl"], checkpoint_bytes["gvsl-v2"] if changed else checkpoint_bytes["gvsl"]
+    server.routes["/uc"] = Route(body=old, drive="form", drop_after=3_000_000, drops=1)
+    mirror = server.url("/uc?export=download&id=FILEID")
+    manifest = add_entry(tmp_path, server, new, urls=[mirror])
+    no_retry = DownloadOptions(read_timeout=2.0, retries=0, backoff=0.01)
+    with pytest.raises(WeightsError, match="connection broke"):  # a run killed mid-file, as far as the cache knows
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=no_retry)
+    kept = (cache_home / "weights" / ".tiny.pt.part").stat().st_size
+    assert 0 < kept <= 3_000_000
+    if changed:
+        server.routes["/uc"].body, server.routes["/uc"].etag = new, '"v2"'
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=no_retry)
+    page1, file1, page2, file2 = server.requests_to("/uc")
+    uuids = [parse_qs(urlsplit(seen.path).query)["uuid"][0] for seen in (file1, file2)]
+    assert uuids[0] != uuids[1]  # a new confirmation URL in the second run...
+    assert file2.range == f"bytes={kept}-" and file2.headers.get("If-Range") == '"v1"'  # ...yet it resumed
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == new  # whole, not spliced, when the file changed
+    assert json.loads((cache_home / "weights" / "tiny.pt.json").read_text())["url"] == mirror
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_a_killed_google_drive_download_resumes_in_the_next_run(tmp_path, server, cache_home, checkpoint_bytes):
+    """The SLURM case: the process is killed (-9) mid-file; the next run asks Drive again,
+    gets a new uuid, and still resumes the .part with a Range request."""
+    import signal
+
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/uc"] = Route(body=body, drive="form", seconds=20.0)  # slow enough to be killed mid-file
+    manifest = add_entry(tmp_path, server, body, urls=[server.url("/uc?export=download&id=FILEID")])
+    part = cache_home / "weights" / ".tiny.pt.part"
+    command = [sys.executable, "-m", "gvsl_cli", "fetch-weights", "-q", "--manifest", str(manifest), "tiny"]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not (part.is_file() and part.stat().st_size > 0) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.wait(timeout=30)
+    kept = part.stat().st_size
+    assert 0 < kept < len(body)
+    server.routes["/uc"].seconds = 0.0
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    resumed = server.requests_to("/uc")[-1]
+    assert "uuid=" in resumed.path and resumed.range == f"bytes={kept}-"
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == body
+
+
+def test_without_a_validator_or_a_hash_a_partial_file_is_not_resumed(server, cache_home, checkpoint_bytes):
+    """Trusting an unverified file pins whatever arrives: bytes of two versions spliced
+    together would be pinned, so without If-Range the download starts over."""
+    body = checkpoint_bytes["gvsl"]
+    server.routes["/nv.pt"] = Route(body=body, etag="", drop_after=3_000_000, drops=1)
+    no_retry = DownloadOptions(read_timeout=2.0, retries=0, backoff=0.01)
+    with pytest.raises(WeightsError, match="connection broke"):
+        load_weights_spec(server.url("/nv.pt"), trust_unverified=True, reporter=Reporter(), options=no_retry)
+    load_weights_spec(server.url("/nv.pt"), trust_unverified=True, reporter=Reporter(), options=no_retry)
+    assert [seen.range for seen in server.seen] == [None, None]
+    assert url_target(server.url("/nv.pt")).path.read_bytes() == body
+
+
 def test_google_drive_quota_page_is_explained(tmp_path, server, cache_home, checkpoint_bytes):
     body = checkpoint_bytes["gvsl"]
     server.routes["/uc"] = Route(body=body, drive="quota")
@@ -453,3 +520,155 @@ def test_a_refused_connection_is_said_in_the_systems_words(tmp_path, cache_home,
     import re
 
     assert re.search(r"cannot connect \(\[Errno \d+\] Connection refused\)", str(failed.value))
+
+
+# --------------------------------------------------------------------------- a group-shared cache
+
+
+def refuse_opening(monkeypatch, path: Path, *, writable_only: bool) -> None:
+    """Make ``os.open`` of ``path`` fail with EACCES as for another user's lock file:
+    opening for writing only (``writable_only``: a 0644 file of a colleague), or at all (0600).
+
+    The tests also chmod the file; that alone is what a non-root user meets, but root
+    (whom these tests may run as) bypasses file modes, hence the stand-in.
+    """
+    import errno
+
+    real_open = os.open
+
+    def fake_open(file, flags, *args, **kwargs):
+        exclusive = flags & os.O_EXCL  # an existing file: EEXIST comes before any permission check
+        if Path(file) == path and path.exists() and not exclusive and (not writable_only or flags & os.O_ACCMODE != os.O_RDONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_lock_files_are_created_open_to_every_user_whatever_the_umask(tmp_path):
+    import stat
+
+    from gvsl_cli.download import file_lock
+
+    previous = os.umask(0o022)  # the usual umask: without the fix the file is 0644, the first fetcher's only
+    try:
+        with file_lock(tmp_path / "w.pt.lock", timeout=1.0):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "w.pt.lock").stat().st_mode) == 0o666
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock semantics (POSIX)")
+def test_another_users_read_only_lock_file_still_locks(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch):
+    """A colleague's 0644 lock file: opened read-only, and flock on that still excludes."""
+    from gvsl_cli.download import file_lock
+    from gvsl_cli.locking import try_lock
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    lock = cache_home / "weights" / "tiny.pt.lock"
+    lock.chmod(0o444)
+    refuse_opening(monkeypatch, lock, writable_only=True)
+    with pytest.raises(PermissionError):
+        os.open(lock, os.O_RDWR)  # what the old code did, and failed on
+    # The verified file is used (before the fix: "cannot create the lock file ... Permission denied").
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).extra["weights_sha256"] == sha(body)
+    # The lock taken through a read-only descriptor is a real one: a holder keeps others out.
+    holder = os.open(lock, os.O_RDONLY)
+    try:
+        assert try_lock(holder)
+        with pytest.raises(WeightsError, match="another process is still downloading"):
+            with file_lock(lock, timeout=0.3):
+                pass
+    finally:
+        os.close(holder)
+    # A damaged file is replaced as in a cache of one's own (delete and download: the folder is writable).
+    (cache_home / "weights" / "tiny.pt").write_bytes(body[:-1] + b"!")
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert (cache_home / "weights" / "tiny.pt").read_bytes() == body and len(server.seen) == 2
+
+
+def test_a_lock_file_that_cannot_be_opened_leaves_the_verified_file_usable(tmp_path, server, cache_home, checkpoint_bytes, monkeypatch, capsys):
+    from gvsl_cli.cli import run
+    from gvsl_cli.manifest import load_manifest
+    from gvsl_cli.weights import entry_target, verify
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = add_entry(tmp_path, server, body)
+    load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    lock = cache_home / "weights" / "tiny.pt.lock"
+    lock.chmod(0o600)  # another user's lock file with a strict umask: not even readable
+    refuse_opening(monkeypatch, lock, writable_only=False)
+    assert load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST).kind == "gvsl"
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "tiny"]) == 0
+    assert "\tcached (manifest hash)" in capsys.readouterr().out
+    target = entry_target(load_manifest(manifest).get("tiny"))
+    assert verify(target).status == "ok"
+    # Damaged: reported, not deleted (without the lock gvsl may not replace it), and the hint
+    # does not tell a user whose cache folder is writable to make it writable.
+    target.path.write_bytes(body[:-1] + b"!")
+    with pytest.raises(WeightsError, match="does not match its sha256 .* and its lock file cannot be opened") as refused:
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert f"chmod a+rw {lock}" in refused.value.hint and "make the cache" not in refused.value.hint
+    assert verify(target).status == "mismatch" and target.path.exists()
+    # Not cached at all: a clear error with the same hint.
+    target.path.unlink()
+    with pytest.raises(WeightsError, match=f"cannot open the lock file {lock} \\(Permission denied\\)") as refused:
+        load_weights_spec("tiny", manifest=manifest, reporter=Reporter(), options=FAST)
+    assert "make the cache" not in refused.value.hint and len(server.seen) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_cache_folders_made_in_a_group_folder_stay_writable_for_the_group(tmp_path, monkeypatch):
+    import stat
+
+    from gvsl_cli.download import file_lock
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a setgid group folder, as labs share them
+    private = tmp_path / "private"
+    previous = os.umask(0o022)
+    try:
+        with file_lock(shared / "urls" / "0123" / "w.pt.lock", timeout=1.0):
+            pass
+        with file_lock(private / "weights" / "w.pt.lock", timeout=1.0):
+            pass
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE((shared / sub).stat().st_mode) for sub in ("urls", "urls/0123")] == [0o2775, 0o2775]
+    assert stat.S_IMODE((private / "weights").stat().st_mode) == 0o755  # elsewhere: the umask, as before
+
+
+def test_a_dead_proxy_is_named_with_the_systems_reason(cache_home, checkpoint_bytes, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://someone:s3cret@127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    url = f"http://weights.invalid/w.pt#sha256={sha(checkpoint_bytes['gvsl'])}"
+    with pytest.raises(WeightsError) as failed:
+        load_weights_spec(url, reporter=Reporter(), options=DownloadOptions(connect_timeout=2.0, retries=0, backoff=0.01))
+    message = str(failed.value)
+    # Was: "proxy error (HTTPConnectionPool(host='127.0.0.1', port=…): Max retries exceeded … NewConnectionError("HTTPConnection(host='1"
+    import re
+
+    assert re.search(rf"http://weights\.invalid/w\.pt: cannot connect through the proxy http://127\.0\.0\.1:{port} \(\[Errno \d+\] Connection refused\)$", message)
+    assert "s3cret" not in message  # the proxy's credentials are not printed
+    assert "HTTP_PROXY" in failed.value.hint and "HTTPS_PROXY" not in failed.value.hint  # the variable of an http:// URL
+
+
+def test_a_proxy_refusal_without_an_errno_is_said_in_whole():
+    import requests
+    import urllib3
+
+    from gvsl_cli.download import _describe
+
+    refused = urllib3.exceptions.ProxyError("Unable to connect to proxy", OSError("Tunnel connection failed: 407 Proxy Authentication Required"))
+    wrapped = requests.exceptions.ProxyError(urllib3.exceptions.MaxRetryError(None, "/w.pt", reason=refused))
+    assert _describe(wrapped, DownloadOptions()) == "cannot connect through the proxy (Tunnel connection failed: 407 Proxy Authentication Required)"

@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-DRIVE_UUID = "0b6c8e3e-test-uuid"
 DRIVE_TOKEN = "tok3n"
 
 
@@ -35,6 +35,8 @@ class Route:
         hang: seconds to wait before answering.
         seconds: spread the body over this many seconds (to make downloads overlap).
         drive: "form", "cookie" or "quota": a Drive-style page comes first (quota: only it).
+            As Drive does, every "form" page carries a new ``uuid``; the file is served to
+            any uuid that was issued (``drive_uuids``, in order).
         etag: the strong validator sent with the file.
         content_type: of the file.
     """
@@ -51,6 +53,7 @@ class Route:
     drive: str = ""
     etag: str = '"v1"'
     content_type: str = "application/octet-stream"
+    drive_uuids: list[str] = field(default_factory=list)
 
     @property
     def sha256(self) -> str:
@@ -107,18 +110,19 @@ def _drive_page(server: WeightsServer, path: str, query: dict, route: Route, han
     """Answer the confirmation page when the request has not confirmed yet; True if answered."""
     file_id = query.get("id", ["x"])[0]
     cookie = handler.headers.get("Cookie", "")
-    if route.drive == "form" and query.get("confirm") == ["t"] and query.get("uuid") == [DRIVE_UUID]:
+    if route.drive == "form" and query.get("confirm") == ["t"] and query.get("uuid", [""])[0] in route.drive_uuids:
         return False
     if route.drive == "cookie" and query.get("confirm") == [DRIVE_TOKEN] and f"download_warning_1_{file_id}={DRIVE_TOKEN}" in cookie:
         return False
     if route.drive == "form":
+        route.drive_uuids.append(str(uuid.uuid4()))
         page = (
             "<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>"
             "<p>Google Drive can't scan this file for viruses.</p>"
             f'<form id="download-form" action="{server.url(path)}" method="get">'
             '<input type="submit" id="uc-download-link" value="Download anyway"/>'
             f'<input type="hidden" name="id" value="{file_id}"><input type="hidden" name="export" value="download">'
-            f'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="{DRIVE_UUID}"></form></body></html>'
+            f'<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="{route.drive_uuids[-1]}"></form></body></html>'
         )
         cookies = []
     elif route.drive == "cookie":

@@ -1,4 +1,8 @@
-"""``gvsl fetch-weights``: list, download and verify the pretrained weights of the manifest."""
+"""``gvsl fetch-weights``: list, download, load and verify the pretrained weights of the manifest.
+
+With several names, a failure is reported on its own line and the others are still
+fetched; the exit code is then 7 when some succeeded and 4 when none did (conventions.md).
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,17 @@ def _list(manifest, names: list[str], as_json: bool) -> None:
     from gvsl_cli.commands.output import table_console
     from rich.table import Table
 
-    from gvsl_cli.weights import HASH_PINNED, entry_target
+    from gvsl_cli.weights import HASH_PINNED, cached_name_target, cached_name_targets, entry_target
 
-    entries = [manifest.get(name) for name in names] if names else list(manifest.entries.values())
+    if names:
+        chosen = [(name, cached_name_target(name)) for name in names if name not in manifest.entries]
+        unknown = [name for name, target in chosen if target is None]
+        if unknown:
+            raise manifest.unknown(unknown[0])
+        entries = [manifest.entries[name] for name in names if name in manifest.entries]
+        unlisted = chosen
+    else:
+        entries, unlisted = list(manifest.entries.values()), cached_name_targets(manifest)
     table = Table(title="weights in " + ", ".join(str(p) for p in manifest.paths))
     table.add_column("name", no_wrap=True)
     for column in ("size", "format", "modality", "cached", "hash"):
@@ -31,20 +43,28 @@ def _list(manifest, names: list[str], as_json: bool) -> None:
     table.add_column("licence", overflow="fold")
     for entry in entries:
         target = entry_target(entry)
-        record = target.read_record() or {}
         cached = target.path.is_file()
         size = entry.size or (target.path.stat().st_size if cached else 0)
+        _, source = target.expected_hash()
         if entry.has_hash:
             hash_state = "manifest"
-        elif record.get("hash_source") == HASH_PINNED:
-            hash_state = "pinned"
-        else:
+        elif source is None:
             hash_state = "none"
+        else:  # a pin, or the hash the file was verified against when fetched (another manifest's)
+            hash_state = "pinned" if source == HASH_PINNED else "record"
         if as_json:
             row = {"name": entry.name, "bytes": size or None, "format": entry.format, "width": entry.width, "modality": entry.modality,
                    "cached": cached, "path": str(target.path), "hash": hash_state, "licence": entry.licence}
             typer.echo(json.dumps(row))
         table.add_row(entry.name, _megabytes(size), f"{entry.format} w{entry.width}", entry.modality, "yes" if cached else "no", hash_state, entry.licence)
+    # Files fetched under a name no manifest given now lists (fetch-weights --manifest X NAME):
+    # usable as --weights NAME through their record; format and licence are the manifest's to say.
+    for name, target in unlisted:
+        size = target.path.stat().st_size
+        if as_json:
+            typer.echo(json.dumps({"name": name, "bytes": size, "format": None, "width": None, "modality": None,
+                                   "cached": True, "path": str(target.path), "hash": "record", "licence": None}))
+        table.add_row(name, _megabytes(size), "-", "-", "yes", "record", "(in the cache; no manifest lists it)")
     if not as_json:
         table_console().print(table)
 
@@ -54,12 +74,20 @@ def _verify(manifest, names: list[str], as_json: bool) -> None:
     from rich.table import Table
 
     from gvsl_cli.errors import WeightsError
-    from gvsl_cli.weights import cached_url_targets, entry_target, url_target, verify
+    from gvsl_cli.weights import cached_name_target, cached_name_targets, cached_url_targets, entry_target, is_url, url_target, verify
+
+    def named(name: str):
+        if is_url(name):
+            return url_target(name)  # without #sha256=, the record's hash (what it was fetched with)
+        if name in manifest.entries:
+            return entry_target(manifest.entries[name])
+        return cached_name_target(name) or entry_target(manifest.get(name))
 
     if names:
-        targets = [(name, url_target(name) if name.lower().startswith(("http://", "https://")) else entry_target(manifest.get(name))) for name in names]
+        targets = [(name, named(name)) for name in names]
     else:  # everything in the cache
         targets = [(e.name, entry_target(e)) for e in manifest.entries.values() if entry_target(e).path.is_file()]
+        targets += cached_name_targets(manifest)
         targets += [(t.label, t) for t in cached_url_targets()]
     table = Table("weights", "status", "sha256", "file")
     words = {"ok": "ok", "missing": "not cached", "unpinned": "no known hash", "deleted": "MISMATCH: deleted", "mismatch": "MISMATCH: read-only cache, kept"}
@@ -81,14 +109,14 @@ def _verify(manifest, names: list[str], as_json: bool) -> None:
     if deleted:
         raise WeightsError(
             "sha256 mismatch, the damaged cached files were deleted: " + "; ".join(deleted),
-            hint="run gvsl fetch-weights NAME to download them again",
+            hint="run gvsl fetch-weights NAME to download them again (with the manifest that lists NAME)",
         )
 
 
 def fetch_weights(
     names: Optional[List[str]] = typer.Argument(None, help="Manifest names (or http(s) URLs) to fetch or verify.", show_default=False),
     all_entries: bool = typer.Option(False, "--all", help="Fetch every entry of the manifest."),
-    list_entries: bool = typer.Option(False, "--list", help="Show the manifest's entries and whether each is cached."),
+    list_entries: bool = typer.Option(False, "--list", help="Show the manifest's entries and whether each is cached (and cached weights fetched with another manifest)."),
     force: bool = typer.Option(False, "--force", help="Download again even if the cached file is good."),
     verify_cache: bool = typer.Option(False, "--verify", help="Re-hash cached files (the named ones, or all); delete those that do not match."),
     manifest_file: Optional[Path] = typer.Option(None, "--manifest", help="A user manifest added to the built-in one (default: $GVSL_MANIFEST).", show_default=False),
@@ -102,9 +130,9 @@ def fetch_weights(
     from rich.console import Console
 
     from gvsl_cli.download import ConsoleReporter, env_flag
-    from gvsl_cli.errors import ConfigError, GvslError, WeightsError
+    from gvsl_cli.errors import ConfigError, GvslError, IncompleteError, WeightsError
     from gvsl_cli.manifest import load_manifest
-    from gvsl_cli.weights import OFFLINE_ENV, TRUST_ENV, fetch, is_url, open_entry, url_target
+    from gvsl_cli.weights import OFFLINE_ENV, TRUST_ENV, is_url, open_name, open_url
 
     names = list(names or [])
     modes = [flag for flag, on in (("--list", list_entries), ("--verify", verify_cache), ("--all", all_entries)) if on]
@@ -138,10 +166,8 @@ def fetch_weights(
     failed = []
     for name in targets:
         try:
-            if is_url(name):
-                fetched = fetch(url_target(name), **options)
-            else:
-                fetched, _ = open_entry(manifest.get(name), **options)
+            # Loaded as a command would load it, so an unusable file fails here (exit 3), not in a job.
+            fetched, _ = open_url(name, **options) if is_url(name) else open_name(name, manifest, **options)
         except GvslError as exc:
             if len(targets) == 1:
                 raise
@@ -151,4 +177,6 @@ def fetch_weights(
         state = "downloaded" if fetched.downloaded else "cached"
         typer.echo(f"{name}\t{fetched.path}\tsha256={fetched.sha256}\t{fetched.size} bytes\t{state} ({fetched.hash_source} hash)")
     if failed:
-        raise WeightsError(f"{len(failed)} of {len(targets)} weights could not be fetched: {', '.join(failed)}")
+        # conventions.md: 7 when some of many inputs failed and the others were done; 4 when none was.
+        error = IncompleteError if len(failed) < len(targets) else WeightsError
+        raise error(f"{len(failed)} of {len(targets)} weights could not be fetched: {', '.join(failed)}")
