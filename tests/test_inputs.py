@@ -270,6 +270,10 @@ def test_output_named_like_a_volume_file_is_refused_before_any_work(tmp_path, mr
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: -o pred.nii.gz: -o names a folder, and this is a volume file name") and "\n" not in err
     assert not (tmp_path / "pred.nii.gz").exists()
+    # Nor a data file's name (`embed -o features.jsonl` made a folder of that name).
+    assert run([part.format(**names) for part in command] + ["-o", "features.jsonl"]) == 2
+    assert capsys.readouterr().err.startswith("error: -o features.jsonl: -o names a folder, and this is a .jsonl file name")
+    assert not (tmp_path / "features.jsonl").exists()
     # An existing folder of such a name stays usable.
     from gvsl_cli.commands.inputs import refuse_stdout_folder
 

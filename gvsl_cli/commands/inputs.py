@@ -44,14 +44,21 @@ def refuse_stdout_folder(value: Optional[Path]) -> Optional[Path]:
 
     if value is not None and os.fspath(value) == "-":
         raise InputError("-o -: outputs are files written into a folder, not a stream on stdout", hint="give a folder name with -o")
-    if value is not None and volume_suffix(Path(value)) is not None and not Path(value).is_dir():
-        # TotalSegmentator's `-o file.nii.gz` habit: a folder of that name would break the
-        # next tool that opens it as a volume.
-        raise InputError(
-            f"-o {value}: -o names a folder, and this is a volume file name",
-            hint="give a folder (outputs are written into it under their own names, e.g. OUT/CASE.nii.gz)",
-        )
+    if value is not None and not Path(value).is_dir():
+        suffix = volume_suffix(Path(value)) or Path(value).suffix.lower()
+        if volume_suffix(Path(value)) is not None or suffix in DATA_FILE_SUFFIXES:
+            # TotalSegmentator's `-o file.nii.gz` habit (or `embed -o features.jsonl`): a
+            # folder of that name would break the next tool that opens it as a file.
+            what = "a volume file name" if volume_suffix(Path(value)) is not None else f"a {suffix} file name"
+            raise InputError(
+                f"-o {value}: -o names a folder, and this is {what}",
+                hint="give a folder (outputs are written into it under their own names, e.g. OUT/CASE.nii.gz or OUT/embeddings.jsonl)",
+            )
     return value
+
+
+#: File endings of gvsl's data outputs that a folder given with -o should not carry.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".npy", ".npz", ".csv", ".pt", ".pth", ".tfm", ".mat", ".h5")
 
 
 def given_on_command_line(context, names: Sequence[str]) -> frozenset[str]:
