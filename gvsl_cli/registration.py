@@ -185,6 +185,11 @@ class Transform:
         return points @ affine[:3, :3].T + affine[:3, 3]
 
 
+#: A moving point counts as inside when the interpolated moving mask there is at least
+#: 1 − this: its sampled intensity is then at most 0.1 % background fill (``Level.inside_moving``).
+WHOLE_INSIDE_TOLERANCE = 1e-3
+
+
 @dataclass
 class Level:
     """One resolution level of the optimisation.
@@ -222,14 +227,28 @@ class Level:
         from_fixed = torch.as_tensor(self.fixed_grid.normalized_to_physical(), dtype=affine.dtype, device=affine.device)
         return (to_moving @ affine @ from_fixed)[:3].unsqueeze(0).float()
 
+    def inside_moving(self, grid: torch.Tensor) -> torch.Tensor:
+        """1 where the moving features sampled at ``grid`` (normalised moving x, y, z; (1, ..., 3))
+        come from voxels inside the moving field of view alone, else 0: (1, 1, ...) float32,
+        no gradient.
+
+        The moving mask is interpolated like the features and kept where it is whole
+        (>= 1 − ``WHOLE_INSIDE_TOLERANCE``), i.e. where every voxel the interpolation reads is
+        inside. Where it is fractional, the sampled intensity is a blend of the edge voxels
+        with the zero background beyond (or, on a coarse level, of a voxel half padding):
+        counting such points by their share (as up to gvsl 0.1.x) matched darkened copies of
+        the edge, and the moving image's edge slices were pulled by up to 3–6 mm
+        (docs/registration.md, "What is scored")."""
+        with torch.no_grad():
+            share = spatial.sample(self.moving_mask, grid.detach())
+            return (share >= 1.0 - WHOLE_INSIDE_TOLERANCE).to(share.dtype)
+
     def weight(self, grid: torch.Tensor, fixed_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Similarity weights of the fixed points mapped to ``grid`` (1, D, H, W, 3) normalised
-        moving (x, y, z): ``fixed_mask`` (default: the level's, (1, 1, D, H, W)) times the
-        moving field-of-view mask at the mapped points (0 beyond the moving grid). No gradient:
-        the weights say which points are scored, they are not optimised."""
-        with torch.no_grad():
-            inside_moving = spatial.sample(self.moving_mask, grid.detach())
-            return (self.fixed_mask if fixed_mask is None else fixed_mask) * inside_moving
+        moving (x, y, z): ``fixed_mask`` (default: the level's, (1, 1, D, H, W)) times
+        ``inside_moving`` at the mapped points (0 beyond the moving grid). No gradient: the
+        weights say which points are scored, they are not optimised."""
+        return (self.fixed_mask if fixed_mask is None else fixed_mask) * self.inside_moving(grid)
 
     def moved(self, affine: torch.Tensor, displacement: torch.Tensor | None, padding_mode: str = "zeros", *, with_weight: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Moving features resampled onto the fixed level grid through φ, and their weights
@@ -239,14 +258,11 @@ class Level:
 
     def moved_at(self, affine: torch.Tensor, points: torch.Tensor, padding_mode: str = "zeros", *, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Moving features (1, C, N, 1, 1) at fixed points (N, 3) (normalised x, y, z of the
-        fixed level grid) mapped through the physical affine (4, 4), and the moving
-        field-of-view mask there (1, 1, N, 1, 1) (no gradient; None unless ``with_mask``)."""
+        fixed level grid) mapped through the physical affine (4, 4), and ``inside_moving``
+        there (1, 1, N, 1, 1) (no gradient; None unless ``with_mask``)."""
         theta = self.theta(affine)[0]
         grid = (points @ theta[:, :3].T + theta[:, 3]).view(1, -1, 1, 1, 3)
-        inside_moving = None
-        if with_mask:
-            with torch.no_grad():
-                inside_moving = spatial.sample(self.moving_mask, grid.detach())
+        inside_moving = self.inside_moving(grid) if with_mask else None
         return spatial.sample(self.moving, grid, padding_mode=padding_mode), inside_moving
 
     def sample_points(self, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
