@@ -487,7 +487,7 @@ def cached_name_target(name: str, root: Path | None = None) -> Target | None:
         return None
     bare = Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=path, root=root)
     record = bare.read_record() or {}
-    if bare.expected_hash()[0] is None:
+    if bare.expected_hash()[0] is None or _other_owner(bare) is not None:
         return None
     url, size = record.get("url"), record.get("size")
     return Target(
@@ -499,6 +499,26 @@ def cached_name_target(name: str, root: Path | None = None) -> Target | None:
         path=path,
         root=root,
     )
+
+
+def _other_owner(target: Target) -> int | None:
+    """The uid of another user who owns ``target``'s file or its record, else None.
+
+    A record vouches for a file only as far as its writer is trusted: in a cache the
+    group can write, anyone could put a file and a matching record under a name no
+    manifest lists. Files of this user or of root (an administrator) are trusted; on
+    systems without uids (Windows) every file is.
+    """
+    if not hasattr(os, "geteuid"):
+        return None
+    for path in (target.path, target.record_path):
+        try:
+            owner = path.stat().st_uid
+        except OSError:
+            continue
+        if owner not in (os.geteuid(), 0):
+            return owner
+    return None
 
 
 def cached_name_targets(manifest: Manifest, root: Path | None = None) -> list[tuple[str, Target]]:
@@ -519,6 +539,13 @@ def _unknown_name(name: str, manifest: Manifest, root: Path) -> WeightsError:
     orphan = root / "weights" / f"{name}.pt"
     if not (NAME_PATTERN.match(name) and orphan.is_file()):
         return unknown
+    slot = Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=orphan, root=root)
+    owner = _other_owner(slot)
+    if owner is not None and slot.expected_hash()[0] is not None:
+        return WeightsError(
+            f"{unknown}; {orphan} is in the cache under that name, but it or its record belongs to another user (uid {owner}), so the record vouches for nothing",
+            hint=f"give the manifest it was fetched with (GVSL_MANIFEST=FILE: its sha256 is then checked), or its path {orphan} to load it as a plain file",
+        )
     return WeightsError(
         f"{unknown}; {orphan} is in the cache but has no record of the sha256 it was verified against",
         hint=f"give the manifest you fetched it with (GVSL_MANIFEST=FILE), or its path {orphan} to load it as a plain file",
@@ -545,7 +572,7 @@ def open_name(name: str, manifest: Manifest, *, root: Path | None = None, report
             f"{target.label}: no manifest lists it, so gvsl cannot download it again (--force); the cached {target.path} stays",
             hint="give the manifest you fetched it with (--manifest FILE or GVSL_MANIFEST=FILE)",
         )
-    reporter.notice(f"{target.label}: no manifest lists it; using the cached file, verified against the sha256 in {target.record_path}")
+    reporter.notice(f"{target.label}: no manifest lists it; using the cached file, which matches the sha256 in its record {target.record_path}")
     fetched = _use_read_only(target, why="unlisted")
     loaded = _load_fetched(target, fetched)
     loaded.extra["weights_name"] = name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from gvsl_cli.cli import run
 from weights_server import Route, manifest_toml
 from weights_server import cache_home, checkpoint_bytes, server  # noqa: F401, F811 - pytest fixtures used by name
@@ -177,7 +179,7 @@ def test_weights_fetched_with_a_manifest_stay_usable_by_name_without_it(tmp_path
     assert run(["fetch-weights", "site8"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("site8\t") and "\tcached (manifest hash)" in captured.out
-    assert "no manifest lists it; using the cached file, verified against the sha256 in" in captured.err
+    assert "no manifest lists it; using the cached file, which matches the sha256 in its record" in captured.err
     assert run(["fetch-weights", "--list"]) == 0
     assert table_row(capsys.readouterr().out, "site8") == ["site8", "8.2 MB", "-", "-", "yes", "record", "(in the cache; no manifest lists it)"]
     assert run(["fetch-weights", "--list", "--json", "site8"]) == 0
@@ -200,6 +202,38 @@ def test_weights_fetched_with_a_manifest_stay_usable_by_name_without_it(tmp_path
     assert run(["fetch-weights", "site8"]) == 4
     err = capsys.readouterr().err
     assert "no weights named 'site8'" in err and f"{cached} is in the cache but has no record of the sha256" in err
+
+
+def test_a_record_of_another_user_vouches_for_nothing(tmp_path, server, cache_home, checkpoint_bytes, capsys, monkeypatch):
+    """In a cache the group can write, anyone could plant weights/NAME.pt and a matching
+    record: a name no manifest lists resolves to it only when this user (or root) wrote
+    both. The tests run as root, so "this user" is played by uid 1000 and the planter by
+    uid 1234 (root may chown)."""
+    import os
+
+    body = checkpoint_bytes["gvsl"]
+    manifest = write_manifest(tmp_path, server, {"site8": body})
+    assert run(["fetch-weights", "-q", "--manifest", str(manifest), "site8"]) == 0
+    capsys.readouterr()
+    cached = cache_home / "weights" / "site8.pt"
+    record = cache_home / "weights" / "site8.pt.json"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    if os.stat(cached).st_uid not in (0, 1000):
+        pytest.skip("the cache files belong to neither root nor the stand-in user")
+    assert run(["fetch-weights", "site8"]) == 0  # root's files: trusted
+    capsys.readouterr()
+    try:
+        os.chown(record, 1234, -1)
+    except PermissionError:
+        pytest.skip("cannot give a file to another user here (not root)")
+    assert run(["fetch-weights", "site8"]) == 4
+    err = capsys.readouterr().err
+    assert f"{cached} is in the cache under that name, but it or its record belongs to another user (uid 1234)" in err
+    assert "GVSL_MANIFEST=FILE" in err
+    assert run(["fetch-weights", "--list", "--json", "site8"]) == 4  # not listed as a record-backed name either
+    capsys.readouterr()
+    # With the manifest, its sha256 decides, whoever wrote the file.
+    assert run(["fetch-weights", "--manifest", str(manifest), "site8", "-q"]) == 0
 
 
 def test_fetching_a_url_loads_the_file(tmp_path, server, cache_home, checkpoint_bytes, capsys):
