@@ -240,6 +240,28 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
 
 
+#: Marks run settings that record the contract in effect (runs from 2026-11-26 on).
+CONTRACT_IN_EFFECT = "contract_in_effect"
+
+
+def _contract_kept_by_older_init_runs(stored: dict[str, Any], preprocess: PreprocessConfig) -> dict[str, Any]:
+    """The stored run settings, with the contract a run started with ``--init`` trained with.
+
+    Runs started before 2026-11-26 with --init and without --spacing/--modality recorded
+    the command line's defaults (1 mm, auto), not the --init weights' contract they
+    trained with, which their checkpoint holds; resumed as recorded, they went on at
+    another spacing and mapping. Their checkpoint's spacing, and its modality where the
+    record says auto, are taken instead. (Newer runs record the contract in effect.)
+    """
+    if not stored.get("init") or stored.get(CONTRACT_IN_EFFECT):
+        return stored
+    corrected = dict(stored)
+    corrected["spacing"] = preprocess.spacing
+    if stored.get("modality") == "auto" and preprocess.modality in ("ct", "mr"):
+        corrected["modality"] = preprocess.modality
+    return corrected
+
+
 def _resolve_settings(config: PretrainConfig, stored: dict[str, Any]) -> PretrainConfig:
     """On resume: run-defining settings from the checkpoint; conflicting explicit ones refused."""
     changes = {}
@@ -358,11 +380,19 @@ def _load_dataset(config: PretrainConfig, preprocess: PreprocessConfig, context:
             decided += f"; {fewer.upper()}: " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         reporter.note(f"--modality auto: {decided} (CT when the minimum is below -500, i.e. Hounsfield units; MR otherwise; set --modality to override)")
     else:
-        _warn_about_misfit_mapping(dataset, preprocess.modality, "--modality" if "modality" in config.explicit else f"the contract of --init {config.init}", reporter, on_rank)
+        _warn_about_misfit_mapping(dataset, preprocess.modality, _mapping_source(config), reporter, on_rank, resumed=config.resume and "modality" not in config.explicit)
     return dataset
 
 
-def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_source: str, reporter: Reporter, on_rank: str) -> None:
+def _mapping_source(config: PretrainConfig) -> str:
+    """Where a fixed intensity mapping came from, in the words of the misfit warning."""
+    if "modality" in config.explicit:
+        return "--modality"
+    kept = ", kept by the run" if config.resume else ""
+    return f"the contract of --init {config.init}{kept}" if config.init else f"the run's --modality{kept}"
+
+
+def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_source: str, reporter: Reporter, on_rank: str, *, resumed: bool = False) -> None:
     """One warning when volumes look like another modality than the fixed ``mapping``
     ("ct"/"mr") maps them as: an MR squeezed by the CT window (or a HU CT mapped by MR
     percentiles) trains the network on intensities it will never be given, and the weights'
@@ -376,7 +406,8 @@ def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_
     looks = "CT (minimum below -500: Hounsfield units)" if other == "ct" else "MR (no Hounsfield-unit minimum)"
     reporter.note(
         f"warning: {len(misfits)} of {len(dataset.volumes)} volumes{on_rank} look like {looks} but are mapped as {mapping.upper()} "
-        f"({mapping_source}): {names}; give --modality {other} (or auto) if they are {other.upper()}"
+        f"({mapping_source}): {names}; "
+        + (f"if they are {other.upper()}, start a new run in another folder with --modality {other} (or auto)" if resumed else f"give --modality {other} (or auto) if they are {other.upper()}")
     )
 
 
@@ -435,7 +466,7 @@ def _pretrain(config: PretrainConfig, context: distributed.DistContext, reporter
     checkpoint_path = run_dir / CHECKPOINT_FILE
     resumed = open_run(run_dir, checkpoint_path, resume=config.resume, command="pretrain")
     if resumed is not None:
-        config = _resolve_settings(config, resumed.extra["run"])
+        config = _resolve_settings(config, _contract_kept_by_older_init_runs(resumed.extra["run"], resumed.preprocess))
         if not config.inputs:
             stored = resumed.extra
             config = dataclasses.replace(
@@ -487,6 +518,9 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
         init_state, init_affine_trained = None, bool(resumed.extra.get("init_affine_trained", False))
     else:
         model_config, preprocess, init_state, init_affine_trained = _model_and_contract(config, reporter)
+        # The run records the contract and width in effect (from --init unless given), so
+        # that --resume goes on with them, not with the command line's defaults.
+        config = dataclasses.replace(config, spacing=preprocess.spacing, modality=preprocess.modality, width=model_config.width)
     dataset = _load_dataset(config, preprocess, context, reporter, cache_root)
     sampler_patch = data_mod.effective_patch(dataset.volumes, (config.patch,) * 3)
     if sampler_patch != (config.patch,) * 3:
@@ -526,7 +560,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
 
     contract = _contract_for_checkpoint(preprocess, dataset)
     run_record = {
-        "run": config.run_settings(),
+        "run": {**config.run_settings(), CONTRACT_IN_EFFECT: True},
         "inputs": [os.path.abspath(path) for path in config.inputs],
         "include": list(config.include),
         "exclude": list(config.exclude),

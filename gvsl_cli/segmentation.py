@@ -310,17 +310,61 @@ class InputName:
     channel: object = None  # segmentation_data.Channel | None
 
 
-def _volume_stems(folder: Path) -> set[str]:
-    """The names (volume ending stripped) of the volume files directly in ``folder``,
-    hidden ones (macOS ``._*``) left out; empty when it cannot be listed."""
+def _volume_files(folder: Path) -> dict[str, Path]:
+    """The volume files directly in ``folder`` by name (volume ending stripped), hidden
+    ones (macOS ``._*``) left out; empty when it cannot be listed."""
     from gvsl_cli.data import strip_volume_suffix
     from gvsl_cli.io import volume_suffix
 
     try:
         with os.scandir(folder) as entries:
-            return {strip_volume_suffix(e.name) for e in entries if not e.name.startswith(".") and volume_suffix(e.name) is not None}
+            return {strip_volume_suffix(e.name): folder / e.name for e in entries if not e.name.startswith(".") and volume_suffix(e.name) is not None}
     except OSError:
-        return set()
+        return {}
+
+
+def _header_grid(path: Path) -> tuple | None:
+    """(size, spacing, origin, direction) from ``path``'s header (no voxels read), rounded
+    to 1e-4 mm; None when the header cannot be read."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return (reader.GetSize(), *(tuple(round(v, 4) for v in values) for values in (reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())))
+
+
+def _confirmed_channels(channels: dict, files: dict[str, Path]) -> dict:
+    """``nnunet_channels``' reading of one folder, kept only where the volumes agree.
+
+    File names alone cannot tell nnU-Net's multi-channel cases from numbered families side
+    by side (``img_0000`` … ``_0002`` beside ``mask_0000`` … ``_0002``: one export of images
+    and masks). nnU-Net requires a case's channels to share one grid, while numbered files
+    of different patients almost never do: a case counts as multi-channel only when the
+    headers of all its channel files give one grid, and the pattern only while at least
+    two such cases share a channel set. The headers are read lazily, a case at a time.
+    """
+    cases: dict[str, list[str]] = {}
+    for stem, channel in channels.items():
+        if channel is not None:
+            cases.setdefault(channel.case, []).append(stem)
+    confirmed: dict[str, bool] = {}
+
+    def one_grid(case: str) -> bool:
+        if case not in confirmed:
+            grids = {_header_grid(files[stem]) if stem in files else None for stem in cases[case]}
+            confirmed[case] = len(grids) == 1 and None not in grids
+        return confirmed[case]
+
+    def pattern_holds(case: str, channel_set: tuple) -> bool:
+        if not one_grid(case):
+            return False
+        return any(one_grid(other) for other in sorted(cases) if other != case and channels[cases[other][0]].channels == channel_set)
+
+    return {stem: channel if channel is not None and pattern_holds(channel.case, channel.channels) else None for stem, channel in channels.items()}
 
 
 def input_names(paths: Sequence[Path]) -> dict[Path, InputName]:
@@ -334,7 +378,8 @@ def input_names(paths: Sequence[Path]) -> dict[Path, InputName]:
     - numbered files (``sub_0000``, ``sub_0001``, ``sub_0002`` in one folder, the one stem
       so numbered) keep their whole names;
     - in a folder of nnU-Net's multi-channel pattern (several cases sharing channels
-      0..k, ``segmentation_data.nnunet_channels``) every channel is named by its case
+      0..k, ``segmentation_data.nnunet_channels``, each case's channels on one grid:
+      ``_confirmed_channels``) every channel is named by its case
       (``BRATS_001_0002`` -> ``BRATS_001.nii.gz``), and ``channel`` says which it is
       (``plan_outputs`` refuses two channels of one case).
     """
@@ -346,8 +391,10 @@ def input_names(paths: Sequence[Path]) -> dict[Path, InputName]:
         by_folder.setdefault(Path(os.path.abspath(path)).parent, []).append(path)
     named: dict[Path, InputName] = {}
     for folder, members in by_folder.items():
-        stems = {strip_volume_suffix(Path(p).name) for p in members} | _volume_stems(folder)
-        cases, channels = nnunet_case_names(stems), nnunet_channels(stems)
+        files = _volume_files(folder)
+        files.update({strip_volume_suffix(Path(p).name): Path(p) for p in members})
+        stems = set(files)
+        cases, channels = nnunet_case_names(stems), _confirmed_channels(nnunet_channels(stems), files)
         for path in members:
             stem = strip_volume_suffix(Path(path).name)
             channel = channels[stem]
@@ -485,6 +532,10 @@ def segment_files(
                 result = SegmentResult(str(source), str(target), "failed", other)
             else:
                 result = SegmentResult(str(source), str(target), "skipped", "output exists (--overwrite replaces it)")
+        elif target.exists() and record is not None and channels[os.path.abspath(source)] is not None and (
+            other := _made_by_another_channel(source, target, record.made_from_another_input(target, source), channels[os.path.abspath(source)])
+        ):
+            result = SegmentResult(str(source), str(target), "failed", other)
         else:
             try:
                 image = read_volume(source)
@@ -553,15 +604,27 @@ def _made_from_another_input(source: Path, target: Path, record: OutputRecord | 
         return _made_from_another_image(source, target)
     if recorded.startswith("an earlier version of "):
         return f"{target} exists but was made from {recorded} (see {RUN_FILE}); segment it again with --overwrite"
-    if recorded and channel is not None and _is_channel_of(Path(recorded), channel.case, Path(os.path.abspath(source)).parent):
-        return (
-            f"{target} exists, made from {Path(recorded).name}, another channel of the multi-channel nnU-Net case {channel.case} "
-            f"(see {RUN_FILE}); a single-channel model segments one channel per case: give only the channel it was trained on"
-        )
+    another_channel = _made_by_another_channel(source, target, recorded, channel)
+    if another_channel:
+        return another_channel
     if recorded:
         return (
             f"{target} exists but was made from {recorded} (see {RUN_FILE}); "
             "give all inputs in one call (same-named files then get sub-folders), use another -o, or --overwrite"
+        )
+    return ""
+
+
+def _made_by_another_channel(source: Path, target: Path, recorded: str | None, channel) -> str:
+    """Why ``target`` may not be replaced by ``source``'s label map ('' when it may):
+    ``recorded`` (the input the index says made it) is another channel of ``source``'s
+    multi-channel case. Also under --overwrite, which replaces an input's own earlier
+    output, not the one its case's other channel made: a loop of one-file calls would
+    otherwise leave the last channel's labels, silently."""
+    if recorded and channel is not None and _is_channel_of(Path(recorded), channel.case, Path(os.path.abspath(source)).parent):
+        return (
+            f"{target} exists, made from {Path(recorded).name}, another channel of the multi-channel nnU-Net case {channel.case} "
+            f"(see {RUN_FILE}); a single-channel model segments one channel per case: give only the channel it was trained on"
         )
     return ""
 

@@ -759,3 +759,34 @@ def test_mr_volumes_mapped_by_ct_init_weights_are_warned_about_also_from_the_cac
         ], attempt
     assert run(_args(volumes, tmp_path / "run_mr", cache, "--iters", "1", "--init", str(ct_weights), "--modality", "mr")) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_run_started_from_init_weights_resumes_with_their_contract(volumes, tmp_path, capsys):
+    """--init without --spacing/--modality trains with the weights' contract (4 mm, CT here);
+    --resume goes on with it, not with the command line's defaults (1 mm, auto), and the
+    misfit warning then names the run's contract and a way that works."""
+    from gvsl_cli.checkpoint import load_weights, save_checkpoint
+    from gvsl_cli.config import ModelConfig, PreprocessConfig
+    from gvsl_cli.model import GVSL
+
+    ct_weights = tmp_path / "ct8.pt"
+    torch.manual_seed(0)
+    save_checkpoint(ct_weights, GVSL(ModelConfig(width=8)), PreprocessConfig(spacing=4.0, modality="ct"))
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--cache-dir", str(cache), "--device", "cpu", "--workers", "1", "--quiet"]
+    assert run(["pretrain", str(volumes), "-o", str(run_dir), "--init", str(ct_weights), "--patch", "32", "--iters", "1", *common]) == 0
+    capsys.readouterr()
+    assert run(["pretrain", "-o", str(run_dir), "--resume", "--iters", "2", *common]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings and f"(the contract of --init {ct_weights}, kept by the run)" in warnings[0]
+    assert "start a new run in another folder with --modality mr" in warnings[0]
+    final = load_weights(run_dir / "model.pt")
+    assert (final.preprocess.spacing, final.preprocess.modality) == (4.0, "ct")
+
+    # A run recorded before 2026-11-26 kept the command line's defaults in its settings:
+    # its checkpoint's contract wins on resume.
+    from gvsl_cli.pretraining import CONTRACT_IN_EFFECT, _contract_kept_by_older_init_runs
+
+    older = {"spacing": 1.0, "modality": "auto", "init": str(ct_weights), "width": 32}
+    assert _contract_kept_by_older_init_runs(older, final.preprocess) == {**older, "spacing": 4.0, "modality": "ct"}
+    assert _contract_kept_by_older_init_runs({**older, CONTRACT_IN_EFFECT: True}, final.preprocess)["modality"] == "auto"

@@ -583,10 +583,33 @@ def test_a_multichannel_imagests_is_refused_and_one_chosen_channel_is_named_by_c
     # A loop of one-file calls meets the label map another channel made: a failure that says so.
     assert run(["segment", str(ts / "BRATS_001_0001.nii.gz"), *segment, "-q"]) == 7
     assert "exists, made from BRATS_001_0002.nii.gz, another channel of the multi-channel nnU-Net case BRATS_001" in capsys.readouterr().err
+    # Also with --overwrite, which replaces an input's own output, not its case's other channel's.
+    assert run(["segment", str(ts / "BRATS_001_0001.nii.gz"), *segment, "-q", "--overwrite"]) == 7
+    assert "another channel of the multi-channel nnU-Net case BRATS_001" in capsys.readouterr().err
+    assert run(["segment", str(ts / "BRATS_001_0002.nii.gz"), *segment, "-q", "--overwrite"]) == 0
     # One stem numbered 0000, 0001, 0002 and nothing else: three numbered cases, as before.
     numbered = _noise_volumes(tmp_path / "numbered", ["sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"])
     assert run(["segment", str(numbered), "--model", str(model_path), "-o", str(tmp_path / "num_out"), "--overlap", "0", "-q"]) == 0
     assert _files(tmp_path / "num_out") == ["segment.json", "sub_0000.nii.gz", "sub_0001.nii.gz", "sub_0002.nii.gz"]
+
+
+def test_numbered_images_beside_their_masks_are_not_channels(model_path, tmp_path, capsys):
+    """img_0000..0002 beside mask_0000..0002 (an export of images and masks of three
+    patients) match the multi-channel names, but a case's channels share one grid and these
+    do not: the images are numbered cases, given by a glob or one by one."""
+    side = tmp_path / "side"
+    _noise_volumes(side, [f"{stem}_{k:04d}.nii.gz" for stem in ("img", "mask") for k in range(3)])
+    for k in range(3):  # each patient its own grid
+        for stem in ("img", "mask"):
+            image = sitk.ReadImage(str(side / f"{stem}_{k:04d}.nii.gz"))
+            image.SetOrigin((10.0 * k, 0.0, 0.0))
+            sitk.WriteImage(image, str(side / f"{stem}_{k:04d}.nii.gz"))
+    segment = ["--model", str(model_path), "--overlap", "0", "-q"]
+    assert run(["segment", str(side / "img_*.nii.gz"), "-o", str(tmp_path / "glob"), *segment]) == 0
+    assert _files(tmp_path / "glob") == ["img_0000.nii.gz", "img_0001.nii.gz", "img_0002.nii.gz", "segment.json"]
+    assert run(["segment", str(side / "img_0002.nii.gz"), "-o", str(tmp_path / "one"), *segment]) == 0
+    assert _files(tmp_path / "one") == ["img_0002.nii.gz", "segment.json"]
+    assert capsys.readouterr().err == ""
 
 
 def test_a_one_file_per_call_loop_and_a_folder_call_write_the_same_names(model_path, tmp_path):
