@@ -117,15 +117,16 @@ def test_apply_reuses_a_registration_for_other_files(tmp_path, capsys, icbm_t1, 
 
     def mean_dice(path: Path) -> float:
         found = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        return float(np.mean([2 * np.sum((found == k) & (truth == k)) / (np.sum(found == k) + np.sum(truth == k)) for k in (1, 2, 3)]))
+        return float(np.mean([2 * np.sum((found == k) & (truth == k)) / (np.sum(found == k) + np.sum(truth == k)) for k in (1, 2)]))  # the labels both maps have
 
     registered, unregistered = mean_dice(tmp_path / "inv" / "icbm152_tissue_2mm_warped.nii.gz"), mean_dice(tmp_path / "unregistered" / "icbm152_tissue_2mm_warped.nii.gz")
     round_trip = mean_dice(tmp_path / "back" / "colin27_tissue_2mm_warped_warped.nii.gz")
     icbm = sitk.GetArrayFromImage(sitk.ReadImage(str(icbm_labels)))
     moved_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "moved_labels.nii.gz")))
-    forward = float(np.mean([2 * np.sum((moved_labels == k) & (icbm == k)) / (np.sum(moved_labels == k) + np.sum(icbm == k)) for k in (1, 2, 3)]))
+    forward = float(np.mean([2 * np.sum((moved_labels == k) & (icbm == k)) / (np.sum(moved_labels == k) + np.sum(icbm == k)) for k in (1, 2)]))
     print(f"inverse: Dice {unregistered:.3f} unregistered -> {registered:.3f}; forward {forward:.3f}; round trip {round_trip:.3f}")
-    # As good as the forward direction (0.487 both ways with these fast settings).
+    # As good as the forward direction (WM/GM: 0.729 against 0.727 forward, 0.655
+    # unregistered, with these fast settings).
     assert registered > unregistered + 0.03 and abs(registered - forward) < 0.03 and round_trip > 0.9
 
 
