@@ -323,20 +323,6 @@ def _volume_files(folder: Path) -> dict[str, Path]:
         return {}
 
 
-def _header_grid(path: Path) -> tuple | None:
-    """(size, spacing, origin, direction) from ``path``'s header (no voxels read), rounded
-    to 1e-4 mm; None when the header cannot be read."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return (reader.GetSize(), *(tuple(round(v, 4) for v in values) for values in (reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())))
-
-
 def _confirmed_channels(channels: dict, files: dict[str, Path]) -> dict:
     """``nnunet_channels``' reading of one folder, kept only where the volumes agree.
 
@@ -355,7 +341,7 @@ def _confirmed_channels(channels: dict, files: dict[str, Path]) -> dict:
 
     def one_grid(case: str) -> bool:
         if case not in confirmed:
-            grids = {_header_grid(files[stem]) if stem in files else None for stem in cases[case]}
+            grids = {_rounded(_grid_in_header(files[stem])) if stem in files else None for stem in cases[case]}
             confirmed[case] = len(grids) == 1 and None not in grids
         return confirmed[case]
 
@@ -575,6 +561,15 @@ def segment_files(
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _rounded(grid) -> tuple | None:
+    """A ``_grid_in_header`` grid with spacing, origin and direction rounded to 1e-4 (mm),
+    so that float noise in headers does not make two grids differ."""
+    if grid is None:
+        return None
+    size, *rest = grid
+    return (tuple(size), *(tuple(round(v, 4) for v in values) for values in rest))
 
 
 def _grid_in_header(path: Path):
