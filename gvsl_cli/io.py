@@ -436,6 +436,8 @@ def _vector_nifti_header(geometry, channels: int) -> bytes:
     then dim[1..3] set to the grid's size."""
     import struct
 
+    if any(int(n) > 32767 for n in geometry.size):
+        raise InputError(f"a grid of size {tuple(geometry.size)} does not fit a NIfTI-1 header (at most 32767 voxels a side)")
     probe = sitk.Image([1, 1, 1], sitk.sitkVectorFloat32, channels)
     probe.SetSpacing(geometry.spacing)
     probe.SetOrigin(geometry.origin)
@@ -448,8 +450,6 @@ def _vector_nifti_header(geometry, channels: int) -> bytes:
     order = "<" if struct.unpack("<i", written[:4])[0] == NIFTI_HEADER_BYTES else ">"
     voxel_offset = int(struct.unpack(f"{order}f", written[108:112])[0])
     header = bytearray(written[:voxel_offset])
-    if any(int(n) > 32767 for n in geometry.size):
-        raise InputError(f"a grid of size {tuple(geometry.size)} does not fit a NIfTI-1 header (at most 32767 voxels a side)")
     struct.pack_into(f"{order}3h", header, 42, *(int(n) for n in geometry.size))
     return bytes(header)
 

@@ -38,19 +38,24 @@ def modality_of_minimum(minimum: float) -> str:
     return "ct" if minimum < CT_MINIMUM_HU else "mr"
 
 
+def modality_look(detected: str) -> str:
+    """What intensities that look like ``detected`` ("ct"/"mr") look like, in words."""
+    return "CT (minimum below -500: Hounsfield units)" if detected == "ct" else "MR (no Hounsfield-unit minimum)"
+
+
 def modality_misfit(mapping: str, detected: str) -> str | None:
     """Why a fixed intensity ``mapping`` ("ct"/"mr", e.g. the weights' contract) does not fit
     a volume whose intensities look like ``detected``, in words; None when it fits or when
     ``mapping`` is "auto" (decided per volume, so it always fits).
 
-    The one wording of this warning, used by finetune, embed, segment and register: a HU
+    The one wording of this warning, used by finetune, embed, segment and register
+    (pretrain counts the volumes, with ``modality_look``'s words): a HU
     CT mapped with MR percentiles (or an MR squeezed by the CT window) gives features and
     predictions of a network that never saw such inputs.
     """
     if mapping not in ("ct", "mr") or detected == mapping:
         return None
-    looks = "CT (minimum below -500: Hounsfield units)" if detected == "ct" else "MR (no Hounsfield-unit minimum)"
-    return f"looks like {looks}, but its intensities are mapped as {mapping.upper()}"
+    return f"looks like {modality_look(detected)}, but its intensities are mapped as {mapping.upper()}"
 
 
 def map_intensities(array: np.ndarray, modality: str, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:

@@ -37,6 +37,7 @@ from gvsl_cli.errors import ConfigError, GvslError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, ensure_writable_folder
 from gvsl_cli.losses import local_ncc_loss, mse_loss, smoothness_loss
 from gvsl_cli.model import GVSL
+from gvsl_cli.preprocess import modality_look
 from gvsl_cli.training import (
     METRICS_FILE,
     compile_decision,
@@ -388,8 +389,9 @@ def _mapping_source(config: PretrainConfig) -> str:
     """Where a fixed intensity mapping came from, in the words of the misfit warning."""
     if "modality" in config.explicit:
         return "--modality"
-    kept = ", kept by the run" if config.resume else ""
-    return f"the contract of --init {config.init}{kept}" if config.init else f"the run's --modality{kept}"
+    if config.init:
+        return f"the contract of --init {config.init}" + (", kept by the run" if config.resume else "")
+    return "the run's --modality"  # only a resumed run has a fixed mapping it was not given now
 
 
 def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_source: str, reporter: Reporter, on_rank: str, *, resumed: bool = False) -> None:
@@ -403,9 +405,8 @@ def _warn_about_misfit_mapping(dataset: data_mod.Dataset, mapping: str, mapping_
         return
     names = ", ".join(Path(v.source).name for v in misfits[:3]) + (f" and {len(misfits) - 3} more" if len(misfits) > 3 else "")
     other = "ct" if mapping == "mr" else "mr"
-    looks = "CT (minimum below -500: Hounsfield units)" if other == "ct" else "MR (no Hounsfield-unit minimum)"
     reporter.note(
-        f"warning: {len(misfits)} of {len(dataset.volumes)} volumes{on_rank} look like {looks} but are mapped as {mapping.upper()} "
+        f"warning: {len(misfits)} of {len(dataset.volumes)} volumes{on_rank} look like {modality_look(other)} but are mapped as {mapping.upper()} "
         f"({mapping_source}): {names}; "
         + (f"if they are {other.upper()}, start a new run in another folder with --modality {other} (or auto)" if resumed else f"give --modality {other} (or auto) if they are {other.upper()}")
     )

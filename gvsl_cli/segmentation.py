@@ -439,18 +439,23 @@ class SegmentResult:
     warning: str = ""
 
 
-def plan_outputs(sources: Sequence[Path | Source], out_dir: Path) -> list[tuple[Path, Path]]:
+def _as_sources(sources: Sequence[Path | Source]) -> list[Source]:
+    """``sources`` as ``data.Source``; a bare path is taken as a file given directly."""
+    return [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
+
+
+def plan_outputs(sources: Sequence[Path | Source], out_dir: Path, *, read: dict[Path, InputName] | None = None) -> list[tuple[Path, Path]]:
     """(input path, output path) pairs: ``output_name`` in the sub-folder that
     ``data.output_subfolders`` gives (a folder per patient is mirrored, ``out/p01/image.nii.gz``;
     a flat folder or files of distinct names stay flat, ``out/CASE.nii.gz``). A bare path is
     taken as a file given directly. Two channels of one multi-channel nnU-Net case
     (``refuse_several_channels``), and two inputs that would write the same file, are
-    refused.
+    refused. ``read``: the sources' ``input_names``, when the caller has them already.
     """
     from gvsl_cli.data import output_subfolders
 
-    sources = [s if isinstance(s, Source) else Source(Path(s), Path(s).name, None) for s in sources]
-    read = input_names([source.path for source in sources])
+    sources = _as_sources(sources)
+    read = input_names([source.path for source in sources]) if read is None else read
     refuse_several_channels(read)
     # By absolute path: output_subfolders names the loose inputs by theirs.
     names = {os.path.abspath(path): name.file_name for path, name in read.items()}
@@ -506,8 +511,9 @@ def segment_files(
 
     results = []
     replacing = record is not None and record.replacing
-    planned = plan_outputs(sources, out_dir)
-    channels = {os.path.abspath(path): name.channel for path, name in input_names([source for source, _ in planned]).items()}
+    read = input_names([source.path for source in _as_sources(sources)])  # headers read once
+    planned = plan_outputs(sources, out_dir, read=read)
+    channels = {os.path.abspath(path): name.channel for path, name in read.items()}
     for source, target in planned:
         started = time.perf_counter()
         probability_target = target.with_name(probabilities_name(target)) if probabilities else None

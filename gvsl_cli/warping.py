@@ -384,13 +384,16 @@ def read_transform_chain(paths: list, *, inverse: bool = False) -> tuple[sitk.Tr
         except RuntimeError as exc:
             detail = (str(exc).strip().splitlines() or [""])[-1][:160]
             raise InputError(f"{path}: cannot read as an ITK transform ({detail})") from None
+    # ITK applies the transform added last first.
     if inverse:
-        # (T1 ∘ ... ∘ Tn)⁻¹ = Tn⁻¹ ∘ ... ∘ T1⁻¹: the last path's inverse acts first on
-        # output points, so it is added last.
-        units = [_inverted_unit(unit, path) for unit, path in zip(units, paths)][::-1]
+        # (T1 ∘ ... ∘ Tn)⁻¹ = Tn⁻¹ ∘ ... ∘ T1⁻¹: Tn⁻¹ acts first on output points, so the
+        # inverted units go in path order.
+        add_order = [_inverted_unit(unit, path) for unit, path in zip(units, paths)]
         reference = None
+    else:
+        add_order = units[::-1]  # the first path acts first on output points: added last
     composite = sitk.CompositeTransform(3)
-    for unit in reversed(units):  # the first unit's transform is added last: applied first
+    for unit in add_order:
         for transform in unit:
             composite.AddTransform(transform)
     return composite, reference

@@ -479,13 +479,10 @@ def cached_name_target(name: str, root: Path | None = None) -> Target | None:
     --manifest site.toml NAME`` on a login node, then ``--weights NAME`` in a job): its
     record vouches for it as the manifest did, so the name still means it.
     """
-    if not NAME_PATTERN.match(name):
+    bare = _cached_name_slot(name, cache_root() if root is None else root)
+    if bare is None:
         return None
-    root = cache_root() if root is None else root
-    path = root / "weights" / f"{name}.pt"
-    if not path.is_file():
-        return None
-    bare = Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=path, root=root)
+    path, root = bare.path, bare.root
     record = bare.read_record() or {}
     if bare.expected_hash()[0] is None or _other_owner(bare) is not None:
         return None
@@ -499,6 +496,15 @@ def cached_name_target(name: str, root: Path | None = None) -> Target | None:
         path=path,
         root=root,
     )
+
+
+def _cached_name_slot(name: str, root: Path) -> Target | None:
+    """The cache slot ``weights/NAME.pt`` of a name, without a hash of its own (its
+    record's is taken), when ``name`` is a valid name and the file is there; else None."""
+    path = root / "weights" / f"{name}.pt"
+    if not (NAME_PATTERN.match(name) and path.is_file()):
+        return None
+    return Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=path, root=root)
 
 
 def _other_owner(target: Target) -> int | None:
@@ -536,10 +542,10 @@ def cached_name_targets(manifest: Manifest, root: Path | None = None) -> list[tu
 def _unknown_name(name: str, manifest: Manifest, root: Path) -> WeightsError:
     """The error for a name neither the manifest nor a cache record knows."""
     unknown = manifest.unknown(name)
-    orphan = root / "weights" / f"{name}.pt"
-    if not (NAME_PATTERN.match(name) and orphan.is_file()):
+    slot = _cached_name_slot(name, root)
+    if slot is None:
         return unknown
-    slot = Target(label=f"weights {name!r}", urls=(), sha256="", hash_source=HASH_FROM_MANIFEST, size=0, path=orphan, root=root)
+    orphan = slot.path
     owner = _other_owner(slot)
     if owner is not None and slot.expected_hash()[0] is not None:
         return WeightsError(

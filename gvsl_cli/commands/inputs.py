@@ -45,11 +45,11 @@ def refuse_stdout_folder(value: Optional[Path]) -> Optional[Path]:
     if value is not None and os.fspath(value) == "-":
         raise InputError("-o -: outputs are files written into a folder, not a stream on stdout", hint="give a folder name with -o")
     if value is not None and not Path(value).is_dir():
-        suffix = volume_suffix(Path(value)) or Path(value).suffix.lower()
-        if volume_suffix(Path(value)) is not None or suffix in DATA_FILE_SUFFIXES:
+        volume, suffix = volume_suffix(Path(value)), Path(value).suffix.lower()
+        if volume is not None or suffix in DATA_FILE_SUFFIXES:
             # TotalSegmentator's `-o file.nii.gz` habit (or `embed -o features.jsonl`): a
             # folder of that name would break the next tool that opens it as a file.
-            what = "a volume file name" if volume_suffix(Path(value)) is not None else f"a {suffix} file name"
+            what = "a volume file name" if volume is not None else f"a {suffix} file name"
             raise InputError(
                 f"-o {value}: -o names a folder, and this is {what}",
                 hint="give a folder (outputs are written into it under their own names, e.g. OUT/CASE.nii.gz or OUT/embeddings.jsonl)",
