@@ -33,10 +33,12 @@ MAX_SHEAR = math.pi / 18
 GROUPNORM_IMPLEMENTATIONS = ("auto", "native", "reduction", "channels")
 
 #: Memory layouts of the activations: "ncdhw" (contiguous (N, C, D, H, W)), "ndhwc"
-#: (channels_last_3d: channels innermost), "auto" (ndhwc on CUDA, ncdhw elsewhere). The
+#: (channels_last_3d: channels innermost), "auto" (ndhwc, on CUDA and on the CPU). The
 #: values are the same either way; only the kernels differ. On CUDA, cuDNN's 3D
 #: convolutions work in ndhwc, so ncdhw activations are transposed there and back at every
-#: convolution (12 ms of a 128³ training step on an H200, docs/performance.md).
+#: convolution (12 ms of a 128³ training step on an H200). On the CPU, oneDNN's convolution
+#: backward is faster in ndhwc: a training step at 64³ takes 18-37 % less time, inference
+#: the same (docs/performance.md).
 LAYOUTS = ("auto", "ncdhw", "ndhwc")
 
 
@@ -294,8 +296,10 @@ class Up(nn.Module):
         self.conv = DoubleConv(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # Both inputs are in the U-Net's layout (the upsampling keeps it), so is the concatenation.
-        return self.conv(torch.cat([skip, upsample_trilinear2(x)], dim=1))
+        # The upsampling keeps x's layout, but a 1³ bottleneck (inputs of 16 voxels a side)
+        # counts as contiguous after max-pooling; in the skip's layout, the concatenation
+        # (which falls back to ncdhw on mixed inputs) keeps the U-Net's layout.
+        return self.conv(torch.cat([skip, like_layout(upsample_trilinear2(x), skip)], dim=1))
 
 
 @dataclass
@@ -346,7 +350,7 @@ class UNet3D(nn.Module):
             x = F.pad(x, [p for n in reversed(pads) for p in (0, n)])
         layout = self.layout
         if layout == "auto":
-            layout = "ndhwc" if x.device.type == "cuda" else "ncdhw"
+            layout = "ndhwc"
         if layout == "ndhwc":
             # ``to`` rather than ``contiguous``: a one-channel tensor already counts as
             # channels_last contiguous, but only channel strides of 1 make cuDNN pick that

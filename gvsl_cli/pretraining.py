@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -552,6 +553,11 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     if context.enabled:
         # The model has no buffers, so DDP's buffer options do not matter (and
         # ``broadcast_buffers`` prints a deprecation warning on every rank from torch 2.13).
+        # On the CPU, oneDNN returns the first convolution's weight gradient (one input
+        # channel) channels_last: strides (27, 1, 9, 3, 1) against the bucket's (27, 27, 9,
+        # 3, 1), which differ only along a dimension of size 1, i.e. the same memory order.
+        # DDP compares the strides literally and warns on every rank; nothing to act on.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     compiled = compile_decision(config.compile, device, config.iters - start_iteration)
     compiled_net = None
