@@ -151,8 +151,20 @@ def spatial_grid(params: SpatialParams, output: tuple[int, int, int], region: tu
     the patch centre, one resampling (``spatial.compose_grid``). The input crop ``region``
     may be larger than ``output`` (a margin, centred): the grid is scaled into its
     normalised coordinates, so rotations pull real anatomy instead of zeros into corners.
+
+    The linear part (rotation, scaling, shear) acts on output voxels: drawn for normalised
+    coordinates, where a voxel is 2/(n - 1) wide along an axis of n, it is conjugated by
+    S = diag((n - 1) / 2), so that on a patch that is not cubic (small data shrink an axis)
+    a rotation stays a rotation instead of adding a stretch of up to 10 %. Cubic patches
+    are untouched (every ratio is exactly 1). The translation stays a fraction of the
+    patch, as in the official code.
     """
     theta = spatial.affine_matrix(params.rotation, params.scale, params.translation, params.shear)
+    half = [(n - 1) / 2 for n in reversed(output)]  # (x, y, z)
+    if len(set(half)) > 1:
+        # (S⁻¹ M S)_ij = M_ij · s_j / s_i
+        ratios = [half[j] / half[i] if j < 3 else 1.0 for i in range(3) for j in range(4)]
+        theta = theta * spatial.device_vector(ratios, device=theta.device, dtype=theta.dtype).view(3, 4)
     displacement = F.interpolate(params.elastic, size=tuple(output), mode="trilinear", align_corners=True)
     grid = spatial.compose_grid(theta, displacement)
     # Normalised (x, y, z) of the output grid -> of the centred, larger input region.

@@ -337,6 +337,14 @@ class UNet3D(nn.Module):
         self.up2 = Up(c4 + c3, c3)
         self.up3 = Up(c3 + c2, c2)
         self.up4 = Up(c2 + c1, c1)
+        # The official UNet_base's initialisation: He-normal convolution weights (std
+        # sqrt(2 / fan_in)), 2.45x PyTorch's default. The convolutions feed GroupNorms, so
+        # the forward pass does not depend on this scale, but Adam's steps are about lr in
+        # size whatever the weights' scale: lr 1e-4 trains as the paper's run only from
+        # weights of the paper's scale.
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.kaiming_normal_(module.weight)
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...], str]:
         """Encoder levels x1..x5 of ``x`` padded to a multiple of 16, the unpadded spatial
@@ -444,12 +452,27 @@ class GVSL(nn.Module):
     def _init_heads(self) -> None:
         # Start close to the identity mapping: small affine outputs (yet non-zero weights, so
         # gradients still reach f_conv) and a near-zero flow, as VoxelMorph does.
+        self._init_affine_outputs()
+        nn.init.normal_(self.out_flow.weight, std=1e-5)
+        nn.init.zeros_(self.out_flow.bias)
+
+    def _init_affine_outputs(self) -> None:
         for fc in (self.fc_rot, self.fc_scl, self.fc_trans, self.fc_shear):
             with torch.no_grad():
                 fc.weight.mul_(0.1)
                 fc.bias.zero_()
-        nn.init.normal_(self.out_flow.weight, std=1e-5)
-        nn.init.zeros_(self.out_flow.bias)
+
+    def reset_affine_head(self) -> None:
+        """Draw ``f_conv`` and ``fc_*`` afresh, as for a new model (near the identity).
+
+        For weights whose affine head was never trained (the official code's): theirs is
+        PyTorch's default initialisation, read by gvsl as translations of up to a quarter
+        of the patch and rotations of several degrees, which carry no information.
+        """
+        for module in (*self.f_conv.modules(), self.fc_rot, self.fc_scl, self.fc_trans, self.fc_shear):
+            if isinstance(module, (nn.Conv3d, nn.Linear, nn.GroupNorm)):
+                module.reset_parameters()
+        self._init_affine_outputs()
 
     def affine(self, fixed_global: torch.Tensor, moving_global: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Affine head: (B, 3, 4) theta and its parameters from two bottleneck features."""
@@ -458,7 +481,8 @@ class GVSL(nn.Module):
         # under autocast: in bf16 (8-bit mantissa) theta and the grid built from it would
         # move voxels by up to a quarter voxel at 128³. These are 15 outputs; no cost.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.mean(dim=(2, 3, 4)).float()
+            x = x.mean(dim=(2, 3, 4))
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 models stay float64
             params = {
                 "rotation": torch.clamp(self.fc_rot(x), -1, 1) * MAX_ROTATION,
                 "scale": 1.0 + MAX_SCALE_CHANGE * torch.clamp(self.fc_scl(x), -1, 1),

@@ -38,6 +38,7 @@ from gvsl_cli.distributed import DistContext
 from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, remove_empty_folders
 from gvsl_cli.locking import RemovableLock, take_folder_lock
+from gvsl_cli.model import UNET_MULTIPLE
 
 METRICS_FILE = "metrics.jsonl"
 #: The lock file a pretrain or finetune run holds in its run folder while it runs.
@@ -168,6 +169,29 @@ class LoopResult:
 
 
 # --------------------------------------------------------------------------- state
+
+
+def check_cpu_bf16_patch(autocast_dtype, device: torch.device, patch: tuple[int, ...], *, option: str = "--patch") -> None:
+    """Refuse bf16 training on the CPU when a level of the U-Net would be 2 voxels deep.
+
+    PyTorch's CPU convolutions (oneDNN, torch 2.13) compute the weight gradient of a bf16
+    ``Conv3d`` wrongly when its input is 2 voxels deep (D = 2, whatever H and W): relative
+    errors about 1, or inf and NaN, which make Adam's state inf so the weights stop
+    learning while the loss looks normal. The forward pass and the input gradient are right.
+    The U-Net halves its padded input four times, so a patch depth padded to 16 or 32 puts a
+    level (and, at 32, the affine head at the bottleneck) at depth 2.
+
+    Args:
+        patch: training patch (D, H, W) in voxels.
+    """
+    if device.type != "cpu" or autocast_dtype is not torch.bfloat16:
+        return
+    padded = -(-patch[0] // UNET_MULTIPLE) * UNET_MULTIPLE
+    if 2 in {padded >> level for level in range(5)}:
+        raise ConfigError(
+            f"bf16 on the CPU with a patch {patch[0]} voxels deep: PyTorch's CPU bf16 convolutions compute wrong weight "
+            f"gradients at the U-Net level that is 2 voxels deep; use --precision fp32 (the CPU default) or {option} 48 or more"
+        )
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

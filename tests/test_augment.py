@@ -28,6 +28,30 @@ def test_margin_region_maps_the_patch_onto_the_centre_of_the_crop(generator):
     assert torch.allclose(augment.apply_spatial(crop, grid), crop[:, :, 2:18, 2:18, 2:18], atol=1e-5)
 
 
+def test_rotations_stay_rigid_in_voxels_on_a_patch_that_is_not_cubic(generator):
+    # Small data shrink one axis of the patch (48×64×64); a rotation drawn for normalised
+    # coordinates used to become a ±10 % stretch there (singular values 1.107 / 0.904).
+    import math
+
+    turn = SpatialConfig(rotation=math.pi / 9, scale=(1.0, 1.0), translation=0.0, shear=0.0, elastic_alpha=(0.0, 0.0))
+    shape = (48, 64, 64)
+    params = augment.draw_spatial(turn, 3, shape, generator, "cpu")
+    params.rotation = torch.tensor([[math.pi / 9, 0.0, 0.0], [0.0, math.pi / 9, 0.0], [0.1, -0.2, 0.3]])
+    grid = augment.spatial_grid(params, shape, shape).double()  # (B, D, H, W, 3) normalised (x, y, z)
+    voxels = (grid + 1) / 2 * torch.tensor([n - 1 for n in reversed(shape)], dtype=torch.float64)
+    # Jacobian in voxels along x, y, z from unit steps of the output grid.
+    origin = voxels[:, 10, 10, 10]
+    jacobian = torch.stack([voxels[:, 10, 10, 11] - origin, voxels[:, 10, 11, 10] - origin, voxels[:, 11, 10, 10] - origin], dim=-1)
+    singular = torch.linalg.svdvals(jacobian)
+    assert torch.allclose(singular, torch.ones_like(singular), atol=1e-4), singular
+    # A cubic patch keeps the drawn matrix exactly.
+    cubic = augment.spatial_grid(params, (32, 32, 32), (32, 32, 32))
+    from gvsl_cli import spatial
+
+    theta = spatial.affine_matrix(params.rotation, params.scale, params.translation, params.shear)
+    assert torch.equal(cubic, spatial.compose_grid(theta, torch.zeros(3, 3, 32, 32, 32)))
+
+
 def test_same_generator_seed_same_output_and_other_seed_differs():
     a = _images(torch.Generator().manual_seed(1))
     b = _images(torch.Generator().manual_seed(2))

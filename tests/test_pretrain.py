@@ -199,6 +199,37 @@ def test_init_from_a_segmentation_model_is_refused_in_one_line(volumes, cache_di
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_official_weights_draws_the_untrained_affine_head_afresh(volumes, cache_dir, tmp_path, capsys):
+    # The official code never trained f_conv / fc_*: their random defaults read as big
+    # shifts and rotations. The rest of the file (U-Net, deformable and restoration heads)
+    # is kept.
+    from test_model import official_shapes
+
+    generator = torch.Generator().manual_seed(0)
+    state = {name: 0.05 * torch.randn(shape, generator=generator) for name, shape in official_shapes().items()}
+    state["fc_trans.bias"] = torch.tensor([0.4, -0.3, 0.5])  # a shift of a fifth of the patch
+    official = tmp_path / "GVSL_epoch_1000.pth"
+    torch.save(state, official)
+    run_dir = tmp_path / "run"
+    assert run(["pretrain", str(volumes), "-o", str(run_dir), "--cache-dir", str(cache_dir), "--patch", "32", "--spacing", "4", "--device", "cpu",
+                "--workers", "0", "--iters", "1", "--init", str(official)]) == 0
+    assert "its affine head was never trained (official GVSL code), so it starts afresh near the identity" in capsys.readouterr().err
+    trained = load_weights(run_dir / "last.pt").state_dict
+    assert trained["fc_trans.bias"].abs().max() <= 2e-4  # zero, then one Adam step of lr 1e-4
+    assert (trained["f_conv.double_conv.0.weight"] - state["f_conv.double_conv.0.weight"]).abs().max() > 0.01
+    for kept in ("unet.inc.double_conv.0.weight", "sp_conv.double_conv.0.weight", "res_conv.0.weight"):
+        assert (trained[kept] - state[kept]).abs().max() <= 2e-4, kept
+
+
+def test_cpu_bf16_with_a_patch_that_makes_a_level_2_voxels_deep_is_refused(volumes, cache_dir, tmp_path, capsys):
+    # PyTorch's CPU bf16 Conv3d weight gradient is wrong at depth 2 (the 2³ bottleneck of a
+    # 32³ patch): Adam's state became inf and the affine head stopped learning, silently.
+    assert run(_args(volumes, tmp_path / "run", cache_dir, "--iters", "1", "--precision", "bf16")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bf16 on the CPU with a patch 32 voxels deep" in err and "--precision fp32" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cache_file_damaged_into_nan_is_named_when_the_loss_becomes_nan(volumes, tmp_path, capsys):
     import numpy as np
 

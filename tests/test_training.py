@@ -7,7 +7,7 @@ import time
 import torch
 
 from gvsl_cli.distributed import DistContext
-from gvsl_cli.training import LoopOptions, read_metrics, run_training
+from gvsl_cli.training import LoopOptions, check_cpu_bf16_patch, read_metrics, run_training
 
 
 class _Quadratic:
@@ -126,3 +126,18 @@ def test_metrics_rewritten_by_two_processes_at_once_stay_whole(tmp_path):
     assert [w.returncode for w in writers] == [0, 0], errors
     assert [row["iteration"] for row in read_metrics(path)] == list(range(1, 20001))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_cpu_bf16_is_refused_only_for_patches_with_a_level_2_voxels_deep():
+    import pytest
+
+    from gvsl_cli.errors import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for depth in (16, 32, 20, 30):  # padded to 16 or 32: a level of depth 2
+        with pytest.raises(ConfigError, match=f"patch {depth} voxels deep"):
+            check_cpu_bf16_patch(torch.bfloat16, cpu, (depth, 64, 64))
+    for depth in (48, 64, 128):  # levels 3 or 4 voxels deep at the bottleneck
+        check_cpu_bf16_patch(torch.bfloat16, cpu, (depth, 32, 32))  # H and W of 2 are fine
+    check_cpu_bf16_patch(None, cpu, (32, 32, 32))  # fp32
+    check_cpu_bf16_patch(torch.bfloat16, cuda, (32, 32, 32))  # cuDNN, not oneDNN
