@@ -60,6 +60,7 @@ from gvsl_cli.io import (
     write_vector_nifti,
 )
 from gvsl_cli.locking import RemovableLock
+from gvsl_cli.temporaries import remove_abandoned
 from gvsl_cli.sliding_window import sliding_window_inference, window_positions
 
 FORMATS = ("npy", "jsonl")
@@ -615,6 +616,10 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
             summary.already_done.append(source.name)
         else:
             todo.append(source)
+    # Partial maps that runs killed by SIGKILL left under temporary names (a dense map is
+    # GBs). Shards of a SLURM array share the folder: a live shard's temporaries are locked
+    # and kept, and each run looks only at names of its own volumes.
+    remove_abandoned([out_dir / RUN_FILE, *(path for source in todo for path in (vector_path(source), dense_path(source)))])
     reporter.start(len(todo), len(summary.already_done))
     for index, source in enumerate(todo, 1):
         reporter.volume_started(index, len(todo), source)

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from gvsl_cli.errors import InputError
 from gvsl_cli.file_checks import file_problem
+from gvsl_cli.temporaries import held_staging_folder, held_temporary_file
 
 #: File name endings gvsl reads as volumes (a folder is read as a DICOM series).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -307,29 +308,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # (runs clean up after killed ones by it). A name near the 255-byte limit of file names
     # would fail only because of that, so it gets a short ".gvsl-<random>" instead.
     prefix = f".{path.name}." if len(os.fsencode(path.name)) + len(suffix) + 16 <= 255 else ".gvsl-"
-    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # Locked while it exists, so that a later run removes it only if this process was
+    # killed before it could (``temporaries.remove_abandoned``).
+    with held_temporary_file(path.parent, prefix, f".tmp{suffix}") as tmp:
         try:
-            yield tmp
-        except OSError as exc:
-            if exc.filename is None and exc.errno is not None:
-                # Writers given a file handle (np.save, json) raise without a path; name the
-                # output the user asked for, so "No space left on device" says where.
-                raise OSError(exc.errno, exc.strerror, str(path)) from exc
-            raise
-        # mkstemp creates the file private (0600); give it the permissions of a normal file.
-        umask = os.umask(0)
-        os.umask(umask)
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~umask)
-            flush_to_disk(tmp)
-        os.replace(tmp, path)
-        flush_to_disk(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            try:
+                yield tmp
+            except OSError as exc:
+                if exc.filename is None and exc.errno is not None:
+                    # Writers given a file handle (np.save, json) raise without a path; name the
+                    # output the user asked for, so "No space left on device" says where.
+                    raise OSError(exc.errno, exc.strerror, str(path)) from exc
+                raise
+            # mkstemp creates the file private (0600); give it the permissions of a normal file.
+            umask = os.umask(0)
+            os.umask(umask)
+            if tmp.exists():
+                os.chmod(tmp, 0o666 & ~umask)
+                flush_to_disk(tmp)
+            os.replace(tmp, path)
+            flush_to_disk(path.parent)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def flush_to_disk(path: Path) -> None:
@@ -461,13 +462,10 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
     moved first and the header last, so a reader never finds a header without its data.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with held_staging_folder(path.parent, f".{path.name}.") as staging:
         sitk.WriteImage(image, str(staging / path.name), compress)
         for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(written, path.parent / written.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:

@@ -97,6 +97,20 @@ def read_label_map(path: Path, grid_of: sitk.Image, role: str) -> sitk.Image:
     return labels
 
 
+def refuse_constant_image(image: sitk.Image, path, role: str) -> None:
+    """Raise InputError when ``image`` has one intensity: a blank series, or a mask given
+    where the image belongs. Nothing in it can be registered, yet the optimisation would
+    run and write a transform (a centre-of-mass shift) as if it had found one."""
+    from gvsl_cli.data import check_not_constant
+
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    try:
+        check_not_constant(stats.GetMinimum(), stats.GetMaximum())
+    except InputError as exc:
+        raise InputError(f"{path}: {role} image has {exc}; nothing to register", hint="check that the right file was given") from None
+
+
 def refuse_folders_at(paths, *, hint: str) -> None:
     """Raise InputError naming the first of ``paths`` that is an existing folder.
 
@@ -251,6 +265,8 @@ def run_registration(
     except InputError as exc:
         raise InputError(f"{fixed_path}: fixed image is {exc}", hint="register 3D volumes of at least 2 slices") from None
     moving = read_volume(moving_path)
+    for image, path, role in ((fixed, fixed_path, "fixed"), (moving, moving_path, "moving")):
+        refuse_constant_image(image, path, role)
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
     fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None
     check_working_grids(Geometry.of(fixed), Geometry.of(moving), planned_spacing(Geometry.of(fixed), config, device), config.levels)

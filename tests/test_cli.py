@@ -44,6 +44,20 @@ def test_info_says_when_a_grid_is_oblique(capsys, tmp_path, colin_t1):
     assert table.count("(oblique)") == 1
 
 
+def test_file_names_with_brackets_print_as_they_are_in_tables(capsys, tmp_path, colin_t1):
+    # rich markup: "[ct]" and "[red]" were dropped from names, and "[/b]" (a closing tag
+    # with nothing open) stopped the command with an internal error.
+    import shutil
+
+    names = ["patient [ct].nii.gz", "[red]x.nii.gz", "v[/b]/x.nii.gz"]
+    (tmp_path / "v[" / "b]").mkdir(parents=True)
+    for name in names:
+        shutil.copy(colin_t1, tmp_path / name)
+    assert run(["info", *(str(tmp_path / name) for name in names)]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in names), table
+
+
 def test_info_describes_vector_outputs_such_as_displacement_fields(capsys, tmp_path, colin_t1):
     """gvsl's own vector outputs (a displacement field, probability and feature maps) are
     described: their grid is what one checks when a field "does not line up"."""

@@ -716,6 +716,20 @@ def test_a_single_slice_fixed_image_is_refused(tmp_path, capsys, icbm_t1, colin_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("role", ["fixed", "moving"])
+def test_a_blank_image_is_refused_before_any_work(tmp_path, capsys, role, icbm_t1, colin_t1):
+    # A blank series (or a mask given where the image belongs) was "registered": exit 0,
+    # NCC 0 before and after, and a 17 mm centre-of-mass shift written as the affine.
+    blank = sitk.ReadImage(str(colin_t1)) * 0
+    sitk.WriteImage(blank, str(tmp_path / "blank.nii.gz"))
+    images = [str(tmp_path / "blank.nii.gz"), str(colin_t1)] if role == "fixed" else [str(icbm_t1), str(tmp_path / "blank.nii.gz")]
+    out = tmp_path / "out"
+    assert run(["register", *images, "-o", str(out), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'blank.nii.gz'}: {role} image has constant intensity (all voxels 0); nothing to register") and "\n" not in err
+    assert not out.exists()
+
+
 def _ramp(tmp_path) -> Path:
     """A 12×4×4 image of 1 mm voxels at the origin whose value is the voxel's x index."""
     ramp = np.broadcast_to(np.arange(12, dtype=np.float32), (4, 4, 12)).copy()

@@ -127,14 +127,15 @@ def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform,
     leaves none of the earlier outputs. ``read(index, path)`` gives the input volume.
     """
     import os
-    import shutil
-    import tempfile
 
     from gvsl_cli.io import DETACHED_HEADER_SUFFIXES, volume_suffix, write_volume
+    from gvsl_cli.temporaries import held_staging_folder, remove_abandoned
     from gvsl_cli.warping import apply_transform
 
-    staging = Path(tempfile.mkdtemp(prefix=".gvsl-apply.", suffix=".tmp", dir=out_dir))
-    try:
+    # Staging folders of runs killed by SIGKILL (which holds finished warps) and temporaries
+    # of outputs moved into place when the kill came; live runs' ones are locked and kept.
+    remove_abandoned(targets, staging_in=out_dir, prefixes=(STAGING_PREFIX,))
+    with held_staging_folder(out_dir, STAGING_PREFIX) as staging:
         for index, ((path, is_labels), target) in enumerate(zip(jobs, targets)):
             warped = apply_transform(read(index, path), transform, grid, labels=is_labels)
             write_volume(warped, staging / target.relative_to(out_dir))
@@ -144,8 +145,10 @@ def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform,
             final = out_dir / written.relative_to(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(written, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Prefix of the hidden folder ``warp_all`` stages its outputs in.
+STAGING_PREFIX = ".gvsl-apply."
 
 
 #: Inputs up to this many bytes in all are kept in memory between the check and the warp.

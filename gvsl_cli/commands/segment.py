@@ -39,6 +39,7 @@ def segment(
     from gvsl_cli.locking import exclusive_output_folder
     from gvsl_cli.segment_record import RUN_FILE, check_output_folder, run_description
     from gvsl_cli.segmentation import check_ensemble, check_overlap, input_names, load_segmenter, plan_outputs, probabilities_name, segment_files
+    from gvsl_cli.temporaries import remove_abandoned
 
     check_overlap(overlap)
     if batch < 1:
@@ -85,6 +86,8 @@ def segment(
         description = run_description(segmenters, overlap=overlap, autocast_dtype=autocast_dtype, probabilities=probabilities)
         every_output = [t for _, t in planned] + ([t.with_name(probabilities_name(t)) for _, t in planned] if probabilities else [])
         record = check_output_folder(output, description, every_output, overwrite=overwrite)
+        # Partial maps that runs killed by SIGKILL left under temporary names (GBs each).
+        remove_abandoned([*every_output, output / RUN_FILE])
         if not quiet:
             if len(segmenters) > 1:
                 console.print(f"ensemble of {len(segmenters)} models (class probabilities averaged)", markup=False)

@@ -1,0 +1,77 @@
+"""Temporaries of killed writers: removed by a later run, those of live writers kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gvsl_cli.temporaries import remove_abandoned
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="flock: nothing is locked or removed on Windows")
+
+#: A writer inside ``atomic_path`` that has written part of its file, then waits.
+WRITER = """
+import sys, time
+from gvsl_cli.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"partial")
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def _start_writer(output: Path) -> tuple[subprocess.Popen, Path]:
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(output)], stdout=subprocess.PIPE, text=True)
+    temporary = Path(writer.stdout.readline().strip())
+    assert temporary.read_bytes() == b"partial" and temporary.name.startswith(f".{output.name}.")
+    return writer, temporary
+
+
+def test_the_temporary_of_a_killed_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    output = tmp_path / "scan [ct]_features.nii.gz"  # brackets: no glob pattern in the way
+    writer, temporary = _start_writer(output)
+    try:
+        assert remove_abandoned([output]) == [] and temporary.exists()  # being written
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        assert temporary.exists()  # nothing could remove it
+        assert remove_abandoned([output]) == [temporary] and not temporary.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_only_temporaries_of_the_given_outputs_are_touched(tmp_path):
+    ours = tmp_path / "a.nii.gz"
+    left = [tmp_path / ".a.nii.gz.k2j4x9q1.tmp.nii.gz", tmp_path / ".b.nii.gz.k2j4x9q1.tmp.nii.gz", tmp_path / ".gvsl-abcdefgh.tmp.nii.gz", tmp_path / ".a.nii.gz"]
+    for path in left:
+        path.write_bytes(b"x")
+    (tmp_path / ".gvsl-apply.zz1y2x3w.tmp").mkdir()
+    (tmp_path / ".gvsl-apply.zz1y2x3w.tmp" / "warped.nii.gz").write_bytes(b"x")
+    removed = remove_abandoned([ours], prefixes=(".gvsl-apply.",))
+    assert sorted(p.name for p in removed) == [".a.nii.gz.k2j4x9q1.tmp.nii.gz", ".gvsl-abcdefgh.tmp.nii.gz", ".gvsl-apply.zz1y2x3w.tmp"]
+    assert (tmp_path / ".b.nii.gz.k2j4x9q1.tmp.nii.gz").exists() and (tmp_path / ".a.nii.gz").exists()
+    assert remove_abandoned([tmp_path / "missing" / "c.nii.gz"]) == []  # a folder not made yet
+
+
+def test_a_rerun_of_segment_removes_what_a_killed_run_left(tmp_path):
+    # gvsl segment killed by SIGKILL while writing its probabilities: the hidden partial map
+    # (GBs for a big CT) stayed after every later run.
+    from gvsl_cli.cli import run
+    from test_segment import EXAMPLES, _segmentation_checkpoint
+
+    model = _segmentation_checkpoint(tmp_path / "model" / "best.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / ".colin_probabilities.nii.gz.a1b2c3d4.tmp.nii.gz"
+    killed.write_bytes(b"\x1f\x8b partial")
+    image = EXAMPLES / "colin27_t1_2mm.nii.gz"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "colin.nii.gz").write_bytes(image.read_bytes())
+    assert run(["segment", str(tmp_path / "in" / "colin.nii.gz"), "--model", str(model), "-o", str(out), "--overlap", "0", "--probabilities", "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["colin.nii.gz", "colin_probabilities.nii.gz", "segment.json"]
