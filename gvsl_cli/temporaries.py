@@ -34,8 +34,15 @@ LONG_NAME_PREFIX = ".gvsl-"
 
 
 def _hold(fd: int) -> None:
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        # A file system without flock (Lustre mounted without "flock", some FUSE ones)
+        # says ENOSYS or EINVAL: write without the lock. Cleaners cannot lock such a
+        # temporary either, so they keep it (``_remove_if_abandoned``).
+        pass
 
 
 @contextlib.contextmanager
