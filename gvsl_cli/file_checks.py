@@ -169,7 +169,9 @@ def _missing_data_file(path: Path, name: str) -> str | None:
     name = name.strip()
     if not _single_data_file(name):
         return None
-    data = path.parent / name
+    # The header was decoded as Latin-1 (one character a byte); the file system's own
+    # decoding of the same bytes finds a data file whose name is not ASCII.
+    data = path.parent / os.fsdecode(name.encode("latin-1"))
     if not data.is_file():
         where = f" (looked for {data})" if str(data) != name else ""
         return f"data file {name} named by the header is missing{where}"
@@ -219,7 +221,7 @@ def _metaimage_problem(path: Path) -> str | None:
     local = data_name.upper() == "LOCAL"
     if not local and not _single_data_file(data_name):
         return None
-    data_path = path if local else path.parent / data_name
+    data_path = path if local else path.parent / os.fsdecode(data_name.encode("latin-1"))
     if local:
         needed += header_bytes
     size = data_path.stat().st_size

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,6 +20,8 @@ import SimpleITK as sitk
 
 from gvsl_cli.errors import InputError
 from gvsl_cli.file_checks import file_problem
+from gvsl_cli.dicom_series import dicom_series_ids, read_dicom_series  # noqa: F401 (dicom_series_ids: part of io's API)
+from gvsl_cli.itk_paths import itk_can_take, readable_by_itk, writable_by_itk
 from gvsl_cli.temporaries import held_staging_folder, held_temporary_file
 
 #: File name endings gvsl reads as volumes (a folder is read as a DICOM series).
@@ -38,41 +39,12 @@ def volume_suffix(path: str | os.PathLike) -> str | None:
     return None
 
 
-def dicom_series_ids(folder: str | os.PathLike) -> list[str]:
-    """The DICOM series UIDs found in ``folder`` (not recursive); [] when there are none.
-
-    ITK prints a warning on stderr for a folder without series; gvsl reports that itself in
-    one line, so the warning is silenced for this call.
-    """
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
 def is_volume_path(path: str | os.PathLike) -> bool:
     """True for a file with a volume ending or a folder holding a DICOM series."""
     path = Path(path)
     if path.is_dir():
         return bool(dicom_series_ids(path))
     return path.is_file() and volume_suffix(path) is not None
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    series_ids = dicom_series_ids(folder)
-    if not series_ids:
-        raise InputError(f"{folder}: folder holds no DICOM series", hint="give a volume file or a folder of DICOM slices")
-    if len(series_ids) > 1:
-        raise InputError(
-            f"{folder}: folder holds {len(series_ids)} DICOM series ({', '.join(series_ids[:3])}...); expected one",
-            hint="put each series in its own folder",
-        )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    return reader.Execute()
 
 
 def read_volume(path: str | os.PathLike, *, vector: bool | None = False, finite: bool = True) -> sitk.Image:
@@ -98,7 +70,7 @@ def read_volume(path: str | os.PathLike, *, vector: bool | None = False, finite:
         raise InputError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
-            image = _read_dicom_series(path)
+            image = read_dicom_series(path)
         else:
             if path.stat().st_size == 0:
                 raise InputError(f"{path}: file is empty (0 bytes)")
@@ -118,21 +90,36 @@ def read_volume(path: str | os.PathLike, *, vector: bool | None = False, finite:
 
 
 def read_image_file(path: Path) -> sitk.Image:
-    """``sitk.ReadImage(path)``, but surely of ``path`` itself.
+    """``sitk.ReadImage(path)``, but surely of ``path`` itself, whatever its name.
 
     Asked for ``x.nii.gz``, ITK's NIfTI reader opens ``x.nii`` instead when both exist (as
-    after ``gunzip -k``), silently returning the other file's voxels. Such a file is read
-    through a link in a temporary folder, where it has no sibling.
+    after ``gunzip -k``), silently returning the other file's voxels; and a name that is not
+    valid UTF-8 would abort the interpreter inside SimpleITK (``itk_paths``). Such files are
+    read through a link in a temporary folder, where the name is ASCII and has no sibling.
     """
-    if volume_suffix(path) == ".nii.gz" and path.with_name(path.name[: -len(".gz")]).exists():
-        with tempfile.TemporaryDirectory(prefix="gvsl-read-") as folder:
-            alone = Path(folder) / "volume.nii.gz"
-            try:
-                os.symlink(path.resolve(), alone)
-            except OSError:  # no symlinks here (some Windows setups): a copy does the same
-                shutil.copyfile(path, alone)
-            return sitk.ReadImage(str(alone))
-    return sitk.ReadImage(str(path))
+    alone = volume_suffix(path) == ".nii.gz" and path.with_name(path.name[: -len(".gz")]).exists()
+    with readable_by_itk(path, alone=alone) as readable:
+        return sitk.ReadImage(readable)
+
+
+def read_image_information(path: Path) -> sitk.ImageFileReader:
+    """A ``sitk.ImageFileReader`` of ``path`` after ``ReadImageInformation()`` (the header
+    only: size, spacing, origin, direction, metadata); safe for any file name.
+
+    Raises:
+        RuntimeError: ITK cannot read the header.
+    """
+    with readable_by_itk(path) as readable:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(readable)
+        reader.ReadImageInformation()
+    return reader
+
+
+def read_transform_file(path: Path) -> sitk.Transform:
+    """``sitk.ReadTransform(path)``, safe for any file name (RuntimeError as ITK's)."""
+    with readable_by_itk(path) as readable:
+        return sitk.ReadTransform(readable)
 
 
 #: OS errors of an output disk rather than of one output (no space left, over quota,
@@ -307,7 +294,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # ".NAME.<8 random>.tmp<suffix>": the output's name shows whose temporary file it is
     # (runs clean up after killed ones by it). A name near the 255-byte limit of file names
     # would fail only because of that, so it gets a short ".gvsl-<random>" instead.
-    prefix = f".{path.name}." if len(os.fsencode(path.name)) + len(suffix) + 16 <= 255 else ".gvsl-"
+    # A name that is not UTF-8 gets it too, so the temporary name ITK writes is ASCII.
+    prefix = f".{path.name}." if itk_can_take(path.name) and len(os.fsencode(path.name)) + len(suffix) + 16 <= 255 else ".gvsl-"
     # Locked while it exists, so that a later run removes it only if this process was
     # killed before it could (``temporaries.remove_abandoned``).
     with held_temporary_file(path.parent, prefix, f".tmp{suffix}") as tmp:
@@ -359,8 +347,8 @@ def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool =
     if suffix in DETACHED_HEADER_SUFFIXES:
         _write_detached(image, path, compress)
         return path
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+    with atomic_path(path) as tmp, writable_by_itk(tmp) as target:
+        sitk.WriteImage(image, target, compress)
         if suffix in (".nii", ".nii.gz"):
             _check_nifti_complete(tmp, image, path)
     return path
@@ -462,8 +450,10 @@ def _write_detached(image: sitk.Image, path: Path, compress: bool) -> None:
     moved first and the header last, so a reader never finds a header without its data.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with held_staging_folder(path.parent, f".{path.name}.") as staging:
-        sitk.WriteImage(image, str(staging / path.name), compress)
+    prefix = f".{path.name}." if itk_can_take(path.name) else ".gvsl-"
+    with held_staging_folder(path.parent, prefix) as staging:
+        with writable_by_itk(staging / path.name) as target:
+            sitk.WriteImage(image, target, compress)
         for written in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(written, path.parent / written.name)
 
@@ -473,8 +463,8 @@ def write_transform(transform: sitk.Transform, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
         raise InputError(f"{path}: transform files must end in .tfm, .txt, .mat or .h5")
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
+    with atomic_path(path) as tmp, writable_by_itk(tmp) as target:
+        sitk.WriteTransform(transform, target)
     return path
 
 

@@ -583,12 +583,10 @@ def _grid_in_header(path: Path):
     folder, an unreadable header: no opinion)."""
     if path.is_dir():
         return None
-    import SimpleITK as sitk
+    from gvsl_cli.io import read_image_information
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        reader = read_image_information(path)
     except RuntimeError:
         return None
     return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()

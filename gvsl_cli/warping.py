@@ -334,7 +334,7 @@ def read_transform_chain(paths: list, *, inverse: bool = False) -> tuple[sitk.Tr
     from pathlib import Path
 
     from gvsl_cli.errors import InputError
-    from gvsl_cli.io import read_volume, volume_suffix
+    from gvsl_cli.io import read_transform_file, read_volume, volume_suffix
 
     if not paths:
         raise InputError("no transform given", hint="pass -t with a gvsl register output folder, a displacement field or an ITK transform file")
@@ -360,7 +360,7 @@ def read_transform_chain(paths: list, *, inverse: bool = False) -> tuple[sitk.Tr
                 # As [A, v]: the same transform on the field's grid, the affine beyond it.
                 field = sitk.Cast(read_volume(field_path, vector=True), sitk.sitkVectorFloat64)
                 try:
-                    affine = sitk.AffineTransform(sitk.ReadTransform(str(affine_path)))
+                    affine = sitk.AffineTransform(read_transform_file(affine_path))
                 except RuntimeError as exc:
                     detail = (str(exc).strip().splitlines() or [""])[-1][:160]
                     raise InputError(f"{affine_path}: cannot read as an ITK affine transform ({detail})") from None
@@ -380,7 +380,7 @@ def read_transform_chain(paths: list, *, inverse: bool = False) -> tuple[sitk.Tr
         if path.suffix.lower() not in (".tfm", ".txt", ".mat", ".h5"):
             raise InputError(f"{path}: not a transform: expected a displacement field image or an ITK transform file (.tfm, .txt, .mat, .h5)")
         try:
-            units.append([sitk.ReadTransform(str(path))])
+            units.append([read_transform_file(path)])
         except RuntimeError as exc:
             detail = (str(exc).strip().splitlines() or [""])[-1][:160]
             raise InputError(f"{path}: cannot read as an ITK transform ({detail})") from None

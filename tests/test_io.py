@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import locale
+import os
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,42 @@ def test_grid_differences_name_only_what_differs():
     moved.SetOrigin((1.0, -2.0, 4.0))
     assert Geometry.of(moved).differences(lps) == "origin (1.0, -2.0, 4.0) vs (1.0, -2.0, 3.5)"
     assert Geometry.of(moved).differences(lps, atol=1.0) == ""
+
+
+@pytest.fixture
+def latin1_folder(tmp_path):
+    """A folder named ``dossier_é`` in Latin-1 bytes (not UTF-8), as from an old share."""
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/dossier_\xe9"))
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mhd", ".nhdr"])
+def test_non_utf8_names_read_and_write(latin1_folder, suffix):
+    # SimpleITK aborted the interpreter (SIGABRT) on such names; a crash here kills pytest.
+    image = oblique_volume()
+    path = latin1_folder / os.fsdecode(b"caf\xe9" + suffix.encode())
+    write_volume(image, path)  # an output named after such an input, in such a folder
+    back = read_volume(path)
+    assert Geometry.of(back).is_close(Geometry.of(image), atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert not [p for p in latin1_folder.iterdir() if ".tmp" in p.name]
+    transform = sitk.TranslationTransform(3, (1.0, -2.0, 3.5))
+    transform_path = write_transform(transform, latin1_folder / os.fsdecode(b"caf\xe9.tfm"))
+    from gvsl_cli.io import read_transform_file
+
+    assert read_transform_file(transform_path).GetParameters() == (1.0, -2.0, 3.5)
+
+
+def test_gvsl_info_lists_a_non_utf8_name(latin1_folder):
+    import subprocess
+    import sys
+
+    write_volume(oblique_volume(), latin1_folder / "a.nii.gz")
+    write_volume(oblique_volume(), latin1_folder / os.fsdecode(b"caf\xe9.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "gvsl_cli", "info", latin1_folder], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.count(b"9\xc3\x978\xc3\x977") == 2  # "9×8×7" in both rows
