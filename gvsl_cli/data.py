@@ -42,6 +42,7 @@ import numpy as np
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.errors import GvslError, InputError
 from gvsl_cli.io import atomic_path, dicom_series_ids, read_volume, volume_suffix
+from gvsl_cli.paths import LINK_LOOP, absent_reason, try_real_path
 from gvsl_cli.resources import cache_root
 
 #: A given file with one of these endings is read as a list of paths, one a line.
@@ -84,16 +85,52 @@ def _looks_like_dicom_folder(folder: Path, files: list[str]) -> bool:
 
 
 def _walk_folder(folder: Path) -> list[Path]:
-    """Volume files and DICOM series folders under ``folder`` (recursive, sorted)."""
+    """Volume files and DICOM series folders under ``folder`` (recursive, sorted; see
+    ``_walk_folder_reporting``), without the folders left out."""
+    return _walk_folder_reporting(folder)[0]
+
+
+def _walk_folder_reporting(folder: Path) -> tuple[list[Path], list[Skipped]]:
+    """Volume files and DICOM series folders under ``folder`` (recursive, sorted), and the
+    linked folders left out.
+
+    Symbolic links to folders are followed (a cohort is often a folder of links into a
+    store), and the paths found keep the link's name (``cohort/p02/ct.nii.gz``, not the
+    target's). Each real folder is searched once: a link back to a folder on the way down
+    (``a/up -> ..``) is a loop and left out silently; a link to a folder searched already
+    elsewhere is reported (``same folder as ...``) so that nothing is used twice and
+    nothing is dropped without a word.
+    """
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    skipped: list[Skipped] = []
+    # Real path of each folder searched -> the path it is searched as.
+    searched: dict[str, Path] = {os.path.realpath(folder): Path(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
         root_path = Path(root)
+        real_root = os.path.realpath(root)
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            child = root_path / name
+            real = os.path.realpath(child) if os.path.islink(child) else os.path.join(real_root, name)
+            first = searched.get(real)
+            if _holds(real, real_root) or (first is not None and (first == root_path or first in root_path.parents)):
+                continue  # a folder on the way down: following the link would go round in a circle
+            if first is not None:
+                skipped.append(Skipped(str(child), f"same folder as {first} (searched once)"))
+                continue
+            searched[real] = child
+            kept.append(name)
+        dirs[:] = kept
         files = sorted(files)
         found.extend(root_path / f for f in files if volume_suffix(f) is not None and not f.startswith("."))
         if _looks_like_dicom_folder(root_path, files):
             found.append(root_path)
-    return found
+    return found, skipped
+
+
+def _holds(folder: str, path: str) -> bool:
+    """Whether the real folder ``folder`` is ``path`` or holds it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _is_stream(path: Path) -> bool:
@@ -222,9 +259,13 @@ def _read_path_list(list_file: Path, text: str | None = None) -> tuple[list[Path
         if not path.is_absolute():
             path = list_file.parent / path  # relative to the list, not to the working folder
         if not path.exists():
-            skipped.append(Skipped(str(path), f"listed in {list_file.name} line {number} but does not exist"))
+            reason = absent_reason(path)
+            why = "is a symbolic link loop" if reason == LINK_LOOP else "does not exist"
+            skipped.append(Skipped(str(path), f"listed in {list_file.name} line {number} but {why}"))
         elif path.is_dir():
-            entries.extend(_walk_folder(path))
+            walked, left_out = _walk_folder_reporting(path)
+            entries.extend(walked)
+            skipped.extend(left_out)
         else:
             entries.append(path)
     return entries, skipped
@@ -232,7 +273,7 @@ def _read_path_list(list_file: Path, text: str | None = None) -> tuple[list[Path
 
 def _inside(path: Path, folders: set[Path]) -> bool:
     """Whether ``path`` (as given or resolved) is one of ``folders`` or below one."""
-    for candidate in {Path(os.path.abspath(path)), path.resolve()}:
+    for candidate in {Path(os.path.abspath(path)), try_real_path(path)[0] or Path(os.path.abspath(path))}:
         if candidate in folders or any(parent in folders for parent in candidate.parents):
             return True
     return False
@@ -307,10 +348,11 @@ def discover_named(
     for item in items:
         path = Path(item).expanduser()
         if not path.exists():
-            skipped.append(Skipped(str(path), "no such file or folder"))
+            skipped.append(Skipped(str(path), absent_reason(path)))
         elif path.is_dir():
-            walked = _walk_folder(path)
-            if not walked:
+            walked, left_out = _walk_folder_reporting(path)
+            skipped.extend(left_out)
+            if not walked and not left_out:
                 skipped.append(Skipped(str(path), "folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"))
             folder = Path(os.path.abspath(path))
             found.extend((p, folder if p != path else None, p == path) for p in walked)
@@ -329,13 +371,15 @@ def discover_named(
         else:
             found.append((path, None, True))
     if skip_under is not None:
-        fence = {Path(os.path.abspath(skip_under)), Path(skip_under).resolve()}
+        fence = {Path(os.path.abspath(skip_under)), try_real_path(skip_under)[0] or Path(os.path.abspath(skip_under))}
         found = [f for f in found if f[2] or not _inside(f[0], fence)]
     first_seen: dict[Path, Path] = {}  # resolved path -> the path it was first found as
     unique: list[tuple[Path, Path | None]] = []
     for path, folder, _ in found:
-        resolved = path.resolve()
-        if resolved not in first_seen:
+        resolved, problem = try_real_path(path)
+        if resolved is None:  # a link loop (a dangling link resolves, and fails when read)
+            skipped.append(Skipped(str(path), problem))
+        elif resolved not in first_seen:
             first_seen[resolved] = path
             unique.append((Path(os.path.abspath(path)), folder))
         elif str(first_seen[resolved]) == str(path):
@@ -809,7 +853,7 @@ def failure_reason(exc: BaseException, source: Path) -> str:
         return exc.strerror if name is None or os.fspath(name) == str(source) else f"{exc.strerror}: {os.fspath(name)}"
     lines = str(exc).strip().splitlines()
     text = lines[0].strip() if lines else ""
-    for path in (str(source), str(source.resolve())):
+    for path in (str(source), str(try_real_path(source)[0] or source)):
         if text.startswith(path + ": "):
             text = text[len(path) + 2 :]
             break

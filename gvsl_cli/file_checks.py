@@ -10,11 +10,16 @@ ITK.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 
 def file_problem(path: Path, suffix: str | None) -> str | None:
@@ -37,19 +42,44 @@ def file_problem(path: Path, suffix: str | None) -> str | None:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Bytes a single-file NIfTI-1/2 needs (vox_offset + voxels x bytes per voxel), or None.
+@dataclass(frozen=True)
+class NiftiLayout:
+    """Where a single-file NIfTI-1/2 keeps its voxels, from its header.
 
-    None when ``header`` is not a plain single-file NIfTI header with sane values (a .hdr/.img
-    pair, sub-byte voxels, odd dims): such files are left to ITK.
+    Attributes:
+        endian: "<" or ">", the byte order of the header and the data.
+        datatype: the NIfTI datatype code (16 float32, 64 float64, ...).
+        values: how many values the data holds (the product of dim[1..dim[0]]).
+        bytes_per_value: bitpix / 8.
+        data_start: byte offset of the first value (vox_offset, at least the header size).
+        dims: dim[1..dim[0]], x fastest in the file.
+        scaling: (scl_slope, scl_inter); values are raw * slope + inter unless slope is 0.
     """
+
+    endian: str
+    datatype: int
+    values: int
+    bytes_per_value: int
+    data_start: int
+    dims: tuple[int, ...]
+    scaling: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def data_end(self) -> int:
+        return self.data_start + self.values * self.bytes_per_value
+
+
+def _nifti_layout(header: bytes) -> NiftiLayout | None:
+    """The data layout of a plain single-file NIfTI-1/2 header with sane values, or None
+    (a .hdr/.img pair, sub-byte voxels, odd dims: such files are left to ITK)."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             if header[344:348] != b"n+1\0":
                 return None
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
             vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            scaling = struct.unpack(endian + "2f", header[112:120])
             if not math.isfinite(vox_offset):
                 return None
             vox_offset = int(vox_offset)
@@ -58,9 +88,10 @@ def _nifti_data_end(header: bytes) -> int | None:
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
             if header[4:8] != b"n+2\0":
                 return None
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            scaling = struct.unpack(endian + "2d", header[176:192])
             header_size = 540
             break
     else:
@@ -68,11 +99,16 @@ def _nifti_data_end(header: bytes) -> int | None:
     rank = dims[0]
     if not 1 <= rank <= 7 or any(d < 1 for d in dims[1 : rank + 1]) or bitpix < 8 or bitpix % 8:
         return None
-    voxels = 1
-    for d in dims[1 : rank + 1]:
-        voxels *= d
+    values = math.prod(dims[1 : rank + 1])
     # nifticlib never reads data from inside the header, whatever vox_offset says.
-    return max(vox_offset, header_size) + voxels * (bitpix // 8)
+    return NiftiLayout(endian, datatype, values, bitpix // 8, max(vox_offset, header_size), tuple(dims[1 : rank + 1]), scaling)
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Bytes a single-file NIfTI-1/2 needs (vox_offset + voxels x bytes per voxel), or None
+    (see ``_nifti_layout``)."""
+    layout = _nifti_layout(header)
+    return None if layout is None else layout.data_end
 
 
 def _nifti_problem(path: Path) -> str | None:
@@ -239,3 +275,116 @@ def _nrrd_detached_problem(path: Path) -> str | None:
         if sep and key.strip().lower() in ("data file", "datafile"):
             return _missing_data_file(path, value)
     return None
+
+
+# --------------------------------------------------------------------------- NaN and inf in NIfTI
+
+#: NIfTI datatype codes of float voxels -> numpy type (without the byte order).
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+#: Bytes decompressed and examined at a time: memory stays this small whatever the volume.
+SCAN_CHUNK_BYTES = 1 << 22
+
+
+def _float_nifti_chunks(path: Path) -> tuple[NiftiLayout, Iterator[np.ndarray]] | None:
+    """The layout of a float NIfTI file and an iterator over its voxel values, in file order
+    (x fastest), ``SCAN_CHUNK_BYTES`` at a time; None for any other file.
+
+    A .nii.gz is decompressed as a stream: no more than one chunk is held at a time.
+    """
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == GZIP_MAGIC
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as handle:
+        layout = _nifti_layout(handle.read(540))
+    if layout is None or layout.datatype not in NIFTI_FLOAT_TYPES:
+        return None
+    dtype = np.dtype(layout.endian + NIFTI_FLOAT_TYPES[layout.datatype])
+
+    def chunks() -> Iterator[np.ndarray]:
+        with opener(path, "rb") as handle:
+            handle.seek(layout.data_start)  # for gzip: decompresses up to there
+            left = layout.values * dtype.itemsize
+            step = SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize
+            while left > 0:
+                data = handle.read(min(step, left))
+                if not data:
+                    return  # a short file: file_problem reports it before ITK reads
+                usable = len(data) - len(data) % dtype.itemsize
+                left -= len(data)
+                yield np.frombuffer(data[:usable], dtype)
+
+    return layout, chunks()
+
+
+def nifti_nonfinite_values(path: str | os.PathLike, read: np.ndarray | None = None) -> tuple[int, int] | None:
+    """(values that are NaN or ±inf, all values) in a float NIfTI file's own voxel data;
+    None when ``path`` is not a float (float32/float64) single-file NIfTI.
+
+    ITK's NIfTI reader turns NaN and ±inf into 0 (then scaled: ``scl_inter``) without a
+    word (CT padding becomes water, a resampling tool's NaN border becomes tissue), so the
+    file is examined itself: decompressed as a stream, one ``SCAN_CHUNK_BYTES`` chunk in
+    memory at a time.
+
+    Args:
+        read: the values ITK read from the file (``sitk.GetArrayViewFromImage``). When
+            none of them is the value ITK puts in place of NaN/inf, the file holds none and
+            is not decompressed again (a float CT has no exact 0.0 outside its padding).
+    """
+    found = _float_nifti_chunks(Path(path))
+    if found is None:
+        return None
+    layout, chunks = found
+    if read is not None and not _holds_value(read, _nonfinite_stand_in(layout)):
+        return 0, layout.values
+    bad = sum(int(np.count_nonzero(~np.isfinite(chunk))) for chunk in chunks)
+    return bad, layout.values
+
+
+def nifti_nonfinite_mask(path: str | os.PathLike, components: int = 1) -> np.ndarray | None:
+    """Where a float NIfTI file holds NaN or ±inf: a bool array shaped as SimpleITK's
+    array of the image ((z, y, x), or (z, y, x, components) for a vector image), or None
+    when the file is not a float NIfTI or holds no such value.
+
+    For ``gvsl info``, which shows such volumes instead of refusing them: ITK's reader
+    turned those voxels into 0. One byte per value, made only when there is one.
+    """
+    found = _float_nifti_chunks(Path(path))
+    if found is None:
+        return None
+    layout, chunks = found
+    mask = None
+    start = 0
+    for chunk in chunks:
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            if mask is None:
+                mask = np.zeros(layout.values, bool)
+            mask[start : start + chunk.size] = bad
+        start += chunk.size
+    if mask is None:
+        return None
+    x, y, z = (tuple(layout.dims) + (1, 1, 1))[:3]
+    # The file holds x fastest, then y, z (then t, then the vector components: planar).
+    if components > 1:
+        return mask.reshape(components, z, y, x).transpose(1, 2, 3, 0)
+    return mask.reshape(z, y, x)
+
+
+def _nonfinite_stand_in(layout: NiftiLayout) -> float | None:
+    """The value ITK's reader gives a NaN/inf voxel of this file: 0, scaled (so
+    ``scl_inter`` when ``scl_slope`` is neither 0 nor NaN/inf); None when unsure."""
+    slope, inter = layout.scaling
+    if slope == 0:
+        return 0.0
+    return float(inter) if math.isfinite(slope) and math.isfinite(inter) else None
+
+
+def _holds_value(array: np.ndarray, value: float | None) -> bool:
+    """Whether ``array`` holds ``value`` (True when ``value`` is None: unknown), looked for a
+    slab at a time so that no full-size temporary is made."""
+    if value is None:
+        return True
+    flat = array.reshape(-1)
+    wanted = flat.dtype.type(value)
+    step = max(1, SCAN_CHUNK_BYTES // max(1, flat.itemsize))
+    return any(bool((flat[start : start + step] == wanted).any()) for start in range(0, flat.size, step))

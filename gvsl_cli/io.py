@@ -19,8 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from gvsl_cli.errors import InputError
-from gvsl_cli.file_checks import file_problem
 from gvsl_cli.dicom_series import dicom_series_ids, read_dicom_series  # noqa: F401 (dicom_series_ids: part of io's API)
+from gvsl_cli.file_checks import file_problem, nifti_nonfinite_values
 from gvsl_cli.itk_paths import itk_can_take, readable_by_itk, writable_by_itk
 from gvsl_cli.temporaries import held_staging_folder, held_temporary_file
 
@@ -86,6 +86,11 @@ def read_volume(path: str | os.PathLike, *, vector: bool | None = False, finite:
         reason = _itk_read_reason(str(exc))
         raise InputError(f"{path}: cannot read: {reason}", hint=_reason_hint(reason)) from None
     check_volume(image, name=str(path), vector=vector, finite=finite)
+    if finite and image.GetPixelID() in FLOAT_PIXEL_IDS and volume_suffix(path) in (".nii", ".nii.gz"):
+        # ITK's NIfTI reader turns NaN and ±inf into 0 without a word: look in the file.
+        bad, total = nifti_nonfinite_values(path, sitk.GetArrayViewFromImage(image)) or (0, 0)
+        if bad:
+            raise InputError(f"{path}: {bad} of {total} voxels are NaN or infinite", hint=NONFINITE_HINT)
     return image
 
 
@@ -213,6 +218,10 @@ def _itk_read_reason(message: str) -> str:
     return detail[:160]
 
 
+FLOAT_PIXEL_IDS = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
+NONFINITE_HINT = "fix or mask those voxels before using the volume"
+
+
 def check_volume(image: sitk.Image, *, name: str, vector: bool | None = False, finite: bool = True) -> None:
     """Raise InputError unless ``image`` is a usable 3D volume (see ``read_volume``).
 
@@ -229,14 +238,11 @@ def check_volume(image: sitk.Image, *, name: str, vector: bool | None = False, f
         raise InputError(f"{name}: expected a scalar volume, got {components} components per voxel")
     if min(image.GetSize()) < 1 or image.GetNumberOfPixels() == 0:
         raise InputError(f"{name}: volume has no voxels (size {image.GetSize()})")
-    if finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
+    if finite and image.GetPixelID() in FLOAT_PIXEL_IDS:
         array = sitk.GetArrayViewFromImage(image)
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise InputError(
-                f"{name}: {bad} of {array.size} voxels are NaN or infinite",
-                hint="fix or mask those voxels before using the volume",
-            )
+            raise InputError(f"{name}: {bad} of {array.size} voxels are NaN or infinite", hint=NONFINITE_HINT)
 
 
 def ensure_writable_folder(path: str | os.PathLike, *, what: str = "output folder", hint: str = "give a writable folder with -o") -> list[Path]:

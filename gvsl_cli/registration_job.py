@@ -55,6 +55,7 @@ from gvsl_cli.errors import ConfigError, InputError
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.io import atomic_path, ensure_writable_folder, flush_to_disk, itk_warnings_hidden, nonorthogonal_direction_warning, read_volume, refuse_single_slice_vectors, remove_empty_folders, write_transform, write_volume
 from gvsl_cli.locking import exclusive_output_folder
+from gvsl_cli.paths import real_path
 from gvsl_cli.registration import RegistrationConfig, check_working_grids, planned_spacing, register
 from gvsl_cli.similarity import Similarity
 from gvsl_cli.warping import (
@@ -249,9 +250,9 @@ def run_registration(
         raise InputError(f"{out_dir}: output path exists and is not a folder", hint="give a folder with -o")
     output_keys = [key for key in OUTPUT_NAMES if key != "moved_labels" or moving_labels_path]
     refuse_folders_at([out_dir / OUTPUT_NAMES[key] for key in output_keys], hint="remove or rename that folder, or choose another -o folder")
-    outputs_here = {(out_dir / name).resolve() for name in OUTPUT_NAMES.values()}
+    outputs_here = {real_path(out_dir / name) for name in OUTPUT_NAMES.values()}
     for path in (fixed_path, moving_path, moving_labels_path, fixed_labels_path):
-        if path is not None and Path(path).resolve() in outputs_here:
+        if path is not None and real_path(path) in outputs_here:  # InputError for a link loop
             raise InputError(f"{path}: input is an output of gvsl register in {out_dir} and would be replaced", hint="choose another -o folder, or copy the input elsewhere first")
     weights = None
     if weights_spec:

@@ -39,6 +39,7 @@ import numpy as np
 
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.data import STREAM_DATA, Source, discover_named, iteration_seed
+from gvsl_cli.paths import LINK_LOOP, LINK_LOOP_HINT
 from gvsl_cli.errors import InputError
 from gvsl_cli.io import read_volume, volume_suffix
 
@@ -230,7 +231,11 @@ def nnunet_channels(names: Iterable[str]) -> dict[str, Channel | None]:
 def _volumes_in(folder: Path, what: str) -> list[Source]:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder ({what})")
-    sources, _ = discover_named([folder])
+    sources, skipped = discover_named([folder])
+    for item in skipped:
+        if item.reason == LINK_LOOP:
+            # Not dropped silently: the case it stood for would be missing from training.
+            raise InputError(f"{item.path}: {LINK_LOOP} (in the {what} folder)", hint=LINK_LOOP_HINT)
     if not sources:
         raise InputError(f"{folder}: holds no volume ({what})", hint="NIfTI, NRRD, MHA/MHD files or DICOM series folders")
     return sources

@@ -167,20 +167,22 @@ def planned_outputs(jobs: list, out_dir: Path, *, protected: list, subfolders: l
             path is taken by a folder.
     """
     from gvsl_cli.errors import InputError
+    from gvsl_cli.paths import real_path
     from gvsl_cli.registration_job import refuse_folders_at
 
-    inputs = {Path(path).resolve(): path for path, _ in jobs}
-    inputs.update({Path(path).resolve(): path for path in protected})
+    # real_path: a symbolic link loop given as an input, -r or -t is one line, not a traceback.
+    inputs = {real_path(path): path for path, _ in jobs}
+    inputs.update({real_path(path): path for path in protected})
     seen: dict[Path, Path] = {}
     targets = []
     for (path, _), subfolder in zip(jobs, subfolders or [""] * len(jobs)):
         target = out_dir / subfolder / output_name(path)
-        key = target.resolve()
+        key = real_path(target)
         if key in inputs:
             raise InputError(f"{inputs[key]}: output {target} would overwrite this input", hint="choose another -o folder")
         if key in seen:
             first = seen[key]
-            if Path(first).resolve() == Path(path).resolve():
+            if real_path(first) == real_path(path):
                 raise InputError(f"{path}: given twice", hint="give each input once")
             raise InputError(
                 f"{first} and {path} would both be written to {target} (outputs are named <input name>_warped, in the sub-folder below a folder given)",

@@ -32,7 +32,8 @@ def describe_volume(path: Path, spacing: float) -> dict:
     import SimpleITK as sitk
 
     from gvsl_cli.geometry import Geometry
-    from gvsl_cli.io import read_volume
+    from gvsl_cli.file_checks import nifti_nonfinite_mask
+    from gvsl_cli.io import read_volume, volume_suffix
     from gvsl_cli.preprocess import canonical_geometry, detect_modality
 
     # info is the diagnostic command: NaN/inf voxels, which every other command refuses, are
@@ -42,9 +43,14 @@ def describe_volume(path: Path, spacing: float) -> dict:
     geometry = Geometry.of(image)
     array = sitk.GetArrayViewFromImage(image)
     bad = ~np.isfinite(array) if array.dtype.kind == "f" else None
+    if bad is not None and volume_suffix(path) in (".nii", ".nii.gz"):
+        # ITK's NIfTI reader turned the file's NaN/inf voxels into 0: find them in the file.
+        hidden = nifti_nonfinite_mask(path, components)
+        if hidden is not None and hidden.shape == bad.shape:
+            bad |= hidden
     # Voxels with a NaN/inf value (in any component of a vector image).
     nonfinite = 0 if bad is None else int(np.count_nonzero(bad.any(axis=-1) if components > 1 else bad))
-    finite = array[np.isfinite(array)] if nonfinite else array
+    finite = array[~bad] if nonfinite else array
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction)
     # The code names the nearest axes only: an axis more than 0.5° off them is oblique.
     oblique = bool(np.abs(np.asarray(geometry.direction).reshape(3, 3)).max(axis=0).min() < np.cos(np.radians(0.5)))

@@ -37,6 +37,7 @@ def segment(
     from gvsl_cli.errors import ConfigError, IncompleteError, InputError
     from gvsl_cli.io import ensure_writable_folder, remove_empty_folders
     from gvsl_cli.locking import exclusive_output_folder
+    from gvsl_cli.paths import real_path
     from gvsl_cli.segment_record import RUN_FILE, check_output_folder, run_description
     from gvsl_cli.segmentation import check_ensemble, check_overlap, input_names, load_segmenter, plan_outputs, probabilities_name, segment_files
     from gvsl_cli.temporaries import remove_abandoned
@@ -46,7 +47,7 @@ def segment(
         raise ConfigError(f"--batch must be >= 1, got {batch}")
     torch_device = resolve_device(device)
     autocast_dtype = resolve_precision(precision, torch_device)
-    out_real = Path(os.path.abspath(output)).resolve()
+    out_real = real_path(os.path.abspath(output))
     for item in inputs:
         given = Path(item).expanduser()
         if given.is_dir() and (given.resolve() == out_real or out_real in given.resolve().parents):
@@ -75,7 +76,7 @@ def segment(
             markup=False,
         )
     for source, target in planned:
-        if Path(os.path.abspath(target)).resolve() == source.resolve():
+        if real_path(os.path.abspath(target)) == real_path(source):
             # Without this, --overwrite would replace the image by its label map.
             raise InputError(f"{source}: its label map would be written over it ({target})", hint="choose another -o folder")
     created = ensure_writable_folder(output, what="output folder")
