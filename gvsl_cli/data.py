@@ -85,24 +85,19 @@ def _looks_like_dicom_folder(folder: Path, files: list[str]) -> bool:
 
 
 def _walk_folder(folder: Path) -> list[Path]:
-    """Volume files and DICOM series folders under ``folder`` (recursive, sorted; see
-    ``_walk_folder_reporting``), without the folders left out."""
-    return _walk_folder_reporting(folder)[0]
-
-
-def _walk_folder_reporting(folder: Path) -> tuple[list[Path], list[Skipped]]:
-    """Volume files and DICOM series folders under ``folder`` (recursive, sorted), and the
-    linked folders left out.
+    """Volume files and DICOM series folders under ``folder`` (recursive, sorted).
 
     Symbolic links to folders are followed (a cohort is often a folder of links into a
     store), and the paths found keep the link's name (``cohort/p02/ct.nii.gz``, not the
-    target's). Each real folder is searched once: a link back to a folder on the way down
-    (``a/up -> ..``) is a loop and left out silently; a link to a folder searched already
-    elsewhere is reported (``same folder as ...``) so that nothing is used twice and
-    nothing is dropped without a word.
+    target's). Each real folder is searched once, under its own name when the walk reaches
+    it without links (``latest -> run3`` beside ``run3`` is left out, whatever their order),
+    else under the first link's. Left out silently, since nothing in them goes unsearched:
+    a link back to a folder on the way down (``a/up -> ..``), a link to a folder of the
+    tree, a second link to a folder searched already.
     """
     found: list[Path] = []
-    skipped: list[Skipped] = []
+    # Folders reached without links: a link to one of them is a second name for it.
+    direct = {os.path.realpath(root) for root, _, _ in os.walk(folder)}
     # Real path of each folder searched -> the path it is searched as.
     searched: dict[str, Path] = {os.path.realpath(folder): Path(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -111,12 +106,9 @@ def _walk_folder_reporting(folder: Path) -> tuple[list[Path], list[Skipped]]:
         kept = []
         for name in sorted(d for d in dirs if not d.startswith(".")):
             child = root_path / name
-            real = os.path.realpath(child) if os.path.islink(child) else os.path.join(real_root, name)
-            first = searched.get(real)
-            if _holds(real, real_root) or (first is not None and (first == root_path or first in root_path.parents)):
-                continue  # a folder on the way down: following the link would go round in a circle
-            if first is not None:
-                skipped.append(Skipped(str(child), f"same folder as {first} (searched once)"))
+            linked = os.path.islink(child)
+            real = os.path.realpath(child) if linked else os.path.join(real_root, name)
+            if real in searched or _holds(real, real_root) or (linked and real in direct):
                 continue
             searched[real] = child
             kept.append(name)
@@ -125,7 +117,7 @@ def _walk_folder_reporting(folder: Path) -> tuple[list[Path], list[Skipped]]:
         found.extend(root_path / f for f in files if volume_suffix(f) is not None and not f.startswith("."))
         if _looks_like_dicom_folder(root_path, files):
             found.append(root_path)
-    return found, skipped
+    return found
 
 
 def _holds(folder: str, path: str) -> bool:
@@ -263,9 +255,7 @@ def _read_path_list(list_file: Path, text: str | None = None) -> tuple[list[Path
             why = "is a symbolic link loop" if reason == LINK_LOOP else "does not exist"
             skipped.append(Skipped(str(path), f"listed in {list_file.name} line {number} but {why}"))
         elif path.is_dir():
-            walked, left_out = _walk_folder_reporting(path)
-            entries.extend(walked)
-            skipped.extend(left_out)
+            entries.extend(_walk_folder(path))
         else:
             entries.append(path)
     return entries, skipped
@@ -350,9 +340,8 @@ def discover_named(
         if not path.exists():
             skipped.append(Skipped(str(path), absent_reason(path)))
         elif path.is_dir():
-            walked, left_out = _walk_folder_reporting(path)
-            skipped.extend(left_out)
-            if not walked and not left_out:
+            walked = _walk_folder(path)
+            if not walked:
                 skipped.append(Skipped(str(path), "folder holds no NIfTI, NRRD, MHA/MHD file or DICOM series"))
             folder = Path(os.path.abspath(path))
             found.extend((p, folder if p != path else None, p == path) for p in walked)
