@@ -617,8 +617,8 @@ def _embed_all(mine, extractor: FeatureExtractor, config: EmbedConfig, out_dir: 
         else:
             todo.append(source)
     # Partial maps that runs killed by SIGKILL left under temporary names (a dense map is
-    # GBs). Shards of a SLURM array share the folder: a live shard's temporaries are locked
-    # and kept, and each run looks only at names of its own volumes.
+    # GBs). Shards of a SLURM array share the folder: each looks at its own volumes' names,
+    # and a live shard's temporaries are kept (locked, and written lately).
     remove_abandoned([out_dir / RUN_FILE, *(path for source in todo for path in (vector_path(source), dense_path(source)))])
     reporter.start(len(todo), len(summary.already_done))
     for index, source in enumerate(todo, 1):

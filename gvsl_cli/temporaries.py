@@ -10,6 +10,14 @@ temporary (its lock is free) from one another process is writing right now (held
 removes only the former. That works without any folder lock, so for commands that run
 side by side into one folder (``gvsl embed`` over a SLURM array) too.
 
+Shared file systems: NFS emulates ``flock`` with whole-file locks, which a cleaner can take
+on files it may write (it opens them read-write) but not on folders, so there staging
+folders are kept. Where locks are local to one node (Lustre mounted with ``localflock``,
+NFS with ``local_lock``), a live writer on another node looks abandoned; so a temporary
+is removed only when, besides its lock being free, nothing in it has changed for
+``ABANDONED_AFTER_S`` (a writer streams into it; a killed one does not). That also covers
+the instant between a temporary's creation and its lock.
+
 POSIX only. On Windows a byte-range lock would stop the writer's own writes through other
 handles, so nothing is locked there and nothing is removed.
 """
@@ -18,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,9 +38,12 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-#: A temporary's name is ``.NAME.<random>.tmp<suffix>``; a NAME too long for that limit
-#: gets ``.gvsl-<random>.tmp<suffix>`` (``io.atomic_path``).
-LONG_NAME_PREFIX = ".gvsl-"
+#: A temporary's name is ``.NAME.<random>.tmp<suffix>``; a NAME too long for the file
+#: system's limit, or not UTF-8, gets ``.gvsl-<random>.tmp<suffix>`` (``io.atomic_path``).
+#: ``<random>`` is ``tempfile``'s: 8 characters of [a-z0-9_].
+UNNAMED_TEMPORARY = re.compile(r"\.gvsl-[a-z0-9_]{8}\.tmp")
+#: A temporary unchanged for this long, whose lock is free, is taken for abandoned.
+ABANDONED_AFTER_S = 600.0
 
 
 def _hold(fd: int) -> None:
@@ -88,9 +101,9 @@ def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None,
 
     Each folder holding outputs (and ``staging_in``) is listed once. A temporary there is
     one of ``.NAME.<random>.tmp*`` for an output NAME in that folder,
-    ``.gvsl-<random>.tmp*``, or ``<prefix><random>.tmp*`` for ``prefixes`` (a command's
-    staging folders); it is removed only when its lock is free, i.e. no live process
-    writes it.
+    ``.gvsl-<random>.tmp*`` (``UNNAMED_TEMPORARY``), or ``<prefix><random>.tmp*`` for
+    ``prefixes`` (a command's staging folders); it is removed only when its lock is free
+    and it has not changed for ``ABANDONED_AFTER_S`` (see the module's docstring).
 
     Returns:
         The files and folders removed.
@@ -100,7 +113,7 @@ def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None,
     names_by_folder: dict[Path, set[str]] = {} if staging_in is None else {Path(staging_in): set()}
     for output in outputs:
         names_by_folder.setdefault(Path(output).parent, set()).add(Path(output).name)
-    starts = (LONG_NAME_PREFIX, *prefixes)
+    starts = tuple(prefixes)
     removed = []
     for folder, names in names_by_folder.items():
         try:
@@ -108,19 +121,38 @@ def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None,
         except OSError:
             continue  # not made yet, or unreadable: nothing of ours to remove there
         for entry in entries:
-            ours = _output_name(entry) in names or (entry.startswith(starts) and ".tmp" in entry)
+            ours = _output_name(entry) in names or UNNAMED_TEMPORARY.match(entry) or (entry.startswith(starts) and ".tmp" in entry)
             if ours and _remove_if_abandoned(folder / entry):
                 removed.append(folder / entry)
     return removed
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a folder, of what it holds."""
+    newest = path.stat().st_mtime
+    if path.is_dir():
+        for root, folders, files in os.walk(path):
+            for name in folders + files:
+                newest = max(newest, os.stat(os.path.join(root, name), follow_symlinks=False).st_mtime)
+    return newest
 
 
 def _remove_if_abandoned(path: Path) -> bool:
     if path.is_symlink():
         return False
     try:
-        fd = os.open(path, os.O_RDONLY)
+        if time.time() - _last_change(path) < ABANDONED_AFTER_S:
+            return False  # written lately: maybe by a live process whose lock we cannot see
     except OSError:
         return False
+    try:
+        # Read-write where possible: NFS grants an exclusive lock only on such a handle.
+        fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
