@@ -21,11 +21,13 @@ import SimpleITK as sitk
 from gvsl_cli.errors import InputError
 from gvsl_cli.itk_paths import itk_can_take, link_or_copy, readable_by_itk
 
-#: Slice gaps may differ from the series' typical gap (the median) by this fraction of it
-#: or by SLICE_GAP_TOLERANCE_MM, whichever is larger: DICOM stores positions as decimal
-#: strings of at most 16 characters, so 0.01 mm absorbs their rounding, and 1 % lets
-#: through the float noise of scanners that compute positions from a table speed.
-SLICE_GAP_TOLERANCE_FRACTION = 0.01
+#: Slice gaps may differ from the series' typical gap (the median) by this fraction of it,
+#: by what the rounding of the stored positions allows, or by SLICE_GAP_TOLERANCE_MM,
+#: whichever is largest. A missing slice makes a gap of twice the median (100 %); ITK's own
+#: reader warns from about 10 %. The positions are decimal strings, often of 1 or 2
+#: decimals: two gaps of an evenly spaced 0.625 mm series stored to 0.01 mm differ by up to
+#: 0.01 mm, and more on an oblique normal, which a tighter rule refused as "uneven".
+SLICE_GAP_TOLERANCE_FRACTION = 0.1
 SLICE_GAP_TOLERANCE_MM = 0.01
 #: DICOM files carry "DICM" at this byte offset (after the 128-byte preamble).
 _DICM_OFFSET = 128
@@ -81,8 +83,14 @@ def read_dicom_series(folder: Path) -> sitk.Image:
             reader.SetFileNames(readable_files)
             reader.MetaDataDictionaryArrayUpdateOn()
             image = reader.Execute()
-            positions = _positions_along_normal(reader, len(readable_files))
-    gap = uneven_gap(positions)
+            positions, rounding = _positions_along_normal(reader, len(readable_files))
+    repeats = repeated_positions(positions)
+    if repeats:
+        raise InputError(
+            f"{folder}: DICOM series has {repeats}: a multi-echo, multi-phase or 4D series, not one volume",
+            hint="split it by echo or temporal position (dcm2niix does), and give one volume",
+        )
+    gap = uneven_gap(positions, rounding)
     unread = ""
     if unreadable:
         shown = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
@@ -113,41 +121,70 @@ def _names_itk_can_take(files: list[str]) -> Iterator[list[str]]:
         yield links
 
 
-def _positions_along_normal(reader: sitk.ImageSeriesReader, count: int) -> list[float] | None:
+def _positions_along_normal(reader: sitk.ImageSeriesReader, count: int) -> tuple[list[float] | None, float]:
     """Each slice's ImagePositionPatient (0020,0032) projected on the slice normal (the
     cross product of the ImageOrientationPatient (0020,0037) rows), in mm, in the reader's
-    slice order; None when a slice lacks either tag (no positions to check)."""
+    slice order; None when a slice lacks either tag (no positions to check). Also the most
+    a projected position can be off by the rounding of the stored decimals (mm)."""
     positions = []
     normal = None
+    step = 0.0  # the coarsest last decimal place among the stored coordinates
     for index in range(count):
         try:
             if not (reader.HasMetaDataKey(index, "0020|0032") and reader.HasMetaDataKey(index, "0020|0037")):
-                return None
-            position = [float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")]
+                return None, 0.0
+            texts = reader.GetMetaData(index, "0020|0032").strip().split("\\")
+            position = [float(v) for v in texts]
             if normal is None:
                 rows = [float(v) for v in reader.GetMetaData(index, "0020|0037").split("\\")]
                 normal = np.cross(rows[:3], rows[3:6])
         except (RuntimeError, ValueError, IndexError):
-            return None
+            return None, 0.0
         if len(position) != 3:
-            return None
+            return None, 0.0
+        step = max(step, *(_last_decimal_place(text) for text in texts))
         positions.append(float(np.dot(normal, position)))
-    return positions
+    # Each coordinate is off by up to half its last place; projected on the normal, the
+    # errors add up to at most half a place times the normal's 1-norm.
+    return positions, 0.5 * step * float(np.abs(normal).sum())
 
 
-def uneven_gap(positions: list[float] | None) -> str | None:
+def _last_decimal_place(text: str) -> float:
+    """The value of the last digit of a DICOM decimal string: 0.01 for "-54.38", 1 for "12"."""
+    mantissa = text.strip().lower().split("e")[0]
+    decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+    exponent = int(text.strip().lower().split("e")[1]) if "e" in text.lower() else 0
+    return 10.0 ** (exponent - decimals)
+
+
+def repeated_positions(positions: list[float] | None) -> str | None:
+    """Words for a series whose slices share their positions evenly (every position held
+    by the same number k > 1 of slices), e.g. "2 slices at each of 20 positions"; None
+    otherwise."""
+    if positions is None or len(positions) < 2:
+        return None
+    ordered = np.sort(np.asarray(positions, dtype=np.float64))
+    groups = np.split(ordered, np.nonzero(np.diff(ordered) > SLICE_GAP_TOLERANCE_MM)[0] + 1)
+    counts = {len(group) for group in groups}
+    if len(counts) == 1 and counts != {1}:
+        return f"{counts.pop()} slices at each of {len(groups)} positions"
+    return None
+
+
+def uneven_gap(positions: list[float] | None, rounding: float = 0.0) -> str | None:
     """Words for the worst slice gap that differs from the series' median gap beyond the
     tolerance (SLICE_GAP_TOLERANCE_*), e.g. "gap of 24 mm after slice 19 of 40 (the
     others 4 mm)"; None when the gaps are even (or there are fewer than 3 slices).
 
-    ``positions`` are the slice positions along the normal (mm) in any order.
+    ``positions`` are the slice positions along the normal (mm) in any order; each may be
+    off by ``rounding`` (mm, the stored decimals'), so a gap by twice that.
     """
     if positions is None or len(positions) < 3:
         return None
     ordered = np.sort(np.asarray(positions, dtype=np.float64))
     gaps = np.diff(ordered)
     typical = float(np.median(gaps))
-    tolerance = max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE_FRACTION * abs(typical))
+    tolerance = max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE_FRACTION * abs(typical), 2.0 * rounding + 1e-9)
     deviation = np.abs(gaps - typical)
     worst = int(np.argmax(deviation))
     if deviation[worst] <= tolerance:

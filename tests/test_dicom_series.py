@@ -70,6 +70,27 @@ def test_uneven_gap_names_the_gap_and_tolerates_rounding():
     assert uneven_gap([0.0, 3.0, 3.0, 6.0, 9.0]) == "two slices at the same position (after slice 2 of 5; the others 3 mm apart)"
 
 
+def test_evenly_spaced_series_stored_with_few_decimals_are_read_and_echoes_are_named():
+    # A complete 0.625 mm CT whose positions are stored to 0.01 mm was refused as uneven
+    # (gaps 0.62 / 0.63 mm); so were oblique series stored to 0.1 mm.
+    import math
+
+    from gvsl_cli.dicom_series import _last_decimal_place, repeated_positions
+
+    axial = [round(-54.375 + 0.625 * k, 2) for k in range(40)]
+    assert uneven_gap(axial, rounding=0.005) is None
+    angle = math.radians(30)
+    normal = (0.0, math.sin(angle), math.cos(angle))
+    stored = [[round(c, 1) for c in (0.0, -k * 0.5 * normal[1], k * 0.5 * normal[2])] for k in range(200)]
+    oblique = [sum(n * c for n, c in zip(normal, point)) for point in stored]
+    assert uneven_gap(oblique, rounding=0.5 * 0.1 * sum(map(abs, normal))) is None
+    assert uneven_gap(axial[:20] + axial[21:], rounding=0.005) == "gap of 1.25 mm after slice 20 of 39 (the others 0.63 mm)"
+    assert _last_decimal_place("-54.38") == 0.01 and _last_decimal_place("12") == 1.0 and _last_decimal_place("1.5e-2") == 0.001
+    # Multi-echo or 4D: every position twice. Not a damaged series, and not one volume.
+    assert repeated_positions([p for k in range(20) for p in (3.0 * k, 3.0 * k)]) == "2 slices at each of 20 positions"
+    assert repeated_positions(axial) is None and repeated_positions([0.0, 3.0, 3.0, 6.0]) is None
+
+
 def test_missing_slices_are_refused_naming_the_gap_without_itk_warnings(tmp_path, capfd, restore_locale):
     image = small_volume()
     folder = tmp_path / "series"
