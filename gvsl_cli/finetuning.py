@@ -651,7 +651,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     patch = effective_patch(prepared, config.patch)
     if patch != (config.patch,) * 3:
         reporter.note(f"--patch {config.patch}: the cases are smaller, using {'×'.join(map(str, patch))} (smaller cases are padded)")
-    check_cpu_bf16_patch(autocast_dtype, device, patch)
+    check_cpu_bf16_patch(autocast_dtype, device, patch, shrunk=patch != (config.patch,) * 3)
 
     torch.manual_seed(config.seed)  # the head's (and for scratch the U-Net's) initial weights
     model = SegmentationNet(model_config, label_set.count)

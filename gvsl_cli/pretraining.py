@@ -533,7 +533,7 @@ def _train(config: PretrainConfig, context: distributed.DistContext, reporter: R
     sampler_patch = data_mod.effective_patch(dataset.volumes, (config.patch,) * 3)
     if sampler_patch != (config.patch,) * 3:
         reporter.note(f"--patch {config.patch}: the volumes are smaller, using {'×'.join(map(str, sampler_patch))} (smaller volumes are padded)")
-    check_cpu_bf16_patch(autocast_dtype, device, sampler_patch)
+    check_cpu_bf16_patch(autocast_dtype, device, sampler_patch, shrunk=sampler_patch != (config.patch,) * 3)
     # Crop a margin around the patch so rotated/scaled patches show anatomy, not zeros.
     region = tuple(p + 2 * (p // 8) for p in sampler_patch)
     keys = [v.key for v in dataset.volumes]

@@ -171,7 +171,7 @@ class LoopResult:
 # --------------------------------------------------------------------------- state
 
 
-def check_cpu_bf16_patch(autocast_dtype, device: torch.device, patch: tuple[int, ...], *, option: str = "--patch") -> None:
+def check_cpu_bf16_patch(autocast_dtype, device: torch.device, patch: tuple[int, ...], *, shrunk: bool = False) -> None:
     """Refuse bf16 training on the CPU when a level of the U-Net would be 2 voxels deep.
 
     PyTorch's CPU convolutions (oneDNN, torch 2.13) compute the weight gradient of a bf16
@@ -183,14 +183,17 @@ def check_cpu_bf16_patch(autocast_dtype, device: torch.device, patch: tuple[int,
 
     Args:
         patch: training patch (D, H, W) in voxels.
+        shrunk: the data made the patch smaller than ``--patch`` asked (then a larger
+            ``--patch`` does not help).
     """
     if device.type != "cpu" or autocast_dtype is not torch.bfloat16:
         return
     padded = -(-patch[0] // UNET_MULTIPLE) * UNET_MULTIPLE
     if 2 in {padded >> level for level in range(5)}:
+        way_out = "a finer --spacing (the volumes make the patch this shallow)" if shrunk else "--patch 48 or more"
         raise ConfigError(
             f"bf16 on the CPU with a patch {patch[0]} voxels deep: PyTorch's CPU bf16 convolutions compute wrong weight "
-            f"gradients at the U-Net level that is 2 voxels deep; use --precision fp32 (the CPU default) or {option} 48 or more"
+            f"gradients at the U-Net level that is 2 voxels deep; use --precision fp32 (the CPU default) or {way_out}"
         )
 
 

@@ -139,5 +139,7 @@ def test_cpu_bf16_is_refused_only_for_patches_with_a_level_2_voxels_deep():
             check_cpu_bf16_patch(torch.bfloat16, cpu, (depth, 64, 64))
     for depth in (48, 64, 128):  # levels 3 or 4 voxels deep at the bottleneck
         check_cpu_bf16_patch(torch.bfloat16, cpu, (depth, 32, 32))  # H and W of 2 are fine
+    with pytest.raises(ConfigError, match="or a finer --spacing"):  # --patch 48 would not help
+        check_cpu_bf16_patch(torch.bfloat16, cpu, (32, 48, 48), shrunk=True)
     check_cpu_bf16_patch(None, cpu, (32, 32, 32))  # fp32
     check_cpu_bf16_patch(torch.bfloat16, cuda, (32, 32, 32))  # cuDNN, not oneDNN
