@@ -46,7 +46,7 @@ from gvsl_cli import __version__
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.data import Skipped, check_not_constant, discover_named, failure_reason, read_and_prepare
 from gvsl_cli.device import autocast, resolve_precision
-from gvsl_cli.errors import ConfigError, InputError
+from gvsl_cli.errors import ConfigError, InputError, is_out_of_memory
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import modality_misfit
 from gvsl_cli.io import (
@@ -532,9 +532,11 @@ class Reporter:
 
 def _volume_failure(exc: Exception, source: EmbedSource, device: torch.device) -> str:
     """One line saying why ``source`` could not be embedded."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if device.type == "cpu":
+            return "the CPU ran out of memory for this volume (try --dense-grid canonical, or a smaller --window)"
         return f"the {device.type.upper()} ran out of memory for this volume (try --device cpu, or --dense-grid canonical)"
     return failure_reason(exc, source.path)
 

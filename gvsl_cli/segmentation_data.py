@@ -461,7 +461,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
                 f"{case.label}: label value(s) {', '.join(map(str, unknown[:5].tolist()))} not in dataset.json's labels ({', '.join(map(str, label_set.values))})",
                 hint="fix the label map or add the value to dataset.json",
             )
-    prepared = prepare(image, preprocess)
+    prepared = prepare(image, preprocess, name=case.image)
     label_image = sitk.GetImageFromArray(values.astype(np.int32))
     label_image.CopyInformation(label)
     on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
