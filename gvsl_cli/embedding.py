@@ -279,7 +279,8 @@ class FeatureExtractor:
         shape = tuple(prepared.array.shape)
         common = dict(device=self.device, pad_value=float(prepared.array.min()), accumulate_device=self.device)
         global_windows = len(window_positions(shape, self.global_window(shape), GLOBAL_OVERLAP))
-        dense_windows = len(window_positions(shape, (self.window,) * 3, self.config.overlap)) if self.config.dense else 0
+        dense_window = self.dense_window(shape)
+        dense_windows = len(window_positions(shape, dense_window, self.config.overlap)) if self.config.dense else 0
         total = global_windows + dense_windows
 
         def progress(offset: int) -> Callable[[int, int], None]:
@@ -289,9 +290,15 @@ class FeatureExtractor:
         vector = pooled["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
         dense = None
         if self.config.dense:
-            blended = sliding_window_inference(volume, self._dense, patch=(self.window,) * 3, overlap=self.config.overlap, on_window=progress(global_windows), **common)
+            blended = sliding_window_inference(volume, self._dense, patch=dense_window, overlap=self.config.overlap, on_window=progress(global_windows), **common)
             dense = blended["dense"].numpy()
         return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=total, detected=prepared.detected)
+
+    def dense_window(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The dense pass's cubic window: ``self.window`` voxels a side, at most the largest
+        side of the (D, H, W) volume (a multiple of 16 on the canonical grid): a larger one
+        would only pad (``--window 100000`` asked for a 4 PB window)."""
+        return (min(self.window, max(shape)),) * 3
 
     @staticmethod
     def global_window(shape: tuple[int, int, int]) -> tuple[int, int, int]:

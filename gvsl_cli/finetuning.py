@@ -56,7 +56,10 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_cpu_bf16_patch,
+    check_learning_rate,
     check_loop_counts,
+    check_seed,
+    check_workers,
     download_reporter,
     iterations_remain,
     exclusive_run_folder,
@@ -183,13 +186,21 @@ class FinetuneConfig:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.patch < 16 or self.patch % 16:
             raise ConfigError(f"--patch must be a multiple of 16 and >= 16 (the U-Net halves it four times), got {self.patch}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None:
+            check_learning_rate(self.lr)
+        check_workers(self.workers)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         check_overlap(self.overlap)
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
         if self.splits is not None and self.fold is None:
             raise ConfigError("--splits needs --fold (which entry of the splits file to validate on)")
+        if "folds" in self.explicit and self.fold is None and not self.resume:
+            raise ConfigError(
+                "--folds needs --fold (which fold to validate on); without --fold the validation cases are drawn with --val-fraction",
+                hint="add --fold K (0-based), or leave out --folds",
+            )
         if self.fold is not None:
             if "val_fraction" in self.explicit:
                 raise ConfigError("--fold and --val-fraction both choose the validation cases; give one of them")
@@ -197,10 +208,7 @@ class FinetuneConfig:
                 raise ConfigError(f"--fold must be >= 0, got {self.fold}")
             if self.splits is None and not 0 <= self.fold < self.folds:
                 raise ConfigError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
-        if self.folds < 2:
-            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
         if self.spacing is not None:
