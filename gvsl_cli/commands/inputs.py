@@ -38,17 +38,18 @@ def stdin_for(inputs: Sequence[str | os.PathLike]) -> Iterable[str]:
     return sys.stdin
 
 
-def refuse_stdout_folder(context: typer.Context, value: Optional[Path]) -> Optional[Path]:
+def refuse_stdout_folder(value: Optional[Path], context: typer.Context = None) -> Optional[Path]:
     """Typer callback of ``-o``: refuses ``-`` (gvsl writes files into a folder, never to
     stdout), one of the command's own option names (``-o -q`` took ``-q`` as the folder and
     dropped the option) and a volume file name that is not an existing folder; other values
-    pass unchanged."""
+    pass unchanged. Typer passes ``context``; without it (a direct call) option names are
+    not checked."""
     from gvsl_cli.errors import InputError
     from gvsl_cli.io import volume_suffix
 
     if value is not None and os.fspath(value) == "-":
         raise InputError("-o -: outputs are files written into a folder, not a stream on stdout", hint="give a folder name with -o")
-    if value is not None and os.fspath(value) in option_names(context):
+    if value is not None and context is not None and os.fspath(value) in option_names(context):
         raise InputError(
             f"-o {value}: -o needs a folder name, and {value} is an option of this command",
             # Typer hands over a Path, in which "./-q" is "-q" again: only a full path tells them apart.
