@@ -19,7 +19,7 @@ import typer
 
 from gvsl_cli import __version__
 from gvsl_cli.commands import COMMAND_MODULES
-from gvsl_cli.errors import DeviceError, GvslError, InputError, TrainingError
+from gvsl_cli.errors import DeviceError, GvslError, InputError, TrainingError, is_out_of_memory
 
 
 app = typer.Typer(
@@ -147,7 +147,12 @@ def _error(message: str) -> None:
 
 def _as_gvsl_error(exc: BaseException) -> GvslError | None:
     """Map known foreign exceptions (GPU out of memory, file system errors) to a GvslError."""
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
+        if "defaultcpuallocator" in str(exc).lower() or isinstance(exc, MemoryError):
+            return DeviceError(
+                "the CPU ran out of memory (host RAM)",
+                hint="use a smaller --patch, --batch or --width, or run where more memory is free",
+            )
         return DeviceError(
             "the device ran out of memory",
             hint="use a smaller --patch or --batch, --precision bf16, or --device cpu",

@@ -46,7 +46,7 @@ from gvsl_cli import __version__
 from gvsl_cli.config import PreprocessConfig
 from gvsl_cli.data import Skipped, check_not_constant, discover_named, failure_reason, read_and_prepare
 from gvsl_cli.device import autocast, resolve_precision
-from gvsl_cli.errors import ConfigError, InputError
+from gvsl_cli.errors import ConfigError, InputError, is_out_of_memory
 from gvsl_cli.geometry import Geometry
 from gvsl_cli.preprocess import modality_misfit
 from gvsl_cli.io import (
@@ -280,7 +280,8 @@ class FeatureExtractor:
         shape = tuple(prepared.array.shape)
         common = dict(device=self.device, pad_value=float(prepared.array.min()), accumulate_device=self.device)
         global_windows = len(window_positions(shape, self.global_window(shape), GLOBAL_OVERLAP))
-        dense_windows = len(window_positions(shape, (self.window,) * 3, self.config.overlap)) if self.config.dense else 0
+        dense_window = self.dense_window(shape)
+        dense_windows = len(window_positions(shape, dense_window, self.config.overlap)) if self.config.dense else 0
         total = global_windows + dense_windows
 
         def progress(offset: int) -> Callable[[int, int], None]:
@@ -290,9 +291,15 @@ class FeatureExtractor:
         vector = pooled["global"].mean(dim=(1, 2, 3)).numpy().astype(np.float32)
         dense = None
         if self.config.dense:
-            blended = sliding_window_inference(volume, self._dense, patch=(self.window,) * 3, overlap=self.config.overlap, on_window=progress(global_windows), **common)
+            blended = sliding_window_inference(volume, self._dense, patch=dense_window, overlap=self.config.overlap, on_window=progress(global_windows), **common)
             dense = blended["dense"].numpy()
         return VolumeFeatures(vector=vector, dense=dense, grid=prepared.grid, original=prepared.original, modality=prepared.modality, windows=total, detected=prepared.detected)
+
+    def dense_window(self, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The dense pass's cubic window: ``self.window`` voxels a side, at most the largest
+        side of the (D, H, W) volume (a multiple of 16 on the canonical grid): a larger one
+        would only pad (``--window 100000`` asked for a 4 PB window)."""
+        return (min(self.window, max(shape)),) * 3
 
     @staticmethod
     def global_window(shape: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -533,9 +540,11 @@ class Reporter:
 
 def _volume_failure(exc: Exception, source: EmbedSource, device: torch.device) -> str:
     """One line saying why ``source`` could not be embedded."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if device.type == "cpu":
+            return "the CPU ran out of memory for this volume (try --dense-grid canonical, or a smaller --window)"
         return f"the {device.type.upper()} ran out of memory for this volume (try --device cpu, or --dense-grid canonical)"
     return failure_reason(exc, source.path)
 

@@ -71,3 +71,18 @@ class IncompleteError(GvslError):
 #: either, so that ``gvsl pretrain ... && gvsl finetune ...`` does not go on with a half-
 #: trained model and a scheduler does not mark the job complete; ``--resume`` continues.
 STOPPED_EXIT_CODE = 8
+
+
+#: Words of the allocators' failures: CUDA's "out of memory", and the CPU allocator's
+#: "DefaultCPUAllocator: can't allocate memory" (a --width 8192 model, a huge window).
+_OUT_OF_MEMORY_WORDS = ("out of memory", "defaultcpuallocator", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device or host allocation failure (torch's OutOfMemoryError, the
+    CPU allocator's RuntimeError, Python's MemoryError), which gvsl reports as one
+    out-of-memory line, not as an internal error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in _OUT_OF_MEMORY_WORDS)

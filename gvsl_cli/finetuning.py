@@ -47,7 +47,7 @@ from gvsl_cli.launcher import torchrun_world_size
 from gvsl_cli.losses import dice_ce_loss
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
-from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, fold_split, prepare_cases, read_split_file, split_cases
+from gvsl_cli.segmentation_data import MAX_LABEL_VALUES, LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, fold_split, prepare_cases, read_split_file, split_cases
 from gvsl_cli.training import (
     METRICS_FILE,
     LoopOptions,
@@ -56,7 +56,10 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_cpu_bf16_patch,
+    check_learning_rate,
     check_loop_counts,
+    check_seed,
+    check_workers,
     download_reporter,
     iterations_remain,
     exclusive_run_folder,
@@ -137,6 +140,8 @@ class FinetuneConfig:
         augment: random rotation, scaling, brightness and gamma of training patches.
         device, precision: see ``gvsl_cli.device``.
         workers: threads preparing cases.
+        max_labels: most distinct values (background included) of the label maps when no
+            dataset.json lists the labels; more are refused as an image given as labels.
         resume: continue the run in ``run_dir``.
         log_every: iterations between metric flushes.
         time_limit_s: stop cleanly (validation, checkpoint) after this many seconds of training.
@@ -169,6 +174,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 2
+    max_labels: int = MAX_LABEL_VALUES
     resume: bool = False
     log_every: int = 10
     time_limit_s: float | None = None
@@ -183,13 +189,23 @@ class FinetuneConfig:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.patch < 16 or self.patch % 16:
             raise ConfigError(f"--patch must be a multiple of 16 and >= 16 (the U-Net halves it four times), got {self.patch}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None:
+            check_learning_rate(self.lr)
+        check_workers(self.workers)
+        if self.max_labels < 2:
+            raise ConfigError(f"--max-labels must be >= 2 (background and one label), got {self.max_labels}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         check_overlap(self.overlap)
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
         if self.splits is not None and self.fold is None:
             raise ConfigError("--splits needs --fold (which entry of the splits file to validate on)")
+        if "folds" in self.explicit and self.fold is None and not self.resume:
+            raise ConfigError(
+                "--folds needs --fold (which fold to validate on); without --fold the validation cases are drawn with --val-fraction",
+                hint="add --fold K (0-based), or leave out --folds",
+            )
         if self.fold is not None:
             if "val_fraction" in self.explicit:
                 raise ConfigError("--fold and --val-fraction both choose the validation cases; give one of them")
@@ -197,10 +213,7 @@ class FinetuneConfig:
                 raise ConfigError(f"--fold must be >= 0, got {self.fold}")
             if self.splits is None and not 0 <= self.fold < self.folds:
                 raise ConfigError(f"--fold must be in 0..{self.folds - 1} (with --folds {self.folds}), got {self.fold}")
-        if self.folds < 2:
-            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        check_seed(self.seed)
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
         if self.spacing is not None:
@@ -604,7 +617,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     run_dir = Path(config.run_dir)
     config = dataclasses.replace(config, width=model_config.width)  # the weights' width, as run.json records it
     started_preparing = time.monotonic()
-    prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
+    prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers, max_values=config.max_labels)
     modalities = sorted({c.modality for c in prepared})
     reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
     for warning in coverage_warnings(prepared, label_set, contract.spacing):

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gvsl_cli.config import PreprocessConfig
+from gvsl_cli.errors import GvslError, InputError
 from gvsl_cli.geometry import Geometry
 
 #: Below this minimum intensity a volume is taken for CT in Hounsfield units (air is -1000).
@@ -100,6 +101,93 @@ def canonical_geometry(geometry: Geometry, spacing: float, multiple: int = 16) -
         origin=tuple(float(o) for o in origin),
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     )
+
+
+#: Largest canonical or working grid (voxels) gvsl builds. Far above anything useful (a 1 mm
+#: head holds 7 M voxels, a 0.3 mm one 270 M); it turns a header in other units (200 mm
+#: "voxels" = a 9 m box) or a mistyped --spacing into one clear line instead of an allocation
+#: failure deep inside SimpleITK.
+MAX_GRID_VOXELS = 400_000_000
+
+#: Finest voxel spacing (mm) of an input that gvsl accepts: 1 nm. Nothing images finer; such
+#: a spacing is a header in other units, and ITK's Gaussian refuses spacings below 1e-8.
+MIN_INPUT_SPACING_MM = 1e-6
+
+
+def _mm(values) -> str:
+    """``values`` (mm) as "AxBxC", 3 significant digits each, without an exponent between
+    0.01 and 1e6 (a 9 m box reads "9000", not "9e+03")."""
+    def one(v: float) -> str:
+        rounded = float(f"{v:.3g}")
+        return f"{rounded:f}".rstrip("0").rstrip(".") if 0.01 <= abs(rounded) < 1e6 else f"{rounded:g}"
+
+    return "x".join(one(float(v)) for v in values)
+
+
+def check_grid(
+    original: Geometry,
+    spacing: float,
+    multiple: int = 16,
+    *,
+    name: object = None,
+    kind: str = "canonical",
+    role: str = "",
+    error: type[GvslError] = InputError,
+    hint: str | None = None,
+) -> Geometry:
+    """The canonical grid of ``original`` at ``spacing`` mm (see ``canonical_geometry``),
+    after checking that it can be built: the one check of grid geometry shared by embed,
+    segment, finetune, pretrain (through ``prepare``) and register (``check_working_grids``).
+
+    Refused: a ``spacing`` that is not a finite number > 0 (e.g. an automatic spacing
+    rounded to 0), an input spacing below ``MIN_INPUT_SPACING_MM`` or not finite, an image
+    whose box spans less than one grid voxel along two axes or more (a 4 µm header read as
+    mm: the whole image would become one voxel or one line of voxels), and a grid of more
+    than ``MAX_GRID_VOXELS`` voxels.
+
+    Args:
+        name: the file the geometry comes from, put first in the message ("PATH: ...").
+        kind: "canonical" or "working", the grid's name in the message.
+        role: e.g. "the fixed image", named after the grid size.
+        error: the GvslError subclass raised (ConfigError where an option chose ``spacing``).
+        hint: the hint of a too-large grid (default: check the header's spacing).
+
+    Raises:
+        ``error``: one line naming the file, its spacing and physical extent.
+    """
+    lead = f"{name}: " if name is not None else ""
+    for_role = f" for {role}" if role else ""
+    spacings = np.asarray(original.spacing, dtype=np.float64)
+    extent = np.asarray(original.size, dtype=np.float64) * spacings
+    where = f"spacing {_mm(spacings)} mm, a box of {_mm(extent)} mm"
+    if not (math.isfinite(spacing) and spacing > 0):
+        raise error(f"{lead}a {kind} spacing of {spacing:g} mm cannot hold an image ({where})", hint="give a spacing in mm, e.g. --spacing 1")
+    if not np.all(np.isfinite(spacings)) or spacings.min() < MIN_INPUT_SPACING_MM:
+        raise InputError(
+            f"{lead}{where}: voxels finer than {MIN_INPUT_SPACING_MM:g} mm are not credible (is the header's spacing in other units than mm?)",
+            hint="set the voxel spacing in mm in the file's header (e.g. SimpleITK's SetSpacing), then rerun",
+        )
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        # Sizes as canonical_geometry computes them, in floats: a 1e9 mm spacing must not
+        # become an integer overflow before it can be refused.
+        half_voxel = 0.5 * np.abs(original.direction_matrix @ np.diag(spacings)).sum(axis=1)
+        corners = original.physical_corners()
+        box = corners.max(axis=0) - corners.min(axis=0) + 2 * half_voxel
+        sides = np.maximum(multiple, np.ceil(box / spacing / multiple - 1e-6) * multiple)
+        voxels = float(np.prod(sides))
+    if int(np.sum(box >= spacing)) < 2:
+        raise InputError(
+            f"{lead}{where}: the whole image fits in {'one voxel' if np.all(box < spacing) else 'one row of voxels'} of the {spacing:g} mm {kind} grid (is the header's spacing in other units than mm?)",
+            hint="set the voxel spacing in mm in the file's header (e.g. SimpleITK's SetSpacing), then rerun",
+        )
+    if not math.isfinite(voxels) or voxels > MAX_GRID_VOXELS:
+        size = "x".join(f"{s:.0f}" if s < 1e9 else f"{s:.3g}" for s in sides)
+        raise error(
+            f"{lead}a {kind} spacing of {spacing:g} mm makes a {size} {kind} grid ({voxels:.3g} voxels){for_role} ({where}); "
+            f"at most {MAX_GRID_VOXELS:.3g} are allowed",
+            hint=hint or "check that the header's voxel spacing is in mm (a header in other units gives such a box)",
+        )
+    return canonical_geometry(original, spacing, multiple)
 
 
 def reference_image(geometry: Geometry, pixel_type=sitk.sitkFloat32) -> sitk.Image:
@@ -198,13 +286,18 @@ class PreparedVolume:
         return image
 
 
-def prepare(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume:
-    """Bring a 3D scalar image onto the canonical grid and map its intensities."""
+def prepare(image: sitk.Image, config: PreprocessConfig, *, name: object = None) -> PreparedVolume:
+    """Bring a 3D scalar image onto the canonical grid and map its intensities.
+
+    Raises:
+        InputError: from ``check_grid`` (named after ``name``, the file read), before any
+            resampling, when the header's spacing makes no usable grid.
+    """
+    original = Geometry.of(image)
+    grid = check_grid(original, config.spacing, config.multiple, name=name)
     raw = sitk.GetArrayViewFromImage(image)
     detected = detect_modality(raw)
     modality = detected if config.modality == "auto" else config.modality
-    original = Geometry.of(image)
-    grid = canonical_geometry(original, config.spacing, config.multiple)
     default = -1024.0 if modality == "ct" else float(np.min(raw))
     resampled = resample(sitk.Cast(image, sitk.sitkFloat32), grid, default_value=default)
     array = map_intensities(sitk.GetArrayFromImage(resampled), modality, config.mr_percentiles)

@@ -48,7 +48,10 @@ from gvsl_cli.training import (
     Reporter,
     SilentReporter,
     check_cpu_bf16_patch,
+    check_learning_rate,
     check_loop_counts,
+    check_seed,
+    check_workers,
     download_reporter,
     iterations_remain,
     exclusive_run_folder,
@@ -134,12 +137,9 @@ class PretrainConfig:
             raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.patch < 16 or self.patch % 16:
             raise ConfigError(f"--patch must be a multiple of 16 and >= 16 (the U-Net halves it four times), got {self.patch}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        check_learning_rate(self.lr)
+        check_workers(self.workers)
+        check_seed(self.seed)
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ConfigError(f"--time-limit must be > 0, got {self.time_limit_s} s")
 

@@ -43,7 +43,7 @@ from gvsl_cli import spatial
 from gvsl_cli.config import PreprocessConfig, check_spacing
 from gvsl_cli.errors import ConfigError, DeviceError
 from gvsl_cli.geometry import Geometry
-from gvsl_cli.preprocess import canonical_geometry, detect_modality, field_of_view_mask, map_intensities, modality_misfit, prepare, resample
+from gvsl_cli.preprocess import MAX_GRID_VOXELS, check_grid, detect_modality, field_of_view_mask, map_intensities, modality_misfit, prepare, resample
 from gvsl_cli.similarity import AFFINE_METRICS, MutualInformation, Similarity
 from gvsl_cli.warping import grid_points
 
@@ -354,16 +354,19 @@ WORKING_VOXELS = {"cpu": 1_600_000, "cuda": 9_000_000}
 
 def automatic_spacing(fixed: Geometry, max_voxels: int) -> float:
     """Finest working spacing (mm): the fixed image's finest spacing, coarsened until its
-    physical box holds at most ``max_voxels`` voxels; rounded to 0.01 mm."""
+    physical box holds at most ``max_voxels`` voxels; rounded to 0.01 mm, and at least
+    0.01 mm (a 4 µm micro-CT would otherwise round to 0 mm)."""
     extent = np.asarray(fixed.size) * np.asarray(fixed.spacing)
     budget = (float(np.prod(extent)) / max_voxels) ** (1.0 / 3.0)
-    return round(max(min(fixed.spacing), budget), 2)
+    return max(MIN_AUTOMATIC_SPACING, round(max(min(fixed.spacing), budget), 2))
 
 
-#: Largest working grid (voxels, fixed or moving image) a registration accepts. Far above
-#: anything useful (a 1 mm head holds 7 M voxels, a 0.3 mm one 270 M); it turns a mistyped
-#: --spacing into a clear error instead of an allocation failure deep inside SimpleITK.
-MAX_WORKING_VOXELS = 400_000_000
+#: The finest automatic working spacing (mm): the rounding step of ``automatic_spacing``.
+MIN_AUTOMATIC_SPACING = 0.01
+
+#: Largest working grid (voxels, fixed or moving image) a registration accepts: the shared
+#: limit of every grid gvsl builds (``preprocess.MAX_GRID_VOXELS``).
+MAX_WORKING_VOXELS = MAX_GRID_VOXELS
 
 
 def planned_spacing(fixed: Geometry, config: RegistrationConfig, device: torch.device) -> float:
@@ -373,24 +376,42 @@ def planned_spacing(fixed: Geometry, config: RegistrationConfig, device: torch.d
     return config.spacing or automatic_spacing(fixed, budget)
 
 
-def check_working_grids(fixed: Geometry, moving: Geometry, spacing: float, levels: int = 2) -> None:
+def check_working_grids(
+    fixed: Geometry,
+    moving: Geometry,
+    spacing: float,
+    levels: int = 2,
+    names: tuple[object, object] = (None, None),
+    *,
+    automatic: bool = False,
+) -> None:
     """Refuse a finest working spacing whose grids (the images' physical boxes, as ``prepare``
-    builds them) exceed ``MAX_WORKING_VOXELS``.
+    builds them) cannot be built: ``preprocess.check_grid`` on both images, ``names`` the
+    fixed and moving files (put first in the message when given); ``automatic``: the spacing
+    was derived from the fixed image, not given with --spacing (the hint then points at the
+    headers first).
 
     Raises:
         ConfigError: naming the grid size and a spacing that would fit.
+        InputError: an image whose header spacing is not credible (below 1 nm).
     """
-    for role, geometry in (("fixed", fixed), ("moving", moving)):
-        grid = canonical_geometry(geometry, spacing, 2 ** levels)
-        voxels = int(np.prod(np.asarray(grid.size, dtype=np.float64)))
-        if voxels > MAX_WORKING_VOXELS:
-            extent = np.asarray(grid.size, dtype=np.float64) * spacing
-            fitting = float(np.prod(extent) / MAX_WORKING_VOXELS) ** (1.0 / 3.0)
-            raise ConfigError(
-                f"a working spacing of {spacing:g} mm makes a {'x'.join(map(str, grid.size))} working grid "
-                f"({voxels:.3g} voxels) for the {role} image; at most {MAX_WORKING_VOXELS:.3g} are allowed",
-                hint=f"use a larger --spacing (at least {math.ceil(fitting * 100) / 100:.2f} mm), or leave it out for the automatic choice",
-            )
+    for role, geometry, name in (("fixed", fixed, names[0]), ("moving", moving, names[1])):
+        extent = np.asarray(geometry.size, dtype=np.float64) * np.asarray(geometry.spacing, dtype=np.float64)
+        fitting = float(np.prod(extent) / MAX_WORKING_VOXELS) ** (1.0 / 3.0) if np.all(np.isfinite(extent)) else math.inf
+        check_grid(
+            geometry,
+            spacing,
+            2**levels,
+            name=name,
+            kind="working",
+            role=f"the {role} image",
+            error=ConfigError,
+            hint=(
+                f"the automatic working spacing comes from the fixed image: check that both headers' spacings are in mm, or give --spacing (at least {math.ceil(fitting * 100) / 100:.2f} mm)"
+                if automatic
+                else f"use a larger --spacing (at least {math.ceil(fitting * 100) / 100:.2f} mm), or leave it out for the automatic choice"
+            ),
+        )
 
 
 def _downsample(volume: torch.Tensor, grid: Geometry) -> tuple[torch.Tensor, Geometry]:
@@ -846,7 +867,7 @@ def register(
     similarity = Similarity(config.similarity, config.ncc_window)
     fixed_geometry = Geometry.of(fixed_image)
     spacing = planned_spacing(fixed_geometry, config, device)
-    check_working_grids(fixed_geometry, Geometry.of(moving_image), spacing, config.levels)
+    check_working_grids(fixed_geometry, Geometry.of(moving_image), spacing, config.levels, automatic=config.spacing is None)
     notes: list[str] = []
     if device.type == "cuda":
         channels = 12 if config.similarity == "mind" else 1

@@ -270,7 +270,7 @@ def run_registration(
         refuse_constant_image(image, path, role)
     moving_labels = read_label_map(moving_labels_path, moving, "moving") if moving_labels_path else None
     fixed_labels = read_label_map(fixed_labels_path, fixed, "fixed") if fixed_labels_path else None
-    check_working_grids(Geometry.of(fixed), Geometry.of(moving), planned_spacing(Geometry.of(fixed), config, device), config.levels)
+    check_working_grids(Geometry.of(fixed), Geometry.of(moving), planned_spacing(Geometry.of(fixed), config, device), config.levels, names=(fixed_path, moving_path), automatic=config.spacing is None)
     direction_warning = nonorthogonal_direction_warning(Geometry.of(fixed), "fixed image's")
     if direction_warning:
         log(f"warning: {direction_warning}")

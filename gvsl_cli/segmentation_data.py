@@ -416,6 +416,28 @@ class PreparedCase:
     classes_on_grid: frozenset[int] = frozenset()
 
 
+#: Most distinct values (background included) that a label map read without a dataset.json
+#: may hold: more are taken for an image given as --labels (an integer MR holds hundreds,
+#: which trained a model of hundreds of classes). Brain parcellations with more regions
+#: are real; ``finetune --max-labels`` (or a dataset.json listing them) lifts the limit.
+MAX_LABEL_VALUES = 100
+
+
+def _refuse_image_like_labels(where: str, values: np.ndarray, max_values: int, *, together: bool = False) -> None:
+    """Raise InputError when the sorted distinct label ``values`` are more than ``max_values``.
+
+    ``where`` names the file (or the folder, ``together``: the union over all label maps).
+    """
+    if values.size <= max_values:
+        return
+    holds = "the label maps hold" if together else "holds"
+    raise InputError(
+        f"{where}: {holds} {values.size} distinct values ({int(values[0])}..{int(values[-1])}), more than the {max_values} "
+        "a label map without a dataset.json may hold: it looks like an image, not a label map",
+        hint=f"check --labels (it must hold label maps, not images); if these really are {values.size} labels, give --max-labels {values.size} (or a dataset.json listing them)",
+    )
+
+
 def _check_label_map(label, image, case: Case):
     """The label map's values as an int64 array, after checking grid and integrality."""
     import SimpleITK as sitk
@@ -444,12 +466,13 @@ def _check_label_map(label, image, case: Case):
     return array.astype(np.int64)
 
 
-def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet | None) -> PreparedCase:
+def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet | None, max_values: int = MAX_LABEL_VALUES) -> PreparedCase:
     """Read, check and bring one case onto the canonical grid (see the module docstring).
 
     Raises:
         InputError: unreadable files, a label map on another grid than its image, non-integer
-            labels, label values not in ``label_set``.
+            labels, label values not in ``label_set``, more than ``max_values`` distinct
+            values without a ``label_set`` (an image given as a label map).
     """
     import SimpleITK as sitk
 
@@ -459,6 +482,8 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     label = read_volume(case.label)
     values = _check_label_map(label, image, case)
     file_values = np.unique(values)
+    if label_set is None:
+        _refuse_image_like_labels(str(case.label), file_values, max_values)
     if label_set is not None:
         unknown = np.setdiff1d(file_values, np.asarray(label_set.values))
         if unknown.size:
@@ -466,7 +491,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
                 f"{case.label}: label value(s) {', '.join(map(str, unknown[:5].tolist()))} not in dataset.json's labels ({', '.join(map(str, label_set.values))})",
                 hint="fix the label map or add the value to dataset.json",
             )
-    prepared = prepare(image, preprocess)
+    prepared = prepare(image, preprocess, name=case.image)
     label_image = sitk.GetImageFromArray(values.astype(np.int32))
     label_image.CopyInformation(label)
     on_grid = resample(label_image, prepared.grid, interpolator=sitk.sitkNearestNeighbor)
@@ -487,18 +512,21 @@ def prepare_cases(
     *,
     workers: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
+    max_values: int = MAX_LABEL_VALUES,
 ) -> tuple[list[PreparedCase], LabelSet]:
     """Prepare every case (``prepare_case``, in ``workers`` threads) and set class indices.
 
     Without a label set, it is made of the values found in all label maps as read (not
     as resampled: a class smaller than a canonical voxel stays a class). The first
     failing case stops everything with its error (a training set with a broken case is
-    not silently trained on without it).
+    not silently trained on without it). Without a label set, more than ``max_values``
+    distinct values in one label map, or in all of them together, are refused (an image
+    given as labels).
     """
     prepared: list[PreparedCase] = []
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = [pool.submit(prepare_case, case, preprocess, label_set) for case in cases]
+        futures = [pool.submit(prepare_case, case, preprocess, label_set, max_values) for case in cases]
         for done, future in enumerate(futures, start=1):
             prepared.append(future.result())
             if on_progress is not None:
@@ -510,6 +538,7 @@ def prepare_cases(
         found = set().union(*({int(v) for v in p.file_values} for p in prepared))
         if found <= {0}:
             raise InputError(f"no label map holds a foreground voxel: all {len(prepared)} are background (0) only", hint="check --labels: these label maps are empty")
+        _refuse_image_like_labels(str(Path(cases[0].label).parent), np.asarray(sorted(found | {0})), max_values, together=True)
         label_set = LabelSet.from_values(sorted(found))
     for case in prepared:
         case.target = label_set.indices(case.values)

@@ -120,6 +120,31 @@ def check_loop_counts(iters: int, save_every: int, log_every: int, *, save_flag:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
 
 
+#: Largest --seed: torch's generators take 64-bit seeds, and a seed is stored and compared
+#: as a signed 64-bit JSON integer by many readers; 2**63 - 1 keeps every consumer exact.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Raise ConfigError unless ``seed`` is in 0 .. ``MAX_SEED`` (a larger one was an
+    internal error inside torch.manual_seed: "Overflow when unpacking long long")."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED} (2**63 - 1), got {seed}")
+
+
+def check_learning_rate(lr: float) -> None:
+    """Raise ConfigError unless ``lr`` is a finite number > 0 (inf passes a plain ``> 0``
+    and turned every weight into NaN at the first step)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0, got {lr:g}", hint="e.g. --lr 1e-4")
+
+
+def check_workers(workers: int) -> None:
+    """Raise ConfigError unless ``workers`` (threads preparing data) is >= 0."""
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
+
+
 @dataclass(frozen=True)
 class LoopOptions:
     """How the loop runs.

@@ -335,3 +335,24 @@ def test_a_lost_peer_under_torchrun_is_a_training_error_not_a_bug_report(monkeyp
     # Alone, the same text is no lost peer: it stays an internal error (a bug to report).
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert _as_gvsl_error(gone) is None
+
+
+def test_cpu_allocator_failures_are_the_out_of_memory_line():
+    from gvsl_cli.cli import _as_gvsl_error
+    from gvsl_cli.errors import DeviceError, is_out_of_memory
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    mapped = _as_gvsl_error(cpu)
+    assert isinstance(mapped, DeviceError) and str(mapped) == "the CPU ran out of memory (host RAM)" and "--width" in mapped.hint
+    assert isinstance(_as_gvsl_error(MemoryError()), DeviceError)
+    assert str(_as_gvsl_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))) == "the device ran out of memory"
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("name", ["-q", "--quiet", "--probabilities", "--help"])
+def test_output_folder_that_is_an_option_name_is_refused(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(["segment", "x.nii.gz", "--model", "m.pt", "-o", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: -o {name}: -o needs a folder name, and {name} is an option of this command") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

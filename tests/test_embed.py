@@ -494,3 +494,13 @@ def test_a_run_that_embeds_nothing_leaves_no_output_folder(tmp_path, weights_fil
     assert run(["embed", str(tmp_path / "broken.nii.gz"), "--weights", str(weights_file), "-o", str(out), "-q"]) == 7
     assert "failed" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_dense_window_is_clamped_to_the_volume():
+    from types import SimpleNamespace
+
+    from gvsl_cli.embedding import FeatureExtractor
+
+    # --window 100000 asked for a 4 PB window of padding; the volume's largest side is enough.
+    assert FeatureExtractor.dense_window(SimpleNamespace(window=100000), (48, 64, 32)) == (64, 64, 64)
+    assert FeatureExtractor.dense_window(SimpleNamespace(window=32), (48, 64, 32)) == (32, 32, 32)

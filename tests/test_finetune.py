@@ -826,3 +826,54 @@ def test_an_older_run_whose_classes_lost_a_voxel_sized_structure_resumes(tmp_pat
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the warning about 11
     assert error.startswith("error: the classes of the data ({'background': 0, 'label_2': 2, 'label_7': 7, 'label_11': 11, 'label_255': 255}) differ from the run being resumed")
     assert ": the data holds label_7 (7), which the run has no class for (hint: a run's classes cannot change" in error
+
+
+# --------------------------------------------------------------------------- images given as labels (review_inputs_s14 I10)
+
+
+def _write_pair(root: Path, name: str, labels: np.ndarray) -> None:
+    """An image and a label map of ``labels`` (z, y, x) on the same 2 mm grid."""
+    for folder, array in (("imgs", np.linspace(0, 1000, labels.size, dtype=np.float32).reshape(labels.shape)), ("labs", labels)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(root / folder / f"{name}.nii.gz"))
+
+
+def test_a_label_map_with_image_like_values_is_refused_unless_allowed(tmp_path):
+    from gvsl_cli.segmentation_data import MAX_LABEL_VALUES, prepare_cases
+
+    contract = PreprocessConfig(spacing=4.0)
+    # One file holding 150 values (an integer MR given as --labels): refused, named, with the way on.
+    _write_pair(tmp_path / "one", "mr", np.arange(8 * 8 * 8, dtype=np.uint8).reshape(8, 8, 8) % 150)
+    cases, label_set = find_cases(images=tmp_path / "one" / "imgs", labels=tmp_path / "one" / "labs")
+    with pytest.raises(InputError, match=r"mr.nii.gz: holds 150 distinct values \(0..149\), more than the 100 .*looks like an image") as caught:
+        prepare_cases(cases, contract, label_set, workers=1)
+    assert "--max-labels 150" in caught.value.hint
+    prepared, allowed = prepare_cases(cases, contract, label_set, workers=1, max_values=150)
+    assert allowed.count == 150
+    # Two files of 60 values each, 120 together: refused as a whole.
+    _write_pair(tmp_path / "two", "a", (np.arange(512) % 60).astype(np.uint8).reshape(8, 8, 8))
+    _write_pair(tmp_path / "two", "b", (np.arange(512) % 60 + 60 * (np.arange(512) % 60 > 0)).astype(np.uint8).reshape(8, 8, 8))
+    cases, label_set = find_cases(images=tmp_path / "two" / "imgs", labels=tmp_path / "two" / "labs")
+    with pytest.raises(InputError, match=r"labs: the label maps hold 119 distinct values"):
+        prepare_cases(cases, contract, label_set, workers=1)
+    assert MAX_LABEL_VALUES == 100
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--fold", "0", "--folds", "0"], "--folds must be >= 2, got 0"),
+        (["--folds", "3"], "--folds needs --fold"),
+        (["--seed", str(2**63)], "--seed must be in 0..9223372036854775807"),
+        (["--max-labels", "1"], "--max-labels must be >= 2"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_any_work(options, words, tmp_path, capsys):
+    code = run(["finetune", "--images", str(tmp_path / "i"), "--labels", str(tmp_path / "l"), "--mode", "scratch", "-o", str(tmp_path / "run"), *options])
+    assert code == 2
+    assert words in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

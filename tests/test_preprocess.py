@@ -144,3 +144,51 @@ def test_a_localizer_of_few_slices_is_prepared(slices):
     assert np.isfinite(prepared.array).all()
     if slices > 1:  # one slice lies between the 2 mm grid's planes: nothing of it is sampled
         assert prepared.array.max() > 0
+
+
+# --------------------------------------------------------------------------- extreme header geometry (review_inputs_s14 I8)
+
+
+def _geometry(spacing, size=(45, 54, 45)):
+    from gvsl_cli.geometry import Geometry
+
+    return Geometry(size=size, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "spacing, words",
+    [
+        ((1e-9, 4.0, 4.0), r"scan.nii: spacing 1e-09x4x4 mm, a box of 4.5e-08x216x180 mm: voxels finer than 1e-06 mm are not credible"),
+        ((0.004, 0.004, 0.004), r"scan.nii: spacing 0.004x0.004x0.004 mm, a box of 0.18x0.216x0.18 mm: the whole image fits in one voxel of the 1 mm canonical grid"),
+        ((200.0, 200.0, 200.0), r"scan.nii: a canonical spacing of 1 mm makes a 9008x10800x9008 canonical grid \(8.76e\+11 voxels\) \(spacing 200x200x200 mm, a box of 9000x10800x9000 mm\); at most 4e\+08"),
+        ((1e9, 4.0, 4.0), r"a canonical spacing of 1 mm makes a 4.5e\+10x224x192 canonical grid"),
+    ],
+)
+def test_grid_check_refuses_extreme_header_spacing_in_one_line(spacing, words):
+    from gvsl_cli.errors import InputError
+    from gvsl_cli.preprocess import check_grid
+
+    with pytest.raises(InputError, match=words) as caught:
+        check_grid(_geometry(spacing), 1.0, name="scan.nii")
+    assert "\n" not in str(caught.value) and "mm" in caught.value.hint
+
+
+def test_grid_check_passes_ordinary_grids_and_refuses_a_zero_spacing():
+    from gvsl_cli.errors import ConfigError
+    from gvsl_cli.preprocess import canonical_geometry, check_grid
+
+    geometry = _geometry((4.0, 4.0, 4.0))
+    assert check_grid(geometry, 1.0) == canonical_geometry(geometry, 1.0)
+    thin = _geometry((0.8, 0.8, 3.0), size=(256, 256, 1))  # a one-slice localizer stays usable
+    assert check_grid(thin, 4.0).size == (64, 64, 16)
+    with pytest.raises(ConfigError, match="a working spacing of 0 mm cannot hold an image"):
+        check_grid(geometry, 0.0, kind="working", error=ConfigError)
+
+
+def test_prepare_refuses_a_nanometre_spacing_before_itk_does():
+    from gvsl_cli.errors import InputError
+
+    image = sitk.Image(8, 8, 8, sitk.sitkFloat32)
+    image.SetSpacing((1e-9, 4.0, 4.0))
+    with pytest.raises(InputError, match="not credible"):
+        prepare(image, PreprocessConfig(spacing=4.0), name="tiny.mha")

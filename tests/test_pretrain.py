@@ -337,7 +337,9 @@ def no_decoding(monkeypatch):
     (["--log-every", "0"], "--log-every must be >= 1, got 0"),
     (["--iters", "-1"], "--iters must be >= 1, got -1"),
     (["--iters", "0"], "--iters must be >= 1, got 0"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be in 0..9223372036854775807 (2**63 - 1), got -1"),
+    (["--seed", "99999999999999999999999"], "--seed must be in 0..9223372036854775807 (2**63 - 1), got 99999999999999999999999"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
     (["--spacing", "inf"], "spacing must be a finite number > 0 mm, got inf"),
 ])
 def test_bad_options_fail_before_any_work(volumes, tmp_path, capsys, no_decoding, extra, message):

@@ -308,3 +308,19 @@ def test_a_registration_resting_on_a_small_overlap_is_warned_about(tmp_path, icb
     assert any(note.startswith("only ") and "of the fixed image maps inside the moving image" in note for note in report["notes"]), report["notes"]
     whole = run_registration(icbm_t1, colin_t1, tmp_path / "whole", config=RegistrationConfig(iters=0))
     assert not any("maps inside the moving image" in note for note in whole["notes"])
+
+
+def test_automatic_spacing_of_a_micrometre_image_is_not_zero_and_grids_are_named():
+    from gvsl_cli.errors import InputError
+    from gvsl_cli.registration import automatic_spacing, check_working_grids
+
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    micro = Geometry(size=(45, 54, 45), spacing=(0.004, 0.004, 0.004), origin=(0.0, 0.0, 0.0), direction=identity)
+    assert automatic_spacing(micro, 1_600_000) == 0.01  # rounded to 0.01 mm, never to 0
+    head = Geometry(size=(45, 54, 45), spacing=(4.0, 4.0, 4.0), origin=(0.0, 0.0, 0.0), direction=identity)
+    with pytest.raises(ConfigError, match=r"^head.nii.gz: a working spacing of 0.01 mm makes .* for the moving image \(spacing 4x4x4 mm") as caught:
+        check_working_grids(micro, head, 0.01, names=("micro.nii.gz", "head.nii.gz"), automatic=True)
+    assert "headers" in caught.value.hint
+    tiny = Geometry(size=(45, 54, 45), spacing=(1e-9, 4.0, 4.0), origin=(0.0, 0.0, 0.0), direction=identity)
+    with pytest.raises(InputError, match=r"^tiny.mha: spacing 1e-09x4x4 mm"):
+        check_working_grids(tiny, head, 4.0, names=("tiny.mha", "head.nii.gz"))
