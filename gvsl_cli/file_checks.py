@@ -104,6 +104,36 @@ def _nifti_layout(header: bytes) -> NiftiLayout | None:
     return NiftiLayout(endian, datatype, values, bitpix // 8, max(vox_offset, header_size), tuple(dims[1 : rank + 1]), scaling)
 
 
+def _nifti_header_problem(header: bytes) -> str | None:
+    """Refuse dimensions and spacings that ITK reads as something else without a word.
+
+    A dim[k] below 1 (k <= dim[0]) is read as a one-slice volume. A voxel size (pixdim[1..3])
+    of 0, NaN or infinity is read as 1 mm, whatever the sform says (ITK 5.4 takes the
+    spacing from pixdim); MHA and NRRD with such spacings are refused by ITK itself.
+    """
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
+            break
+    else:
+        return None
+    rank = dims[0]
+    if not 1 <= rank <= 7:
+        return None  # left to ITK
+    for axis in range(1, rank + 1):
+        if dims[axis] < 1:
+            return f"its NIfTI header gives {dims[axis]} voxels along dim[{axis}] (at least 1 expected)"
+    for axis in range(1, min(rank, 3) + 1):
+        if not (math.isfinite(pixdim[axis]) and pixdim[axis] != 0):
+            return f"its NIfTI header gives a voxel size (pixdim[{axis}]) of {pixdim[axis]:g}, which ITK would read as 1 mm"
+    return None
+
+
 def _nifti_data_end(header: bytes) -> int | None:
     """Bytes a single-file NIfTI-1/2 needs (vox_offset + voxels x bytes per voxel), or None
     (see ``_nifti_layout``)."""
@@ -124,7 +154,11 @@ def _nifti_problem(path: Path) -> str | None:
         start = handle.read(2)
         handle.seek(0)
         if start != GZIP_MAGIC:  # a plain .nii (or an uncompressed file named .nii.gz: ITK reads it)
-            needed = _nifti_data_end(handle.read(540))
+            header = handle.read(540)
+            problem = _nifti_header_problem(header)
+            if problem:
+                return problem
+            needed = _nifti_data_end(header)
             size = path.stat().st_size
             if needed is not None and size < needed:
                 return f"file is truncated ({size} bytes; its NIfTI header needs {needed})"
@@ -133,6 +167,9 @@ def _nifti_problem(path: Path) -> str | None:
             header = zlib.decompressobj(wbits=31).decompress(handle.read(64 * 1024), 540)
         except zlib.error:
             return "corrupt gzip data (the compressed stream is damaged at its start)"
+        problem = _nifti_header_problem(header)
+        if problem:
+            return problem
         needed = _nifti_data_end(header)
         if needed is None:
             return None

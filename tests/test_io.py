@@ -415,3 +415,34 @@ def test_gvsl_info_lists_a_non_utf8_name(latin1_folder):
     result = subprocess.run([sys.executable, "-m", "gvsl_cli", "info", latin1_folder], capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout.count(b"9\xc3\x978\xc3\x977") == 2  # "9×8×7" in both rows
+
+
+@pytest.mark.parametrize("gzip_it", [False, True])
+def test_nifti_headers_with_zero_voxel_sizes_or_dims_are_refused(tmp_path, gzip_it):
+    # ITK read pixdim 0 (or NaN) as 1 mm, with an sform too, and dim[3] = 0 as one slice.
+    import gzip
+    import struct
+
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+    image.SetSpacing((2.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "good.nii"))
+    good = bytearray((tmp_path / "good.nii").read_bytes())
+    cases = {
+        "no_sform_zero_pixdim": {254: struct.pack("<h", 0), 80: struct.pack("<f", 0.0)},
+        "nan_pixdim": {84: struct.pack("<f", float("nan"))},
+        "zero_dim": {46: struct.pack("<h", 0)},
+        "sform_zero_pixdim": {80: struct.pack("<f", 0.0)},
+        "good": {},
+    }
+    for name, patches in cases.items():
+        data = bytearray(good)
+        for offset, value in patches.items():
+            data[offset : offset + len(value)] = value
+        path = tmp_path / (name + (".nii.gz" if gzip_it else ".nii"))
+        path.write_bytes(gzip.compress(bytes(data)) if gzip_it else bytes(data))
+        if name == "good":
+            assert read_volume(path).GetSpacing() == pytest.approx((2.0, 2.0, 3.0))
+            continue
+        with pytest.raises(InputError, match="cannot read: its NIfTI header gives") as caught:
+            read_volume(path)
+        assert ("dim[3]" if name == "zero_dim" else "which ITK would read as 1 mm") in str(caught.value)
