@@ -243,6 +243,12 @@ def check_volume(image: sitk.Image, *, name: str, vector: bool | None = False, f
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise InputError(f"{name}: {bad} of {array.size} voxels are NaN or infinite", hint=NONFINITE_HINT)
+        if array.dtype == np.float64:
+            # Every computation is float32: larger values would become infinite there (a
+            # constant "image" to embed, NCC 0 to register).
+            largest = float(np.abs(array).max())
+            if largest > float(np.finfo(np.float32).max):
+                raise InputError(f"{name}: values up to {largest:.3g} exceed float32's range (3.4e+38)", hint="rescale the intensities")
 
 
 def ensure_writable_folder(path: str | os.PathLike, *, what: str = "output folder", hint: str = "give a writable folder with -o") -> list[Path]:

@@ -446,3 +446,15 @@ def test_nifti_headers_with_zero_voxel_sizes_or_dims_are_refused(tmp_path, gzip_
         with pytest.raises(InputError, match="cannot read: its NIfTI header gives") as caught:
             read_volume(path)
         assert ("dim[3]" if name == "zero_dim" else "which ITK would read as 1 mm") in str(caught.value)
+
+
+def test_float64_values_beyond_float32_are_refused(tmp_path):
+    # They became inf in float32: embed saw a constant image, register NCC 0 / 0.
+    array = np.ones((4, 5, 6), dtype=np.float64)
+    array[1, 2, 3] = 1e302
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "huge.nii.gz"))
+    with pytest.raises(InputError, match="values up to 1e\\+302 exceed float32's range"):
+        read_volume(tmp_path / "huge.nii.gz")
+    array[1, 2, 3] = 1e30  # within float32
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "large.nii.gz"))
+    assert read_volume(tmp_path / "large.nii.gz").GetPixelID() == sitk.sitkFloat64
