@@ -47,7 +47,7 @@ from gvsl_cli.launcher import torchrun_world_size
 from gvsl_cli.losses import dice_ce_loss
 from gvsl_cli.model import SegmentationNet
 from gvsl_cli.segmentation import BEST_FILE, LAST_FILE, SEGMENTATION_KEY, check_overlap, dice_per_class, predict_logits
-from gvsl_cli.segmentation_data import MAX_LABEL_VALUES, LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, fold_split, prepare_cases, read_split_file, split_cases
+from gvsl_cli.segmentation_data import LabelSet, PatchSampler, PreparedCase, effective_patch, find_cases, fold_split, prepare_cases, read_split_file, split_cases
 from gvsl_cli.training import (
     METRICS_FILE,
     LoopOptions,
@@ -140,8 +140,6 @@ class FinetuneConfig:
         augment: random rotation, scaling, brightness and gamma of training patches.
         device, precision: see ``gvsl_cli.device``.
         workers: threads preparing cases.
-        max_labels: most distinct values (background included) of the label maps when no
-            dataset.json lists the labels; more are refused as an image given as labels.
         resume: continue the run in ``run_dir``.
         log_every: iterations between metric flushes.
         time_limit_s: stop cleanly (validation, checkpoint) after this many seconds of training.
@@ -174,7 +172,6 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 2
-    max_labels: int = MAX_LABEL_VALUES
     resume: bool = False
     log_every: int = 10
     time_limit_s: float | None = None
@@ -192,8 +189,6 @@ class FinetuneConfig:
         if self.lr is not None:
             check_learning_rate(self.lr)
         check_workers(self.workers)
-        if self.max_labels < 2:
-            raise ConfigError(f"--max-labels must be >= 2 (background and one label), got {self.max_labels}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction:g}")
         check_overlap(self.overlap)
@@ -617,7 +612,7 @@ def _train(config, reporter, should_stop, resumed, cases, label_set, model_confi
     run_dir = Path(config.run_dir)
     config = dataclasses.replace(config, width=model_config.width)  # the weights' width, as run.json records it
     started_preparing = time.monotonic()
-    prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers, max_values=config.max_labels)
+    prepared, label_set = prepare_cases(cases, contract, label_set, workers=config.workers)
     modalities = sorted({c.modality for c in prepared})
     reporter.note(f"{len(prepared)} cases prepared in {time.monotonic() - started_preparing:.1f} s ({', '.join(m.upper() for m in modalities)}; {contract.spacing:g} mm); labels: " + ", ".join(f"{n}={v}" for n, v in label_set.to_dict().items()))
     for warning in coverage_warnings(prepared, label_set, contract.spacing):

@@ -531,7 +531,9 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity | 
 
     The correction is (I + L) about the moved centre of the fixed box plus a translation, so
     rotations and scalings do not drag the image sideways; translation is counted in units
-    of ``translation_unit`` mm so one learning rate suits every parameter. A measure that
+    of ``translation_unit`` mm, or of half the fixed box's longest side when that is
+    shorter, so one learning rate suits every parameter at any scale (a 3.6 mm micro-CT
+    moved by steps of 1 mm left its own field of view). A measure that
     allows it (mutual information) reads at most ``config.affine_samples`` fixed voxels.
     ``learning_rate`` defaults to ``config.affine_learning_rate``.
     """
@@ -539,6 +541,9 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity | 
     initial_t = torch.as_tensor(initial, dtype=torch.float64, device=device)
     centre_fixed = torch.as_tensor(level.fixed_grid.normalized_to_physical()[:3, 3], dtype=torch.float64, device=device)
     centre = initial_t[:3, :3] @ centre_fixed + initial_t[:3, 3]  # the fixed box centre, moved
+    grid = level.fixed_grid
+    longest_side = max((n - 1) * s for n, s in zip(grid.size, grid.spacing))
+    unit = min(config.translation_unit, 0.5 * longest_side) if longest_side > 0 else config.translation_unit
     linear = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)
     shift = torch.zeros(3, dtype=torch.float64, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([linear, shift], lr=config.affine_learning_rate if learning_rate is None else learning_rate)
@@ -551,7 +556,7 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity | 
     weight = None  # set at iteration 0 (a refresh)
     for iteration in range(iters):
         optimizer.zero_grad(set_to_none=True)
-        affine = _corrected_affine(initial_t, linear, shift, centre, config.translation_unit)
+        affine = _corrected_affine(initial_t, linear, shift, centre, unit)
         # The scored points (moving field-of-view mask) are refreshed every few iterations,
         # as in optimise_deformable: sampling the mask cost a quarter of the stage.
         refresh = iteration % WEIGHT_REFRESH_ITERATIONS == 0
@@ -567,7 +572,7 @@ def optimise_affine(level: Level, initial: np.ndarray, similarity: Similarity | 
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        return _corrected_affine(initial_t, linear, shift, centre, config.translation_unit).cpu().numpy()
+        return _corrected_affine(initial_t, linear, shift, centre, unit).cpu().numpy()
 
 
 def gaussian_kernel(sigma: float, *, dtype=torch.float32, device=None) -> torch.Tensor:

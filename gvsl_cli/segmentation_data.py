@@ -416,26 +416,32 @@ class PreparedCase:
     classes_on_grid: frozenset[int] = frozenset()
 
 
-#: Most distinct values (background included) that a label map read without a dataset.json
-#: may hold: more are taken for an image given as --labels (an integer MR holds hundreds,
-#: which trained a model of hundreds of classes). Brain parcellations with more regions
-#: are real; ``finetune --max-labels`` (or a dataset.json listing them) lifts the limit.
-MAX_LABEL_VALUES = 100
+#: A label map read without a dataset.json with more distinct values than this is checked
+#: for being an image given as --labels (an integer MR holds hundreds of values, and
+#: trained a model of as many classes).
+LABEL_VALUES_CHECKED = 32
+#: ... and taken for one when fewer of its labelled voxels than this share their value with
+#: their neighbour along x. Label maps are piecewise constant (FreeSurfer's aparc+aseg,
+#: TotalSegmentator's 117 classes: most voxels lie inside a region); an image's values
+#: change from voxel to voxel. A count alone cannot tell them apart.
+PIECEWISE_CONSTANT_FRACTION = 0.5
 
 
-def _refuse_image_like_labels(where: str, values: np.ndarray, max_values: int, *, together: bool = False) -> None:
-    """Raise InputError when the sorted distinct label ``values`` are more than ``max_values``.
-
-    ``where`` names the file (or the folder, ``together``: the union over all label maps).
-    """
-    if values.size <= max_values:
+def _refuse_image_like_labels(where: str, values: np.ndarray, array: np.ndarray) -> None:
+    """Raise InputError when the label map ``array`` (z, y, x), of sorted distinct
+    ``values``, looks like an image: many values that change from voxel to voxel."""
+    if values.size <= LABEL_VALUES_CHECKED or array.shape[-1] < 2:
         return
-    holds = "the label maps hold" if together else "holds"
-    raise InputError(
-        f"{where}: {holds} {values.size} distinct values ({int(values[0])}..{int(values[-1])}), more than the {max_values} "
-        "a label map without a dataset.json may hold: it looks like an image, not a label map",
-        hint=f"check --labels (it must hold label maps, not images); if these really are {values.size} labels, give --max-labels {values.size} (or a dataset.json listing them)",
-    )
+    labelled = array[..., :-1] != 0
+    if not labelled.any():
+        return
+    same = float(np.count_nonzero((array[..., :-1] == array[..., 1:]) & labelled)) / float(np.count_nonzero(labelled))
+    if same < PIECEWISE_CONSTANT_FRACTION:
+        raise InputError(
+            f"{where}: holds {values.size} distinct values ({int(values[0])}..{int(values[-1])}) that change from voxel to voxel "
+            f"(only {same:.0%} of its labelled voxels share their neighbour's value): it looks like an image, not a label map",
+            hint="check --labels: it must hold label maps, not images",
+        )
 
 
 def _check_label_map(label, image, case: Case):
@@ -466,13 +472,13 @@ def _check_label_map(label, image, case: Case):
     return array.astype(np.int64)
 
 
-def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet | None, max_values: int = MAX_LABEL_VALUES) -> PreparedCase:
+def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet | None) -> PreparedCase:
     """Read, check and bring one case onto the canonical grid (see the module docstring).
 
     Raises:
         InputError: unreadable files, a label map on another grid than its image, non-integer
-            labels, label values not in ``label_set``, more than ``max_values`` distinct
-            values without a ``label_set`` (an image given as a label map).
+            labels, label values not in ``label_set``, without a ``label_set`` a label map
+            that looks like an image (``_refuse_image_like_labels``).
     """
     import SimpleITK as sitk
 
@@ -483,7 +489,7 @@ def prepare_case(case: Case, preprocess: PreprocessConfig, label_set: LabelSet |
     values = _check_label_map(label, image, case)
     file_values = np.unique(values)
     if label_set is None:
-        _refuse_image_like_labels(str(case.label), file_values, max_values)
+        _refuse_image_like_labels(str(case.label), file_values, values)
     if label_set is not None:
         unknown = np.setdiff1d(file_values, np.asarray(label_set.values))
         if unknown.size:
@@ -512,21 +518,19 @@ def prepare_cases(
     *,
     workers: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
-    max_values: int = MAX_LABEL_VALUES,
 ) -> tuple[list[PreparedCase], LabelSet]:
     """Prepare every case (``prepare_case``, in ``workers`` threads) and set class indices.
 
     Without a label set, it is made of the values found in all label maps as read (not
     as resampled: a class smaller than a canonical voxel stays a class). The first
     failing case stops everything with its error (a training set with a broken case is
-    not silently trained on without it). Without a label set, more than ``max_values``
-    distinct values in one label map, or in all of them together, are refused (an image
-    given as labels).
+    not silently trained on without it). Without a label set, a label map that looks like
+    an image is refused (``_refuse_image_like_labels``).
     """
     prepared: list[PreparedCase] = []
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        futures = [pool.submit(prepare_case, case, preprocess, label_set, max_values) for case in cases]
+        futures = [pool.submit(prepare_case, case, preprocess, label_set) for case in cases]
         for done, future in enumerate(futures, start=1):
             prepared.append(future.result())
             if on_progress is not None:
@@ -538,7 +542,6 @@ def prepare_cases(
         found = set().union(*({int(v) for v in p.file_values} for p in prepared))
         if found <= {0}:
             raise InputError(f"no label map holds a foreground voxel: all {len(prepared)} are background (0) only", hint="check --labels: these label maps are empty")
-        _refuse_image_like_labels(str(Path(cases[0].label).parent), np.asarray(sorted(found | {0})), max_values, together=True)
         label_set = LabelSet.from_values(sorted(found))
     for case in prepared:
         case.target = label_set.indices(case.values)

@@ -840,25 +840,27 @@ def _write_pair(root: Path, name: str, labels: np.ndarray) -> None:
         sitk.WriteImage(image, str(root / folder / f"{name}.nii.gz"))
 
 
-def test_a_label_map_with_image_like_values_is_refused_unless_allowed(tmp_path):
-    from gvsl_cli.segmentation_data import MAX_LABEL_VALUES, prepare_cases
+def test_a_label_map_that_looks_like_an_image_is_refused_and_parcellations_are_not(tmp_path):
+    # An integer MR given as --labels trained a model of hundreds of classes; a count of
+    # values cannot tell it from FreeSurfer's ~110 regions or TotalSegmentator's 117.
+    from gvsl_cli.segmentation_data import prepare_cases
 
     contract = PreprocessConfig(spacing=4.0)
-    # One file holding 150 values (an integer MR given as --labels): refused, named, with the way on.
-    _write_pair(tmp_path / "one", "mr", np.arange(8 * 8 * 8, dtype=np.uint8).reshape(8, 8, 8) % 150)
-    cases, label_set = find_cases(images=tmp_path / "one" / "imgs", labels=tmp_path / "one" / "labs")
-    with pytest.raises(InputError, match=r"mr.nii.gz: holds 150 distinct values \(0..149\), more than the 100 .*looks like an image") as caught:
+    rng = np.random.default_rng(0)
+    mr = rng.integers(0, 150, size=(16, 16, 16)).astype(np.uint8)  # values change voxel to voxel
+    _write_pair(tmp_path / "mr", "mr", mr)
+    cases, label_set = find_cases(images=tmp_path / "mr" / "imgs", labels=tmp_path / "mr" / "labs")
+    with pytest.raises(InputError, match=r"mr.nii.gz: holds 150 distinct values \(0..149\) that change from voxel to voxel .*looks like an image") as caught:
         prepare_cases(cases, contract, label_set, workers=1)
-    assert "--max-labels 150" in caught.value.hint
-    prepared, allowed = prepare_cases(cases, contract, label_set, workers=1, max_values=150)
-    assert allowed.count == 150
-    # Two files of 60 values each, 120 together: refused as a whole.
-    _write_pair(tmp_path / "two", "a", (np.arange(512) % 60).astype(np.uint8).reshape(8, 8, 8))
-    _write_pair(tmp_path / "two", "b", (np.arange(512) % 60 + 60 * (np.arange(512) % 60 > 0)).astype(np.uint8).reshape(8, 8, 8))
-    cases, label_set = find_cases(images=tmp_path / "two" / "imgs", labels=tmp_path / "two" / "labs")
-    with pytest.raises(InputError, match=r"labs: the label maps hold 119 distinct values"):
-        prepare_cases(cases, contract, label_set, workers=1)
-    assert MAX_LABEL_VALUES == 100
+    assert "check --labels" in caught.value.hint
+    # A parcellation: 112 regions of sparse values up to 2035, each a run of voxels.
+    z, y, x = np.meshgrid(np.arange(16), np.arange(16), np.arange(16), indexing="ij")
+    region = (z // 2) * 14 + (y * 14 // 16)  # 112 regions, constant along x
+    values = np.concatenate([[0], np.arange(2, 60), np.arange(1001, 1035), np.arange(2001, 2020)])[:112]
+    _write_pair(tmp_path / "fs", "aseg", values[region].astype(np.uint16))
+    cases, label_set = find_cases(images=tmp_path / "fs" / "imgs", labels=tmp_path / "fs" / "labs")
+    prepared, found = prepare_cases(cases, contract, label_set, workers=1)
+    assert found.count == 112
 
 
 @pytest.mark.parametrize(
@@ -869,7 +871,6 @@ def test_a_label_map_with_image_like_values_is_refused_unless_allowed(tmp_path):
         (["--fold", "0", "--folds", "0"], "--folds must be >= 2, got 0"),
         (["--folds", "3"], "--folds needs --fold"),
         (["--seed", str(2**63)], "--seed must be in 0..9223372036854775807"),
-        (["--max-labels", "1"], "--max-labels must be >= 2"),
     ],
 )
 def test_out_of_range_options_are_refused_before_any_work(options, words, tmp_path, capsys):
