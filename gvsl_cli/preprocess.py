@@ -103,11 +103,16 @@ def canonical_geometry(geometry: Geometry, spacing: float, multiple: int = 16) -
     )
 
 
-#: Largest canonical or working grid (voxels) gvsl builds. Far above anything useful (a 1 mm
-#: head holds 7 M voxels, a 0.3 mm one 270 M); it turns a header in other units (200 mm
-#: "voxels" = a 9 m box) or a mistyped --spacing into one clear line instead of an allocation
-#: failure deep inside SimpleITK.
+#: Largest working grid (voxels) of ``gvsl register`` (its optimisation holds several
+#: float32 copies and their gradients).
 MAX_GRID_VOXELS = 400_000_000
+#: Largest canonical grid (voxels) the other commands build: 8 GB as float32. A whole-body
+#: CT of 512×512×2000 at 0.5 mm holds 1.3 G voxels; a mistyped --spacing (0.01 for 1)
+#: becomes one clear line instead of an allocation failure deep inside SimpleITK.
+MAX_CANONICAL_GRID_VOXELS = 2_000_000_000
+#: Longest side (mm) of a credible image: no body or specimen is 5 m long. A header in other
+#: units (200 mm "voxels": a 9 m box) is refused by it, whatever the grid.
+MAX_BOX_MM = 5000.0
 
 #: Finest voxel spacing (mm) of an input that gvsl accepts: 1 nm. Nothing images finer; such
 #: a spacing is a header in other units, and ITK's Gaussian refuses spacings below 1e-8.
@@ -142,15 +147,16 @@ def check_grid(
     Refused: a ``spacing`` that is not a finite number > 0 (e.g. an automatic spacing
     rounded to 0), an input spacing below ``MIN_INPUT_SPACING_MM`` or not finite, an image
     whose box spans less than one grid voxel along two axes or more (a 4 µm header read as
-    mm: the whole image would become one voxel or one line of voxels), and a grid of more
-    than ``MAX_GRID_VOXELS`` voxels.
+    mm: the whole image would become one voxel or one line of voxels), a box longer than
+    ``MAX_BOX_MM``, and a grid of more than ``MAX_GRID_VOXELS`` (working) or
+    ``MAX_CANONICAL_GRID_VOXELS`` (canonical) voxels.
 
     Args:
         name: the file the geometry comes from, put first in the message ("PATH: ...").
         kind: "canonical" or "working", the grid's name in the message.
         role: e.g. "the fixed image", named after the grid size.
         error: the GvslError subclass raised (ConfigError where an option chose ``spacing``).
-        hint: the hint of a too-large grid (default: check the header's spacing).
+        hint: the hint of a too-large grid (default: a coarser --spacing).
 
     Raises:
         ``error``: one line naming the file, its spacing and physical extent.
@@ -180,12 +186,18 @@ def check_grid(
             f"{lead}{where}: the whole image fits in {'one voxel' if np.all(box < spacing) else 'one row of voxels'} of the {spacing:g} mm {kind} grid (is the header's spacing in other units than mm?)",
             hint="set the voxel spacing in mm in the file's header (e.g. SimpleITK's SetSpacing), then rerun",
         )
-    if not math.isfinite(voxels) or voxels > MAX_GRID_VOXELS:
+    if not np.all(np.isfinite(box)) or box.max() > MAX_BOX_MM:
+        raise InputError(
+            f"{lead}{where}: longer than any body or specimen ({MAX_BOX_MM / 1000:g} m at most; is the header's spacing in other units than mm?)",
+            hint="set the voxel spacing in mm in the file's header (e.g. SimpleITK's SetSpacing), then rerun",
+        )
+    limit = MAX_GRID_VOXELS if kind == "working" else MAX_CANONICAL_GRID_VOXELS
+    if not math.isfinite(voxels) or voxels > limit:
         size = "x".join(f"{s:.0f}" if s < 1e9 else f"{s:.3g}" for s in sides)
         raise error(
             f"{lead}a {kind} spacing of {spacing:g} mm makes a {size} {kind} grid ({voxels:.3g} voxels){for_role} ({where}); "
-            f"at most {MAX_GRID_VOXELS:.3g} are allowed",
-            hint=hint or "check that the header's voxel spacing is in mm (a header in other units gives such a box)",
+            f"at most {limit:.3g} are allowed",
+            hint=hint or "use a coarser --spacing",
         )
     return canonical_geometry(original, spacing, multiple)
 
