@@ -145,18 +145,31 @@ def _error(message: str) -> None:
     Console(stderr=True, soft_wrap=True, highlight=False).print(message, markup=False)
 
 
-def _as_gvsl_error(exc: BaseException) -> GvslError | None:
-    """Map known foreign exceptions (GPU out of memory, file system errors) to a GvslError."""
+#: What makes each command's job smaller, for the out-of-memory hint (its own options only).
+SMALLER_JOB = {
+    "pretrain": "a smaller --patch, --batch or --width",
+    "finetune": "a smaller --patch, --batch or --width",
+    "register": "a coarser --spacing",
+    "demo": "a machine with more memory",
+    "segment": "--batch 1 and no --probabilities",
+    "embed": "a smaller --window, or --dense-grid canonical",
+    "apply": "fewer inputs per call",
+}
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The subcommand named in ``args`` (the first word that is one), or None."""
+    return next((a for a in args if a in SMALLER_JOB), None)
+
+
+def _as_gvsl_error(exc: BaseException, command: str | None = None) -> GvslError | None:
+    """Map known foreign exceptions (out of memory, file system errors) to a GvslError;
+    ``command`` chooses the out-of-memory hint."""
     if is_out_of_memory(exc):
+        smaller = SMALLER_JOB.get(command or "", "a smaller job")
         if "defaultcpuallocator" in str(exc).lower() or isinstance(exc, MemoryError):
-            return DeviceError(
-                "the CPU ran out of memory (host RAM)",
-                hint="use a smaller --patch, --batch or --width, or run where more memory is free",
-            )
-        return DeviceError(
-            "the device ran out of memory",
-            hint="use a smaller --patch or --batch, --precision bf16, or --device cpu",
-        )
+            return DeviceError("the CPU ran out of memory (host RAM)", hint=f"use {smaller}, or run where more memory is free")
+        return DeviceError("the device ran out of memory", hint=f"use {smaller}, or --device cpu")
     if _one_of_several_processes() and _lost_peer(exc):
         # Under torchrun/srun: another process of the job died (OOM killer, a node lost, its
         # own error) and this one's next collective step failed; not a bug of this process.
@@ -246,7 +259,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into a message
         if debug:
             raise
-        mapped = _as_gvsl_error(exc)
+        mapped = _as_gvsl_error(exc, _command_of(args))
         if mapped is not None:
             _error(f"error: {mapped} (hint: {mapped.hint})")
             return mapped.exit_code

@@ -184,7 +184,7 @@ def check_grid(
     if int(np.sum(box >= spacing)) < 2:
         raise InputError(
             f"{lead}{where}: the whole image fits in {'one voxel' if np.all(box < spacing) else 'one row of voxels'} of the {spacing:g} mm {kind} grid (is the header's spacing in other units than mm?)",
-            hint="set the voxel spacing in mm in the file's header (e.g. SimpleITK's SetSpacing), then rerun",
+            hint=f"if the header is right (a micro-CT), give a spacing near the image's own ({spacings.min():.3g} mm) where the command takes --spacing; else set the voxel spacing in mm in the file's header",
         )
     if not np.all(np.isfinite(box)) or box.max() > MAX_BOX_MM:
         raise InputError(

@@ -433,8 +433,8 @@ def _downsample_with_mask(volume: torch.Tensor, mask: torch.Tensor, grid: Geomet
 def build_levels(fixed_image: sitk.Image, moving_image: sitk.Image, config: RegistrationConfig, spacing: float, similarity: Similarity, device: torch.device) -> list[Level]:
     """The image pyramid, finest level first (each level halves the one before)."""
     preprocess = PreprocessConfig(spacing=spacing, modality=config.modality, multiple=2 ** config.levels)
-    fixed = prepare(fixed_image, preprocess)
-    moving = prepare(moving_image, preprocess)
+    fixed = prepare(fixed_image, preprocess, name="fixed image")
+    moving = prepare(moving_image, preprocess, name="moving image")
     fixed_volume = torch.from_numpy(fixed.array)[None, None].to(device)
     moving_volume = torch.from_numpy(moving.array)[None, None].to(device)
     fixed_mask = torch.from_numpy(field_of_view_mask(fixed.original, fixed.grid))[None, None].to(device)
@@ -807,7 +807,7 @@ def network_features(weights, fixed_image: sitk.Image, moving_image: sitk.Image,
         notes.append(note)
     mapping = contract.modality if modality == "auto" else modality
     preprocess = PreprocessConfig(spacing=spacing, modality=mapping, mr_percentiles=contract.mr_percentiles, multiple=contract.multiple)
-    fixed = prepare(fixed_image, preprocess)
+    fixed = prepare(fixed_image, preprocess, name="fixed image")
     # The Z-matching head compares the two images voxel by voxel (its affine head
     # concatenates their bottleneck features), so both go onto the fixed canonical grid, as
     # the pairs of pre-training were; the moving image is resampled there in physical space.

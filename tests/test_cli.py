@@ -342,8 +342,10 @@ def test_cpu_allocator_failures_are_the_out_of_memory_line():
     from gvsl_cli.errors import DeviceError, is_out_of_memory
 
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 4000000000000000 bytes. Error code 12 (Cannot allocate memory)")
-    mapped = _as_gvsl_error(cpu)
+    mapped = _as_gvsl_error(cpu, "pretrain")
     assert isinstance(mapped, DeviceError) and str(mapped) == "the CPU ran out of memory (host RAM)" and "--width" in mapped.hint
+    # Each command's hint names its own options: register has no --patch or --width.
+    assert _as_gvsl_error(cpu, "register").hint == "use a coarser --spacing, or run where more memory is free"
     assert isinstance(_as_gvsl_error(MemoryError()), DeviceError)
     assert str(_as_gvsl_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))) == "the device ran out of memory"
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
