@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence
 
 import typer
 
+
 def stdin_for(inputs: Sequence[str | os.PathLike]) -> Iterable[str]:
     """``sys.stdin`` when one of ``inputs`` is ``-``, else an empty tuple.
 
