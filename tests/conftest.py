@@ -59,3 +59,19 @@ def broken_compiler(monkeypatch):
             raise RuntimeError("no C compiler found")
 
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: BrokenCompiler(module))
+
+
+@pytest.fixture
+def restore_locale():
+    """Put the process's LC_CTYPE back after a test that writes DICOM.
+
+    GDCM's DICOM writer switches it to "C" (ASCII). Code that later opens text files in the
+    locale's encoding (torch's inductor reads its kernel templates so) would fail in the
+    tests that follow. gvsl itself only reads DICOM, which leaves the locale alone, and
+    names the encoding of every text file it opens.
+    """
+    import locale
+
+    saved = locale.setlocale(locale.LC_CTYPE)
+    yield
+    locale.setlocale(locale.LC_CTYPE, saved)

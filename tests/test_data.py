@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import locale
 import shutil
 
 import numpy as np
@@ -12,6 +11,7 @@ import SimpleITK as sitk
 
 from gvsl_cli import data
 from gvsl_cli.config import PreprocessConfig
+from test_dicom_series import write_series
 
 FAST = PreprocessConfig(spacing=6.0, modality="auto")
 
@@ -257,38 +257,12 @@ def test_a_rank_keeps_its_shard_results_and_reports_progress_over_all_sources(vo
     assert [s.path for s in dataset.skipped] == [str(sources[0])]
 
 
-@pytest.fixture
-def restore_locale():
-    # GDCM's DICOM writer switches LC_CTYPE to "C"; see tests/test_io.py.
-    saved = locale.setlocale(locale.LC_CTYPE)
-    yield
-    locale.setlocale(locale.LC_CTYPE, saved)
-
-
-def _write_dicom_series(folder, image):
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        for tag, value in (
-            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.54321"),
-            ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
-            ("0020|0037", "1\\0\\0\\0\\1\\0"),
-            ("0020|0013", str(k + 1)),
-            ("0008|0060", "MR"),
-        ):
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_)
-
-
 def test_cache_hit_on_a_dicom_series_does_not_scan_the_slices(tmp_path, restore_locale, monkeypatch):
     array = np.random.default_rng(0).integers(0, 1000, (12, 24, 24)).astype(np.int16)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((4.0, 4.0, 4.0))
     folder = tmp_path / "series"
-    _write_dicom_series(folder, image)
+    write_series(folder, image, name=lambda k: f"slice{k:03d}.dcm")
     cache = data.VolumeCache(tmp_path / "cache")
     first = data.prepare_dataset([folder], FAST, cache)
     assert first.prepared == 1 and first.skipped == []

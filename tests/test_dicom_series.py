@@ -3,7 +3,6 @@ interpolated by ITK's series reader; file names that are not UTF-8 are read."""
 
 from __future__ import annotations
 
-import locale
 import os
 from pathlib import Path
 
@@ -14,14 +13,6 @@ import SimpleITK as sitk
 from gvsl_cli.dicom_series import uneven_gap
 from gvsl_cli.errors import InputError
 from gvsl_cli.io import is_volume_path, read_volume
-
-
-@pytest.fixture
-def restore_locale():
-    # GDCM's DICOM writer switches LC_CTYPE to "C" (see tests/test_io.py).
-    saved = locale.setlocale(locale.LC_CTYPE)
-    yield
-    locale.setlocale(locale.LC_CTYPE, saved)
 
 
 def small_volume() -> sitk.Image:
@@ -46,7 +37,7 @@ def write_series(folder: Path, image: sitk.Image, name=lambda k: f"s{k:03d}.dcm"
             ("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))),
             ("0020|0037", "1\\0\\0\\0\\1\\0"),
             ("0020|0013", str(k + 1)),
-            ("0028|0030", "0.8\\0.9"),
+            ("0028|0030", f"{image.GetSpacing()[1]:g}\\{image.GetSpacing()[0]:g}"),  # rows (y), then columns (x)
             ("0008|0060", "CT"),
         ):
             slice_.SetMetaData(tag, value)

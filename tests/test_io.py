@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import locale
 import os
 from pathlib import Path
 
@@ -35,17 +34,6 @@ def test_geometry_and_values_survive_round_trip(tmp_path, name):
     assert Geometry.of(back).is_close(Geometry.of(image), atol=1e-5)
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary left
-
-
-@pytest.fixture
-def restore_locale():
-    # GDCM's DICOM writer switches the process's LC_CTYPE to "C" (ASCII). Code that later
-    # opens text files in the locale's encoding (torch's inductor reads its kernel templates
-    # so) would fail in the tests that follow. gvsl itself only reads DICOM, which leaves the
-    # locale alone, and names the encoding of every text file it opens.
-    saved = locale.setlocale(locale.LC_CTYPE)
-    yield
-    locale.setlocale(locale.LC_CTYPE, saved)
 
 
 def test_dicom_series_round_trip(tmp_path, restore_locale):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import locale
 import os
 import struct
 from pathlib import Path
@@ -21,6 +20,7 @@ from gvsl_cli.cli import run
 from gvsl_cli.errors import InputError
 from gvsl_cli.io import read_volume
 from gvsl_cli.paths import LINK_LOOP, real_path
+from test_dicom_series import write_series
 
 
 def _volume(path: Path, value_at_corner: float | None = None, dtype=np.float32) -> Path:
@@ -33,14 +33,6 @@ def _volume(path: Path, value_at_corner: float | None = None, dtype=np.float32) 
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path))
     return path
-
-
-@pytest.fixture
-def restore_locale():
-    # GDCM's DICOM writer switches LC_CTYPE to "C"; see tests/test_io.py.
-    saved = locale.setlocale(locale.LC_CTYPE)
-    yield
-    locale.setlocale(locale.LC_CTYPE, saved)
 
 
 @pytest.fixture
@@ -84,15 +76,7 @@ def test_a_link_to_a_folder_above_the_input_ends_and_a_dicom_series_behind_a_lin
     series.mkdir(parents=True)
     image = sitk.GetImageFromArray(np.arange(60, dtype=np.int16).reshape(3, 4, 5))
     image.SetSpacing((1.0, 1.0, 2.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(3):
-        piece = image[:, :, z]
-        piece.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.99")
-        piece.SetMetaData("0020|0032", f"0\\0\\{2.0 * z}")
-        piece.SetMetaData("0020|0013", str(z + 1))
-        writer.SetFileName(str(series / f"s{z}.dcm"))
-        writer.Execute(piece)
+    write_series(series, image, name=lambda z: f"s{z}.dcm")
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "one").symlink_to(series, target_is_directory=True)
