@@ -69,39 +69,67 @@ class NiftiLayout:
         return self.data_start + self.values * self.bytes_per_value
 
 
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1/2 header that gvsl checks, as stored (see ``_read_nifti_header``)."""
+
+    endian: str
+    single_file: bool  # magic "n+1" / "n+2" (not a .hdr/.img pair)
+    datatype: int
+    bitpix: int
+    dims: tuple[int, ...]  # dim[0..7]
+    pixdim: tuple[float, ...]  # pixdim[0..7]
+    vox_offset: float
+    scaling: tuple[float, float]
+    size: int  # 348 or 540
+
+
+def _read_nifti_header(header: bytes) -> _NiftiHeader | None:
+    """The header fields of a NIfTI-1 (348 bytes) or NIfTI-2 (540) header in either byte
+    order, or None when ``header`` is neither."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            return _NiftiHeader(
+                endian,
+                header[344:348] == b"n+1\0",
+                datatype,
+                bitpix,
+                struct.unpack(endian + "8h", header[40:56]),
+                struct.unpack(endian + "8f", header[76:108]),
+                struct.unpack(endian + "f", header[108:112])[0],
+                struct.unpack(endian + "2f", header[112:120]),
+                348,
+            )
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            return _NiftiHeader(
+                endian,
+                header[4:8] == b"n+2\0",
+                datatype,
+                bitpix,
+                struct.unpack(endian + "8q", header[16:80]),
+                struct.unpack(endian + "8d", header[104:168]),
+                float(struct.unpack(endian + "q", header[168:176])[0]),
+                struct.unpack(endian + "2d", header[176:192]),
+                540,
+            )
+    return None
+
+
 def _nifti_layout(header: bytes) -> NiftiLayout | None:
     """The data layout of a plain single-file NIfTI-1/2 header with sane values, or None
     (a .hdr/.img pair, sub-byte voxels, odd dims: such files are left to ITK)."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            if header[344:348] != b"n+1\0":
-                return None
-            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
-            dims = struct.unpack(endian + "8h", header[40:56])
-            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
-            scaling = struct.unpack(endian + "2f", header[112:120])
-            if not math.isfinite(vox_offset):
-                return None
-            vox_offset = int(vox_offset)
-            header_size = 348
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            if header[4:8] != b"n+2\0":
-                return None
-            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
-            dims = struct.unpack(endian + "8q", header[16:80])
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
-            scaling = struct.unpack(endian + "2d", header[176:192])
-            header_size = 540
-            break
-    else:
+    fields = _read_nifti_header(header)
+    if fields is None or not fields.single_file or not math.isfinite(fields.vox_offset):
         return None
-    rank = dims[0]
+    rank, dims, bitpix = fields.dims[0], fields.dims, fields.bitpix
     if not 1 <= rank <= 7 or any(d < 1 for d in dims[1 : rank + 1]) or bitpix < 8 or bitpix % 8:
         return None
     values = math.prod(dims[1 : rank + 1])
     # nifticlib never reads data from inside the header, whatever vox_offset says.
-    return NiftiLayout(endian, datatype, values, bitpix // 8, max(vox_offset, header_size), tuple(dims[1 : rank + 1]), scaling)
+    data_start = max(int(fields.vox_offset), fields.size)
+    return NiftiLayout(fields.endian, fields.datatype, values, bitpix // 8, data_start, tuple(dims[1 : rank + 1]), fields.scaling)
 
 
 def _nifti_header_problem(header: bytes) -> str | None:
@@ -111,20 +139,10 @@ def _nifti_header_problem(header: bytes) -> str | None:
     of 0, NaN or infinity is read as 1 mm, whatever the sform says (ITK 5.4 takes the
     spacing from pixdim); MHA and NRRD with such spacings are refused by ITK itself.
     """
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            pixdim = struct.unpack(endian + "8f", header[76:108])
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            dims = struct.unpack(endian + "8q", header[16:80])
-            pixdim = struct.unpack(endian + "8d", header[104:168])
-            break
-    else:
-        return None
-    rank = dims[0]
-    if not 1 <= rank <= 7:
+    fields = _read_nifti_header(header)
+    if fields is None or not 1 <= fields.dims[0] <= 7:
         return None  # left to ITK
+    rank, dims, pixdim = fields.dims[0], fields.dims, fields.pixdim
     for axis in range(1, rank + 1):
         if dims[axis] < 1:
             return f"its NIfTI header gives {dims[axis]} voxels along dim[{axis}] (at least 1 expected)"
