@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gvsl_cli.errors import InputError
-from gvsl_cli.itk_paths import itk_can_take, link_or_copy, readable_by_itk
+from gvsl_cli.itk_paths import itk_can_take, itk_warnings_hidden, link_or_copy, readable_by_itk
 
 #: Slice gaps may differ from the series' typical gap (the median) by this fraction of it,
 #: by what the rounding of the stored positions allows, or by SLICE_GAP_TOLERANCE_MM,
@@ -33,24 +33,13 @@ SLICE_GAP_TOLERANCE_MM = 0.01
 _DICM_OFFSET = 128
 
 
-@contextlib.contextmanager
-def _warnings_hidden() -> Iterator[None]:
-    """Silence ITK's multi-line warnings (gvsl reports the same in its own line)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
 def dicom_series_ids(folder: str | os.PathLike) -> list[str]:
     """The DICOM series UIDs found in ``folder`` (not recursive); [] when there are none.
 
     ITK prints a warning on stderr for a folder without series; gvsl reports that itself in
     one line, so the warning is silenced for this call.
     """
-    with _warnings_hidden(), readable_by_itk(folder) as readable:
+    with itk_warnings_hidden(), readable_by_itk(folder) as readable:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(readable))
 
 
@@ -72,7 +61,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
             f"{folder}: folder holds {len(series_ids)} DICOM series ({', '.join(series_ids[:3])}...); expected one",
             hint="put each series in its own folder",
         )
-    with readable_by_itk(folder) as readable_folder, _warnings_hidden():
+    with readable_by_itk(folder) as readable_folder, itk_warnings_hidden():
         files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(readable_folder, series_ids[0]))
         # The names GDCM returns are under the path it was given: map them back to the
         # user's folder to name unread files.

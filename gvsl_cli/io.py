@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from gvsl_cli.errors import InputError
 from gvsl_cli.dicom_series import dicom_series_ids, read_dicom_series  # noqa: F401 (dicom_series_ids: part of io's API)
 from gvsl_cli.file_checks import file_problem, nifti_nonfinite_values
-from gvsl_cli.itk_paths import itk_can_take, readable_by_itk, writable_by_itk
+from gvsl_cli.itk_paths import itk_can_take, itk_warnings_hidden, readable_by_itk, writable_by_itk  # noqa: F401 (itk_warnings_hidden: part of io's API)
 from gvsl_cli.temporaries import held_staging_folder, held_temporary_file
 
 #: File name endings gvsl reads as volumes (a folder is read as a DICOM series).
@@ -165,18 +165,6 @@ def nonorthogonal_direction_warning(grid, what: str | None) -> str | None:
         f"orthonormal direction, so their voxel centres lie up to {shift:.3g} mm from {owner} grid "
         "(resample the image onto an orthonormal grid first if that matters)"
     )
-
-
-@contextlib.contextmanager
-def itk_warnings_hidden(hidden: bool):
-    """Silence ITK's multi-line warnings in the block when ``hidden`` (gvsl said it in one line)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    if hidden:
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 READ_HINT = "gvsl reads NIfTI, NRRD, MHA/MHD files and DICOM series folders"

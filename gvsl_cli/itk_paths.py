@@ -1,4 +1,5 @@
-"""Paths SimpleITK can take, whatever bytes the user's file names hold.
+"""Calls into SimpleITK made safe: paths it can take, whatever bytes the user's file names
+hold, and its multi-line warnings kept off stderr where gvsl says the same in one line.
 
 Python holds a file name that is not valid UTF-8 (a Latin-1 ``café.nii.gz`` from a Windows
 zip or an old share) as a ``str`` with surrogate escapes. SimpleITK's SWIG layer cannot turn
@@ -17,6 +18,20 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+@contextlib.contextmanager
+def itk_warnings_hidden(hidden: bool = True) -> Iterator[None]:
+    """Silence ITK's multi-line warnings in the block when ``hidden`` (gvsl said it in one line)."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if hidden:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def itk_can_take(path: str | os.PathLike) -> bool:
