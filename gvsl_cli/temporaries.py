@@ -19,7 +19,8 @@ is removed only when, besides its lock being free, nothing in it has changed for
 the instant between a temporary's creation and its lock.
 
 POSIX only. On Windows a byte-range lock would stop the writer's own writes through other
-handles, so nothing is locked there and nothing is removed.
+handles, so nothing is locked there, and only callers that hold their folder's own lock
+(``unchanged_for_s=0``: pretrain and finetune run folders) remove anything.
 """
 
 from __future__ import annotations
@@ -96,19 +97,23 @@ def _output_name(entry: str) -> str | None:
     return stem.rsplit(".", 1)[0] if "." in stem else None
 
 
-def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None, prefixes: Iterable[str] = ()) -> list[Path]:
+def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None, prefixes: Iterable[str] = (), unchanged_for_s: float = ABANDONED_AFTER_S) -> list[Path]:
     """Remove the temporaries that killed writers of ``outputs`` left next to them.
 
     Each folder holding outputs (and ``staging_in``) is listed once. A temporary there is
     one of ``.NAME.<random>.tmp*`` for an output NAME in that folder,
     ``.gvsl-<random>.tmp*`` (``UNNAMED_TEMPORARY``), or ``<prefix><random>.tmp*`` for
     ``prefixes`` (a command's staging folders); it is removed only when its lock is free
-    and it has not changed for ``ABANDONED_AFTER_S`` (see the module's docstring).
+    and it has not changed for ``unchanged_for_s`` (see the module's docstring).
+
+    ``unchanged_for_s=0`` is for a caller that holds the folder's own lock (a training run
+    folder): no other gvsl process writes there, so age proves nothing, and without
+    ``flock`` (Windows) nothing but that lock is needed.
 
     Returns:
         The files and folders removed.
     """
-    if fcntl is None:
+    if fcntl is None and unchanged_for_s > 0:
         return []
     names_by_folder: dict[Path, set[str]] = {} if staging_in is None else {Path(staging_in): set()}
     for output in outputs:
@@ -122,7 +127,7 @@ def remove_abandoned(outputs: Iterable[Path], *, staging_in: Path | None = None,
             continue  # not made yet, or unreadable: nothing of ours to remove there
         for entry in entries:
             ours = _output_name(entry) in names or UNNAMED_TEMPORARY.match(entry) or (entry.startswith(starts) and ".tmp" in entry)
-            if ours and _remove_if_abandoned(folder / entry):
+            if ours and _remove_if_abandoned(folder / entry, unchanged_for_s):
                 removed.append(folder / entry)
     return removed
 
@@ -137,14 +142,16 @@ def _last_change(path: Path) -> float:
     return newest
 
 
-def _remove_if_abandoned(path: Path) -> bool:
+def _remove_if_abandoned(path: Path, unchanged_for_s: float) -> bool:
     if path.is_symlink():
         return False
     try:
-        if time.time() - _last_change(path) < ABANDONED_AFTER_S:
+        if unchanged_for_s > 0 and time.time() - _last_change(path) < unchanged_for_s:
             return False  # written lately: maybe by a live process whose lock we cannot see
     except OSError:
         return False
+    if fcntl is None:
+        return _remove(path)
     try:
         # Read-write where possible: NFS grants an exclusive lock only on such a handle.
         fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
@@ -158,6 +165,13 @@ def _remove_if_abandoned(path: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False  # a live process holds it
+        return _remove(path)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> bool:
+    try:
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -165,5 +179,3 @@ def _remove_if_abandoned(path: Path) -> bool:
         return True
     except OSError:
         return False  # left for the next run; nothing depends on it
-    finally:
-        os.close(fd)

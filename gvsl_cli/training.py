@@ -39,6 +39,7 @@ from gvsl_cli.errors import ConfigError, InputError, TrainingError
 from gvsl_cli.io import atomic_path, remove_empty_folders
 from gvsl_cli.locking import RemovableLock, take_folder_lock
 from gvsl_cli.model import UNET_MULTIPLE
+from gvsl_cli.temporaries import remove_abandoned
 
 METRICS_FILE = "metrics.jsonl"
 #: The lock file a pretrain or finetune run holds in its run folder while it runs.
@@ -369,16 +370,7 @@ def remove_leftovers_of_killed_runs(run_dir: Path) -> list[Path]:
     writing ``RUN_FOLDER_FILES`` left in ``run_dir``; returns them. A width-32 checkpoint's
     is ~390 MB, and SLURM's SIGKILL after a preemption's grace time can land in a write.
     Only for the holder of the run-folder lock: another run's files may be in flight."""
-    removed = []
-    for name in RUN_FOLDER_FILES:
-        for path in sorted(run_dir.glob(f".{name}.*.tmp*")):
-            try:
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
-                    removed.append(path)
-            except OSError:
-                pass  # left for the next run; nothing depends on it
-    return removed
+    return remove_abandoned([run_dir / name for name in RUN_FOLDER_FILES], unchanged_for_s=0.0)
 
 
 def open_run(run_dir: Path, checkpoint_path: Path, *, resume: bool, command: str, required: tuple[str, ...] = ("training", "run"), state: str = "training state"):
