@@ -96,8 +96,9 @@ def _walk_folder(folder: Path) -> list[Path]:
     tree, a second link to a folder searched already.
     """
     found: list[Path] = []
-    # Folders reached without links: a link to one of them is a second name for it.
-    direct = {os.path.realpath(root) for root, _, _ in os.walk(folder)}
+    # Folders reached without links (a link to one of them is a second name for it); listed
+    # at the first folder link met, so a tree without links is walked once.
+    direct: set[str] | None = None
     # Real path of each folder searched -> the path it is searched as.
     searched: dict[str, Path] = {os.path.realpath(folder): Path(folder)}
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -108,6 +109,8 @@ def _walk_folder(folder: Path) -> list[Path]:
             child = root_path / name
             linked = os.path.islink(child)
             real = os.path.realpath(child) if linked else os.path.join(real_root, name)
+            if linked and direct is None:
+                direct = {os.path.realpath(root) for root, _, _ in os.walk(folder)}
             if real in searched or _holds(real, real_root) or (linked and real in direct):
                 continue
             searched[real] = child

@@ -118,6 +118,10 @@ def _paths_read(images: list[Path], labels: list[Path], out_dir: Path | None = N
     return found[0], found[1]
 
 
+#: Prefix of the hidden folder ``warp_all`` stages its outputs in.
+STAGING_PREFIX = ".gvsl-apply."
+
+
 def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform, grid) -> None:
     """Warp every (input, is_labels) job to its target (in ``out_dir`` or a sub-folder of
     it), all or nothing.
@@ -145,10 +149,6 @@ def warp_all(jobs: list, targets: list[Path], out_dir: Path, *, read, transform,
             final = out_dir / written.relative_to(staging)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(written, final)
-
-
-#: Prefix of the hidden folder ``warp_all`` stages its outputs in.
-STAGING_PREFIX = ".gvsl-apply."
 
 
 #: Inputs up to this many bytes in all are kept in memory between the check and the warp.
