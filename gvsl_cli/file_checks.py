@@ -84,35 +84,38 @@ class _NiftiHeader:
     size: int  # 348 or 540
 
 
+#: Where NIfTI-1 (a 348-byte header) and NIfTI-2 (540) keep each field: (offset, struct
+#: format), and the single-file magic (offset, bytes).
+_NIFTI_FIELDS = {
+    348: {"magic": (344, b"n+1\0"), "datatype": (70, "2h"), "dims": (40, "8h"), "pixdim": (76, "8f"), "vox_offset": (108, "f"), "scaling": (112, "2f")},
+    540: {"magic": (4, b"n+2\0"), "datatype": (12, "2h"), "dims": (16, "8q"), "pixdim": (104, "8d"), "vox_offset": (168, "q"), "scaling": (176, "2d")},
+}
+
+
 def _read_nifti_header(header: bytes) -> _NiftiHeader | None:
     """The header fields of a NIfTI-1 (348 bytes) or NIfTI-2 (540) header in either byte
     order, or None when ``header`` is neither."""
     for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+        for size, fields in _NIFTI_FIELDS.items():
+            if len(header) < size or struct.unpack_from(endian + "i", header)[0] != size:
+                continue
+
+            def read(name):
+                offset, layout = fields[name]
+                return struct.unpack_from(endian + layout, header, offset)
+
+            magic_at, magic = fields["magic"]
+            datatype, bitpix = read("datatype")
             return _NiftiHeader(
                 endian,
-                header[344:348] == b"n+1\0",
+                header[magic_at : magic_at + 4] == magic,
                 datatype,
                 bitpix,
-                struct.unpack(endian + "8h", header[40:56]),
-                struct.unpack(endian + "8f", header[76:108]),
-                struct.unpack(endian + "f", header[108:112])[0],
-                struct.unpack(endian + "2f", header[112:120]),
-                348,
-            )
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
-            return _NiftiHeader(
-                endian,
-                header[4:8] == b"n+2\0",
-                datatype,
-                bitpix,
-                struct.unpack(endian + "8q", header[16:80]),
-                struct.unpack(endian + "8d", header[104:168]),
-                float(struct.unpack(endian + "q", header[168:176])[0]),
-                struct.unpack(endian + "2d", header[176:192]),
-                540,
+                read("dims"),
+                read("pixdim"),
+                float(read("vox_offset")[0]),
+                read("scaling"),
+                size,
             )
     return None
 
